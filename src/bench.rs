@@ -1,0 +1,366 @@
+//! `tidings bench`: publish and consume through a broker (an embedded one on a
+//! temporary data directory unless a URL is given) and report throughput and
+//! latency, in the spirit of `nats bench`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::client::{self, Admin, Backoff, Event, FlowControl, Publisher, Subscriber};
+use crate::proto;
+use crate::server::{self, ServerConfig};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Broker URL; `None` starts an embedded broker.
+    pub broker: Option<String>,
+    /// Publishing tasks, each with its own stream.
+    pub publishers: usize,
+    /// Consuming tasks, all on one subscription.
+    pub subscribers: usize,
+    /// Messages in all.
+    pub messages: u64,
+    /// Payload size in bytes.
+    pub payload_size: usize,
+    /// Messages per publish request.
+    pub batch_size: usize,
+    /// Requests each publisher keeps in flight.
+    pub pipeline: usize,
+    /// Total publish rate in messages per second (`None`: as fast as it goes).
+    pub rate: Option<u64>,
+    /// Fsync every commit on the embedded broker.
+    pub fsync: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            broker: None,
+            publishers: 4,
+            subscribers: 0,
+            messages: 200_000,
+            payload_size: 256,
+            batch_size: 100,
+            pipeline: 8,
+            rate: None,
+            fsync: true,
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BenchReport {
+    /// Messages published.
+    pub messages: u64,
+    /// Publish throughput (messages acked by the broker per second).
+    pub publish_msgs_per_sec: f64,
+    /// End-to-end throughput (published, delivered and acked per second);
+    /// zero without subscribers.
+    pub e2e_msgs_per_sec: f64,
+    /// Publish→broker-ack latency, median, ms.
+    pub publish_ack_p50_ms: f64,
+    /// Publish→broker-ack latency, 99th percentile, ms.
+    pub publish_ack_p99_ms: f64,
+    /// Publish→delivery latency, median, ms.
+    pub e2e_p50_ms: f64,
+    /// Publish→delivery latency, 99th percentile, ms.
+    pub e2e_p99_ms: f64,
+    /// Deliveries beyond the first per message (redeliveries).
+    pub redelivered: u64,
+}
+
+impl BenchReport {
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"messages\":{},\"publish_msgs_per_sec\":{:.0},\"e2e_msgs_per_sec\":{:.0},\
+             \"publish_ack_p50_ms\":{:.3},\"publish_ack_p99_ms\":{:.3},\"e2e_p50_ms\":{:.3},\
+             \"e2e_p99_ms\":{:.3},\"redelivered\":{}}}",
+            self.messages,
+            self.publish_msgs_per_sec,
+            self.e2e_msgs_per_sec,
+            self.publish_ack_p50_ms,
+            self.publish_ack_p99_ms,
+            self.e2e_p50_ms,
+            self.e2e_p99_ms,
+            self.redelivered
+        )
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "messages:            {}", self.messages)?;
+        writeln!(
+            f,
+            "publish:             {:.0} msgs/s",
+            self.publish_msgs_per_sec
+        )?;
+        writeln!(
+            f,
+            "publish→ack:         p50 {:.2} ms, p99 {:.2} ms",
+            self.publish_ack_p50_ms, self.publish_ack_p99_ms
+        )?;
+        if self.e2e_msgs_per_sec > 0.0 {
+            writeln!(
+                f,
+                "end to end:          {:.0} msgs/s",
+                self.e2e_msgs_per_sec
+            )?;
+            writeln!(
+                f,
+                "publish→delivery:    p50 {:.2} ms, p99 {:.2} ms",
+                self.e2e_p50_ms, self.e2e_p99_ms
+            )?;
+            writeln!(f, "redelivered:         {}", self.redelivered)?;
+        }
+        Ok(())
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Runs the benchmark.
+///
+/// Fails if the embedded broker cannot start, or a publish or the
+/// subscription fails for good.
+pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(config.publishers > 0, "--publishers must be at least 1");
+    anyhow::ensure!(config.batch_size > 0, "--batch-size must be at least 1");
+    let mut embedded = None;
+    let url = match &config.broker {
+        Some(url) => url.clone(),
+        None => {
+            let dir = tempfile::tempdir()?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let mut server_config = ServerConfig::new(dir.path());
+            server_config.store.fsync = config.fsync;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server::run(listener, server_config, async move {
+                let _ = stopped.await;
+            }));
+            embedded = Some((dir, stop, task));
+            format!("http://{addr}")
+        }
+    };
+    let channel = client::channel(&url)?;
+    let admin = Admin::new(channel.clone());
+    let name = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    admin.create_topic(&name).await?;
+    if config.subscribers > 0 {
+        admin
+            .create_subscription(proto::Subscription {
+                name: name.clone(),
+                topic: name.clone(),
+                start: Some(proto::subscription::Start::StartPosition(
+                    proto::StartPosition::Earliest as i32,
+                )),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let origin = Instant::now();
+    let report = measure(&config, channel, &name, origin).await;
+    if let Some((dir, stop, task)) = embedded {
+        let _ = stop.send(());
+        let _ = task.await;
+        drop(dir);
+    }
+    report
+}
+
+async fn measure(
+    config: &BenchConfig,
+    channel: tonic::transport::Channel,
+    name: &str,
+    origin: Instant,
+) -> anyhow::Result<BenchReport> {
+    let e2e = Arc::new(Mutex::new(histogram()));
+    let acked = Arc::new(AtomicU64::new(0));
+    let redelivered = Arc::new(AtomicU64::new(0));
+    let total = config.messages;
+    let mut consumers = Vec::new();
+    for _ in 0..config.subscribers {
+        let subscriber = Subscriber::new(channel.clone(), Backoff::default());
+        let name = name.to_owned();
+        let (e2e, acked, redelivered) = (e2e.clone(), acked.clone(), redelivered.clone());
+        consumers.push(tokio::spawn(async move {
+            consume(subscriber, &name, origin, total, e2e, acked, redelivered).await
+        }));
+    }
+
+    let start = Instant::now();
+    let publish_hist = Arc::new(Mutex::new(histogram()));
+    let mut producers = Vec::new();
+    for p in 0..config.publishers {
+        let share = total / config.publishers as u64
+            + u64::from((p as u64) < total % config.publishers as u64);
+        let publisher = Publisher::new(channel.clone(), Backoff::default());
+        let config = config.clone();
+        let name = name.to_owned();
+        let hist = publish_hist.clone();
+        producers.push(tokio::spawn(async move {
+            produce(publisher, &config, &name, share, origin, hist).await
+        }));
+    }
+    for p in producers {
+        p.await??;
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    for c in consumers {
+        c.await??;
+    }
+    let e2e_secs = start.elapsed().as_secs_f64();
+    let publish_hist = publish_hist.lock().await;
+    let e2e = e2e.lock().await;
+    let consumed = config.subscribers > 0;
+    Ok(BenchReport {
+        messages: total,
+        publish_msgs_per_sec: total as f64 / publish_secs,
+        e2e_msgs_per_sec: if consumed {
+            total as f64 / e2e_secs
+        } else {
+            0.0
+        },
+        publish_ack_p50_ms: ms(&publish_hist, 0.5),
+        publish_ack_p99_ms: ms(&publish_hist, 0.99),
+        e2e_p50_ms: if consumed { ms(&e2e, 0.5) } else { 0.0 },
+        e2e_p99_ms: if consumed { ms(&e2e, 0.99) } else { 0.0 },
+        redelivered: redelivered.load(Ordering::Relaxed),
+    })
+}
+
+async fn produce(
+    publisher: Publisher,
+    config: &BenchConfig,
+    topic: &str,
+    count: u64,
+    origin: Instant,
+    hist: Arc<Mutex<Histogram<u64>>>,
+) -> anyhow::Result<()> {
+    let session = publisher.stream(config.pipeline).await?;
+    let (tx, mut responses) = session.split();
+    let batches = count.div_ceil(config.batch_size as u64);
+    let (sent_tx, mut sent_rx) =
+        tokio::sync::mpsc::channel::<(Instant, usize)>(config.pipeline.max(1) * 2);
+    // Results come back in order; pair each with its send time.
+    let reader = tokio::spawn(async move {
+        let mut local = histogram();
+        while let Some((sent, n)) = sent_rx.recv().await {
+            let results = responses
+                .message()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("publish stream ended early"))?;
+            anyhow::ensure!(results.results.len() == n, "short publish answer");
+            let us = sent.elapsed().as_micros() as u64;
+            local.record_n(us.max(1), n as u64)?;
+        }
+        hist.lock().await.add(&local)?;
+        anyhow::Ok(())
+    });
+    let per_publisher_rate = config.rate.map(|r| r as f64 / config.publishers as f64);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    for _ in 0..batches {
+        let n = (count - sent).min(config.batch_size as u64) as usize;
+        if let Some(rate) = per_publisher_rate {
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::time::sleep_until(due).await;
+        }
+        let stamp = (origin.elapsed().as_nanos() as u64).to_le_bytes();
+        let mut payload = vec![0u8; config.payload_size];
+        let len = stamp.len().min(payload.len());
+        payload[..len].copy_from_slice(&stamp[..len]);
+        let messages: Vec<proto::Message> = (0..n)
+            .map(|_| proto::Message {
+                id: Uuid::now_v7().to_string(),
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+                ..Default::default()
+            })
+            .collect();
+        sent_tx.send((Instant::now(), n)).await?;
+        tx.send(proto::PublishStreamRequest { messages }).await?;
+        sent += n as u64;
+    }
+    drop(sent_tx);
+    drop(tx);
+    reader.await?
+}
+
+async fn consume(
+    subscriber: Subscriber,
+    name: &str,
+    origin: Instant,
+    total: u64,
+    e2e: Arc<Mutex<Histogram<u64>>>,
+    acked: Arc<AtomicU64>,
+    redelivered: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let flow = FlowControl {
+        max_messages: 2000,
+        ..Default::default()
+    };
+    let mut sub = subscriber.subscribe(name, flow);
+    let mut local = histogram();
+    let mut pending = Vec::new();
+    let mut flush = tokio::time::interval(Duration::from_millis(2));
+    loop {
+        if acked.load(Ordering::Relaxed) >= total {
+            break;
+        }
+        tokio::select! {
+            event = sub.next() => match event {
+                Some(Ok(Event::Message(m))) => {
+                    if m.attempt > 1 {
+                        redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(msg) = &m.message {
+                        if msg.payload.len() >= 8 {
+                            let mut stamp = [0u8; 8];
+                            stamp.copy_from_slice(&msg.payload[..8]);
+                            let sent = u64::from_le_bytes(stamp);
+                            let now = origin.elapsed().as_nanos() as u64;
+                            local.record((now.saturating_sub(sent) / 1000).max(1))?;
+                        }
+                    }
+                    pending.push(m.ack_id);
+                    if pending.len() >= 500 {
+                        sub.ack(std::mem::take(&mut pending));
+                    }
+                }
+                Some(Ok(Event::Outcome(o))) => {
+                    if o.result == proto::AckResult::Ok as i32 {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(Err(s)) => return Err(s.into()),
+                None => anyhow::bail!("subscription ended"),
+            },
+            _ = flush.tick() => {
+                if !pending.is_empty() {
+                    sub.ack(std::mem::take(&mut pending));
+                }
+                if acked.load(Ordering::Relaxed) >= total {
+                    break;
+                }
+            }
+        }
+    }
+    e2e.lock().await.add(&local)?;
+    Ok(())
+}

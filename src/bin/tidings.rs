@@ -1,0 +1,826 @@
+//! The `tidings` command: parses flags (each also a `TIDINGS_*` environment
+//! variable) and calls the library.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tidings::bench::{self, BenchConfig};
+use tidings::client::{self, Admin, Backoff, Event, FlowControl, Outgoing, Publisher, Subscriber};
+use tidings::proto;
+use tidings::server::{self, ServerConfig};
+use tonic::Status;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Reliable notifications between services"
+)]
+struct Cli {
+    /// Broker URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_BROKER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    broker: String,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Manage topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Manage subscriptions.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCommand),
+    /// Show a subscription's stats (same as `subscriptions stats`).
+    Stats {
+        /// Subscription name.
+        subscription: String,
+    },
+    /// Publish messages: DATA, or one message per line of standard input.
+    Publish(PublishArgs),
+    /// Print a subscription's messages and ack them.
+    Subscribe(SubscribeArgs),
+    /// Check the broker's health; exits non-zero unless SERVING.
+    Health {
+        /// A service name (default: the whole server).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// Inspect, redrive and purge dead letters.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+    /// Measure throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (use port 0 for any free port).
+    #[arg(long, env = "TIDINGS_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Folder of the embedded SQLite database.
+    #[arg(long, env = "TIDINGS_DATA_DIR", default_value = "./tidings-data")]
+    data_dir: PathBuf,
+    /// Fsync every commit. `false` survives a broker crash but may lose the
+    /// last commits on power loss.
+    #[arg(long, env = "TIDINGS_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
+    /// How long published ids are remembered for deduplication.
+    #[arg(long, env = "TIDINGS_DEDUP_WINDOW", default_value = "7d", value_parser = parse_duration)]
+    dedup_window: Duration,
+    /// Largest message payload, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Most messages in one publish request.
+    #[arg(long, env = "TIDINGS_MAX_BATCH_MESSAGES", default_value_t = 1000)]
+    max_batch_messages: usize,
+    /// Largest gRPC request, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_request_bytes: usize,
+    /// Most HTTP/2 streams open at once on one connection.
+    #[arg(long, env = "TIDINGS_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval.
+    #[arg(long, env = "TIDINGS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "TIDINGS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    keepalive_timeout: Duration,
+    /// How often acked and expired messages are removed and leases swept.
+    #[arg(long, env = "TIDINGS_MAINTENANCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    maintenance_interval: Duration,
+    /// How often an idle subscriber stream looks for work it was not woken for.
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// How long to wait for streams and commits to finish on shutdown.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create a topic.
+    Create {
+        /// Name.
+        name: String,
+        /// Keep acked messages this long for replay.
+        #[arg(long, value_parser = parse_duration)]
+        retention: Option<Duration>,
+        /// Expire messages older than this, acked or not.
+        #[arg(long, value_parser = parse_duration)]
+        max_age: Option<Duration>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic.
+    Get {
+        /// Name.
+        name: String,
+    },
+    /// Delete a topic (it must have no subscriptions).
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubscriptionsCommand {
+    /// Create a subscription.
+    Create(CreateSubscriptionArgs),
+    /// List subscriptions.
+    List {
+        /// Only those of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Show a subscription.
+    Get {
+        /// Name.
+        name: String,
+    },
+    /// Delete a subscription and its state.
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Show a subscription's stats.
+    Stats {
+        /// Name.
+        name: String,
+    },
+    /// Move a subscription's cursor to a sequence number.
+    Seek {
+        /// Name.
+        name: String,
+        /// First sequence number to deliver.
+        #[arg(long)]
+        sequence: i64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateSubscriptionArgs {
+    /// Name.
+    name: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Lease length.
+    #[arg(long, value_parser = parse_duration)]
+    ack_deadline: Option<Duration>,
+    /// Deliveries before dead-lettering.
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// First backoff.
+    #[arg(long, value_parser = parse_duration)]
+    min_backoff: Option<Duration>,
+    /// Longest backoff.
+    #[arg(long, value_parser = parse_duration)]
+    max_backoff: Option<Duration>,
+    /// Topic that receives a copy of each dead letter.
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+    /// One message per ordering key at a time, in order.
+    #[arg(long)]
+    ordered: bool,
+    /// Where to start: earliest, latest, or a Unix time in seconds.
+    #[arg(long, default_value = "latest")]
+    start: String,
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Ordering key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Message id (UUID); only with DATA. Default: a fresh UUID v7.
+    #[arg(long)]
+    id: Option<uuid::Uuid>,
+    /// Payload; without it, each line of standard input is one message.
+    data: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct SubscribeArgs {
+    /// Subscription name.
+    subscription: String,
+    /// Print without acking (messages come back after their lease).
+    #[arg(long)]
+    no_ack: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    max: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// List dead letters.
+    List {
+        /// Subscription.
+        subscription: String,
+    },
+    /// Make dead letters deliverable again.
+    Redrive {
+        /// Subscription.
+        subscription: String,
+        /// Only these sequence numbers (default: all).
+        #[arg(long = "sequence")]
+        sequences: Vec<i64>,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        /// Subscription.
+        subscription: String,
+        /// These sequence numbers.
+        #[arg(long = "sequence")]
+        sequences: Vec<i64>,
+        /// All of them.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Use this broker instead of an embedded one.
+    #[arg(long = "broker-url")]
+    broker_url: Option<String>,
+    /// Publishing tasks.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Consuming tasks (on one subscription).
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// Messages in all.
+    #[arg(long, default_value_t = 200_000)]
+    messages: u64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_size: usize,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Requests in flight per publisher.
+    #[arg(long, default_value_t = 8)]
+    pipeline: usize,
+    /// Total publish rate, messages per second (default: unlimited).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Fsync each commit on the embedded broker.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fsync: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "us" | "µs" => 0.000_001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+fn pb_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn show_duration(d: Option<&prost_types::Duration>) -> String {
+    d.map(|d| {
+        format!(
+            "{:?}",
+            Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+        )
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Turns a gRPC status into an error that names the code and the message.
+fn grpc(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logs(cli.log_format, default_level);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the broker");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Bench(args) => {
+            let report = bench::run(BenchConfig {
+                broker: args.broker_url,
+                publishers: args.publishers,
+                subscribers: args.subscribers,
+                messages: args.messages,
+                payload_size: args.payload_size,
+                batch_size: args.batch_size,
+                pipeline: args.pipeline,
+                rate: args.rate,
+                fsync: args.fsync,
+            })
+            .await?;
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
+        command => {
+            let channel = client::channel(&cli.broker).map_err(grpc)?;
+            run_client(command, channel).await
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut config = ServerConfig::new(&args.data_dir);
+    config.store.fsync = args.fsync;
+    config.store.dedup_window = args.dedup_window;
+    config.store.maintenance_interval = args.maintenance_interval;
+    config.limits.max_message_bytes = args.max_message_bytes;
+    config.limits.max_batch_messages = args.max_batch_messages;
+    config.limits.poll_interval = args.poll_interval;
+    config.max_request_bytes = args.max_request_bytes;
+    config.max_concurrent_streams = args.max_concurrent_streams;
+    config.keepalive_interval = args.keepalive_interval;
+    config.keepalive_timeout = args.keepalive_timeout;
+    tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings");
+    // Scripts and tests read the bound address from this line.
+    println!("tidings listening on {addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let timeout = args.shutdown_timeout;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(());
+        tokio::time::sleep(timeout).await;
+        tracing::error!(?timeout, "shutdown timed out; exiting with work unfinished");
+        std::process::exit(1);
+    });
+    server::run(listener, config, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    Ok(())
+}
+
+async fn run_client(command: Command, channel: tonic::transport::Channel) -> anyhow::Result<()> {
+    let admin = Admin::new(channel.clone());
+    let mut raw = admin.raw();
+    match command {
+        Command::Topics(TopicsCommand::Create {
+            name,
+            retention,
+            max_age,
+        }) => {
+            let topic = proto::Topic {
+                name,
+                retention: retention.map(pb_duration),
+                max_age: max_age.map(pb_duration),
+                ..Default::default()
+            };
+            let t = raw
+                .create_topic(proto::CreateTopicRequest { topic: Some(topic) })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!(
+                "created topic {}",
+                t.topic.map(|t| t.name).unwrap_or_default()
+            );
+        }
+        Command::Topics(TopicsCommand::List) => {
+            let mut token = String::new();
+            loop {
+                let page = raw
+                    .list_topics(proto::ListTopicsRequest {
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(grpc)?
+                    .into_inner();
+                for t in page.topics {
+                    println!("{}\tlast_sequence={}", t.name, t.last_sequence);
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        Command::Topics(TopicsCommand::Get { name }) => {
+            let t = raw
+                .get_topic(proto::GetTopicRequest { name })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .topic
+                .unwrap_or_default();
+            println!(
+                "name: {}\nlast_sequence: {}\nretention: {}\nmax_age: {}\nexpired: {}",
+                t.name,
+                t.last_sequence,
+                show_duration(t.retention.as_ref()),
+                show_duration(t.max_age.as_ref()),
+                t.expired_count
+            );
+        }
+        Command::Topics(TopicsCommand::Delete { name }) => {
+            raw.delete_topic(proto::DeleteTopicRequest { name: name.clone() })
+                .await
+                .map_err(grpc)?;
+            println!("deleted topic {name}");
+        }
+        Command::Subscriptions(SubscriptionsCommand::Create(a)) => {
+            let start = match a.start.as_str() {
+                "earliest" => {
+                    proto::subscription::Start::StartPosition(proto::StartPosition::Earliest as i32)
+                }
+                "latest" => {
+                    proto::subscription::Start::StartPosition(proto::StartPosition::Latest as i32)
+                }
+                secs => {
+                    let secs: i64 = secs.parse().with_context(|| {
+                        format!("--start {secs:?}: use earliest, latest or a Unix time in seconds")
+                    })?;
+                    proto::subscription::Start::StartTime(prost_types::Timestamp {
+                        seconds: secs,
+                        nanos: 0,
+                    })
+                }
+            };
+            let sub = proto::Subscription {
+                name: a.name,
+                topic: a.topic,
+                ack_deadline: a.ack_deadline.map(pb_duration),
+                max_attempts: a.max_attempts.unwrap_or(0),
+                min_backoff: a.min_backoff.map(pb_duration),
+                max_backoff: a.max_backoff.map(pb_duration),
+                dead_letter_topic: a.dead_letter_topic.unwrap_or_default(),
+                ordered: a.ordered,
+                start: Some(start),
+                ..Default::default()
+            };
+            let s = admin.create_subscription(sub).await.map_err(grpc)?;
+            println!("created subscription {} on topic {}", s.name, s.topic);
+        }
+        Command::Subscriptions(SubscriptionsCommand::List { topic }) => {
+            let mut token = String::new();
+            loop {
+                let page = raw
+                    .list_subscriptions(proto::ListSubscriptionsRequest {
+                        topic: topic.clone().unwrap_or_default(),
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(grpc)?
+                    .into_inner();
+                for s in page.subscriptions {
+                    println!("{}\ttopic={}\tordered={}", s.name, s.topic, s.ordered);
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        Command::Subscriptions(SubscriptionsCommand::Get { name }) => {
+            let s = raw
+                .get_subscription(proto::GetSubscriptionRequest { name })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .subscription
+                .unwrap_or_default();
+            println!(
+                "name: {}\ntopic: {}\nack_deadline: {}\nmax_attempts: {}\nmin_backoff: {}\nmax_backoff: {}\ndead_letter_topic: {}\nordered: {}",
+                s.name,
+                s.topic,
+                show_duration(s.ack_deadline.as_ref()),
+                s.max_attempts,
+                show_duration(s.min_backoff.as_ref()),
+                show_duration(s.max_backoff.as_ref()),
+                s.dead_letter_topic,
+                s.ordered
+            );
+        }
+        Command::Subscriptions(SubscriptionsCommand::Delete { name }) => {
+            raw.delete_subscription(proto::DeleteSubscriptionRequest { name: name.clone() })
+                .await
+                .map_err(grpc)?;
+            println!("deleted subscription {name}");
+        }
+        Command::Subscriptions(SubscriptionsCommand::Stats { name })
+        | Command::Stats { subscription: name } => {
+            let s = admin.stats(&name).await.map_err(grpc)?;
+            println!(
+                "subscription: {}\nbacklog: {}\nin_flight: {}\noldest_unacked_age: {}\ndead_lettered: {}\ndelivered: {}\nacked: {}\nredelivered: {}\nblocked_keys: {} {:?}\nack_watermark: {}",
+                s.subscription,
+                s.backlog,
+                s.in_flight,
+                show_duration(s.oldest_unacked_age.as_ref()),
+                s.dead_lettered,
+                s.delivered,
+                s.acked,
+                s.redelivered,
+                s.blocked_keys,
+                s.blocked_key_sample,
+                s.ack_watermark
+            );
+        }
+        Command::Subscriptions(SubscriptionsCommand::Seek { name, sequence }) => {
+            let r = raw
+                .seek(proto::SeekRequest {
+                    subscription: name.clone(),
+                    target: Some(proto::seek_request::Target::Sequence(sequence)),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!("{name} delivers from sequence {} on", r.next_sequence);
+        }
+        Command::Publish(a) => publish(a, channel).await?,
+        Command::Subscribe(a) => subscribe(a, channel).await?,
+        Command::Health { service } => {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest { service })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let status = tonic_health::pb::health_check_response::ServingStatus::try_from(r.status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("UNKNOWN");
+            println!("{status}");
+            if status != "SERVING" {
+                bail!("broker is {status}");
+            }
+        }
+        Command::DeadLetters(DeadLettersCommand::List { subscription }) => {
+            let mut token = String::new();
+            loop {
+                let page = raw
+                    .list_dead_letters(proto::ListDeadLettersRequest {
+                        subscription: subscription.clone(),
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(grpc)?
+                    .into_inner();
+                for d in page.dead_letters {
+                    let m = d.message.unwrap_or_default();
+                    println!(
+                        "seq={}\tid={}\tattempts={}\treason={:?}\tpayload={}",
+                        m.sequence,
+                        m.id,
+                        d.attempts,
+                        d.last_failure_reason,
+                        String::from_utf8_lossy(&m.payload)
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        Command::DeadLetters(DeadLettersCommand::Redrive {
+            subscription,
+            sequences,
+        }) => {
+            let r = raw
+                .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+                    subscription,
+                    sequences,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!("redriven: {}", r.redriven_count);
+        }
+        Command::DeadLetters(DeadLettersCommand::Purge {
+            subscription,
+            sequences,
+            all,
+        }) => {
+            let r = raw
+                .purge_dead_letters(proto::PurgeDeadLettersRequest {
+                    subscription,
+                    sequences,
+                    all,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!("purged: {}", r.purged_count);
+        }
+        Command::Serve(_) | Command::Bench(_) => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+async fn publish(a: PublishArgs, channel: tonic::transport::Channel) -> anyhow::Result<()> {
+    let publisher = Publisher::new(channel, Backoff::default());
+    let make = |data: Vec<u8>| {
+        let mut m = Outgoing::new(a.topic.clone(), data);
+        m.key = a.key.clone();
+        m
+    };
+    if let Some(data) = &a.data {
+        let mut m = make(data.clone().into_bytes());
+        if let Some(id) = a.id {
+            m.id = id;
+        }
+        let r = publisher.publish(&[m]).await.map_err(grpc)?;
+        for r in r {
+            println!(
+                "{}\tsequence={}{}",
+                r.id,
+                r.sequence,
+                if r.duplicate { "\tduplicate" } else { "" }
+            );
+        }
+        return Ok(());
+    }
+    if a.id.is_some() {
+        bail!("--id needs DATA: lines from standard input each get a fresh id");
+    }
+    let stdin = std::io::stdin();
+    let mut batch = Vec::new();
+    let mut lines = stdin.lock().lines();
+    loop {
+        let line = lines.next().transpose().context("reading standard input")?;
+        let done = line.is_none();
+        if let Some(line) = line {
+            batch.push(make(line.into_bytes()));
+        }
+        if batch.len() >= 500 || (done && !batch.is_empty()) {
+            for r in publisher.publish(&batch).await.map_err(grpc)? {
+                println!(
+                    "{}\tsequence={}{}",
+                    r.id,
+                    r.sequence,
+                    if r.duplicate { "\tduplicate" } else { "" }
+                );
+            }
+            batch.clear();
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+async fn subscribe(a: SubscribeArgs, channel: tonic::transport::Channel) -> anyhow::Result<()> {
+    let subscriber = Subscriber::new(channel, Backoff::default());
+    let mut sub = subscriber.subscribe(&a.subscription, FlowControl::default());
+    let mut seen = 0u64;
+    let mut awaiting = 0u64;
+    loop {
+        if a.max.is_some_and(|max| seen >= max) && awaiting == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = shutdown_signal() => return Ok(()),
+            event = sub.next() => match event {
+                Some(Ok(Event::Message(r))) => {
+                    if a.max.is_some_and(|max| seen >= max) {
+                        continue;
+                    }
+                    let m = r.message.unwrap_or_default();
+                    println!(
+                        "seq={}\tid={}\tkey={}\tattempt={}\t{}",
+                        m.sequence,
+                        m.id,
+                        m.key,
+                        r.attempt,
+                        String::from_utf8_lossy(&m.payload)
+                    );
+                    seen += 1;
+                    if !a.no_ack {
+                        sub.ack(vec![r.ack_id]);
+                        awaiting += 1;
+                    }
+                }
+                Some(Ok(Event::Outcome(o))) => {
+                    awaiting = awaiting.saturating_sub(1);
+                    if o.result != proto::AckResult::Ok as i32 {
+                        eprintln!("ack {} refused: {}", o.ack_id, o.detail);
+                    }
+                }
+                Some(Err(s)) => return Err(grpc(s)),
+                None => bail!("subscription ended"),
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The library's one error type, sized for callers.
+
+/// Everything that can go wrong in the broker, the store or the client.
+///
+/// User errors carry a message that names the problem; `Storage` carries the
+/// underlying cause for the log and is shown to clients as an opaque internal
+/// error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed: a bad id, name, size or value.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A named topic, subscription or dead letter does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A topic or subscription of that name exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is valid but the state forbids it (a stale lease, a topic
+    /// that still has subscriptions).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A limit was reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Retryable: storage unreachable, or the broker is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An unexpected storage failure; nothing was committed.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True for errors a client should retry after a backoff.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}

@@ -1,0 +1,29 @@
+//! tidings: reliable notifications between services. A durable gRPC broker
+//! (`tidings serve`), with the Rust client, the bench and the CLI's commands.
+//!
+//! See `ARCHITECTURE.md` for the map of the code.
+
+pub mod bench;
+pub mod broker;
+pub mod client;
+pub mod error;
+pub mod model;
+pub mod server;
+pub mod store;
+
+/// Generated protobuf and gRPC code for `tidings.v1`.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
+pub mod proto {
+    tonic::include_proto!("tidings.v1");
+
+    /// The encoded descriptor set of `proto/`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tidings_descriptor");
+}
+
+pub use error::{Error, Result};

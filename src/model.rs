@@ -1,0 +1,373 @@
+//! Domain types shared by the store, the broker, the gRPC layer and the client.
+//! They know nothing of protobuf or SQL.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// Microseconds since the Unix epoch: the broker's one representation of an
+/// instant, in storage and in memory.
+pub type Micros = i64;
+
+/// The current time in microseconds since the Unix epoch.
+pub fn now_micros() -> Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A duration in whole microseconds, saturating.
+pub fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A message as a producer hands it to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Idempotency key, unique per topic.
+    pub id: Uuid,
+    /// Topic name.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Opaque payload.
+    pub payload: Vec<u8>,
+    /// Attributes, sorted by name.
+    pub attributes: Vec<(String, String)>,
+    /// Producer's creation time.
+    pub created_at: Option<Micros>,
+}
+
+/// The outcome of publishing one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The message id.
+    pub id: Uuid,
+    /// Sequence number in the topic (the original's for a duplicate).
+    pub sequence: i64,
+    /// True when the id had been published before.
+    pub duplicate: bool,
+}
+
+/// A message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Idempotency key.
+    pub id: Uuid,
+    /// Topic name.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Opaque payload.
+    pub payload: Vec<u8>,
+    /// Attributes, sorted by name.
+    pub attributes: Vec<(String, String)>,
+    /// Producer's creation time.
+    pub created_at: Option<Micros>,
+    /// Per-topic sequence number.
+    pub sequence: i64,
+    /// When the broker committed it.
+    pub published_at: Micros,
+}
+
+/// Identifies one lease of one message in one subscription.
+///
+/// Its text form (`<subscription id>-<sequence>-<token>`, hex) is the opaque
+/// `ack_id` clients see. The token changes with every lease, which is what
+/// makes an ack with an old lease recognisable as stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckId {
+    /// Internal id of the subscription.
+    pub subscription: i64,
+    /// Sequence number of the message.
+    pub sequence: i64,
+    /// Lease token.
+    pub token: i64,
+}
+
+impl fmt::Display for AckId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:x}-{:x}-{:x}",
+            self.subscription, self.sequence, self.token as u64
+        )
+    }
+}
+
+impl FromStr for AckId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("malformed ack id {s:?}"));
+        let mut parts = s.splitn(3, '-');
+        let mut next = || parts.next().ok_or_else(bad);
+        let subscription = i64::from_str_radix(next()?, 16).map_err(|_| bad())?;
+        let sequence = i64::from_str_radix(next()?, 16).map_err(|_| bad())?;
+        let token = u64::from_str_radix(next()?, 16).map_err(|_| bad())? as i64;
+        Ok(AckId {
+            subscription,
+            sequence,
+            token,
+        })
+    }
+}
+
+/// A message leased to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message.
+    pub message: StoredMessage,
+    /// The lease.
+    pub ack_id: AckId,
+    /// 1 for the first delivery.
+    pub attempt: i32,
+    /// When the lease ends unless extended.
+    pub lease_deadline: Micros,
+}
+
+/// What became of one ack, nack, extension or release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckStatus {
+    /// Committed. For an extension, the new deadline.
+    Ok(Option<Micros>),
+    /// Refused: the lease is no longer current.
+    Stale(String),
+    /// Refused: no such delivery.
+    Unknown(String),
+}
+
+/// A negative acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NackItem {
+    /// The lease.
+    pub ack_id: AckId,
+    /// Redeliver no sooner than this; `None` uses the backoff.
+    pub delay: Option<Duration>,
+    /// Why processing failed.
+    pub reason: String,
+}
+
+/// Topic settings a user can choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicSettings {
+    /// Keep acked messages this long for replay.
+    pub retention: Duration,
+    /// Expire messages older than this (zero: never).
+    pub max_age: Duration,
+}
+
+/// A topic as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic {
+    /// Name.
+    pub name: String,
+    /// Settings.
+    pub settings: TopicSettings,
+    /// Creation time.
+    pub created_at: Micros,
+    /// Highest sequence number assigned.
+    pub last_sequence: i64,
+    /// Messages expired by max age.
+    pub expired_count: i64,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    /// The oldest message stored.
+    Earliest,
+    /// Messages published after creation.
+    #[default]
+    Latest,
+    /// The first message published at or after this instant.
+    Time(Micros),
+}
+
+/// Subscription settings a user can choose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionSettings {
+    /// Lease length.
+    pub ack_deadline: Duration,
+    /// Deliveries before dead-lettering.
+    pub max_attempts: i32,
+    /// First backoff, doubled per attempt.
+    pub min_backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+    /// Topic that receives a copy of each dead letter.
+    pub dead_letter_topic: Option<String>,
+    /// One message per key at a time, in order.
+    pub ordered: bool,
+}
+
+impl Default for SubscriptionSettings {
+    fn default() -> Self {
+        SubscriptionSettings {
+            ack_deadline: Duration::from_secs(30),
+            max_attempts: 10,
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(600),
+            dead_letter_topic: None,
+            ordered: false,
+        }
+    }
+}
+
+impl SubscriptionSettings {
+    /// The backoff before delivery attempt `attempt + 1`, after `attempt`
+    /// failed: `min_backoff * 2^(attempt-1)`, capped at `max_backoff`.
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let shift = attempt.saturating_sub(1).clamp(0, 30) as u32;
+        self.min_backoff
+            .checked_mul(1u32 << shift)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+}
+
+/// A subscription as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Name.
+    pub name: String,
+    /// Topic name.
+    pub topic: String,
+    /// Settings.
+    pub settings: SubscriptionSettings,
+    /// Creation time.
+    pub created_at: Micros,
+}
+
+/// Counters and gauges of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubscriptionStats {
+    /// Not yet acked nor dead-lettered, in flight included.
+    pub backlog: i64,
+    /// Leased now.
+    pub in_flight: i64,
+    /// Age of the oldest unacked message, if any.
+    pub oldest_unacked_age: Option<Duration>,
+    /// Dead letters kept.
+    pub dead_lettered: i64,
+    /// Deliveries since creation.
+    pub delivered: i64,
+    /// Acks since creation.
+    pub acked: i64,
+    /// Deliveries with attempt > 1.
+    pub redelivered: i64,
+    /// Keys held back by a message waiting for redelivery.
+    pub blocked_keys: i64,
+    /// Some of those keys.
+    pub blocked_key_sample: Vec<String>,
+    /// No message at or below this sequence can be delivered again.
+    pub ack_watermark: i64,
+}
+
+/// A dead-lettered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The message.
+    pub message: StoredMessage,
+    /// Deliveries made.
+    pub attempts: i32,
+    /// First delivery.
+    pub first_delivery_at: Option<Micros>,
+    /// Last delivery.
+    pub last_delivery_at: Option<Micros>,
+    /// Last nack reason, or why the broker gave up.
+    pub reason: String,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: Micros,
+}
+
+/// Where Seek moves a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTarget {
+    /// First message published at or after this instant.
+    Time(Micros),
+    /// This sequence number.
+    Sequence(i64),
+}
+
+/// Checks a topic or subscription name: 1 to 255 of `[A-Za-z0-9._-]`.
+///
+/// Fails with `InvalidArgument` naming `what` and the problem.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} name is empty")));
+    }
+    if name.len() > 255 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} name is {} bytes long; the limit is 255",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{what} name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a message id: a UUID in any standard text form, not nil.
+pub fn parse_message_id(id: &str) -> Result<Uuid> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(
+            "message id is missing; every message needs a UUID id (its idempotency key)".into(),
+        ));
+    }
+    let uuid = Uuid::parse_str(id)
+        .map_err(|e| Error::InvalidArgument(format!("message id {id:?} is not a UUID: {e}")))?;
+    if uuid.is_nil() {
+        return Err(Error::InvalidArgument("message id is the nil UUID".into()));
+    }
+    Ok(uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_id_round_trips_through_text() {
+        let id = AckId {
+            subscription: 7,
+            sequence: 1234,
+            token: -5,
+        };
+        assert_eq!(id.to_string().parse::<AckId>().unwrap(), id);
+        assert!("7-x-1".parse::<AckId>().is_err());
+        assert!("7-1".parse::<AckId>().is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let s = SubscriptionSettings {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+            ..Default::default()
+        };
+        assert_eq!(s.backoff(1), Duration::from_millis(100));
+        assert_eq!(s.backoff(2), Duration::from_millis(200));
+        assert_eq!(s.backoff(3), Duration::from_millis(350));
+        assert_eq!(s.backoff(40), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("topic", "orders.v1-x_y").is_ok());
+        assert!(validate_name("topic", "").is_err());
+        assert!(validate_name("topic", "a b").is_err());
+        assert!(validate_name("topic", &"a".repeat(256)).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The gRPC server: wires the three `tidings.v1` services, health and
+//! reflection onto one listener, and drains gracefully on shutdown.
+
+mod admin;
+mod convert;
+mod publisher;
+mod subscriber;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::broker::{Broker, Limits};
+use crate::error::{Error, Result};
+use crate::proto::{
+    admin_service_server::AdminServiceServer, publisher_service_server::PublisherServiceServer,
+    subscriber_service_server::SubscriberServiceServer,
+};
+use crate::store::{Store, StoreConfig};
+
+/// The names health reports on, besides the overall "".
+pub const SERVICE_NAMES: [&str; 3] = [
+    "tidings.v1.PublisherService",
+    "tidings.v1.SubscriberService",
+    "tidings.v1.AdminService",
+];
+
+/// Everything `tidings serve` can be told.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Storage.
+    pub store: StoreConfig,
+    /// Client limits.
+    pub limits: Limits,
+    /// Largest gRPC request accepted, in bytes (a publish batch included).
+    pub max_request_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 ping interval on idle connections.
+    pub keepalive_interval: Duration,
+    /// How long to wait for a ping's answer before dropping the connection.
+    pub keepalive_timeout: Duration,
+    /// Streams a client may reset before the connection is refused (guards
+    /// against rapid-reset floods).
+    pub max_pending_reset_streams: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<std::path::PathBuf>) -> Self {
+        ServerConfig {
+            store: StoreConfig::new(data_dir),
+            limits: Limits::default(),
+            max_request_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_pending_reset_streams: 100,
+        }
+    }
+}
+
+async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Opens the store and serves on `listener` until `shutdown` resolves, then
+/// drains: health turns NOT_SERVING, streams end with UNAVAILABLE, pending
+/// commits finish, and the store closes.
+///
+/// Fails if the store cannot be opened or the server fails.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let store = Store::open(config.store.clone()).await?;
+    let result = serve(listener, store.clone(), &config, shutdown).await;
+    store.close().await;
+    tracing::info!("broker stopped");
+    result
+}
+
+/// Serves an already opened store; see [`run`]. The store stays open.
+///
+/// Fails if the server fails.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let broker = Broker::new(store.clone(), config.limits, drain_rx.clone());
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_all(&reporter, ServingStatus::Serving).await;
+
+    // Health follows storage: NOT_SERVING while commits fail, and for good
+    // once draining starts.
+    let health_task = {
+        let reporter = reporter.clone();
+        let mut healthy = store.health();
+        let mut draining = drain_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = Broker::drained(&mut draining) => {
+                        set_all(&reporter, ServingStatus::NotServing).await;
+                        return;
+                    }
+                    changed = healthy.changed() => {
+                        if changed.is_err() { return; }
+                        let up = *healthy.borrow_and_update();
+                        if *draining.borrow() { continue; }
+                        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+                        tracing::warn!(serving = up, "storage health changed");
+                        set_all(&reporter, status).await;
+                    }
+                }
+            }
+        })
+    };
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Storage(format!("reflection: {e}")))?;
+
+    let limit = config.max_request_bytes;
+    let publisher = PublisherServiceServer::new(publisher::Publisher {
+        broker: broker.clone(),
+    })
+    .max_decoding_message_size(limit);
+    let subscriber = SubscriberServiceServer::new(subscriber::Subscriber {
+        broker: broker.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+    let admin = AdminServiceServer::new(admin::Admin {
+        broker: broker.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+
+    let drained = async move {
+        shutdown.await;
+        tracing::info!("draining: health NOT_SERVING, ending streams, finishing commits");
+        let _ = drain_tx.send(true);
+    };
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "serving gRPC");
+    let served = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .http2_max_pending_accept_reset_streams(Some(config.max_pending_reset_streams))
+        .http2_max_local_error_reset_streams(Some(config.max_pending_reset_streams * 10))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(publisher)
+        .add_service(subscriber)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
+        .await;
+    health_task.abort();
+    served.map_err(|e| Error::Unavailable(format!("gRPC server failed: {e}")))
+}

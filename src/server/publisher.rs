@@ -1,0 +1,127 @@
+//! `tidings.v1.PublisherService`: decode, call the broker, encode.
+
+use std::pin::Pin;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, status};
+use crate::broker::Broker;
+use crate::model::PublishOutcome;
+use crate::proto::{
+    self, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse,
+    publisher_service_server::PublisherService,
+};
+
+/// Requests of one PublishStream that may await their commit at once.
+const MAX_PIPELINE: usize = 256;
+
+/// The publisher service.
+#[derive(Debug, Clone)]
+pub(crate) struct Publisher {
+    pub(crate) broker: Broker,
+}
+
+fn results(outcomes: Vec<PublishOutcome>) -> Vec<proto::PublishResult> {
+    outcomes
+        .into_iter()
+        .map(|o| proto::PublishResult {
+            id: o.id.to_string(),
+            sequence: o.sequence,
+            duplicate: o.duplicate,
+        })
+        .collect()
+}
+
+type PublishFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Vec<PublishOutcome>, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PublisherService for Publisher {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let messages = convert::new_messages(request.into_inner().messages)?;
+        let outcomes = self.broker.publish(messages).await.map_err(status)?;
+        Ok(Response::new(PublishResponse {
+            results: results(outcomes),
+        }))
+    }
+
+    type PublishStreamStream = ReceiverStream<Result<PublishStreamResponse, Status>>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        self.broker.check_open().map_err(status)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            let mut draining = broker.draining();
+            let mut pending: FuturesOrdered<PublishFuture> = FuturesOrdered::new();
+            let mut reading = true;
+            let mut index = 0usize;
+            loop {
+                if !reading && pending.is_empty() {
+                    return;
+                }
+                tokio::select! {
+                    biased;
+                    Some(result) = pending.next(), if !pending.is_empty() => {
+                        let response = result.map(|o| PublishStreamResponse { results: results(o) });
+                        let failed = response.is_err();
+                        if tx.send(response).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    _ = Broker::drained(&mut draining), if reading => {
+                        // Stop taking requests; answer those already taken, then
+                        // tell the client to reconnect elsewhere.
+                        while let Some(result) = pending.next().await {
+                            let response = result.map(|o| PublishStreamResponse { results: results(o) });
+                            if tx.send(response).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx
+                            .send(Err(Status::unavailable("the broker is shutting down; reconnect and resend unanswered requests")))
+                            .await;
+                        return;
+                    }
+                    message = inbound.message(), if reading && pending.len() < MAX_PIPELINE => {
+                        match message {
+                            Ok(Some(req)) => {
+                                let at = index;
+                                index += 1;
+                                let in_request = move |s: Status| {
+                                    Status::new(s.code(), format!("request {at}: {}", s.message()))
+                                };
+                                let queued = match convert::new_messages(req.messages) {
+                                    Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
+                                    Err(s) => Err(s),
+                                };
+                                match queued {
+                                    Ok(done) => pending.push_back(Box::pin(async move {
+                                        done.await.map_err(|e| in_request(status(e)))
+                                    })),
+                                    Err(s) => pending.push_back(Box::pin(std::future::ready(Err(in_request(s))))),
+                                }
+                            }
+                            Ok(None) => reading = false,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "publish stream broke");
+                                reading = false;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

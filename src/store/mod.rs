@@ -1,0 +1,476 @@
+//! Durable storage: the `Store` handle and its configuration. Only this module
+//! contains SQL; each backend's SQL lives in its own file beside its
+//! migrations under `migrations/`.
+//!
+//! Writes go through one writer task per store which batches whatever
+//! operations are queued into one transaction (group commit) and answers each
+//! caller only after that transaction committed. Reads go to a small pool of
+//! read connections.
+
+mod sqlite;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::model::{
+    AckId, AckStatus, DeadLetter, Delivery, Micros, NackItem, NewMessage, PublishOutcome,
+    SeekTarget, StartPosition, Subscription, SubscriptionSettings, SubscriptionStats, Topic,
+    TopicSettings,
+};
+
+/// How the store keeps its data.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Folder of the SQLite database (created if missing).
+    pub data_dir: PathBuf,
+    /// Fsync every commit (`synchronous=FULL`). Turning it off keeps the
+    /// database consistent but may lose the last commits on power loss.
+    pub fsync: bool,
+    /// How long a published id is remembered for deduplication.
+    pub dedup_window: Duration,
+    /// How often acked and expired messages are removed and leases swept.
+    pub maintenance_interval: Duration,
+    /// Most operations' weight (messages, acks) in one group commit.
+    pub max_batch: usize,
+}
+
+impl StoreConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            fsync: true,
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(1),
+            max_batch: 20_000,
+        }
+    }
+}
+
+/// Changes to a subscription's settings; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionPatch {
+    /// New lease length.
+    pub ack_deadline: Option<Duration>,
+    /// New max attempts.
+    pub max_attempts: Option<i32>,
+    /// New first backoff.
+    pub min_backoff: Option<Duration>,
+    /// New longest backoff.
+    pub max_backoff: Option<Duration>,
+    /// New dead-letter topic (`Some(None)` removes it).
+    pub dead_letter_topic: Option<Option<String>>,
+    /// New ordering.
+    pub ordered: Option<bool>,
+}
+
+/// Changes to a topic's settings; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicPatch {
+    /// New retention.
+    pub retention: Option<Duration>,
+    /// New max age.
+    pub max_age: Option<Duration>,
+}
+
+/// Messages leased by one call, and when to look again.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseBatch {
+    /// The leased messages.
+    pub deliveries: Vec<Delivery>,
+    /// The earliest instant a waiting redelivery or a lease expiry falls due.
+    pub next_due: Option<Micros>,
+    /// True if the call moved the subscription's cursor; more may be ready.
+    pub progressed: bool,
+}
+
+/// What one maintenance round removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Messages removed because every subscription was done with them.
+    pub deleted: u64,
+    /// Messages expired by a topic's max age.
+    pub expired: u64,
+    /// Dedup entries past the window.
+    pub dedup_pruned: u64,
+    /// Leases found expired.
+    pub leases_expired: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// One write operation, queued for the writer task.
+#[derive(Debug)]
+enum Op {
+    Publish(Vec<NewMessage>, Reply<Vec<PublishOutcome>>),
+    CreateTopic(String, TopicSettings, Reply<Topic>),
+    UpdateTopic(String, TopicPatch, Reply<Topic>),
+    DeleteTopic(String, Reply<()>),
+    CreateSubscription(Box<NewSubscription>, Reply<Subscription>),
+    UpdateSubscription(String, Box<SubscriptionPatch>, Reply<Subscription>),
+    DeleteSubscription(String, Reply<()>),
+    Lease(LeaseRequest, Reply<LeaseBatch>),
+    Ack(String, Vec<AckId>, Reply<Vec<AckStatus>>),
+    Nack(String, Vec<NackItem>, Reply<Vec<AckStatus>>),
+    Extend(String, Vec<(AckId, Duration)>, Reply<Vec<AckStatus>>),
+    Release(String, Vec<AckId>, Reply<Vec<AckStatus>>),
+    Seek(String, SeekTarget, Reply<i64>),
+    Redrive(String, Vec<i64>, Reply<i64>),
+    Purge(String, Option<Vec<i64>>, Reply<i64>),
+    Maintain(Reply<MaintenanceReport>),
+    Close(Reply<()>),
+}
+
+impl Op {
+    /// How much of a batch this operation fills.
+    fn weight(&self) -> usize {
+        match self {
+            Op::Publish(m, _) => m.len().max(1),
+            Op::Ack(_, a, _) | Op::Release(_, a, _) => a.len().max(1),
+            Op::Nack(_, n, _) => n.len().max(1),
+            Op::Extend(_, e, _) => e.len().max(1),
+            Op::Lease(l, _) => l.max_messages.max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// A subscription to create.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    /// Name.
+    pub name: String,
+    /// Topic name.
+    pub topic: String,
+    /// Settings.
+    pub settings: SubscriptionSettings,
+    /// Where it starts.
+    pub start: StartPosition,
+}
+
+#[derive(Debug, Clone)]
+struct LeaseRequest {
+    subscription: String,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+/// Wakes tasks waiting for news of a topic or a subscription.
+///
+/// Keys are `t/<topic>` and `s/<subscription>`; the value is a counter that
+/// moves on every change, so a waiter that saw version N and finds N+k knows
+/// something happened in between.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    channels: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+impl Notifier {
+    fn key(kind: char, name: &str) -> String {
+        format!("{kind}/{name}")
+    }
+
+    fn watch_key(&self, key: String) -> watch::Receiver<u64> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        channels
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify_key(&self, key: &str) {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = channels.get(key) {
+            tx.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// A receiver that changes when messages are published to `topic`.
+    pub fn watch_topic(&self, topic: &str) -> watch::Receiver<u64> {
+        self.watch_key(Self::key('t', topic))
+    }
+
+    /// A receiver that changes when `subscription`'s leases or cursor change.
+    pub fn watch_subscription(&self, subscription: &str) -> watch::Receiver<u64> {
+        self.watch_key(Self::key('s', subscription))
+    }
+
+    /// Wakes the waiters of a topic.
+    pub fn notify_topic(&self, topic: &str) {
+        self.notify_key(&Self::key('t', topic));
+    }
+
+    /// Wakes the waiters of a subscription.
+    pub fn notify_subscription(&self, subscription: &str) {
+        self.notify_key(&Self::key('s', subscription));
+    }
+}
+
+/// The handle on durable storage. Cheap to clone; the writer task stops when
+/// the last clone is dropped or [`Store::close`] is called.
+#[derive(Debug, Clone)]
+pub struct Store {
+    ops: mpsc::Sender<Op>,
+    reader: sqlite::Reader,
+    notifier: Notifier,
+    healthy: watch::Receiver<bool>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite store in `config.data_dir`,
+    /// applies migrations and starts the writer and maintenance tasks.
+    ///
+    /// Fails if the folder cannot be created or the database cannot be opened
+    /// or migrated.
+    pub async fn open(config: StoreConfig) -> Result<Store> {
+        let notifier = Notifier::default();
+        let (healthy_tx, healthy) = watch::channel(true);
+        let (writer, reader) = sqlite::open(&config, notifier.clone(), healthy_tx).await?;
+        let (ops, rx) = mpsc::channel(4096);
+        tokio::spawn(writer.run(rx, config.max_batch));
+        let store = Store {
+            ops,
+            reader,
+            notifier,
+            healthy,
+        };
+        tokio::spawn(maintain(store.ops.downgrade(), config.maintenance_interval));
+        Ok(store)
+    }
+
+    /// Commits what is queued, closes the database and stops the writer.
+    /// Later calls on any clone fail with `Unavailable`.
+    pub async fn close(&self) {
+        let _ = self.call(Op::Close).await;
+        self.reader.close().await;
+    }
+
+    /// The notifier that wakes subscribers after commits.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    /// A receiver that reads `false` while storage is failing.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Unavailable("storage is closed".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+    }
+
+    /// Publishes validated messages durably; answers after the commit.
+    ///
+    /// Fails with `NotFound` if a topic does not exist (then nothing of the
+    /// batch is stored), `Unavailable` if the commit failed.
+    pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>> {
+        self.call(|r| Op::Publish(messages, r)).await
+    }
+
+    /// Queues a publish and returns the future of its outcome. Publishes
+    /// queued one after another are committed in that order, which is what
+    /// keeps a pipelined stream's keys in order.
+    ///
+    /// Fails with `Unavailable` if the store is closed; the returned future
+    /// fails as [`Store::publish`] does.
+    pub async fn enqueue_publish(
+        &self,
+        messages: Vec<NewMessage>,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static>
+    {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Publish(messages, tx))
+            .await
+            .map_err(|_| Error::Unavailable("storage is closed".into()))?;
+        Ok(async move {
+            rx.await
+                .map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+        })
+    }
+
+    /// Creates a topic. Fails with `AlreadyExists` if the name is taken.
+    pub async fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Topic> {
+        self.call(|r| Op::CreateTopic(name.to_owned(), settings, r))
+            .await
+    }
+
+    /// Updates a topic's settings. Fails with `NotFound`.
+    pub async fn update_topic(&self, name: &str, patch: TopicPatch) -> Result<Topic> {
+        self.call(|r| Op::UpdateTopic(name.to_owned(), patch, r))
+            .await
+    }
+
+    /// Deletes a topic with its messages. Fails with `NotFound`, or with
+    /// `FailedPrecondition` while subscriptions exist on it.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.call(|r| Op::DeleteTopic(name.to_owned(), r)).await
+    }
+
+    /// Gets a topic. Fails with `NotFound`.
+    pub async fn get_topic(&self, name: &str) -> Result<Topic> {
+        self.reader.get_topic(name).await
+    }
+
+    /// Topics in name order after `after`, at most `limit`.
+    pub async fn list_topics(&self, after: Option<&str>, limit: usize) -> Result<Vec<Topic>> {
+        self.reader.list_topics(after, limit).await
+    }
+
+    /// Creates a subscription. Fails with `AlreadyExists`, `NotFound` (topic
+    /// or dead-letter topic) or `InvalidArgument`.
+    pub async fn create_subscription(&self, sub: NewSubscription) -> Result<Subscription> {
+        self.call(|r| Op::CreateSubscription(Box::new(sub), r))
+            .await
+    }
+
+    /// Updates a subscription's settings. Fails with `NotFound`.
+    pub async fn update_subscription(
+        &self,
+        name: &str,
+        patch: SubscriptionPatch,
+    ) -> Result<Subscription> {
+        self.call(|r| Op::UpdateSubscription(name.to_owned(), Box::new(patch), r))
+            .await
+    }
+
+    /// Deletes a subscription and all its state. Fails with `NotFound`.
+    pub async fn delete_subscription(&self, name: &str) -> Result<()> {
+        self.call(|r| Op::DeleteSubscription(name.to_owned(), r))
+            .await
+    }
+
+    /// Gets a subscription. Fails with `NotFound`.
+    pub async fn get_subscription(&self, name: &str) -> Result<Subscription> {
+        self.reader.get_subscription(name).await
+    }
+
+    /// Subscriptions in name order after `after`, optionally of one topic.
+    pub async fn list_subscriptions(
+        &self,
+        topic: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Subscription>> {
+        self.reader.list_subscriptions(topic, after, limit).await
+    }
+
+    /// Leases up to `max_messages` (and about `max_bytes` of payload; at least
+    /// one message if any is ready). Fails with `NotFound`.
+    pub async fn lease(
+        &self,
+        subscription: &str,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<LeaseBatch> {
+        let req = LeaseRequest {
+            subscription: subscription.to_owned(),
+            max_messages: max_messages.max(1),
+            max_bytes: max_bytes.max(1),
+        };
+        self.call(|r| Op::Lease(req, r)).await
+    }
+
+    /// Acks leases; one status per id, in order. Fails with `NotFound`.
+    pub async fn ack(&self, subscription: &str, ids: Vec<AckId>) -> Result<Vec<AckStatus>> {
+        self.call(|r| Op::Ack(subscription.to_owned(), ids, r))
+            .await
+    }
+
+    /// Nacks leases; one status per item, in order. Fails with `NotFound`.
+    pub async fn nack(&self, subscription: &str, items: Vec<NackItem>) -> Result<Vec<AckStatus>> {
+        self.call(|r| Op::Nack(subscription.to_owned(), items, r))
+            .await
+    }
+
+    /// Extends leases to now + the given extension. Fails with `NotFound`.
+    pub async fn extend(
+        &self,
+        subscription: &str,
+        items: Vec<(AckId, Duration)>,
+    ) -> Result<Vec<AckStatus>> {
+        self.call(|r| Op::Extend(subscription.to_owned(), items, r))
+            .await
+    }
+
+    /// Gives leases back for immediate redelivery without a backoff (a
+    /// consumer went away). Fails with `NotFound`.
+    pub async fn release(&self, subscription: &str, ids: Vec<AckId>) -> Result<Vec<AckStatus>> {
+        self.call(|r| Op::Release(subscription.to_owned(), ids, r))
+            .await
+    }
+
+    /// Moves a subscription's cursor; returns the next sequence to deliver.
+    pub async fn seek(&self, subscription: &str, target: SeekTarget) -> Result<i64> {
+        self.call(|r| Op::Seek(subscription.to_owned(), target, r))
+            .await
+    }
+
+    /// Counters and gauges of a subscription. Fails with `NotFound`.
+    pub async fn stats(&self, subscription: &str) -> Result<SubscriptionStats> {
+        self.reader.stats(subscription).await
+    }
+
+    /// Dead letters after sequence `after`, at most `limit`, and the total.
+    pub async fn list_dead_letters(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, i64)> {
+        self.reader
+            .list_dead_letters(subscription, after, limit)
+            .await
+    }
+
+    /// Makes dead letters deliverable again (all if `sequences` is empty).
+    pub async fn redrive(&self, subscription: &str, sequences: Vec<i64>) -> Result<i64> {
+        self.call(|r| Op::Redrive(subscription.to_owned(), sequences, r))
+            .await
+    }
+
+    /// Deletes dead letters (`None`: all of the subscription's).
+    pub async fn purge(&self, subscription: &str, sequences: Option<Vec<i64>>) -> Result<i64> {
+        self.call(|r| Op::Purge(subscription.to_owned(), sequences, r))
+            .await
+    }
+
+    /// Runs one maintenance round now (it also runs on a timer).
+    pub async fn maintain(&self) -> Result<MaintenanceReport> {
+        self.call(Op::Maintain).await
+    }
+}
+
+/// Runs maintenance rounds until the store's writer is gone.
+async fn maintain(ops: mpsc::WeakSender<Op>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(ops) = ops.upgrade() else { return };
+        let (tx, rx) = oneshot::channel();
+        if ops.send(Op::Maintain(tx)).await.is_err() {
+            return;
+        }
+        drop(ops);
+        match rx.await {
+            Ok(Ok(report)) if report.expired > 0 => {
+                tracing::warn!(expired = report.expired, "messages expired by max age");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "maintenance round failed"),
+            Err(_) => return,
+        }
+    }
+}
