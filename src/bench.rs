@@ -329,14 +329,12 @@ async fn consume(
                     if m.attempt > 1 {
                         redelivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(msg) = &m.message {
-                        if msg.payload.len() >= 8 {
-                            let mut stamp = [0u8; 8];
-                            stamp.copy_from_slice(&msg.payload[..8]);
-                            let sent = u64::from_le_bytes(stamp);
-                            let now = origin.elapsed().as_nanos() as u64;
-                            local.record((now.saturating_sub(sent) / 1000).max(1))?;
-                        }
+                    if let Some(msg) = m.message.as_ref().filter(|m| m.payload.len() >= 8) {
+                        let mut stamp = [0u8; 8];
+                        stamp.copy_from_slice(&msg.payload[..8]);
+                        let sent = u64::from_le_bytes(stamp);
+                        let now = origin.elapsed().as_nanos() as u64;
+                        local.record((now.saturating_sub(sent) / 1000).max(1))?;
                     }
                     pending.push(m.ack_id);
                     if pending.len() >= 500 {

@@ -41,7 +41,7 @@ fn decode_token(token: &str) -> Result<Option<String>, Status> {
             "page_token {token:?} is not one this server issued"
         ))
     };
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..token.len())

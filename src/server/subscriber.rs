@@ -372,10 +372,12 @@ impl Session {
     }
 
     fn forget(&mut self, id: &str) {
-        if let Ok(id) = id.parse::<AckId>() {
-            if let Some((_, bytes)) = self.outstanding.remove(&id) {
-                self.outstanding_bytes -= bytes;
-            }
+        if let Some((_, bytes)) = id
+            .parse::<AckId>()
+            .ok()
+            .and_then(|id| self.outstanding.remove(&id))
+        {
+            self.outstanding_bytes -= bytes;
         }
     }
 
@@ -423,10 +425,9 @@ impl Session {
                     for (e, s) in req.extensions.iter().zip(&statuses) {
                         if let (AckStatus::Ok(Some(deadline)), Ok(id)) =
                             (s, e.ack_id.parse::<AckId>())
+                            && let Some(entry) = self.outstanding.get_mut(&id)
                         {
-                            if let Some(entry) = self.outstanding.get_mut(&id) {
-                                entry.0 = *deadline;
-                            }
+                            entry.0 = *deadline;
                         }
                     }
                     out.extend(outcomes(
@@ -528,10 +529,9 @@ impl Session {
                     // Take acks that arrived meanwhile before leasing more.
                     if let Some(Ok(Some(req))) =
                         futures_util::FutureExt::now_or_never(inbound.message())
+                        && !self.handle(req).await
                     {
-                        if !self.handle(req).await {
-                            return self.release_all().await;
-                        }
+                        return self.release_all().await;
                     }
                     continue;
                 }

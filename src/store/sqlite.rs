@@ -85,24 +85,21 @@ fn decode_attributes(bytes: Option<Vec<u8>>) -> Result<Vec<(String, String)>> {
         return Ok(Vec::new());
     };
     let corrupt = || Error::Storage("corrupt attributes column".into());
-    let mut rest = bytes.as_slice();
-    let mut take = || -> Result<String> {
+    let take = |rest: &mut &[u8]| -> Result<String> {
         let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
         let len = u32::from_le_bytes(*len) as usize;
         if tail.len() < len {
             return Err(corrupt());
         }
         let (s, tail) = tail.split_at(len);
-        rest = tail;
+        *rest = tail;
         String::from_utf8(s.to_vec()).map_err(|_| corrupt())
     };
+    let mut rest = bytes.as_slice();
     let mut out = Vec::new();
-    loop {
-        let k = match take() {
-            Ok(k) => k,
-            Err(_) => break,
-        };
-        out.push((k, take()?));
+    while !rest.is_empty() {
+        let k = take(&mut rest)?;
+        out.push((k, take(&mut rest)?));
     }
     Ok(out)
 }
@@ -208,6 +205,28 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
         tracing::info!(version, "applied SQLite migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_round_trip_and_corruption_is_reported() {
+        let attrs = vec![
+            ("a".to_owned(), "1".to_owned()),
+            ("b".to_owned(), String::new()),
+        ];
+        assert_eq!(decode_attributes(encode_attributes(&attrs)).unwrap(), attrs);
+        assert!(
+            decode_attributes(encode_attributes(&[]))
+                .unwrap()
+                .is_empty()
+        );
+        let mut bytes = encode_attributes(&attrs).unwrap();
+        bytes.pop();
+        assert!(decode_attributes(Some(bytes)).is_err());
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -349,6 +368,10 @@ impl Op {
     }
 }
 
+/// A new `deliveries` row: seq, state, attempt, available_at, lease,
+/// delivered_at, key.
+type DeliveryRow = (i64, i64, i32, i64, i64, Option<i64>, Option<String>);
+
 /// A lease check's verdict.
 enum Check {
     Current { seq: i64, attempt: i32 },
@@ -440,10 +463,10 @@ impl Writer {
             dones.push(done);
             failure = fatal;
         }
-        if failure.is_none() {
-            if let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await {
-                failure = Some(db_err(e).to_string());
-            }
+        if failure.is_none()
+            && let Err(e) = sqlx::query("COMMIT").execute(&mut self.conn).await
+        {
+            failure = Some(db_err(e).to_string());
         }
         match failure {
             None => {
@@ -985,9 +1008,7 @@ impl Writer {
             } else {
                 HashSet::new()
             };
-            // (seq, state, attempt, available_at, lease, delivered_at, key)
-            let mut inserts: Vec<(i64, i64, i32, i64, i64, Option<i64>, Option<String>)> =
-                Vec::with_capacity(messages.len());
+            let mut inserts: Vec<DeliveryRow> = Vec::with_capacity(messages.len());
             for message in messages {
                 let held = ordered && message.key.as_ref().is_some_and(|k| blocked.contains(k));
                 if !held

@@ -1,0 +1,268 @@
+//! Helpers that start a real broker in-process and talk to it over gRPC.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tidings::client::{self, Admin, Backoff, FlowControl, Publisher, Subscriber, Subscription};
+use tidings::proto::{
+    self, publisher_service_client::PublisherServiceClient,
+    subscriber_service_client::SubscriberServiceClient,
+};
+use tidings::server::{self, ServerConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A broker running in this process on a temporary data directory.
+pub(crate) struct TestBroker {
+    #[allow(dead_code)]
+    pub(crate) url: String,
+    pub(crate) channel: Channel,
+    data: PathBuf,
+    _dir: Option<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<tidings::Result<()>>>,
+}
+
+/// Server settings tuned for fast tests: frequent maintenance and polling.
+pub(crate) fn test_config(data: &Path) -> ServerConfig {
+    let mut config = ServerConfig::new(data);
+    config.store.maintenance_interval = Duration::from_millis(50);
+    config.limits.poll_interval = Duration::from_millis(100);
+    config
+}
+
+impl TestBroker {
+    /// Starts a broker on a fresh temporary directory.
+    pub(crate) async fn start() -> TestBroker {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a broker after `tune` adjusts the test config.
+    pub(crate) async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> TestBroker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().to_path_buf();
+        let mut b = Self::start_on(&data, tune).await;
+        b._dir = Some(dir);
+        b
+    }
+
+    /// Starts a broker on an existing data directory.
+    pub(crate) async fn start_on(data: &Path, tune: impl FnOnce(&mut ServerConfig)) -> TestBroker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = test_config(data);
+        tune(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let url = format!("http://{addr}");
+        let channel = client::channel(&url).expect("channel");
+        TestBroker {
+            url,
+            channel,
+            data: data.to_path_buf(),
+            _dir: None,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts down gracefully and checks that the server stopped cleanly.
+    pub(crate) async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("graceful shutdown finished in time")
+                .expect("server task did not panic");
+            result.expect("server stopped without error");
+        }
+    }
+
+    /// Stops gracefully and starts again on the same data directory.
+    pub(crate) async fn restart(mut self) -> TestBroker {
+        self.shutdown().await;
+        let dir = self._dir.take();
+        let mut next = Self::start_on(&self.data.clone(), |_| {}).await;
+        next._dir = dir;
+        next
+    }
+
+    pub(crate) fn admin(&self) -> Admin {
+        Admin::new(self.channel.clone())
+    }
+
+    pub(crate) fn publisher(&self) -> Publisher {
+        Publisher::new(self.channel.clone(), Backoff::default())
+    }
+
+    pub(crate) fn raw_publisher(&self) -> PublisherServiceClient<Channel> {
+        PublisherServiceClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn raw_subscriber(&self) -> SubscriberServiceClient<Channel> {
+        SubscriberServiceClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn subscribe(&self, subscription: &str) -> Subscription {
+        Subscriber::new(self.channel.clone(), Backoff::default())
+            .subscribe(subscription, FlowControl::default())
+    }
+
+    pub(crate) fn subscribe_with(&self, subscription: &str, flow: FlowControl) -> Subscription {
+        Subscriber::new(self.channel.clone(), Backoff::default()).subscribe(subscription, flow)
+    }
+
+    /// Creates a topic and a subscription on it (from the earliest message)
+    /// with `tune` applied to the subscription.
+    pub(crate) async fn topic_and_sub(
+        &self,
+        topic: &str,
+        sub: &str,
+        tune: impl FnOnce(&mut proto::Subscription),
+    ) {
+        let admin = self.admin();
+        if let Err(s) = admin.create_topic(topic).await {
+            assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s}");
+        }
+        let mut s = proto::Subscription {
+            name: sub.into(),
+            topic: topic.into(),
+            start: Some(proto::subscription::Start::StartPosition(
+                proto::StartPosition::Earliest as i32,
+            )),
+            ..Default::default()
+        };
+        tune(&mut s);
+        admin
+            .create_subscription(s)
+            .await
+            .expect("create subscription");
+    }
+
+    /// Publishes one message per payload; returns their sequence numbers.
+    pub(crate) async fn publish(&self, topic: &str, payloads: &[&str]) -> Vec<i64> {
+        let messages: Vec<client::Outgoing> = payloads
+            .iter()
+            .map(|p| client::Outgoing::new(topic, p.as_bytes()))
+            .collect();
+        self.publisher()
+            .publish(&messages)
+            .await
+            .expect("publish")
+            .into_iter()
+            .map(|r| r.sequence)
+            .collect()
+    }
+
+    /// Unary pull of up to `max`, waiting up to `wait` for the first.
+    pub(crate) async fn pull(
+        &self,
+        sub: &str,
+        max: i32,
+        wait: Duration,
+    ) -> Vec<proto::ReceivedMessage> {
+        self.raw_subscriber()
+            .pull(proto::PullRequest {
+                subscription: sub.into(),
+                max_messages: max,
+                max_wait: Some(pb(wait)),
+            })
+            .await
+            .expect("pull")
+            .into_inner()
+            .messages
+    }
+
+    pub(crate) async fn ack(
+        &self,
+        sub: &str,
+        ack_ids: Vec<String>,
+    ) -> Result<proto::AckResponse, tonic::Status> {
+        self.raw_subscriber()
+            .ack(proto::AckRequest {
+                subscription: sub.into(),
+                ack_ids,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub(crate) async fn nack(
+        &self,
+        sub: &str,
+        ack_id: &str,
+        delay: Option<Duration>,
+        reason: &str,
+    ) -> Result<proto::NackResponse, tonic::Status> {
+        self.raw_subscriber()
+            .nack(proto::NackRequest {
+                subscription: sub.into(),
+                nacks: vec![proto::Nack {
+                    ack_id: ack_id.into(),
+                    delay: delay.map(pb),
+                    reason: reason.into(),
+                }],
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub(crate) async fn stats(&self, sub: &str) -> proto::SubscriptionStats {
+        self.admin().stats(sub).await.expect("stats")
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub(crate) fn pb(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub(crate) fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+pub(crate) fn payload(m: &proto::ReceivedMessage) -> String {
+    String::from_utf8_lossy(&m.message.as_ref().expect("message").payload).into_owned()
+}
+
+pub(crate) fn seq(m: &proto::ReceivedMessage) -> i64 {
+    m.message.as_ref().expect("message").sequence
+}
+
+/// A small deterministic pseudo-random generator for load tests.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}

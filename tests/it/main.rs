@@ -1,0 +1,11 @@
+//! Integration tests: the real server on 127.0.0.1:0 over gRPC, and the real
+//! binary for crash tests. One binary, a module per area.
+
+mod admin;
+mod crash;
+mod delivery;
+mod durability;
+mod harness;
+mod health;
+mod ordering;
+mod publish;
