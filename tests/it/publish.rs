@@ -85,7 +85,12 @@ async fn duplicate_is_recognised_after_the_message_is_acked_and_deleted() {
     b.topic_and_sub("orders", "billing", |_| {}).await;
     let id = Uuid::now_v7();
     let m = Outgoing::new("orders", "x").with_id(id);
-    let seq1 = b.publisher().publish(std::slice::from_ref(&m)).await.unwrap()[0].sequence;
+    let seq1 = b
+        .publisher()
+        .publish(std::slice::from_ref(&m))
+        .await
+        .unwrap()[0]
+        .sequence;
     let got = b.pull("billing", 1, Duration::from_secs(5)).await;
     b.ack("billing", vec![got[0].ack_id.clone()]).await.unwrap();
     // Maintenance deletes the acked message: replaying from sequence 1 finds
