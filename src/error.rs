@@ -5,7 +5,7 @@
 /// User errors carry a message that names the problem; `Storage` carries the
 /// underlying cause for the log and is shown to clients as an opaque internal
 /// error.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request is malformed: a bad id, name, size or value.
     #[error("{0}")]

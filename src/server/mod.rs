@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -163,8 +162,13 @@ pub async fn serve(
     };
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "serving gRPC");
+    // Socket options must be set on the incoming stream: the builder's TCP
+    // settings apply only to listeners tonic binds itself. Without
+    // TCP_NODELAY, small responses wait for delayed ACKs (about 40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(config.keepalive_interval));
     let served = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -176,7 +180,7 @@ pub async fn serve(
         .add_service(publisher)
         .add_service(subscriber)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
+        .serve_with_incoming_shutdown(incoming, drained)
         .await;
     health_task.abort();
     served.map_err(|e| Error::Unavailable(format!("gRPC server failed: {e}")))

@@ -230,8 +230,14 @@ impl Store {
     pub async fn open(config: StoreConfig) -> Result<Store> {
         let notifier = Notifier::default();
         let (healthy_tx, healthy) = watch::channel(true);
-        let (writer, reader) = sqlite::open(&config, notifier.clone(), healthy_tx).await?;
+        let (writer, reader, checkpointer) =
+            sqlite::open(&config, notifier.clone(), healthy_tx).await?;
         let (ops, rx) = mpsc::channel(4096);
+        let weak = ops.downgrade();
+        tokio::spawn(checkpointer.run(
+            move || weak.upgrade().is_some_and(|ops| !ops.is_closed()),
+            Duration::from_millis(250),
+        ));
         tokio::spawn(writer.run(rx, config.max_batch));
         let store = Store {
             ops,

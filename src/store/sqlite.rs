@@ -133,7 +133,7 @@ pub(super) async fn open(
     config: &StoreConfig,
     notifier: Notifier,
     healthy: watch::Sender<bool>,
-) -> Result<(Writer, Reader)> {
+) -> Result<(Writer, Reader, Checkpointer)> {
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .map_err(|e| {
@@ -154,12 +154,17 @@ pub(super) async fn open(
         })
         .busy_timeout(Duration::from_secs(10))
         .statement_cache_capacity(1024)
-        .pragma("cache_size", "-65536")
+        .pragma("cache_size", "-8192")
         .pragma("temp_store", "memory");
-    let mut conn = SqliteConnection::connect_with(&options)
+    // The checkpointer below copies the WAL into the database off the commit
+    // path; the writer checkpoints itself only if the WAL grows past this
+    // many pages (a backstop, about 80 MB).
+    let writer_options = options.clone().pragma("wal_autocheckpoint", "20000");
+    let mut conn = SqliteConnection::connect_with(&writer_options)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     migrate(&mut conn).await?;
+    let checkpointer = SqliteConnection::connect_with(&options).await.map_err(db_err)?;
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options.read_only(true))
@@ -176,7 +181,31 @@ pub(super) async fn open(
         notifier,
         healthy,
     };
-    Ok((writer, Reader { pool }))
+    Ok((writer, Reader { pool }, Checkpointer { conn: checkpointer }))
+}
+
+/// Copies committed WAL pages into the database file on its own connection,
+/// so that commits do not wait for checkpoints.
+pub(super) struct Checkpointer {
+    conn: SqliteConnection,
+}
+
+impl Checkpointer {
+    /// Checkpoints every `interval` until `alive` reports the store closed.
+    pub(super) async fn run(mut self, alive: impl Fn() -> bool, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !alive() {
+                break;
+            }
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut self.conn).await {
+                tracing::warn!(error = %e, "WAL checkpoint failed; the writer's backstop will checkpoint");
+            }
+        }
+        let _ = self.conn.close().await;
+    }
 }
 
 async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
@@ -453,6 +482,18 @@ impl Writer {
             .await
             .err()
             .map(|e| db_err(e).to_string());
+        // Publishes of the whole group are stored together: a handful of
+        // multi-row statements however many requests there are.
+        let (publishes, mut ops): (Vec<Op>, Vec<Op>) =
+            ops.into_iter().partition(|op| matches!(op, Op::Publish(..)));
+        if failure.is_none() && !publishes.is_empty() {
+            for (done, fatal) in self.publish_group(publishes, now, &mut touched).await {
+                dones.push(done);
+                failure = failure.or(fatal);
+            }
+        } else {
+            ops.extend(publishes);
+        }
         for op in ops {
             if let Some(reason) = &failure {
                 let reason = reason.clone();
@@ -588,6 +629,52 @@ impl Writer {
             t.topics.insert(topic);
         }
         Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Publishes several requests as one: requests naming an unknown topic
+    /// are refused on their own, the others are stored together.
+    async fn publish_group(
+        &mut self,
+        ops: Vec<Op>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Vec<(Done, Option<String>)> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut accepted = Vec::with_capacity(ops.len());
+        let mut all = Vec::new();
+        for op in ops {
+            let Op::Publish(messages, reply) = op else {
+                continue;
+            };
+            let mut missing = None;
+            for m in &messages {
+                if let Err(e) = self.topic(&m.topic).await {
+                    missing = Some(e);
+                    break;
+                }
+            }
+            match missing {
+                Some(e) => out.push(finish(reply, Err(e))),
+                None => {
+                    accepted.push((messages.len(), reply));
+                    all.extend(messages);
+                }
+            }
+        }
+        match self.publish(all, now, t).await {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for (n, reply) in accepted {
+                    out.push(finish(reply, Ok(outcomes.by_ref().take(n).collect())));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in accepted {
+                    out.push(finish(reply, Err(e.clone())));
+                }
+            }
+        }
+        out
     }
 
     /// Stores the messages of one topic that it has not seen yet.
