@@ -489,7 +489,11 @@ impl Session {
             let lease_end = self.drop_expired(now);
             let credit = self.max_messages.saturating_sub(self.outstanding.len());
             let byte_credit = self.max_bytes.saturating_sub(self.outstanding_bytes);
-            let has_credit = credit > 0 && byte_credit > 0;
+            // Lease in sizeable batches: wait until half the window is free
+            // (or nothing is outstanding) rather than lease a few at a time.
+            let low_water = (self.max_messages / 2).clamp(1, LEASE_CHUNK);
+            let has_credit =
+                byte_credit > 0 && (credit >= low_water || self.outstanding.is_empty());
             if look && has_credit {
                 topic_news.borrow_and_update();
                 sub_news.borrow_and_update();

@@ -28,7 +28,10 @@ use crate::model::{
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_broker.sql"))];
 
 /// Rows per multi-row statement.
-const CHUNK: usize = 100;
+const CHUNK: usize = 500;
+
+/// Most expired leases handled by one sweep of one subscription.
+const EXPIRE_LIMIT: u64 = 1000;
 
 /// Delivery states, as stored.
 const WAITING: i64 = 0;
@@ -164,7 +167,9 @@ pub(super) async fn open(
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     migrate(&mut conn).await?;
-    let checkpointer = SqliteConnection::connect_with(&options).await.map_err(db_err)?;
+    let checkpointer = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(db_err)?;
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options.read_only(true))
@@ -200,7 +205,10 @@ impl Checkpointer {
             if !alive() {
                 break;
             }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut self.conn).await {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&mut self.conn)
+                .await
+            {
                 tracing::warn!(error = %e, "WAL checkpoint failed; the writer's backstop will checkpoint");
             }
         }
@@ -308,6 +316,10 @@ struct SubRow {
     created_at: Micros,
     settings: SubscriptionSettings,
     cursor: i64,
+    /// No waiting or leased row falls due before this instant, so until
+    /// then a lease need not look for redeliveries or expired leases. A
+    /// lower bound kept in memory only; `i64::MIN` means "look".
+    check_at: Micros,
 }
 
 impl SubRow {
@@ -331,6 +343,7 @@ impl SubRow {
                 ordered: row.try_get(10).map_err(db_err)?,
             },
             cursor: row.try_get(11).map_err(db_err)?,
+            check_at: i64::MIN,
         })
     }
 
@@ -484,8 +497,9 @@ impl Writer {
             .map(|e| db_err(e).to_string());
         // Publishes of the whole group are stored together: a handful of
         // multi-row statements however many requests there are.
-        let (publishes, mut ops): (Vec<Op>, Vec<Op>) =
-            ops.into_iter().partition(|op| matches!(op, Op::Publish(..)));
+        let (publishes, mut ops): (Vec<Op>, Vec<Op>) = ops
+            .into_iter()
+            .partition(|op| matches!(op, Op::Publish(..)));
         if failure.is_none() && !publishes.is_empty() {
             for (done, fatal) in self.publish_group(publishes, now, &mut touched).await {
                 dones.push(done);
@@ -597,6 +611,13 @@ impl Writer {
         let row = SubRow::from_row(&row)?;
         self.subs.insert(name.to_owned(), row.clone());
         Ok(row)
+    }
+
+    /// Notes that a waiting or leased row of `sub` falls due at `at`.
+    fn due_at(&mut self, sub: &str, at: Micros) {
+        if let Some(cached) = self.subs.get_mut(sub) {
+            cached.check_at = cached.check_at.min(at);
+        }
     }
 
     // ---- publishing ----
@@ -996,10 +1017,18 @@ impl Writer {
         t: &mut Touched,
     ) -> Result<LeaseBatch> {
         let sub = self.sub(&req.subscription).await?;
-        if self.expire(&sub, now).await? > 0 {
+        let ordered = sub.settings.ordered;
+        // Waiting messages of an ordered subscription may be due but held
+        // back by their key, so those always look.
+        let look = ordered || now >= sub.check_at;
+        let expired = if look {
+            self.expire(&sub, now).await?
+        } else {
+            0
+        };
+        if expired > 0 {
             t.subs.insert(sub.name.clone());
         }
-        let ordered = sub.settings.ordered;
         let deadline = now.saturating_add(micros(sub.settings.ack_deadline));
         let mut batch = LeaseBatch::default();
         let mut bytes = 0usize;
@@ -1025,14 +1054,19 @@ impl Writer {
                  ORDER BY d.available_at LIMIT ?4"
             )
         };
-        let rows = sqlx::query(AssertSqlSafe(due_sql))
-            .bind(sub.id)
-            .bind(now)
-            .bind(sub.topic_id)
-            .bind(req.max_messages as i64)
-            .fetch_all(&mut self.conn)
-            .await
-            .map_err(db_err)?;
+        let rows = if look {
+            sqlx::query(AssertSqlSafe(due_sql))
+                .bind(sub.id)
+                .bind(now)
+                .bind(sub.topic_id)
+                .bind(req.max_messages as i64)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(db_err)?
+        } else {
+            Vec::new()
+        };
+        let due_found = rows.len();
         for row in rows {
             let message = message_from_row(&row, 1, &sub.topic)?;
             if !batch.deliveries.is_empty() && bytes + message.payload.len() > req.max_bytes {
@@ -1167,15 +1201,35 @@ impl Writer {
             }
             batch.progressed = cursor != sub.cursor;
         }
-        batch.next_due = sqlx::query_scalar(
-            "SELECT min(available_at) FROM deliveries \
-             WHERE sub_id = ? AND state IN (0, 1) AND available_at > ?",
-        )
-        .bind(sub.id)
-        .bind(now)
-        .fetch_one(&mut self.conn)
-        .await
-        .map_err(db_err)?;
+        let mut check_at = sub.check_at;
+        if look {
+            // Every due row was leased: the next one falls due later.
+            let all_taken = expired < EXPIRE_LIMIT
+                && due_found < req.max_messages
+                && batch.deliveries.len() == due_found;
+            check_at = if all_taken {
+                let next: Option<i64> = sqlx::query_scalar(
+                    "SELECT min(available_at) FROM deliveries \
+                     WHERE sub_id = ? AND state IN (0, 1) AND available_at > ?",
+                )
+                .bind(sub.id)
+                .bind(now)
+                .fetch_one(&mut self.conn)
+                .await
+                .map_err(db_err)?;
+                next.unwrap_or(i64::MAX)
+            } else {
+                // Some due rows were left for the next call.
+                i64::MIN
+            };
+        }
+        if !batch.deliveries.is_empty() {
+            check_at = check_at.min(deadline);
+        }
+        if let Some(cached) = self.subs.get_mut(&sub.name) {
+            cached.check_at = check_at;
+        }
+        batch.next_due = (check_at != i64::MAX && check_at != i64::MIN).then_some(check_at);
         Ok(batch)
     }
 
@@ -1213,10 +1267,11 @@ impl Writer {
     async fn expire(&mut self, sub: &SubRow, now: Micros) -> Result<u64> {
         let rows = sqlx::query(
             "SELECT seq, attempt, available_at FROM deliveries \
-             WHERE sub_id = ? AND state = 1 AND available_at <= ? LIMIT 1000",
+             WHERE sub_id = ? AND state = 1 AND available_at <= ? LIMIT ?",
         )
         .bind(sub.id)
         .bind(now)
+        .bind(EXPIRE_LIMIT as i64)
         .fetch_all(&mut self.conn)
         .await
         .map_err(db_err)?;
@@ -1240,6 +1295,7 @@ impl Writer {
                 .execute(&mut self.conn)
                 .await
                 .map_err(db_err)?;
+                self.due_at(&sub.name, at);
             }
         }
         Ok(expired)
@@ -1450,11 +1506,13 @@ impl Writer {
                 self.dead_letter(&sub, seq, &reason, now).await?;
             } else {
                 let delay = item.delay.unwrap_or_else(|| sub.settings.backoff(attempt));
+                let at = now.saturating_add(micros(delay));
+                self.due_at(&sub.name, at);
                 sqlx::query(
                     "UPDATE deliveries SET state = 0, available_at = ?, reason = ? \
                      WHERE sub_id = ? AND seq = ?",
                 )
-                .bind(now.saturating_add(micros(delay)))
+                .bind(at)
                 .bind(&item.reason)
                 .bind(sub.id)
                 .bind(seq)
@@ -1517,6 +1575,7 @@ impl Writer {
             .execute(&mut self.conn)
             .await
             .map_err(db_err)?;
+            self.due_at(&sub.name, now);
             t.subs.insert(sub.name.clone());
         }
         Ok(checks.into_iter().map(status_of).collect())
@@ -1566,6 +1625,7 @@ impl Writer {
         let sql = "UPDATE deliveries SET state = 0, attempt = 0, available_at = ?, reason = NULL \
                    WHERE sub_id = ? AND state = 2";
         let count = self.for_dead(sql, Some(now), row.id, &seqs).await?;
+        self.due_at(sub, now);
         t.subs.insert(sub.to_owned());
         tracing::info!(subscription = sub, count, "dead letters redriven");
         Ok(count)
@@ -1629,6 +1689,9 @@ impl Writer {
             .map_err(db_err)?;
         for name in names {
             let sub = self.sub(&name).await?;
+            if now < sub.check_at {
+                continue;
+            }
             let expired = self.expire(&sub, now).await?;
             if expired > 0 {
                 report.leases_expired += expired;

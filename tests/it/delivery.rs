@@ -380,3 +380,23 @@ async fn subscriber_stream_is_woken_by_a_publish() {
     drop(sub);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn leases_of_a_closed_stream_are_released_for_prompt_redelivery() {
+    let b = TestBroker::start().await;
+    b.topic_and_sub("t", "s", |s| {
+        s.ack_deadline = Some(pb(Duration::from_secs(60)))
+    })
+    .await;
+    b.publish("t", &["x"]).await;
+    let mut first = b.subscribe("s");
+    let m = first.next_message().await.unwrap().unwrap();
+    assert_eq!(m.attempt, 1);
+    drop(first);
+    // Far sooner than the 60 s lease: the broker released it when the
+    // stream closed.
+    let again = b.pull("s", 1, Duration::from_secs(10)).await;
+    assert_eq!(again.len(), 1, "released lease is redelivered");
+    assert_eq!(again[0].attempt, 2);
+    b.stop().await;
+}
