@@ -21,14 +21,10 @@ use tonic::Status;
     about = "Reliable notifications between services"
 )]
 struct Cli {
-    /// Broker URL for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "TIDINGS_BROKER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    broker: String,
+    /// Broker URL for client commands [default: http://127.0.0.1:50051].
+    /// `bench` starts an embedded broker unless this is given.
+    #[arg(long, global = true, env = "TIDINGS_BROKER")]
+    broker: Option<String>,
     /// Log format.
     #[arg(
         long,
@@ -119,7 +115,8 @@ struct ServeArgs {
     /// How often an idle subscriber stream looks for work it was not woken for.
     #[arg(long, env = "TIDINGS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
-    /// How long to wait for streams and commits to finish on shutdown.
+    /// How long draining waits for clients' calls to finish on shutdown
+    /// before closing the remaining connections.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
 }
@@ -271,11 +268,11 @@ enum DeadLettersCommand {
     },
 }
 
+/// The broker client commands talk to unless told otherwise.
+const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
+
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// Use this broker instead of an embedded one.
-    #[arg(long = "broker-url")]
-    broker_url: Option<String>,
     /// Publishing tasks.
     #[arg(long, default_value_t = 4)]
     publishers: usize,
@@ -411,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Bench(args) => {
             let report = bench::run(BenchConfig {
-                broker: args.broker_url,
+                broker: cli.broker,
                 publishers: args.publishers,
                 subscribers: args.subscribers,
                 messages: args.messages,
@@ -430,7 +427,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         command => {
-            let channel = client::channel(&cli.broker).map_err(grpc)?;
+            let url = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
+            let channel = client::channel(url).map_err(grpc)?;
             run_client(command, channel).await
         }
     }
@@ -455,19 +453,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings");
     // Scripts and tests read the bound address from this line.
     println!("tidings listening on {addr}");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let timeout = args.shutdown_timeout;
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(());
-        tokio::time::sleep(timeout).await;
-        tracing::error!(?timeout, "shutdown timed out; exiting with work unfinished");
-        std::process::exit(1);
-    });
-    server::run(listener, config, async move {
-        let _ = stop_rx.await;
-    })
-    .await?;
+    config.drain_timeout = args.shutdown_timeout;
+    server::run(listener, config, shutdown_signal()).await?;
     Ok(())
 }
 

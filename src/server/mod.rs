@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// Streams a client may reset before the connection is refused (guards
     /// against rapid-reset floods).
     pub max_pending_reset_streams: usize,
+    /// How long draining waits for clients to finish their calls before the
+    /// remaining connections are closed (a health Watch, say, never ends by
+    /// itself).
+    pub drain_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -60,6 +64,7 @@ impl ServerConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_pending_reset_streams: 100,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -180,8 +185,22 @@ pub async fn serve(
         .add_service(publisher)
         .add_service(subscriber)
         .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, drained)
-        .await;
+        .serve_with_incoming_shutdown(incoming, drained);
+    let mut draining = drain_rx.clone();
+    let drain_timeout = config.drain_timeout;
+    let served = tokio::select! {
+        served = served => served,
+        _ = async {
+            Broker::drained(&mut draining).await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            // Answered calls are committed already; calls still waiting for
+            // a commit are committed by the store as it closes, and their
+            // clients retry (publishing is idempotent).
+            tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections");
+            Ok(())
+        }
+    };
     health_task.abort();
     served.map_err(|e| Error::Unavailable(format!("gRPC server failed: {e}")))
 }

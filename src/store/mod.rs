@@ -100,6 +100,8 @@ pub struct MaintenanceReport {
     pub dedup_pruned: u64,
     /// Leases found expired.
     pub leases_expired: u64,
+    /// A limit cut the round short: run another one soon.
+    pub more: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -471,10 +473,17 @@ async fn maintain(ops: mpsc::WeakSender<Op>, interval: Duration) {
         }
         drop(ops);
         match rx.await {
-            Ok(Ok(report)) if report.expired > 0 => {
-                tracing::warn!(expired = report.expired, "messages expired by max age");
+            Ok(Ok(report)) => {
+                if report.expired > 0 {
+                    tracing::warn!(expired = report.expired, "messages expired by max age");
+                }
+                // A round does a bounded amount of work so that it never
+                // holds a group commit up for long; a backlog of deletions
+                // takes several rounds, each in its own commit.
+                if report.more {
+                    tick.reset_immediately();
+                }
             }
-            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "maintenance round failed"),
             Err(_) => return,
         }

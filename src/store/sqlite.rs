@@ -33,6 +33,10 @@ const CHUNK: usize = 500;
 /// Most expired leases handled by one sweep of one subscription.
 const EXPIRE_LIMIT: u64 = 1000;
 
+/// Most rows one maintenance round deletes per topic (and from the dedup
+/// table), to keep each round's share of a group commit short.
+const DELETE_LIMIT: u64 = 2000;
+
 /// Delivery states, as stored.
 const WAITING: i64 = 0;
 const LEASED: i64 = 1;
@@ -1693,6 +1697,7 @@ impl Writer {
                 continue;
             }
             let expired = self.expire(&sub, now).await?;
+            report.more |= expired >= EXPIRE_LIMIT;
             if expired > 0 {
                 report.leases_expired += expired;
                 t.subs.insert(name);
@@ -1723,25 +1728,29 @@ impl Writer {
             }
             let deleted = sqlx::query(
                 "DELETE FROM messages WHERE topic_id = ?1 AND seq IN (SELECT seq FROM messages \
-                 WHERE topic_id = ?1 AND seq < ?2 AND published_at <= ?3 ORDER BY seq LIMIT 10000)",
+                 WHERE topic_id = ?1 AND seq < ?2 AND published_at <= ?3 ORDER BY seq LIMIT ?4)",
             )
             .bind(topic.id)
             .bind(low)
             .bind(now - topic.retention_us)
+            .bind(DELETE_LIMIT as i64)
             .execute(&mut self.conn)
             .await
             .map_err(db_err)?;
             report.deleted += deleted.rows_affected();
+            report.more |= deleted.rows_affected() >= DELETE_LIMIT;
         }
         let pruned = sqlx::query(
             "DELETE FROM dedup WHERE (topic_id, id) IN \
-             (SELECT topic_id, id FROM dedup WHERE published_at < ? LIMIT 10000)",
+             (SELECT topic_id, id FROM dedup WHERE published_at < ? LIMIT ?)",
         )
         .bind(now - self.dedup_window)
+        .bind(DELETE_LIMIT as i64)
         .execute(&mut self.conn)
         .await
         .map_err(db_err)?;
         report.dedup_pruned = pruned.rows_affected();
+        report.more |= report.dedup_pruned >= DELETE_LIMIT;
         Ok(report)
     }
 

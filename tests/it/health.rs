@@ -135,3 +135,22 @@ async fn draining_turns_health_not_serving_and_ends_streams_with_unavailable() {
     drop(watch);
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn drain_timeout_closes_connections_that_never_finish() {
+    let b = TestBroker::start_with(|c| c.drain_timeout = Duration::from_millis(300)).await;
+    let mut health = HealthClient::new(b.channel.clone());
+    // A Watch never ends by itself; draining must not wait for it forever.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), b.stop())
+        .await
+        .expect("stopped after the drain timeout");
+    drop(watch);
+}
