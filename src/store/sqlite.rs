@@ -617,6 +617,18 @@ impl Writer {
         Ok(row)
     }
 
+    /// Runs each statement with `id` as its one parameter.
+    async fn run_with_id(&mut self, statements: &[&'static str], id: i64) -> Result<()> {
+        for &sql in statements {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut self.conn)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
     /// Notes that a waiting or leased row of `sub` falls due at `at`.
     fn due_at(&mut self, sub: &str, at: Micros) {
         if let Some(cached) = self.subs.get_mut(sub) {
@@ -853,17 +865,15 @@ impl Writer {
                 subs.join(", ")
             )));
         }
-        for sql in [
-            "DELETE FROM messages WHERE topic_id = ?",
-            "DELETE FROM dedup WHERE topic_id = ?",
-            "DELETE FROM topics WHERE id = ?",
-        ] {
-            sqlx::query(sql)
-                .bind(row.id)
-                .execute(&mut self.conn)
-                .await
-                .map_err(db_err)?;
-        }
+        self.run_with_id(
+            &[
+                "DELETE FROM messages WHERE topic_id = ?",
+                "DELETE FROM dedup WHERE topic_id = ?",
+                "DELETE FROM topics WHERE id = ?",
+            ],
+            row.id,
+        )
+        .await?;
         self.topics.remove(name);
         tracing::info!(topic = name, "topic deleted");
         Ok(())
@@ -996,16 +1006,14 @@ impl Writer {
 
     async fn delete_subscription(&mut self, name: &str, t: &mut Touched) -> Result<()> {
         let row = self.sub(name).await?;
-        for sql in [
-            "DELETE FROM deliveries WHERE sub_id = ?",
-            "DELETE FROM subscriptions WHERE id = ?",
-        ] {
-            sqlx::query(sql)
-                .bind(row.id)
-                .execute(&mut self.conn)
-                .await
-                .map_err(db_err)?;
-        }
+        self.run_with_id(
+            &[
+                "DELETE FROM deliveries WHERE sub_id = ?",
+                "DELETE FROM subscriptions WHERE id = ?",
+            ],
+            row.id,
+        )
+        .await?;
         self.subs.remove(name);
         t.subs.insert(name.to_owned());
         tracing::info!(subscription = name, "subscription deleted");
