@@ -7,6 +7,7 @@
 //! caller only after that transaction committed. Reads go to a small pool of
 //! read connections.
 
+mod common;
 mod sqlite;
 
 use std::collections::HashMap;

@@ -13,8 +13,13 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use super::common::{
+    CHUNK, Check, Clock, DELETE_LIMIT, Done, EXPIRE_LIMIT, LEASED, Touched, WAITING, classify,
+    dead_letter_attributes, decode_attributes, duration_from, encode_attributes, finish, status_of,
+    uuid_from,
+};
 use super::{
-    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, Reply, StoreConfig,
+    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, StoreConfig,
     SubscriptionPatch, TopicPatch,
 };
 use crate::error::{Error, Result};
@@ -26,21 +31,6 @@ use crate::model::{
 
 /// Schema versions, applied in order at open.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_broker.sql"))];
-
-/// Rows per multi-row statement.
-const CHUNK: usize = 500;
-
-/// Most expired leases handled by one sweep of one subscription.
-const EXPIRE_LIMIT: u64 = 1000;
-
-/// Most rows one maintenance round deletes per topic (and from the dedup
-/// table), to keep each round's share of a group commit short.
-const DELETE_LIMIT: u64 = 2000;
-
-/// Delivery states, as stored.
-const WAITING: i64 = 0;
-const LEASED: i64 = 1;
-const DEAD: i64 = 2;
 
 /// Columns of `messages` read into a [`StoredMessage`], in this order.
 const MESSAGE_COLUMNS: &str =
@@ -72,49 +62,6 @@ fn values(columns: usize, rows: usize) -> String {
     vec![row; rows].join(",")
 }
 
-/// Attributes as stored: `(u32 LE length, bytes)` for each name and value.
-fn encode_attributes(attributes: &[(String, String)]) -> Option<Vec<u8>> {
-    if attributes.is_empty() {
-        return None;
-    }
-    let mut out = Vec::new();
-    for (k, v) in attributes {
-        for s in [k, v] {
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-    }
-    Some(out)
-}
-
-fn decode_attributes(bytes: Option<Vec<u8>>) -> Result<Vec<(String, String)>> {
-    let Some(bytes) = bytes else {
-        return Ok(Vec::new());
-    };
-    let corrupt = || Error::Storage("corrupt attributes column".into());
-    let take = |rest: &mut &[u8]| -> Result<String> {
-        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(corrupt());
-        }
-        let (s, tail) = tail.split_at(len);
-        *rest = tail;
-        String::from_utf8(s.to_vec()).map_err(|_| corrupt())
-    };
-    let mut rest = bytes.as_slice();
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let k = take(&mut rest)?;
-        out.push((k, take(&mut rest)?));
-    }
-    Ok(out)
-}
-
-fn uuid_from(bytes: &[u8]) -> Result<Uuid> {
-    Uuid::from_slice(bytes).map_err(|_| Error::Storage("corrupt message id column".into()))
-}
-
 /// Reads the [`MESSAGE_COLUMNS`] starting at column `at`.
 fn message_from_row(row: &SqliteRow, at: usize, topic: &str) -> Result<StoredMessage> {
     let id: Vec<u8> = row.try_get(at + 1).map_err(db_err)?;
@@ -128,10 +75,6 @@ fn message_from_row(row: &SqliteRow, at: usize, topic: &str) -> Result<StoredMes
         created_at: row.try_get(at + 5).map_err(db_err)?,
         published_at: row.try_get(at + 6).map_err(db_err)?,
     })
-}
-
-fn duration_from(us: i64) -> Duration {
-    Duration::from_micros(us.max(0) as u64)
 }
 
 /// Opens the database, migrates it, and returns the writer (to be run as a
@@ -179,13 +122,11 @@ pub(super) async fn open(
         .connect_with(options.read_only(true))
         .await
         .map_err(db_err)?;
-    let seed = Uuid::new_v4().as_u64_pair().0;
     let writer = Writer {
         conn,
         topics: HashMap::new(),
         subs: HashMap::new(),
-        token_state: seed,
-        clock: 0,
+        clock: Clock::new(),
         dedup_window: micros(config.dedup_window),
         notifier,
         healthy,
@@ -246,28 +187,6 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
         tracing::info!(version, "applied SQLite migration");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attributes_round_trip_and_corruption_is_reported() {
-        let attrs = vec![
-            ("a".to_owned(), "1".to_owned()),
-            ("b".to_owned(), String::new()),
-        ];
-        assert_eq!(decode_attributes(encode_attributes(&attrs)).unwrap(), attrs);
-        assert!(
-            decode_attributes(encode_attributes(&[]))
-                .unwrap()
-                .is_empty()
-        );
-        let mut bytes = encode_attributes(&attrs).unwrap();
-        bytes.pop();
-        assert!(decode_attributes(Some(bytes)).is_err());
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -361,76 +280,16 @@ impl SubRow {
     }
 }
 
-/// What a batch changed, to wake waiters after the commit.
-#[derive(Debug, Default)]
-struct Touched {
-    topics: HashSet<String>,
-    subs: HashSet<String>,
-}
-
-/// Sends an operation's reply once the batch's fate is known: the argument
-/// is the reason the batch failed, if it did.
-type Done = Box<dyn FnOnce(Option<&str>) + Send>;
-
-/// Wraps an operation's result; the second value is set when the error
-/// leaves the transaction unusable, so the whole batch must roll back.
-fn finish<T: Send + 'static>(reply: Reply<T>, result: Result<T>) -> (Done, Option<String>) {
-    let fatal = match &result {
-        Err(e @ (Error::Storage(_) | Error::Unavailable(_))) => Some(e.to_string()),
-        _ => None,
-    };
-    let done: Done = Box::new(move |failed| {
-        let result = match failed {
-            Some(reason) => Err(Error::Unavailable(format!(
-                "storage failed and nothing of this request was committed; retry: {reason}"
-            ))),
-            None => result,
-        };
-        let _ = reply.send(result);
-    });
-    (done, fatal)
-}
-
-impl Op {
-    /// Answers the operation without running it.
-    fn refuse(self, reason: &str) {
-        let e = || Error::Unavailable(reason.to_owned());
-        match self {
-            Op::Publish(_, r) => drop(r.send(Err(e()))),
-            Op::CreateTopic(_, _, r) | Op::UpdateTopic(_, _, r) => drop(r.send(Err(e()))),
-            Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => {
-                drop(r.send(Err(e())))
-            }
-            Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => {
-                drop(r.send(Err(e())))
-            }
-            Op::Lease(_, r) => drop(r.send(Err(e()))),
-            Op::Ack(_, _, r) | Op::Release(_, _, r) => drop(r.send(Err(e()))),
-            Op::Nack(_, _, r) => drop(r.send(Err(e()))),
-            Op::Extend(_, _, r) => drop(r.send(Err(e()))),
-            Op::Seek(_, _, r) | Op::Redrive(_, _, r) | Op::Purge(_, _, r) => drop(r.send(Err(e()))),
-            Op::Maintain(r) => drop(r.send(Err(e()))),
-        }
-    }
-}
-
 /// A new `deliveries` row: seq, state, attempt, available_at, lease,
 /// delivered_at, key.
 type DeliveryRow = (i64, i64, i32, i64, i64, Option<i64>, Option<String>);
-
-/// A lease check's verdict.
-enum Check {
-    Current { seq: i64, attempt: i32 },
-    Refused(AckStatus),
-}
 
 /// Owns the write connection; every write runs here, in groups.
 pub(super) struct Writer {
     conn: SqliteConnection,
     topics: HashMap<String, TopicRow>,
     subs: HashMap<String, SubRow>,
-    token_state: u64,
-    clock: Micros,
+    clock: Clock,
     dedup_window: i64,
     notifier: Notifier,
     healthy: watch::Sender<bool>,
@@ -475,23 +334,8 @@ impl Writer {
         }
     }
 
-    /// A monotonic "now" for this batch.
-    fn tick(&mut self) -> Micros {
-        self.clock = self.clock.max(now_micros());
-        self.clock
-    }
-
-    /// A fresh lease token (splitmix64 over a random seed).
-    fn token(&mut self) -> i64 {
-        self.token_state = self.token_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.token_state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as i64
-    }
-
     async fn execute(&mut self, ops: Vec<Op>) {
-        let now = self.tick();
+        let now = self.clock.tick();
         let mut touched = Touched::default();
         let mut dones: Vec<Done> = Vec::with_capacity(ops.len());
         let mut failure = sqlx::query("BEGIN IMMEDIATE")
@@ -1085,7 +929,7 @@ impl Writer {
                 break;
             }
             let attempt: i32 = row.try_get::<i32, _>(0).map_err(db_err)? + 1;
-            let token = self.token();
+            let token = self.clock.token();
             sqlx::query(
                 "UPDATE deliveries SET state = 1, attempt = ?, available_at = ?, lease = ?, \
                  first_delivery_at = coalesce(first_delivery_at, ?), last_delivery_at = ?, \
@@ -1159,7 +1003,7 @@ impl Writer {
                 if let Some(k) = &key {
                     blocked.insert(k.clone());
                 }
-                let token = self.token();
+                let token = self.clock.token();
                 inserts.push((message.sequence, LEASED, 1, deadline, token, Some(now), key));
                 bytes += message.payload.len();
                 batch.deliveries.push(Delivery {
@@ -1347,17 +1191,8 @@ impl Writer {
             return Ok(());
         };
         let original = message_from_row(&row, 0, &sub.topic)?;
-        let mut attributes = original.attributes;
-        attributes.extend([
-            ("tidings.dead_letter.reason".to_owned(), reason.to_owned()),
-            ("tidings.dead_letter.sequence".to_owned(), seq.to_string()),
-            (
-                "tidings.dead_letter.subscription".to_owned(),
-                sub.name.clone(),
-            ),
-            ("tidings.dead_letter.topic".to_owned(), sub.topic.clone()),
-        ]);
-        attributes.sort();
+        let attributes =
+            dead_letter_attributes(original.attributes, reason, seq, &sub.name, &sub.topic);
         let copy = NewMessage {
             id: original.id,
             topic: dlt.clone(),
@@ -1408,49 +1243,7 @@ impl Writer {
                 );
             }
         }
-        let mut seen = HashSet::new();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let verdict = if id.subscription != sub.id {
-                Check::Refused(AckStatus::Unknown(format!(
-                    "ack id {id} does not belong to subscription {:?}",
-                    sub.name
-                )))
-            } else if !seen.insert(id.sequence) {
-                Check::Refused(AckStatus::Unknown(format!(
-                    "ack id {id} appears twice in one request"
-                )))
-            } else {
-                match rows.get(&id.sequence) {
-                    None => Check::Refused(AckStatus::Unknown(format!(
-                        "no delivery for ack id {id}: already acked, purged, or never delivered"
-                    ))),
-                    Some(&(_, lease, _, _)) if lease != id.token => {
-                        Check::Refused(AckStatus::Stale(format!(
-                            "lease {id} is stale: the message was leased again since"
-                        )))
-                    }
-                    Some(&(state, _, _, _)) if state == DEAD => Check::Refused(AckStatus::Stale(
-                        format!("lease {id} is stale: the message was dead-lettered"),
-                    )),
-                    Some(&(state, _, _, _)) if state != LEASED => Check::Refused(AckStatus::Stale(
-                        format!("lease {id} is stale: it ended (nacked, released or expired)"),
-                    )),
-                    Some(&(_, _, deadline, _)) if deadline <= now => {
-                        Check::Refused(AckStatus::Stale(format!(
-                            "lease {id} is stale: it expired {} ms ago",
-                            (now - deadline) / 1000
-                        )))
-                    }
-                    Some(&(_, _, _, attempt)) => Check::Current {
-                        seq: id.sequence,
-                        attempt,
-                    },
-                }
-            };
-            out.push(verdict);
-        }
-        Ok(out)
+        Ok(classify(&sub.name, sub.id, ids, &rows, now))
     }
 
     async fn ack(
@@ -1840,13 +1633,6 @@ impl Writer {
             "unacked messages expired by the topic's max age"
         );
         Ok(unacked)
-    }
-}
-
-fn status_of(check: Check) -> AckStatus {
-    match check {
-        Check::Current { .. } => AckStatus::Ok(None),
-        Check::Refused(status) => status,
     }
 }
 

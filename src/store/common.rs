@@ -1,0 +1,271 @@
+//! What both backends' writers share: batch bookkeeping, lease checks, the
+//! attribute encoding and the limits. No SQL here.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{Op, Reply};
+use crate::error::{Error, Result};
+use crate::model::{AckId, AckStatus, Micros, now_micros};
+
+/// Rows per multi-row statement.
+pub(super) const CHUNK: usize = 500;
+
+/// Most expired leases handled by one sweep of one subscription.
+pub(super) const EXPIRE_LIMIT: u64 = 1000;
+
+/// Most rows one maintenance round deletes per topic (and from the dedup
+/// table), to keep each round's share of a group commit short.
+pub(super) const DELETE_LIMIT: u64 = 2000;
+
+/// Delivery states, as stored.
+pub(super) const WAITING: i64 = 0;
+pub(super) const LEASED: i64 = 1;
+pub(super) const DEAD: i64 = 2;
+
+/// Attributes as stored: `(u32 LE length, bytes)` for each name and value.
+pub(super) fn encode_attributes(attributes: &[(String, String)]) -> Option<Vec<u8>> {
+    if attributes.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (k, v) in attributes {
+        for s in [k, v] {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+    Some(out)
+}
+
+pub(super) fn decode_attributes(bytes: Option<Vec<u8>>) -> Result<Vec<(String, String)>> {
+    let Some(bytes) = bytes else {
+        return Ok(Vec::new());
+    };
+    let corrupt = || Error::Storage("corrupt attributes column".into());
+    let take = |rest: &mut &[u8]| -> Result<String> {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(corrupt());
+        }
+        let (s, tail) = tail.split_at(len);
+        *rest = tail;
+        String::from_utf8(s.to_vec()).map_err(|_| corrupt())
+    };
+    let mut rest = bytes.as_slice();
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let k = take(&mut rest)?;
+        out.push((k, take(&mut rest)?));
+    }
+    Ok(out)
+}
+
+pub(super) fn uuid_from(bytes: &[u8]) -> Result<Uuid> {
+    Uuid::from_slice(bytes).map_err(|_| Error::Storage("corrupt message id column".into()))
+}
+
+pub(super) fn duration_from(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
+}
+
+/// What a batch changed, to wake waiters after the commit.
+#[derive(Debug, Default)]
+pub(super) struct Touched {
+    pub(super) topics: HashSet<String>,
+    pub(super) subs: HashSet<String>,
+}
+
+/// Sends an operation's reply once the batch's fate is known: the argument
+/// is the reason the batch failed, if it did.
+pub(super) type Done = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// Wraps an operation's result; the second value is set when the error
+/// leaves the transaction unusable, so the whole batch must roll back.
+pub(super) fn finish<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T>,
+) -> (Done, Option<String>) {
+    let fatal = match &result {
+        Err(e @ (Error::Storage(_) | Error::Unavailable(_))) => Some(e.to_string()),
+        _ => None,
+    };
+    let done: Done = Box::new(move |failed| {
+        let result = match failed {
+            Some(reason) => Err(Error::Unavailable(format!(
+                "storage failed and nothing of this request was committed; retry: {reason}"
+            ))),
+            None => result,
+        };
+        let _ = reply.send(result);
+    });
+    (done, fatal)
+}
+
+impl Op {
+    /// Answers the operation without running it.
+    pub(super) fn refuse(self, reason: &str) {
+        let e = || Error::Unavailable(reason.to_owned());
+        match self {
+            Op::Publish(_, r) => drop(r.send(Err(e()))),
+            Op::CreateTopic(_, _, r) | Op::UpdateTopic(_, _, r) => drop(r.send(Err(e()))),
+            Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => {
+                drop(r.send(Err(e())))
+            }
+            Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => {
+                drop(r.send(Err(e())))
+            }
+            Op::Lease(_, r) => drop(r.send(Err(e()))),
+            Op::Ack(_, _, r) | Op::Release(_, _, r) => drop(r.send(Err(e()))),
+            Op::Nack(_, _, r) => drop(r.send(Err(e()))),
+            Op::Extend(_, _, r) => drop(r.send(Err(e()))),
+            Op::Seek(_, _, r) | Op::Redrive(_, _, r) | Op::Purge(_, _, r) => drop(r.send(Err(e()))),
+            Op::Maintain(r) => drop(r.send(Err(e()))),
+        }
+    }
+}
+
+/// A lease check's verdict.
+pub(super) enum Check {
+    Current { seq: i64, attempt: i32 },
+    Refused(AckStatus),
+}
+
+pub(super) fn status_of(check: Check) -> AckStatus {
+    match check {
+        Check::Current { .. } => AckStatus::Ok(None),
+        Check::Refused(status) => status,
+    }
+}
+
+/// Judges acks (or nacks, extensions, releases) against the stored rows of
+/// subscription `sub_id`: `rows` maps a sequence to (state, lease token,
+/// available_at, attempt).
+pub(super) fn classify(
+    sub_name: &str,
+    sub_id: i64,
+    ids: &[AckId],
+    rows: &HashMap<i64, (i64, i64, i64, i32)>,
+    now: Micros,
+) -> Vec<Check> {
+    let mut seen = HashSet::new();
+    ids.iter()
+        .map(|id| {
+            if id.subscription != sub_id {
+                return Check::Refused(AckStatus::Unknown(format!(
+                    "ack id {id} does not belong to subscription {sub_name:?}"
+                )));
+            }
+            if !seen.insert(id.sequence) {
+                return Check::Refused(AckStatus::Unknown(format!(
+                    "ack id {id} appears twice in one commit"
+                )));
+            }
+            match rows.get(&id.sequence) {
+                None => Check::Refused(AckStatus::Unknown(format!(
+                    "no delivery for ack id {id}: already acked, purged, or never delivered"
+                ))),
+                Some(&(_, lease, _, _)) if lease != id.token => Check::Refused(AckStatus::Stale(
+                    format!("lease {id} is stale: the message was leased again since"),
+                )),
+                Some(&(state, _, _, _)) if state == DEAD => Check::Refused(AckStatus::Stale(
+                    format!("lease {id} is stale: the message was dead-lettered"),
+                )),
+                Some(&(state, _, _, _)) if state != LEASED => Check::Refused(AckStatus::Stale(
+                    format!("lease {id} is stale: it ended (nacked, released or expired)"),
+                )),
+                Some(&(_, _, deadline, _)) if deadline <= now => {
+                    Check::Refused(AckStatus::Stale(format!(
+                        "lease {id} is stale: it expired {} ms ago",
+                        (now - deadline) / 1000
+                    )))
+                }
+                Some(&(_, _, _, attempt)) => Check::Current {
+                    seq: id.sequence,
+                    attempt,
+                },
+            }
+        })
+        .collect()
+}
+
+/// The writer's clock and lease tokens.
+#[derive(Debug)]
+pub(super) struct Clock {
+    now: Micros,
+    token_state: u64,
+}
+
+impl Clock {
+    /// A clock with a random token seed.
+    pub(super) fn new() -> Clock {
+        Clock {
+            now: 0,
+            token_state: Uuid::new_v4().as_u64_pair().0,
+        }
+    }
+
+    /// A monotonic "now" for a batch.
+    pub(super) fn tick(&mut self) -> Micros {
+        self.now = self.now.max(now_micros());
+        self.now
+    }
+
+    /// A fresh lease token (splitmix64 over a random seed).
+    pub(super) fn token(&mut self) -> i64 {
+        self.token_state = self.token_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.token_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as i64
+    }
+}
+
+/// The attributes of a dead letter's copy on the dead-letter topic.
+pub(super) fn dead_letter_attributes(
+    mut attributes: Vec<(String, String)>,
+    reason: &str,
+    sequence: i64,
+    subscription: &str,
+    topic: &str,
+) -> Vec<(String, String)> {
+    attributes.extend([
+        ("tidings.dead_letter.reason".to_owned(), reason.to_owned()),
+        (
+            "tidings.dead_letter.sequence".to_owned(),
+            sequence.to_string(),
+        ),
+        (
+            "tidings.dead_letter.subscription".to_owned(),
+            subscription.to_owned(),
+        ),
+        ("tidings.dead_letter.topic".to_owned(), topic.to_owned()),
+    ]);
+    attributes.sort();
+    attributes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_round_trip_and_corruption_is_reported() {
+        let attrs = vec![
+            ("a".to_owned(), "1".to_owned()),
+            ("b".to_owned(), String::new()),
+        ];
+        assert_eq!(decode_attributes(encode_attributes(&attrs)).unwrap(), attrs);
+        assert!(
+            decode_attributes(encode_attributes(&[]))
+                .unwrap()
+                .is_empty()
+        );
+        let mut bytes = encode_attributes(&attrs).unwrap();
+        bytes.pop();
+        assert!(decode_attributes(Some(bytes)).is_err());
+    }
+}
