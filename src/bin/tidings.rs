@@ -74,6 +74,12 @@ enum Command {
     DeadLetters(DeadLettersCommand),
     /// Measure throughput and latency.
     Bench(BenchArgs),
+    /// Apply the broker's PostgreSQL migrations and exit (serve does it too).
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +90,10 @@ struct ServeArgs {
     /// Folder of the embedded SQLite database.
     #[arg(long, env = "TIDINGS_DATA_DIR", default_value = "./tidings-data")]
     data_dir: PathBuf,
+    /// Use PostgreSQL at this URL (postgres://...) instead of SQLite; several
+    /// instances may share one database.
+    #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Fsync every commit. `false` survives a broker crash but may lose the
     /// last commits on power loss.
     #[arg(long, env = "TIDINGS_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
@@ -406,6 +416,11 @@ async fn shutdown_signal() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Migrate { database_url } => {
+            tidings::store::migrate_postgres(&database_url).await?;
+            println!("migrations applied");
+            Ok(())
+        }
         Command::Bench(args) => {
             let report = bench::run(BenchConfig {
                 broker: cli.broker,
@@ -441,6 +456,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut config = ServerConfig::new(&args.data_dir);
     config.store.fsync = args.fsync;
+    config.store.database_url = args.database_url;
     config.store.dedup_window = args.dedup_window;
     config.store.maintenance_interval = args.maintenance_interval;
     config.limits.max_message_bytes = args.max_message_bytes;
@@ -450,7 +466,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;
-    tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings");
+    match &config.store.database_url {
+        Some(url) => {
+            tracing::info!(database = %tidings::store::redact(url), "starting tidings on PostgreSQL")
+        }
+        None => {
+            tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings on SQLite")
+        }
+    }
     // Scripts and tests read the bound address from this line.
     println!("tidings listening on {addr}");
     config.drain_timeout = args.shutdown_timeout;
@@ -711,7 +734,9 @@ async fn run_client(command: Command, channel: tonic::transport::Channel) -> any
                 .into_inner();
             println!("purged: {}", r.purged_count);
         }
-        Command::Serve(_) | Command::Bench(_) => unreachable!("handled before connecting"),
+        Command::Serve(_) | Command::Bench(_) | Command::Migrate { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! read connections.
 
 mod common;
+mod postgres;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -25,10 +26,13 @@ use crate::model::{
 };
 
 /// How the store keeps its data.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
-    /// Folder of the SQLite database (created if missing).
+    /// Folder of the SQLite database (created if missing); unused with
+    /// PostgreSQL.
     pub data_dir: PathBuf,
+    /// A `postgres://` URL selects PostgreSQL instead of the embedded SQLite.
+    pub database_url: Option<String>,
     /// Fsync every commit (`synchronous=FULL`). Turning it off keeps the
     /// database consistent but may lose the last commits on power loss.
     pub fsync: bool,
@@ -45,11 +49,48 @@ impl StoreConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         StoreConfig {
             data_dir: data_dir.into(),
+            database_url: None,
             fsync: true,
             dedup_window: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(1),
             max_batch: 20_000,
         }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("StoreConfig")
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|u| redact(u)),
+            )
+            .field("fsync", &self.fsync)
+            .field("dedup_window", &self.dedup_window)
+            .field("maintenance_interval", &self.maintenance_interval)
+            .field("max_batch", &self.max_batch)
+            .finish()
+    }
+}
+
+/// A database URL with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -178,6 +219,12 @@ impl Notifier {
         format!("{kind}/{name}")
     }
 
+    /// Wakes the waiters of a key as written by [`Notifier::key`] (a
+    /// notification from another broker instance).
+    fn notify_raw(&self, key: &str) {
+        self.notify_key(key);
+    }
+
     fn watch_key(&self, key: String) -> watch::Receiver<u64> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         channels
@@ -219,29 +266,39 @@ impl Notifier {
 #[derive(Debug, Clone)]
 pub struct Store {
     ops: mpsc::Sender<Op>,
-    reader: sqlite::Reader,
+    reader: Reader,
     notifier: Notifier,
     healthy: watch::Receiver<bool>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite store in `config.data_dir`,
-    /// applies migrations and starts the writer and maintenance tasks.
+    /// Opens the store: PostgreSQL if `config.database_url` is set,
+    /// otherwise SQLite in `config.data_dir` (created if needed). Applies
+    /// migrations and starts the writer and maintenance tasks.
     ///
-    /// Fails if the folder cannot be created or the database cannot be opened
-    /// or migrated.
+    /// Fails if the database cannot be reached, opened or migrated.
     pub async fn open(config: StoreConfig) -> Result<Store> {
         let notifier = Notifier::default();
         let (healthy_tx, healthy) = watch::channel(true);
-        let (writer, reader, checkpointer) =
-            sqlite::open(&config, notifier.clone(), healthy_tx).await?;
         let (ops, rx) = mpsc::channel(4096);
         let weak = ops.downgrade();
-        tokio::spawn(checkpointer.run(
-            move || weak.upgrade().is_some_and(|ops| !ops.is_closed()),
-            Duration::from_millis(250),
-        ));
-        tokio::spawn(writer.run(rx, config.max_batch));
+        let alive = move || weak.upgrade().is_some_and(|ops| !ops.is_closed());
+        let reader = match &config.database_url {
+            None => {
+                let (writer, reader, checkpointer) =
+                    sqlite::open(&config, notifier.clone(), healthy_tx).await?;
+                tokio::spawn(writer.run(rx, config.max_batch));
+                tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
+                Reader::Sqlite(reader)
+            }
+            Some(url) => {
+                let (writer, reader, listener) =
+                    postgres::open(url, &config, notifier.clone(), healthy_tx).await?;
+                tokio::spawn(writer.run(rx, config.max_batch));
+                tokio::spawn(listener.run(alive));
+                Reader::Postgres(reader)
+            }
+        };
         let store = Store {
             ops,
             reader,
@@ -458,6 +515,75 @@ impl Store {
     /// Runs one maintenance round now (it also runs on a timer).
     pub async fn maintain(&self) -> Result<MaintenanceReport> {
         self.call(Op::Maintain).await
+    }
+}
+
+/// Applies pending migrations to the PostgreSQL database at `url` and
+/// returns (what `tidings migrate` does; `Store::open` does it too).
+///
+/// Fails if the database cannot be reached or a migration fails.
+pub async fn migrate_postgres(url: &str) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+    postgres::migrate(&mut conn).await
+}
+
+/// The read side of either backend.
+#[derive(Debug, Clone)]
+enum Reader {
+    Sqlite(sqlite::Reader),
+    Postgres(postgres::Reader),
+}
+
+/// Calls the same read method on whichever backend is open.
+macro_rules! read {
+    ($self:expr, $method:ident($($arg:expr),*)) => {
+        match $self {
+            Reader::Sqlite(r) => r.$method($($arg),*).await,
+            Reader::Postgres(r) => r.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Reader {
+    async fn close(&self) {
+        read!(self, close())
+    }
+
+    async fn get_topic(&self, name: &str) -> Result<Topic> {
+        read!(self, get_topic(name))
+    }
+
+    async fn list_topics(&self, after: Option<&str>, limit: usize) -> Result<Vec<Topic>> {
+        read!(self, list_topics(after, limit))
+    }
+
+    async fn get_subscription(&self, name: &str) -> Result<Subscription> {
+        read!(self, get_subscription(name))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        topic: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Subscription>> {
+        read!(self, list_subscriptions(topic, after, limit))
+    }
+
+    async fn stats(&self, name: &str) -> Result<SubscriptionStats> {
+        read!(self, stats(name))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        name: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, i64)> {
+        read!(self, list_dead_letters(name, after, limit))
     }
 }
 

@@ -14,12 +14,108 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-/// A broker running in this process on a temporary data directory.
+/// The environment variable naming a PostgreSQL server for the tests (a URL
+/// whose database the tests may use to create and drop their own).
+pub(crate) const PG_ENV: &str = "TIDINGS_TEST_DATABASE_URL";
+
+/// Which storage a test runs on.
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    Sqlite,
+    /// The admin URL; each broker gets a fresh database beside it.
+    Postgres(String),
+}
+
+impl Backend {
+    /// PostgreSQL if the environment names one. Without it the test is
+    /// skipped with a message, except under CI, which must not skip.
+    pub(crate) fn postgres() -> Option<Backend> {
+        match std::env::var(PG_ENV) {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("CI must run the PostgreSQL suite: set {PG_ENV}")
+            }
+            _ => {
+                eprintln!("skipped: {PG_ENV} is not set, so this PostgreSQL test did not run");
+                None
+            }
+        }
+    }
+}
+
+/// Defines a test that runs once on SQLite and once on PostgreSQL.
+macro_rules! backend_test {
+    ($(#[$meta:meta])* async fn $name:ident($backend:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$meta])*
+            async fn case($backend: crate::harness::Backend) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                case(crate::harness::Backend::Sqlite).await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(backend) = crate::harness::Backend::postgres() {
+                    case(backend).await
+                }
+            }
+        }
+    };
+}
+pub(crate) use backend_test;
+
+/// Replaces the database name of a PostgreSQL URL.
+pub(crate) fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[after_scheme..].find('/') {
+        Some(slash) => &base[..after_scheme + slash],
+        None => base,
+    };
+    format!("{base}/{database}{query}")
+}
+
+/// Creates a fresh, empty database next to the one `admin_url` names.
+pub(crate) async fn fresh_database(admin_url: &str) -> (String, String) {
+    use sqlx::Connection;
+    let name = format!("tidings_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::postgres::PgConnection::connect(admin_url)
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    (with_database(admin_url, &name), name)
+}
+
+async fn drop_database(admin_url: &str, name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::postgres::PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+    }
+}
+
+/// A broker running in this process on a temporary data directory or a
+/// fresh PostgreSQL database.
 pub(crate) struct TestBroker {
     #[allow(dead_code)]
     pub(crate) url: String,
     pub(crate) channel: Channel,
     data: PathBuf,
+    database: Option<(String, String, String)>,
     _dir: Option<TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<tidings::Result<()>>>,
@@ -34,27 +130,42 @@ pub(crate) fn test_config(data: &Path) -> ServerConfig {
 }
 
 impl TestBroker {
-    /// Starts a broker on a fresh temporary directory.
-    pub(crate) async fn start() -> TestBroker {
-        Self::start_with(|_| {}).await
+    /// Starts a broker on fresh storage.
+    pub(crate) async fn start(backend: Backend) -> TestBroker {
+        Self::start_with(backend, |_| {}).await
     }
 
-    /// Starts a broker after `tune` adjusts the test config.
-    pub(crate) async fn start_with(tune: impl FnOnce(&mut ServerConfig)) -> TestBroker {
+    /// Starts a broker on fresh storage after `tune` adjusts the config.
+    pub(crate) async fn start_with(
+        backend: Backend,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> TestBroker {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().to_path_buf();
-        let mut b = Self::start_on(&data, tune).await;
+        let database = match &backend {
+            Backend::Sqlite => None,
+            Backend::Postgres(admin) => {
+                let (url, name) = fresh_database(admin).await;
+                Some((admin.clone(), url, name))
+            }
+        };
+        let mut b = Self::start_on(&data, database, tune).await;
         b._dir = Some(dir);
         b
     }
 
-    /// Starts a broker on an existing data directory.
-    pub(crate) async fn start_on(data: &Path, tune: impl FnOnce(&mut ServerConfig)) -> TestBroker {
+    /// Starts a broker on existing storage.
+    async fn start_on(
+        data: &Path,
+        database: Option<(String, String, String)>,
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> TestBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = test_config(data);
+        config.store.database_url = database.as_ref().map(|(_, url, _)| url.clone());
         tune(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async move {
@@ -66,15 +177,20 @@ impl TestBroker {
             url,
             channel,
             data: data.to_path_buf(),
+            database,
             _dir: None,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    /// Shuts down gracefully and checks that the server stopped cleanly.
+    /// Shuts down gracefully, checks that the server stopped cleanly, and
+    /// drops the test's PostgreSQL database.
     pub(crate) async fn stop(mut self) {
         self.shutdown().await;
+        if let Some((admin, _, name)) = self.database.take() {
+            drop_database(&admin, &name).await;
+        }
     }
 
     async fn shutdown(&mut self) {
@@ -90,11 +206,12 @@ impl TestBroker {
         }
     }
 
-    /// Stops gracefully and starts again on the same data directory.
+    /// Stops gracefully and starts again on the same storage.
     pub(crate) async fn restart(mut self) -> TestBroker {
         self.shutdown().await;
         let dir = self._dir.take();
-        let mut next = Self::start_on(&self.data.clone(), |_| {}).await;
+        let database = self.database.take();
+        let mut next = Self::start_on(&self.data.clone(), database, |_| {}).await;
         next._dir = dir;
         next
     }
