@@ -206,6 +206,24 @@ impl TestBroker {
         }
     }
 
+    /// Starts another broker instance on the same PostgreSQL database (the
+    /// caller stops it; the database goes with the first instance).
+    pub(crate) async fn another(&self, tune: impl FnOnce(&mut ServerConfig)) -> TestBroker {
+        let database = self
+            .database
+            .clone()
+            .expect("another instance needs PostgreSQL");
+        let mut next = Self::start_on(&self.data.clone(), Some(database), tune).await;
+        // Only the first instance drops the database.
+        next.database = None;
+        next
+    }
+
+    /// The URL of this broker's PostgreSQL database, if it has one.
+    pub(crate) fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(|(_, url, _)| url.as_str())
+    }
+
     /// Stops gracefully and starts again on the same storage.
     pub(crate) async fn restart(mut self) -> TestBroker {
         self.shutdown().await;

@@ -7,5 +7,6 @@ mod delivery;
 mod durability;
 mod harness;
 mod health;
+mod instances;
 mod ordering;
 mod publish;
