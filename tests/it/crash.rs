@@ -1,7 +1,7 @@
 //! Crash test: the real `tidings` binary under publish load, killed with
 //! SIGKILL at random moments and restarted on the same data directory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::harness::{Rng, ms};
+use crate::harness::{Backend, Rng, drop_database, fresh_database, ms};
 
 /// A `tidings serve` child process.
 struct Broker {
@@ -23,11 +23,17 @@ struct Broker {
     url: String,
 }
 
-/// Starts the binary on `dir` and reads the address it bound.
-async fn spawn_broker(dir: &Path) -> Broker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
+/// Starts the binary on `dir` (or on PostgreSQL at `database_url`),
+/// listening on `listen`, and reads the address it bound.
+async fn spawn_broker_with(dir: &Path, database_url: Option<&str>, listen: &str) -> Broker {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tidings"));
+    command
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(dir);
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    let mut child = command
         .args([
             "--maintenance-interval",
             "100ms",
@@ -64,9 +70,27 @@ struct Ledger {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acked_publishes_survive_sigkill_cycles_under_load() {
+async fn acked_publishes_survive_sigkill_cycles_under_load_on_sqlite() {
+    sigkill_cycles(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_publishes_survive_sigkill_cycles_under_load_on_postgres() {
+    let Some(Backend::Postgres(admin_url)) = Backend::postgres() else {
+        return;
+    };
+    let (url, name) = fresh_database(&admin_url).await;
+    sigkill_cycles(Some(&url)).await;
+    drop_database(&admin_url, &name).await;
+}
+
+/// Publishes from four tasks while the broker is killed with SIGKILL twelve
+/// times; then checks that every acked publish is delivered and nothing
+/// unpublished is.
+async fn sigkill_cycles(database_url: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = spawn_broker(dir.path()).await;
+    let any_port = "127.0.0.1:0";
+    let mut broker = spawn_broker_with(dir.path(), database_url, any_port).await;
     let channel = client::channel(&broker.url).unwrap();
     let admin = client::Admin::new(channel.clone());
     admin.create_topic("load").await.unwrap();
@@ -120,7 +144,7 @@ async fn acked_publishes_survive_sigkill_cycles_under_load() {
         tokio::time::sleep(ms(150 + rng.below(350))).await;
         broker.child.kill().await.expect("SIGKILL");
         kills += 1;
-        broker = spawn_broker(dir.path()).await;
+        broker = spawn_broker_with(dir.path(), database_url, any_port).await;
         *current.lock().unwrap() = client::channel(&broker.url).unwrap();
     }
     tokio::time::sleep(ms(300)).await;
@@ -139,7 +163,7 @@ async fn acked_publishes_survive_sigkill_cycles_under_load() {
 
     // Drain after a final restart.
     broker.child.kill().await.expect("SIGKILL");
-    let broker = spawn_broker(dir.path()).await;
+    let broker = spawn_broker_with(dir.path(), database_url, any_port).await;
     let channel = client::channel(&broker.url).unwrap();
     let mut sub = proto::subscriber_service_client::SubscriberServiceClient::new(channel);
     let mut delivered = HashSet::new();
@@ -184,4 +208,172 @@ async fn acked_publishes_survive_sigkill_cycles_under_load() {
         "delivered but never published: {invented:?}"
     );
     drop(broker);
+}
+
+/// One delivery seen by a consumer: when, and until when its lease ran.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    received: i64,
+    lease_deadline: i64,
+}
+
+fn micros_of(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
+    let Some(Backend::Postgres(admin_url)) = Backend::postgres() else {
+        return;
+    };
+    let (url, name) = fresh_database(&admin_url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut brokers = Vec::new();
+    for _ in 0..3 {
+        brokers.push(spawn_broker_with(dir.path(), Some(&url), "127.0.0.1:0").await);
+    }
+    let urls: Vec<String> = brokers.iter().map(|b| b.url.clone()).collect();
+    let channels: Vec<Channel> = urls.iter().map(|u| client::channel(u).unwrap()).collect();
+    let admin = client::Admin::new(channels[0].clone());
+    admin.create_topic("load").await.unwrap();
+    admin
+        .create_subscription(proto::Subscription {
+            name: "work".into(),
+            topic: "load".into(),
+            ack_deadline: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            start: Some(proto::subscription::Start::StartPosition(
+                proto::StartPosition::Earliest as i32,
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let seen: Arc<Mutex<HashMap<String, Vec<Seen>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A consumer on each instance; each acks what it gets at once.
+    let mut consumers = Vec::new();
+    for channel in &channels {
+        let subscriber = client::Subscriber::new(channel.clone(), client::Backoff::default());
+        let mut sub = subscriber.subscribe(
+            "work",
+            client::FlowControl {
+                max_messages: 50,
+                max_bytes: 1 << 20,
+            },
+        );
+        let seen = seen.clone();
+        consumers.push(tokio::spawn(async move {
+            while let Some(event) = sub.next().await {
+                if let Ok(client::Event::Message(m)) = event {
+                    let id = m.message.as_ref().unwrap().id.clone();
+                    let at = Seen {
+                        received: tidings::model::now_micros(),
+                        lease_deadline: micros_of(m.lease_deadline.as_ref().unwrap()),
+                    };
+                    seen.lock().unwrap().entry(id).or_default().push(at);
+                    sub.ack(vec![m.ack_id]);
+                }
+            }
+        }));
+    }
+
+    // A publisher on each instance.
+    let mut publishers = Vec::new();
+    for (p, channel) in channels.iter().enumerate() {
+        let (channel, ledger, stop) = (channel.clone(), ledger.clone(), stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut rng = Rng::new(0xfeed + p as u64);
+            let mut client = PublisherServiceClient::new(channel);
+            while !stop.load(Ordering::Relaxed) {
+                let n = 1 + rng.below(20) as usize;
+                let ids: Vec<String> = (0..n).map(|_| Uuid::now_v7().to_string()).collect();
+                let messages = ids
+                    .iter()
+                    .map(|id| proto::Message {
+                        id: id.clone(),
+                        topic: "load".into(),
+                        payload: id.clone().into_bytes(),
+                        ..Default::default()
+                    })
+                    .collect();
+                ledger.lock().unwrap().attempted.extend(ids.iter().cloned());
+                let call = client.publish(proto::PublishRequest { messages });
+                match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(_)) => ledger.lock().unwrap().acked.extend(ids),
+                    _ => tokio::time::sleep(ms(50)).await,
+                }
+            }
+        }));
+    }
+
+    // Kill the middle instance mid-run and bring it back on the same port,
+    // so that its clients reconnect by themselves.
+    tokio::time::sleep(ms(1500)).await;
+    brokers[1].child.kill().await.expect("SIGKILL");
+    tokio::time::sleep(ms(500)).await;
+    let addr = urls[1].trim_start_matches("http://").to_owned();
+    brokers[1] = spawn_broker_with(dir.path(), Some(&url), &addr).await;
+    tokio::time::sleep(ms(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(
+        ledger.acked.len() > 300,
+        "enough load: {} acked",
+        ledger.acked.len()
+    );
+
+    // Every acked message gets delivered (leases of the killed instance's
+    // consumer expire after 2 s and go to the others).
+    let mut missing = usize::MAX;
+    for _ in 0..200 {
+        missing = {
+            let delivered = seen.lock().unwrap();
+            ledger
+                .acked
+                .iter()
+                .filter(|id| !delivered.contains_key(*id))
+                .count()
+        };
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(ms(100)).await;
+    }
+    assert_eq!(missing, 0, "acked messages never delivered");
+    for c in consumers {
+        c.abort();
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let invented: Vec<&String> = seen
+        .keys()
+        .filter(|id| !ledger.attempted.contains(*id))
+        .collect();
+    assert!(
+        invented.is_empty(),
+        "delivered but never published: {invented:?}"
+    );
+    // A message may be delivered again only after the previous lease ended.
+    for (id, deliveries) in &seen {
+        let mut deliveries = deliveries.clone();
+        deliveries.sort_by_key(|d| d.received);
+        for pair in deliveries.windows(2) {
+            assert!(
+                pair[1].received >= pair[0].lease_deadline,
+                "{id} leased to two consumers at once: {pair:?}"
+            );
+        }
+    }
+    for b in &mut brokers {
+        b.child.kill().await.ok();
+    }
+    drop_database(&admin_url, &name).await;
 }

@@ -97,7 +97,8 @@ pub(crate) async fn fresh_database(admin_url: &str) -> (String, String) {
     (with_database(admin_url, &name), name)
 }
 
-async fn drop_database(admin_url: &str, name: &str) {
+/// Drops a database made by [`fresh_database`].
+pub(crate) async fn drop_database(admin_url: &str, name: &str) {
     use sqlx::Connection;
     if let Ok(mut admin) = sqlx::postgres::PgConnection::connect(admin_url).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
