@@ -18,7 +18,9 @@ use crate::server::{self, ServerConfig};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    /// Broker URL; `None` starts an embedded broker.
+    /// Broker URLs, comma-separated (several instances on one database:
+    /// publisher `i` uses URL `i`, subscriber `j` URL `j + 1`, round robin,
+    /// so that deliveries cross instances); `None` starts an embedded broker.
     pub broker: Option<String>,
     /// Publishing tasks, each with its own stream.
     pub publishers: usize,
@@ -157,8 +159,11 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             format!("http://{addr}")
         }
     };
-    let channel = client::channel(&url)?;
-    let admin = Admin::new(channel.clone());
+    let channels = url
+        .split(',')
+        .map(|u| client::channel(u.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin = Admin::new(channels[0].clone());
     let name = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     admin.create_topic(&name).await?;
     if config.subscribers > 0 {
@@ -174,7 +179,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             .await?;
     }
     let origin = Instant::now();
-    let report = measure(&config, channel, &name, origin).await;
+    let report = measure(&config, &channels, &name, origin).await;
     if let Some((dir, stop, task)) = embedded {
         let _ = stop.send(());
         let _ = task.await;
@@ -185,7 +190,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
 
 async fn measure(
     config: &BenchConfig,
-    channel: tonic::transport::Channel,
+    channels: &[tonic::transport::Channel],
     name: &str,
     origin: Instant,
 ) -> anyhow::Result<BenchReport> {
@@ -194,8 +199,9 @@ async fn measure(
     let redelivered = Arc::new(AtomicU64::new(0));
     let total = config.messages;
     let mut consumers = Vec::new();
-    for _ in 0..config.subscribers {
-        let subscriber = Subscriber::new(channel.clone(), Backoff::default());
+    for s in 0..config.subscribers {
+        let channel = channels[(s + 1) % channels.len()].clone();
+        let subscriber = Subscriber::new(channel, Backoff::default());
         let name = name.to_owned();
         let (e2e, acked, redelivered) = (e2e.clone(), acked.clone(), redelivered.clone());
         consumers.push(tokio::spawn(async move {
@@ -209,7 +215,7 @@ async fn measure(
     for p in 0..config.publishers {
         let share = total / config.publishers as u64
             + u64::from((p as u64) < total % config.publishers as u64);
-        let publisher = Publisher::new(channel.clone(), Backoff::default());
+        let publisher = Publisher::new(channels[p % channels.len()].clone(), Backoff::default());
         let config = config.clone();
         let name = name.to_owned();
         let hist = publish_hist.clone();

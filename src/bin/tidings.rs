@@ -22,7 +22,8 @@ use tonic::Status;
 )]
 struct Cli {
     /// Broker URL for client commands [default: http://127.0.0.1:50051].
-    /// `bench` starts an embedded broker unless this is given.
+    /// `bench` starts an embedded broker unless this is given, and accepts
+    /// several comma-separated URLs of instances on one database.
     #[arg(long, global = true, env = "TIDINGS_BROKER")]
     broker: Option<String>,
     /// Log format.

@@ -623,13 +623,19 @@ impl Writer {
         let mut known: HashMap<Uuid, i64> = HashMap::new();
         for chunk in messages.chunks(CHUNK) {
             let ids: Vec<Vec<u8>> = chunk.iter().map(|m| m.id.as_bytes().to_vec()).collect();
-            let rows =
-                sqlx::query("SELECT id, seq FROM dedup WHERE topic_id = $1 AND id = ANY($2)")
-                    .bind(topic_id)
-                    .bind(ids)
-                    .fetch_all(&mut self.conn)
-                    .await
-                    .map_err(db_err)?;
+            // Lists are joined through unnest rather than matched with
+            // `= ANY($n)`: the generic plan PostgreSQL settles on for a
+            // prepared `= ANY` may use only the first key column and filter
+            // the rest, which grows with the table.
+            let rows = sqlx::query(
+                "SELECT d.id, d.seq FROM unnest($2::BYTEA[]) AS u(id) \
+                 JOIN dedup d ON d.topic_id = $1 AND d.id = u.id",
+            )
+            .bind(topic_id)
+            .bind(ids)
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(db_err)?;
             for r in rows {
                 let id: Vec<u8> = r.try_get(0).map_err(db_err)?;
                 known.insert(uuid_from(&id)?, r.try_get(1).map_err(db_err)?);
@@ -1149,8 +1155,8 @@ impl Writer {
             return Ok(HashSet::new());
         }
         let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT key FROM deliveries WHERE sub_id = $1 AND state IN (0, 1) \
-             AND key = ANY($2)",
+            "SELECT DISTINCT d.key FROM unnest($2::TEXT[]) AS u(key) \
+             JOIN deliveries d ON d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1)",
         )
         .bind(sub.id)
         .bind(keys)
@@ -1270,8 +1276,9 @@ impl Writer {
             .collect();
         for chunk in ours.chunks(CHUNK) {
             let found = sqlx::query(
-                "SELECT seq, state, lease, available_at, attempt FROM deliveries \
-                 WHERE sub_id = $1 AND seq = ANY($2) FOR UPDATE",
+                "SELECT d.seq, d.state, d.lease, d.available_at, d.attempt \
+                 FROM unnest($2::BIGINT[]) AS u(seq) \
+                 JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq FOR UPDATE OF d",
             )
             .bind(sub.id)
             .bind(chunk)
@@ -1310,12 +1317,15 @@ impl Writer {
             })
             .collect();
         if !current.is_empty() {
-            sqlx::query("DELETE FROM deliveries WHERE sub_id = $1 AND seq = ANY($2)")
-                .bind(sub.id)
-                .bind(&current)
-                .execute(&mut self.conn)
-                .await
-                .map_err(db_err)?;
+            sqlx::query(
+                "DELETE FROM deliveries d USING unnest($2::BIGINT[]) AS u(seq) \
+                 WHERE d.sub_id = $1 AND d.seq = u.seq",
+            )
+            .bind(sub.id)
+            .bind(&current)
+            .execute(&mut self.conn)
+            .await
+            .map_err(db_err)?;
             sqlx::query("UPDATE subscriptions SET acked = acked + $1 WHERE id = $2")
                 .bind(current.len() as i64)
                 .bind(sub.id)
@@ -1415,7 +1425,8 @@ impl Writer {
             .collect();
         if !current.is_empty() {
             sqlx::query(
-                "UPDATE deliveries SET state = 0, available_at = $1 WHERE sub_id = $2 AND seq = ANY($3)",
+                "UPDATE deliveries d SET state = 0, available_at = $1 \
+                 FROM unnest($3::BIGINT[]) AS u(seq) WHERE d.sub_id = $2 AND d.seq = u.seq",
             )
             .bind(now)
             .bind(sub.id)
