@@ -1114,15 +1114,19 @@ impl Writer {
             }
         }
         let delivered = batch.deliveries.len() as i64;
+        // The cursor is written only when it was read under the row lock:
+        // the unlocked copy may be older than another instance's commit, and
+        // writing it back would replay messages that were acked since.
         if cursor != locked_cursor || delivered > 0 {
             sqlx::query(
-                "UPDATE subscriptions SET cursor = $1, delivered = delivered + $2, \
-                 redelivered = redelivered + $3 WHERE id = $4",
+                "UPDATE subscriptions SET cursor = CASE WHEN $5 THEN $1 ELSE cursor END, \
+                 delivered = delivered + $2, redelivered = redelivered + $3 WHERE id = $4",
             )
             .bind(cursor)
             .bind(delivered)
             .bind(redelivered)
             .bind(sub.id)
+            .bind(cursor != locked_cursor)
             .execute(&mut self.conn)
             .await
             .map_err(db_err)?;

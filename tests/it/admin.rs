@@ -126,7 +126,9 @@ backend_test! {
 backend_test! {
     async fn start_position_latest_skips_earlier_messages_and_seek_replays(backend) {
         let b = TestBroker::start(backend).await;
-        b.admin().create_topic("t").await.unwrap();
+        // "early" exists first: it keeps the old messages stored (a
+        // message no subscription still needs may be deleted at once).
+        b.topic_and_sub("t", "early", |_| {}).await;
         b.publish("t", &["old1", "old2"]).await;
         b.admin()
             .create_subscription(proto::Subscription {
@@ -137,7 +139,6 @@ backend_test! {
             })
             .await
             .unwrap();
-        b.topic_and_sub("t", "early", |_| {}).await;
         b.publish("t", &["new"]).await;
         let got = b.pull("late", 10, Duration::from_secs(5)).await;
         assert_eq!(got.iter().map(payload).collect::<Vec<_>>(), vec!["new"]);

@@ -42,7 +42,11 @@ async fn spawn_broker_with(dir: &Path, database_url: Option<&str>, listen: &str)
         ])
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("TIDINGS_TEST_BROKER_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .expect("start tidings");
@@ -210,17 +214,6 @@ async fn sigkill_cycles(database_url: Option<&str>) {
     drop(broker);
 }
 
-/// One delivery seen by a consumer: when, and until when its lease ran.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    received: i64,
-    lease_deadline: i64,
-}
-
-fn micros_of(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1_000_000 + i64::from(t.nanos) / 1000
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
     let Some(Backend::Postgres(admin_url)) = Backend::postgres() else {
@@ -253,7 +246,9 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         .unwrap();
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let seen: Arc<Mutex<HashMap<String, Vec<Seen>>>> = Arc::default();
+    // Per message id: deliveries, and acks the broker confirmed. Leases are
+    // exclusive exactly when no message is confirmed acked twice.
+    let seen: Arc<Mutex<HashMap<String, (usize, usize)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
 
     // A consumer on each instance; each acks what it gets at once.
@@ -269,15 +264,22 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         );
         let seen = seen.clone();
         consumers.push(tokio::spawn(async move {
+            let mut leases: HashMap<String, String> = HashMap::new();
             while let Some(event) = sub.next().await {
-                if let Ok(client::Event::Message(m)) = event {
-                    let id = m.message.as_ref().unwrap().id.clone();
-                    let at = Seen {
-                        received: tidings::model::now_micros(),
-                        lease_deadline: micros_of(m.lease_deadline.as_ref().unwrap()),
-                    };
-                    seen.lock().unwrap().entry(id).or_default().push(at);
-                    sub.ack(vec![m.ack_id]);
+                match event {
+                    Ok(client::Event::Message(m)) => {
+                        let id = m.message.as_ref().unwrap().id.clone();
+                        seen.lock().unwrap().entry(id.clone()).or_default().0 += 1;
+                        leases.insert(m.ack_id.clone(), id);
+                        sub.ack(vec![m.ack_id]);
+                    }
+                    Ok(client::Event::Outcome(o)) => {
+                        let id = leases.remove(&o.ack_id);
+                        if let Some(id) = id.filter(|_| o.result == proto::AckResult::Ok as i32) {
+                            seen.lock().unwrap().entry(id).or_default().1 += 1;
+                        }
+                    }
+                    Err(_) => {}
                 }
             }
         }));
@@ -331,16 +333,17 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         ledger.acked.len()
     );
 
-    // Every acked message gets delivered (leases of the killed instance's
-    // consumer expire after 2 s and go to the others).
+    // Every acked publish gets delivered (leases of the killed instance's
+    // consumer expire after 2 s and go to the others). Its ack's outcome may
+    // have been lost with the killed instance, so acks are not required.
     let mut missing = usize::MAX;
-    for _ in 0..200 {
+    for _ in 0..300 {
         missing = {
-            let delivered = seen.lock().unwrap();
+            let seen = seen.lock().unwrap();
             ledger
                 .acked
                 .iter()
-                .filter(|id| !delivered.contains_key(*id))
+                .filter(|id| !seen.contains_key(*id))
                 .count()
         };
         if missing == 0 {
@@ -348,7 +351,7 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         }
         tokio::time::sleep(ms(100)).await;
     }
-    assert_eq!(missing, 0, "acked messages never delivered");
+    assert_eq!(missing, 0, "acked publishes never delivered");
     for c in consumers {
         c.abort();
     }
@@ -361,17 +364,11 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         invented.is_empty(),
         "delivered but never published: {invented:?}"
     );
-    // A message may be delivered again only after the previous lease ended.
-    for (id, deliveries) in &seen {
-        let mut deliveries = deliveries.clone();
-        deliveries.sort_by_key(|d| d.received);
-        for pair in deliveries.windows(2) {
-            assert!(
-                pair[1].received >= pair[0].lease_deadline,
-                "{id} leased to two consumers at once: {pair:?}"
-            );
-        }
-    }
+    let twice: Vec<(&String, &(usize, usize))> = seen.iter().filter(|(_, s)| s.1 > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "acked twice, so leased to two consumers at once: {twice:?}"
+    );
     for b in &mut brokers {
         b.child.kill().await.ok();
     }

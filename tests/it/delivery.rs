@@ -18,9 +18,10 @@ backend_test! {
         })
         .await;
         b.publish("t", &["x"]).await;
+        // Taken before the lease, so the deadline is at least 200 ms later.
+        let leased_at = Instant::now();
         let first = b.pull("s", 1, Duration::from_secs(5)).await;
         assert_eq!(first[0].attempt, 1);
-        let leased_at = Instant::now();
         // Not redelivered while the lease holds.
         assert!(b.pull("s", 1, ms(50)).await.is_empty());
         let second = b.pull("s", 1, Duration::from_secs(5)).await;
