@@ -391,27 +391,34 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, not when it is first polled, so a signal that arrives while the
+/// broker is still opening its storage drains it instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the broker");
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch signals; only Ctrl-C stops the broker");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -475,10 +482,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings on SQLite")
         }
     }
+    let stop = shutdown_signal();
     // Scripts and tests read the bound address from this line.
     println!("tidings listening on {addr}");
     config.drain_timeout = args.shutdown_timeout;
-    server::run(listener, config, shutdown_signal()).await?;
+    server::run(listener, config, stop).await?;
     Ok(())
 }
 
@@ -799,12 +807,14 @@ async fn subscribe(a: SubscribeArgs, channel: tonic::transport::Channel) -> anyh
     let mut sub = subscriber.subscribe(&a.subscription, FlowControl::default());
     let mut seen = 0u64;
     let mut awaiting = 0u64;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
     loop {
         if a.max.is_some_and(|max| seen >= max) && awaiting == 0 {
             return Ok(());
         }
         tokio::select! {
-            _ = shutdown_signal() => return Ok(()),
+            _ = &mut stop => return Ok(()),
             event = sub.next() => match event {
                 Some(Ok(Event::Message(r))) => {
                     if a.max.is_some_and(|max| seen >= max) {

@@ -1,0 +1,34 @@
+"""Python client of the tidings message broker.
+
+Generated gRPC code for the ``tidings.v1`` API lives in :mod:`tidings.v1`
+(``message_pb2``, ``publisher_pb2_grpc``, ...); this package adds a small
+layer on top:
+
+- :class:`Client`: admin calls, :meth:`Client.publish` (a batch, one commit),
+  :meth:`Client.publish_stream` (pipelined), :meth:`Client.subscribe` (a
+  :class:`MessageStream` of :class:`Delivery` objects to ack, nack or extend)
+  and :meth:`Client.health`.
+- :func:`message`: builds a message with a fresh UUID id.
+- :class:`Inbox`: processes each delivery once with a DB-API connection.
+"""
+
+from tidings.client import Client
+from tidings.errors import AckRefused, StreamClosed, TidingsError
+from tidings.inbox import Inbox, InboxResult
+from tidings.publisher import Message, PublishResult, PublishStream, message
+from tidings.subscriber import Delivery, MessageStream
+
+__all__ = [
+    "AckRefused",
+    "Client",
+    "Delivery",
+    "Inbox",
+    "InboxResult",
+    "Message",
+    "MessageStream",
+    "PublishResult",
+    "PublishStream",
+    "StreamClosed",
+    "TidingsError",
+    "message",
+]

@@ -1,0 +1,188 @@
+"""The idempotent inbox: process each message once with a SQL database.
+
+The broker delivers at least once: a message is redelivered when its ack is
+lost, late, or the consumer crashes between its database commit and the ack.
+The inbox makes the effect exactly once by recording each processed message
+id in the same transaction as the handler's writes::
+
+    CREATE TABLE tidings_inbox (
+        subscription TEXT NOT NULL,
+        message_id   TEXT NOT NULL,
+        processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+        PRIMARY KEY (subscription, message_id)
+    )
+
+For each delivery: insert the id first (a conflict means it was processed
+already: skip the handler), run the handler with the same connection and
+transaction, commit, then ack. A handler error rolls back and nacks the
+delivery with the error as reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import sqlite3
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tidings.subscriber import Delivery
+
+log = logging.getLogger("tidings.inbox")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+_PLACEHOLDERS = {
+    "qmark": ("?", "?"),
+    "format": ("%s", "%s"),
+    "pyformat": ("%s", "%s"),
+    "numeric": (":1", ":2"),
+    "named": (":subscription", ":message_id"),
+}
+
+
+class InboxResult(enum.Enum):
+    """What :meth:`Inbox.handle` did with a delivery."""
+
+    PROCESSED = "processed"
+    """The handler ran and its writes were committed; the delivery was acked."""
+    DUPLICATE = "duplicate"
+    """The message id was already recorded: the handler was skipped and the
+    delivery acked."""
+    FAILED = "failed"
+    """The handler raised: its writes were rolled back and the delivery
+    nacked with the error as reason."""
+
+
+def _paramstyle(connection: Any) -> str:
+    module = sys.modules.get(type(connection).__module__.split(".")[0])
+    style = getattr(module, "paramstyle", "qmark")
+    if style not in _PLACEHOLDERS:
+        raise ValueError(f"unsupported DB-API paramstyle {style!r}")
+    return style
+
+
+class Inbox:
+    """Exactly-once processing of a subscription's messages on one DB-API
+    connection (``sqlite3``, ``psycopg`` 3, ``psycopg2``, ...).
+
+    The connection must be in transactional mode (not autocommit) and is
+    used for one delivery at a time; use one inbox per connection and per
+    thread.
+
+    Args:
+        connection: A DB-API 2.0 connection.
+        subscription: The subscription whose message ids are recorded (the
+            same message may be processed once per subscription).
+        table: Name of the inbox table.
+
+    Example::
+
+        inbox = tidings.Inbox(conn, "billing")
+        inbox.create_table()
+        with client.subscribe("billing") as stream:
+            for delivery in stream:
+                inbox.handle(delivery, charge)  # charge(delivery, conn)
+    """
+
+    def __init__(self, connection: Any, subscription: str, *, table: str = "tidings_inbox") -> None:
+        if not _IDENTIFIER.match(table):
+            raise ValueError(f"table {table!r} is not a plain SQL identifier")
+        if isinstance(connection, sqlite3.Connection) and connection.isolation_level is None:
+            raise ValueError("the sqlite3 connection is in autocommit mode (isolation_level=None)")
+        if getattr(connection, "autocommit", False) is True:
+            raise ValueError("the connection is in autocommit mode")
+        self.connection = connection
+        self.subscription = subscription
+        self.table = table
+        self._style = _paramstyle(connection)
+        sub, mid = _PLACEHOLDERS[self._style]
+        self._insert = (
+            f"INSERT INTO {table} (subscription, message_id) VALUES ({sub}, {mid}) "
+            "ON CONFLICT (subscription, message_id) DO NOTHING"
+        )
+        self._select = f"SELECT 1 FROM {table} WHERE subscription = {sub} AND message_id = {mid}"
+
+    def _params(self, message_id: str) -> Any:
+        if self._style == "named":
+            return {"subscription": self.subscription, "message_id": message_id}
+        return (self.subscription, message_id)
+
+    def create_table(self) -> None:
+        """Creates the inbox table if it does not exist, and commits."""
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} ("
+                "subscription TEXT NOT NULL, "
+                "message_id TEXT NOT NULL, "
+                "processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+                "PRIMARY KEY (subscription, message_id))"
+            )
+        finally:
+            cursor.close()
+        self.connection.commit()
+
+    def processed(self, message_id: str) -> bool:
+        """Whether the message id is recorded as processed (reads in the
+        connection's current transaction)."""
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(self._select, self._params(message_id))
+            return cursor.fetchone() is not None
+        finally:
+            cursor.close()
+
+    def handle(self, delivery: Delivery, handler: Callable[[Delivery, Any], object]) -> InboxResult:
+        """Processes one delivery at most once.
+
+        Args:
+            delivery: The delivery from a :class:`~tidings.MessageStream`.
+            handler: Called as ``handler(delivery, connection)`` inside the
+                transaction that records the message id; it must not commit
+                or roll back. Raising makes the delivery fail.
+
+        Returns:
+            What happened (see :class:`InboxResult`). The ack or nack is sent
+            without waiting for its outcome: if it is lost or refused as
+            stale, the message comes again and is skipped as a duplicate.
+
+        Raises:
+            Exception: Database errors of the inbox's own statements or of
+                the commit, after rolling back; the delivery is then left to
+                be redelivered.
+        """
+        conn = self.connection
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self._insert, self._params(delivery.id))
+                inserted = cursor.rowcount == 1
+            finally:
+                cursor.close()
+        except BaseException:
+            conn.rollback()
+            raise
+        if not inserted:
+            conn.rollback()
+            delivery.ack()
+            return InboxResult.DUPLICATE
+        try:
+            handler(delivery, conn)
+        except Exception as e:  # the handler's failure is the message's
+            conn.rollback()
+            log.warning("handler failed for message %s (attempt %d): %s", delivery.id, delivery.attempt, e)
+            delivery.nack(reason=f"{type(e).__name__}: {e}")
+            return InboxResult.FAILED
+        except BaseException:
+            conn.rollback()
+            raise
+        try:
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        delivery.ack()
+        return InboxResult.PROCESSED

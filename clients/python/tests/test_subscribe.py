@@ -1,0 +1,155 @@
+"""Subscribing: stream acks, nack redelivery, stale acks, lease extension."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import grpc
+import pytest
+
+import tidings
+
+WAIT = 10.0  # seconds any single delivery may take to arrive
+
+
+def receive(stream: tidings.MessageStream, timeout: float = WAIT) -> tidings.Delivery:
+    delivery = stream.receive(timeout)
+    assert delivery is not None, f"no delivery within {timeout}s"
+    return delivery
+
+
+def test_stream_delivers_every_message_and_acks_commit(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest")
+    sent = client.publish([tidings.message("orders", f"order {i}", attributes={"n": str(i)}) for i in range(5)])
+
+    with client.subscribe("billing") as stream:
+        deliveries = [receive(stream) for _ in range(5)]
+        assert [d.sequence for d in deliveries] == [r.sequence for r in sent]
+        assert [d.id for d in deliveries] == [r.id for r in sent]
+        assert deliveries[2].payload == b"order 2"
+        assert deliveries[2].message.attributes["n"] == "2"
+        assert all(d.attempt == 1 for d in deliveries)
+        # Every ack is answered OK once committed.
+        for future in [d.ack() for d in deliveries]:
+            assert future.result(timeout=WAIT) is None
+        stats = client.subscription_stats("billing")
+        assert (stats.acked, stats.backlog, stats.in_flight) == (5, 0, 0)
+
+    # Acked messages are not delivered again, on a new stream either.
+    with client.subscribe("billing") as stream:
+        assert stream.receive(timeout=0.5) is None
+
+
+def test_iteration_ends_when_the_stream_is_closed(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest")
+    client.publish([tidings.message("orders", str(i)) for i in range(3)])
+    seen = []
+    stream = client.subscribe("billing")
+    for delivery in stream:
+        seen.append(delivery.payload)
+        delivery.ack().result(timeout=WAIT)
+        if len(seen) == 3:
+            stream.close()
+    assert seen == [b"0", b"1", b"2"]
+    with pytest.raises(tidings.StreamClosed):
+        delivery.ack().result(timeout=WAIT)
+
+
+def test_a_nacked_message_is_redelivered_with_the_next_attempt(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest", min_backoff=timedelta(milliseconds=50))
+    [sent] = client.publish([tidings.message("orders", "flaky")])
+
+    with client.subscribe("billing") as stream:
+        first = receive(stream)
+        assert (first.id, first.attempt) == (sent.id, 1)
+        nacked_at = time.monotonic()
+        first.nack(delay=timedelta(milliseconds=300), reason="database busy").result(timeout=WAIT)
+
+        second = receive(stream)
+        assert time.monotonic() - nacked_at >= 0.3, "the nack delay was honoured"
+        assert (second.id, second.sequence, second.attempt) == (sent.id, sent.sequence, 2)
+        assert second.ack_id != first.ack_id
+
+        # Without a delay the subscription's backoff applies.
+        second.nack(reason="still busy").result(timeout=WAIT)
+        third = receive(stream)
+        assert third.attempt == 3
+        third.ack().result(timeout=WAIT)
+
+    stats = client.subscription_stats("billing")
+    assert (stats.redelivered, stats.acked, stats.backlog) == (2, 1, 0)
+
+
+def test_an_ack_after_the_lease_expired_is_refused_as_stale(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    # Redelivery waits out a 500 ms backoff, so the second lease is fresh
+    # when it arrives.
+    client.create_subscription(
+        "billing",
+        "orders",
+        start="earliest",
+        ack_deadline=timedelta(milliseconds=200),
+        min_backoff=timedelta(milliseconds=500),
+        max_backoff=timedelta(milliseconds=500),
+    )
+    [sent] = client.publish([tidings.message("orders", "slow")])
+
+    with client.subscribe("billing") as stream:
+        first = receive(stream)
+        time.sleep(0.4)  # the 200 ms lease runs out
+        with pytest.raises(tidings.AckRefused) as caught:
+            first.ack().result(timeout=WAIT)
+        assert caught.value.result == "STALE"
+        assert caught.value.operation == "ack"
+        assert caught.value.ack_id == first.ack_id
+        assert caught.value.detail
+
+        # The message comes again, and the new lease can be acked.
+        second = receive(stream)
+        assert (second.id, second.attempt) == (sent.id, 2)
+        second.ack().result(timeout=WAIT)
+
+    # The unary Ack refuses a stale ack id with FAILED_PRECONDITION.
+    with pytest.raises(tidings.TidingsError) as unary:
+        client.ack("billing", [first.ack_id])
+    assert unary.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "refused" in unary.value.message
+    assert client.subscription_stats("billing").acked == 1
+
+
+def test_extending_a_lease_keeps_the_ack_valid(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest", ack_deadline=timedelta(milliseconds=300))
+    client.publish([tidings.message("orders", "long job")])
+
+    with client.subscribe("billing") as stream:
+        delivery = receive(stream)
+        deadline = delivery.extend(timedelta(seconds=5)).result(timeout=WAIT)
+        assert deadline > delivery.lease_deadline + timedelta(seconds=3)
+        time.sleep(0.6)  # past the original deadline
+        delivery.ack().result(timeout=WAIT)
+        assert stream.receive(timeout=0.3) is None, "not redelivered"
+    assert client.subscription_stats("billing").redelivered == 0
+
+
+def test_unknown_ack_ids_are_refused_as_unknown(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest")
+    client.publish([tidings.message("orders", "x")])
+    with client.subscribe("billing") as stream:
+        delivery = receive(stream)
+        delivery.ack().result(timeout=WAIT)
+        with pytest.raises(tidings.AckRefused) as caught:
+            delivery.ack().result(timeout=WAIT)
+    assert caught.value.result == "UNKNOWN"
+
+
+def test_subscribing_to_an_unknown_subscription_fails_with_not_found(client: tidings.Client) -> None:
+    with client.subscribe("nobody") as stream, pytest.raises(tidings.TidingsError) as caught:
+        stream.receive(timeout=WAIT)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert "nobody" in caught.value.message

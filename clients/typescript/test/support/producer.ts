@@ -1,0 +1,73 @@
+/**
+ * The producer side of the cross-language test (clients/python/tests/
+ * test_cross_language.py): publishes `--count` messages with the payload
+ * `{"n": i}` over a pipelined publish stream, then republishes the first
+ * `--republish` of them with the same ids, as a producer retrying after a
+ * timeout would, and checks that the broker answers them as duplicates.
+ *
+ * Writes the message ids, one a line, to `--ids-file` and prints a JSON
+ * summary on stdout. Exits non-zero on any failure.
+ *
+ *   node dist/test/support/producer.js --broker http://127.0.0.1:PORT \
+ *     --topic T --count 10000 --ids-file ids.txt [--batch 100] [--republish 300]
+ */
+import { writeFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { TidingsClient, message, type Message, type PublishResult } from "../../src/index.js";
+
+const { values } = parseArgs({
+  options: {
+    broker: { type: "string" },
+    topic: { type: "string" },
+    count: { type: "string", default: "10000" },
+    batch: { type: "string", default: "100" },
+    republish: { type: "string", default: "300" },
+    "ids-file": { type: "string" },
+  },
+});
+if (!values.broker || !values.topic || !values["ids-file"]) {
+  console.error("usage: producer --broker URL --topic T --ids-file PATH [--count N] [--batch N] [--republish N]");
+  process.exit(2);
+}
+const count = Number(values.count);
+const batchSize = Number(values.batch);
+const republish = Math.min(Number(values.republish), count);
+
+const client = new TidingsClient({ baseUrl: values.broker });
+try {
+  const messages: Message[] = Array.from({ length: count }, (_, n) =>
+    message(values.topic!, JSON.stringify({ n }), { attributes: { producer: "typescript" } }),
+  );
+  writeFileSync(values["ids-file"], messages.map((m) => m.id).join("\n") + "\n");
+
+  const stream = client.publishStream(8);
+  const answers: Array<Promise<PublishResult[]>> = [];
+  for (let i = 0; i < count; i += batchSize) answers.push(stream.publish(messages.slice(i, i + batchSize)));
+  await stream.close();
+  const results = (await Promise.all(answers)).flat();
+  const fresh = results.filter((r) => !r.duplicate).length;
+  if (fresh !== count) throw new Error(`${count - fresh} of ${count} first publishes were duplicates`);
+
+  // Retry the first messages with unary publishes: all duplicates, same sequences.
+  const retried: PublishResult[] = [];
+  for (let i = 0; i < republish; i += batchSize) {
+    retried.push(...(await client.publish(messages.slice(i, Math.min(i + batchSize, republish)))));
+  }
+  retried.forEach((r, i) => {
+    if (!r.duplicate || r.sequence !== results[i].sequence || r.id !== messages[i].id) {
+      throw new Error(`republished message ${i} was not answered as a duplicate: ${JSON.stringify(r)}`);
+    }
+  });
+
+  console.log(
+    JSON.stringify({
+      published: fresh,
+      republished: retried.length,
+      duplicates: retried.filter((r) => r.duplicate).length,
+      first_sequence: Number(results[0]?.sequence ?? 0),
+      last_sequence: Number(results[results.length - 1]?.sequence ?? 0),
+    }),
+  );
+} finally {
+  client.close();
+}
