@@ -96,7 +96,16 @@ pub(super) async fn open(
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?;
-    let options = options.statement_cache_capacity(1024);
+    // Every statement here is a keyed lookup or a short range scan, and has
+    // to stay one as tables grow: left to itself, the planner turns a
+    // lookup of a few thousand ids into a hash join over the whole dedup
+    // table once the batch is large enough, and publishing slows down as the
+    // table grows. So this connection plans nested loops over indexes.
+    let options = options.statement_cache_capacity(1024).options([
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+        ("random_page_cost", "1.1"),
+    ]);
     let mut conn = PgConnection::connect_with(&options)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
@@ -117,6 +126,8 @@ pub(super) async fn open(
         options,
         pid,
         clock: Clock::new(),
+        swept: HashMap::new(),
+        deleted_below: HashMap::new(),
         dedup_window: micros(config.dedup_window),
         notifier: notifier.clone(),
         healthy,
@@ -312,7 +323,18 @@ pub(super) struct Writer {
     dedup_window: i64,
     notifier: Notifier,
     healthy: watch::Sender<bool>,
+    /// When this instance last swept each subscription for expired leases.
+    swept: HashMap<i64, Micros>,
+    /// Per topic, a sequence below which every message is deleted already,
+    /// so deletion does not walk the index through rows it removed before
+    /// (they stay as dead index entries until VACUUM).
+    deleted_below: HashMap<i64, i64>,
 }
+
+/// How often one instance sweeps one subscription for expired leases. The
+/// sweep walks the index through leases acked since the last VACUUM, so it
+/// does not run on every lease.
+const SWEEP_EVERY: i64 = 100_000;
 
 impl Writer {
     /// Commits queued operations in groups until the store is closed or every
@@ -623,14 +645,17 @@ impl Writer {
         let mut known: HashMap<Uuid, i64> = HashMap::new();
         for chunk in messages.chunks(CHUNK) {
             let ids: Vec<Vec<u8>> = chunk.iter().map(|m| m.id.as_bytes().to_vec()).collect();
-            // Lists are joined through unnest rather than matched with
-            // `= ANY($n)`: the generic plan PostgreSQL settles on for a
-            // prepared `= ANY` may use only the first key column and filter
-            // the rest, which grows with the table.
+            // Statements that look up a list are not kept prepared
+            // (`persistent(false)`): the generic plan PostgreSQL settles on
+            // for a prepared statement is made from the table's size at the
+            // time, and one made while the table was small scans the whole
+            // topic once it is large. Unprepared, each is planned for the
+            // list and the table as they are.
             let rows = sqlx::query(
                 "SELECT d.id, d.seq FROM unnest($2::BYTEA[]) AS u(id) \
                  JOIN dedup d ON d.topic_id = $1 AND d.id = u.id",
             )
+            .persistent(false)
             .bind(topic_id)
             .bind(ids)
             .fetch_all(&mut self.conn)
@@ -932,8 +957,12 @@ impl Writer {
     ) -> Result<LeaseBatch> {
         let sub = self.sub(&req.subscription).await?;
         let ordered = sub.settings.ordered;
-        if self.expire(&sub, now).await? > 0 {
-            t.subs.insert(sub.name.clone());
+        let last_sweep = self.swept.get(&sub.id).copied().unwrap_or(i64::MIN);
+        if now.saturating_sub(last_sweep) >= SWEEP_EVERY {
+            self.swept.insert(sub.id, now);
+            if self.expire(&sub, now).await? > 0 {
+                t.subs.insert(sub.name.clone());
+            }
         }
         let deadline = now.saturating_add(micros(sub.settings.ack_deadline));
         let mut batch = LeaseBatch::default();
@@ -1132,15 +1161,9 @@ impl Writer {
             .map_err(db_err)?;
             batch.progressed = cursor != locked_cursor;
         }
-        batch.next_due = sqlx::query_scalar(
-            "SELECT min(available_at) FROM deliveries \
-             WHERE sub_id = $1 AND state IN (0, 1) AND available_at > $2",
-        )
-        .bind(sub.id)
-        .bind(now)
-        .fetch_one(&mut self.conn)
-        .await
-        .map_err(db_err)?;
+        // No next_due: finding the earliest future deadline would walk the
+        // index through every lease acked since the last VACUUM. Waiting
+        // streams are woken by NOTIFY, and otherwise by the poll interval.
         Ok(batch)
     }
 
@@ -1162,6 +1185,7 @@ impl Writer {
             "SELECT DISTINCT d.key FROM unnest($2::TEXT[]) AS u(key) \
              JOIN deliveries d ON d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1)",
         )
+        .persistent(false)
         .bind(sub.id)
         .bind(keys)
         .fetch_all(&mut self.conn)
@@ -1284,6 +1308,7 @@ impl Writer {
                  FROM unnest($2::BIGINT[]) AS u(seq) \
                  JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq FOR UPDATE OF d",
             )
+            .persistent(false)
             .bind(sub.id)
             .bind(chunk)
             .fetch_all(&mut self.conn)
@@ -1325,6 +1350,7 @@ impl Writer {
                 "DELETE FROM deliveries d USING unnest($2::BIGINT[]) AS u(seq) \
                  WHERE d.sub_id = $1 AND d.seq = u.seq",
             )
+            .persistent(false)
             .bind(sub.id)
             .bind(&current)
             .execute(&mut self.conn)
@@ -1432,6 +1458,7 @@ impl Writer {
                 "UPDATE deliveries d SET state = 0, available_at = $1 \
                  FROM unnest($3::BIGINT[]) AS u(seq) WHERE d.sub_id = $2 AND d.seq = u.seq",
             )
+            .persistent(false)
             .bind(now)
             .bind(sub.id)
             .bind(current)
@@ -1571,19 +1598,40 @@ impl Writer {
                     .expire_old(&topic, low, now - topic.max_age_us, t)
                     .await?;
             }
-            let deleted = sqlx::query(
-                "DELETE FROM messages WHERE topic_id = $1 AND seq IN (SELECT seq FROM messages \
-                 WHERE topic_id = $1 AND seq < $2 AND published_at <= $3 ORDER BY seq LIMIT $4)",
-            )
-            .bind(topic.id)
-            .bind(low)
-            .bind(now - topic.retention_us)
-            .bind(DELETE_LIMIT as i64)
-            .execute(&mut self.conn)
-            .await
-            .map_err(db_err)?;
-            report.deleted += deleted.rows_affected();
-            report.more |= deleted.rows_affected() >= DELETE_LIMIT;
+            // Delete by sequence range from where the last round stopped.
+            let from = self.deleted_below.get(&topic.id).copied().unwrap_or(0);
+            let to = low.min(from.saturating_add(DELETE_LIMIT as i64));
+            if to > from {
+                let deleted: Vec<i64> = sqlx::query_scalar(
+                    "DELETE FROM messages WHERE topic_id = $1 AND seq >= $2 AND seq < $3 \
+                     AND published_at <= $4 RETURNING seq",
+                )
+                .bind(topic.id)
+                .bind(from)
+                .bind(to)
+                .bind(now - topic.retention_us)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(db_err)?;
+                report.deleted += deleted.len() as u64;
+                // Messages are published in time order: what stayed in the
+                // range is younger than the retention, and so is what follows.
+                let whole_range = deleted.len() as i64 == to - from
+                    || sqlx::query_scalar::<_, bool>(
+                        "SELECT NOT EXISTS (SELECT 1 FROM messages WHERE topic_id = $1 \
+                         AND seq >= $2 AND seq < $3)",
+                    )
+                    .bind(topic.id)
+                    .bind(from)
+                    .bind(to)
+                    .fetch_one(&mut self.conn)
+                    .await
+                    .map_err(db_err)?;
+                if whole_range {
+                    self.deleted_below.insert(topic.id, to);
+                    report.more |= to < low;
+                }
+            }
         }
         let pruned = sqlx::query(
             "DELETE FROM dedup WHERE (topic_id, id) IN \
