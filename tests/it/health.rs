@@ -158,3 +158,59 @@ backend_test! {
         drop(watch);
     }
 }
+
+#[tokio::test]
+async fn health_turns_not_serving_and_publish_unavailable_when_storage_fails() {
+    let Some(backend @ crate::harness::Backend::Postgres(_)) = crate::harness::Backend::postgres()
+    else {
+        return;
+    };
+    let admin_url = match &backend {
+        crate::harness::Backend::Postgres(url) => url.clone(),
+        crate::harness::Backend::Sqlite => unreachable!(),
+    };
+    let b = TestBroker::start(backend).await;
+    b.topic_and_sub("t", "s", |_| {}).await;
+    let mut health = HealthClient::new(b.channel.clone());
+    let serving =
+        |r: tonic_health::pb::HealthCheckResponse| r.status == ServingStatus::Serving as i32;
+    assert!(serving(
+        health
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    ));
+
+    // Take the database away under the broker.
+    let url = b.database_url().unwrap().to_owned();
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    crate::harness::drop_database(&admin_url, &name).await;
+
+    let err = b
+        .raw_publisher()
+        .publish(proto::PublishRequest {
+            messages: vec![tidings::client::Outgoing::new("t", "x").to_proto()],
+        })
+        .await
+        .expect_err("storage is gone");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let mut not_serving = false;
+    for _ in 0..100 {
+        let r = health
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if r.status == ServingStatus::NotServing as i32 {
+            not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        not_serving,
+        "health reports NOT_SERVING while storage fails"
+    );
+    b.stop().await;
+}
