@@ -8,7 +8,9 @@ use uuid::Uuid;
 
 use super::{Op, Reply};
 use crate::error::{Error, Result};
-use crate::model::{AckId, AckStatus, Micros, now_micros};
+use crate::model::{
+    AckId, AckStatus, Micros, Subscription, SubscriptionSettings, Topic, TopicSettings, now_micros,
+};
 
 /// Rows per multi-row statement.
 pub(super) const CHUNK: usize = 500;
@@ -138,6 +140,121 @@ pub(super) fn status_of(check: Check) -> AckStatus {
     match check {
         Check::Current { .. } => AckStatus::Ok(None),
         Check::Refused(status) => status,
+    }
+}
+
+fn decode_err(e: sqlx::Error) -> Error {
+    Error::Storage(format!("reading a row: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct TopicRow {
+    pub(super) id: i64,
+    pub(super) name: String,
+    pub(super) created_at: Micros,
+    pub(super) retention_us: i64,
+    pub(super) max_age_us: i64,
+    pub(super) last_seq: i64,
+    pub(super) expired_count: i64,
+}
+
+impl TopicRow {
+    pub(super) const COLUMNS: &'static str =
+        "id, name, created_at, retention_us, max_age_us, last_seq, expired_count";
+
+    /// Reads [`TopicRow::COLUMNS`] from a row of either backend.
+    pub(super) fn from_row<'r, R>(row: &'r R) -> Result<TopicRow>
+    where
+        R: sqlx::Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(TopicRow {
+            id: row.try_get(0).map_err(decode_err)?,
+            name: row.try_get(1).map_err(decode_err)?,
+            created_at: row.try_get(2).map_err(decode_err)?,
+            retention_us: row.try_get(3).map_err(decode_err)?,
+            max_age_us: row.try_get(4).map_err(decode_err)?,
+            last_seq: row.try_get(5).map_err(decode_err)?,
+            expired_count: row.try_get(6).map_err(decode_err)?,
+        })
+    }
+
+    pub(super) fn to_topic(&self) -> Topic {
+        Topic {
+            name: self.name.clone(),
+            settings: TopicSettings {
+                retention: duration_from(self.retention_us),
+                max_age: duration_from(self.max_age_us),
+            },
+            created_at: self.created_at,
+            last_sequence: self.last_seq,
+            expired_count: self.expired_count,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct SubRow {
+    pub(super) id: i64,
+    pub(super) name: String,
+    pub(super) topic_id: i64,
+    pub(super) topic: String,
+    pub(super) created_at: Micros,
+    pub(super) settings: SubscriptionSettings,
+    pub(super) cursor: i64,
+    /// SQLite's writer only: no waiting or leased row falls due before this instant, so until
+    /// then a lease need not look for redeliveries or expired leases. A
+    /// lower bound kept in memory only; `i64::MIN` means "look".
+    pub(super) check_at: Micros,
+}
+
+impl SubRow {
+    pub(super) const COLUMNS: &'static str = "s.id, s.name, s.topic_id, t.name, s.created_at, \
+        s.ack_deadline_us, s.max_attempts, s.min_backoff_us, s.max_backoff_us, \
+        s.dead_letter_topic, s.ordered, s.cursor";
+
+    /// Reads [`SubRow::COLUMNS`] from a row of either backend.
+    pub(super) fn from_row<'r, R>(row: &'r R) -> Result<SubRow>
+    where
+        R: sqlx::Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        Ok(SubRow {
+            id: row.try_get(0).map_err(decode_err)?,
+            name: row.try_get(1).map_err(decode_err)?,
+            topic_id: row.try_get(2).map_err(decode_err)?,
+            topic: row.try_get(3).map_err(decode_err)?,
+            created_at: row.try_get(4).map_err(decode_err)?,
+            settings: SubscriptionSettings {
+                ack_deadline: duration_from(row.try_get(5).map_err(decode_err)?),
+                max_attempts: row.try_get(6).map_err(decode_err)?,
+                min_backoff: duration_from(row.try_get(7).map_err(decode_err)?),
+                max_backoff: duration_from(row.try_get(8).map_err(decode_err)?),
+                dead_letter_topic: row.try_get(9).map_err(decode_err)?,
+                ordered: row.try_get(10).map_err(decode_err)?,
+            },
+            cursor: row.try_get(11).map_err(decode_err)?,
+            check_at: i64::MIN,
+        })
+    }
+
+    pub(super) fn to_subscription(&self) -> Subscription {
+        Subscription {
+            name: self.name.clone(),
+            topic: self.topic.clone(),
+            settings: self.settings.clone(),
+            created_at: self.created_at,
+        }
     }
 }
 

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::common::{
-    CHUNK, Check, Clock, DELETE_LIMIT, Done, EXPIRE_LIMIT, LEASED, Touched, WAITING, classify,
-    dead_letter_attributes, decode_attributes, duration_from, encode_attributes, finish, status_of,
-    uuid_from,
+    CHUNK, Check, Clock, DELETE_LIMIT, Done, EXPIRE_LIMIT, LEASED, SubRow, TopicRow, Touched,
+    WAITING, classify, dead_letter_attributes, decode_attributes, duration_from, encode_attributes,
+    finish, status_of, uuid_from,
 };
 use super::{
     LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, StoreConfig,
@@ -25,8 +25,8 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::{
     AckId, AckStatus, DeadLetter, Delivery, Micros, NackItem, NewMessage, PublishOutcome,
-    SeekTarget, StartPosition, StoredMessage, Subscription, SubscriptionSettings,
-    SubscriptionStats, Topic, TopicSettings, micros, now_micros,
+    SeekTarget, StartPosition, StoredMessage, Subscription, SubscriptionStats, Topic,
+    TopicSettings, micros, now_micros,
 };
 
 /// Schema versions, applied in order at open.
@@ -187,97 +187,6 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
         tracing::info!(version, "applied SQLite migration");
     }
     Ok(())
-}
-
-#[derive(Debug, Clone)]
-struct TopicRow {
-    id: i64,
-    name: String,
-    created_at: Micros,
-    retention_us: i64,
-    max_age_us: i64,
-    last_seq: i64,
-    expired_count: i64,
-}
-
-impl TopicRow {
-    const COLUMNS: &'static str =
-        "id, name, created_at, retention_us, max_age_us, last_seq, expired_count";
-
-    fn from_row(row: &SqliteRow) -> Result<TopicRow> {
-        Ok(TopicRow {
-            id: row.try_get(0).map_err(db_err)?,
-            name: row.try_get(1).map_err(db_err)?,
-            created_at: row.try_get(2).map_err(db_err)?,
-            retention_us: row.try_get(3).map_err(db_err)?,
-            max_age_us: row.try_get(4).map_err(db_err)?,
-            last_seq: row.try_get(5).map_err(db_err)?,
-            expired_count: row.try_get(6).map_err(db_err)?,
-        })
-    }
-
-    fn to_topic(&self) -> Topic {
-        Topic {
-            name: self.name.clone(),
-            settings: TopicSettings {
-                retention: duration_from(self.retention_us),
-                max_age: duration_from(self.max_age_us),
-            },
-            created_at: self.created_at,
-            last_sequence: self.last_seq,
-            expired_count: self.expired_count,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct SubRow {
-    id: i64,
-    name: String,
-    topic_id: i64,
-    topic: String,
-    created_at: Micros,
-    settings: SubscriptionSettings,
-    cursor: i64,
-    /// No waiting or leased row falls due before this instant, so until
-    /// then a lease need not look for redeliveries or expired leases. A
-    /// lower bound kept in memory only; `i64::MIN` means "look".
-    check_at: Micros,
-}
-
-impl SubRow {
-    const COLUMNS: &'static str = "s.id, s.name, s.topic_id, t.name, s.created_at, \
-        s.ack_deadline_us, s.max_attempts, s.min_backoff_us, s.max_backoff_us, \
-        s.dead_letter_topic, s.ordered, s.cursor";
-
-    fn from_row(row: &SqliteRow) -> Result<SubRow> {
-        Ok(SubRow {
-            id: row.try_get(0).map_err(db_err)?,
-            name: row.try_get(1).map_err(db_err)?,
-            topic_id: row.try_get(2).map_err(db_err)?,
-            topic: row.try_get(3).map_err(db_err)?,
-            created_at: row.try_get(4).map_err(db_err)?,
-            settings: SubscriptionSettings {
-                ack_deadline: duration_from(row.try_get(5).map_err(db_err)?),
-                max_attempts: row.try_get(6).map_err(db_err)?,
-                min_backoff: duration_from(row.try_get(7).map_err(db_err)?),
-                max_backoff: duration_from(row.try_get(8).map_err(db_err)?),
-                dead_letter_topic: row.try_get(9).map_err(db_err)?,
-                ordered: row.try_get(10).map_err(db_err)?,
-            },
-            cursor: row.try_get(11).map_err(db_err)?,
-            check_at: i64::MIN,
-        })
-    }
-
-    fn to_subscription(&self) -> Subscription {
-        Subscription {
-            name: self.name.clone(),
-            topic: self.topic.clone(),
-            settings: self.settings.clone(),
-            created_at: self.created_at,
-        }
-    }
 }
 
 /// A new `deliveries` row: seq, state, attempt, available_at, lease,
