@@ -282,8 +282,9 @@ impl Subscriber {
     }
 
     /// Opens a streaming subscription that reconnects after retryable
-    /// failures. Leases held when a stream breaks are lost (their acks
-    /// become stale); the broker redelivers those messages.
+    /// failures and after the broker's internal errors. Leases held when a
+    /// stream breaks are lost (their acks become stale); the broker
+    /// redelivers those messages.
     pub fn subscribe(&self, subscription: &str, flow: FlowControl) -> Subscription {
         let (events_tx, events) = mpsc::channel(1024);
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -426,7 +427,9 @@ async fn run_subscription(
             }
             Err(s) => s,
         };
-        if !is_retryable(&broke) {
+        // A subscription lives long: besides the retryable codes it also
+        // outlasts a broker's internal (storage) errors, with backoff.
+        if !is_retryable(&broke) && broke.code() != Code::Internal {
             let _ = events.send(Err(broke)).await;
             return;
         }
