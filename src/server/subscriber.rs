@@ -211,6 +211,7 @@ impl SubscriberService for Subscriber {
             max_bytes: DEFAULT_MAX_BYTES,
             outstanding: HashMap::new(),
             outstanding_bytes: 0,
+            earliest_deadline: Micros::MAX,
             tx,
         };
         session.flow_control(&first)?;
@@ -330,6 +331,9 @@ struct Session {
     /// Leases held by this stream: deadline and payload size.
     outstanding: HashMap<AckId, (Micros, usize)>,
     outstanding_bytes: usize,
+    /// No outstanding lease ends before this (a lower bound: acks and
+    /// extensions only move it later), so expiry needs no scan until then.
+    earliest_deadline: Micros,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
 }
 
@@ -356,6 +360,9 @@ impl Session {
     /// Forgets leases whose deadline passed: the broker will redeliver them,
     /// so they no longer count against flow control.
     fn drop_expired(&mut self, now: Micros) -> Option<Micros> {
+        if now < self.earliest_deadline {
+            return (self.earliest_deadline != Micros::MAX).then_some(self.earliest_deadline);
+        }
         let mut earliest = None;
         let mut freed = 0;
         self.outstanding.retain(|_, (deadline, bytes)| {
@@ -368,6 +375,7 @@ impl Session {
             }
         });
         self.outstanding_bytes -= freed;
+        self.earliest_deadline = earliest.unwrap_or(Micros::MAX);
         earliest
     }
 
@@ -507,6 +515,8 @@ impl Session {
                                 self.outstanding
                                     .insert(d.ack_id, (d.lease_deadline, d.message.payload.len()));
                                 self.outstanding_bytes += d.message.payload.len();
+                                self.earliest_deadline =
+                                    self.earliest_deadline.min(d.lease_deadline);
                             }
                             let messages = batch
                                 .deliveries

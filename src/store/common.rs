@@ -168,10 +168,7 @@ impl TopicRow {
         R: sqlx::Row,
         usize: sqlx::ColumnIndex<R>,
         i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
         String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     {
         Ok(TopicRow {
             id: row.try_get(0).map_err(decode_err)?,
@@ -207,9 +204,10 @@ pub(super) struct SubRow {
     pub(super) created_at: Micros,
     pub(super) settings: SubscriptionSettings,
     pub(super) cursor: i64,
-    /// SQLite's writer only: no waiting or leased row falls due before this instant, so until
-    /// then a lease need not look for redeliveries or expired leases. A
-    /// lower bound kept in memory only; `i64::MIN` means "look".
+    /// SQLite's writer only: no waiting or leased row falls due before this
+    /// instant, so until then a lease need not look for redeliveries or
+    /// expired leases. A lower bound kept in memory only; `i64::MIN` means
+    /// "look".
     pub(super) check_at: Micros,
 }
 
@@ -256,6 +254,34 @@ impl SubRow {
             created_at: self.created_at,
         }
     }
+}
+
+/// The sequences whose lease check found the lease current.
+pub(super) fn current_seqs(checks: &[Check]) -> Vec<i64> {
+    checks
+        .iter()
+        .filter_map(|c| match c {
+            Check::Current { seq, .. } => Some(*seq),
+            Check::Refused(_) => None,
+        })
+        .collect()
+}
+
+/// The oldest message of a subscription nobody acked or dead-lettered: the
+/// first waiting or leased one, or the first one past the cursor.
+pub(super) fn oldest_unacked(cursor: i64, last_seq: i64, first_undone: Option<i64>) -> Option<i64> {
+    let next_new = (cursor < last_seq).then_some(cursor + 1);
+    match (first_undone, next_new) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The highest sequence at or below which nothing can be delivered again:
+/// below the first row of any state (dead letters can be redriven) and at
+/// most the cursor.
+pub(super) fn ack_watermark(cursor: i64, first_any: Option<i64>) -> i64 {
+    first_any.map_or(cursor, |s| (s - 1).min(cursor))
 }
 
 /// Judges acks (or nacks, extensions, releases) against the stored rows of

@@ -22,8 +22,8 @@ use uuid::Uuid;
 
 use super::common::{
     CHUNK, Check, Clock, DELETE_LIMIT, Done, EXPIRE_LIMIT, LEASED, SubRow, TopicRow, Touched,
-    WAITING, classify, dead_letter_attributes, decode_attributes, duration_from, encode_attributes,
-    finish, status_of, uuid_from,
+    WAITING, ack_watermark, classify, current_seqs, dead_letter_attributes, decode_attributes,
+    duration_from, encode_attributes, finish, oldest_unacked, status_of, uuid_from,
 };
 use super::{
     LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, StoreConfig,
@@ -1252,13 +1252,7 @@ impl Writer {
     ) -> Result<Vec<AckStatus>> {
         let sub = self.sub(sub).await?;
         let checks = self.check(&sub, &ids, now).await?;
-        let current: Vec<i64> = checks
-            .iter()
-            .filter_map(|c| match c {
-                Check::Current { seq, .. } => Some(*seq),
-                Check::Refused(_) => None,
-            })
-            .collect();
+        let current = current_seqs(&checks);
         if !current.is_empty() {
             sqlx::query(
                 "DELETE FROM deliveries d USING unnest($2::BIGINT[]) AS u(seq) \
@@ -1360,13 +1354,7 @@ impl Writer {
     ) -> Result<Vec<AckStatus>> {
         let sub = self.sub(sub).await?;
         let checks = self.check(&sub, &ids, now).await?;
-        let current: Vec<i64> = checks
-            .iter()
-            .filter_map(|c| match c {
-                Check::Current { seq, .. } => Some(*seq),
-                Check::Refused(_) => None,
-            })
-            .collect();
+        let current = current_seqs(&checks);
         if !current.is_empty() {
             sqlx::query(
                 "UPDATE deliveries d SET state = 0, available_at = $1 \
@@ -1741,12 +1729,7 @@ impl Reader {
         let undone: i64 = counts.try_get(1).map_err(db_err)?;
         let first_undone: Option<i64> = counts.try_get(3).map_err(db_err)?;
         let first_any: Option<i64> = counts.try_get(4).map_err(db_err)?;
-        let next_new = (sub.cursor < last_seq).then_some(sub.cursor + 1);
-        let oldest = match (first_undone, next_new) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let oldest_unacked_age = match oldest {
+        let oldest_unacked_age = match oldest_unacked(sub.cursor, last_seq, first_undone) {
             Some(seq) => sqlx::query_scalar::<_, i64>(
                 "SELECT published_at FROM messages WHERE topic_id = $1 AND seq = $2",
             )
@@ -1789,7 +1772,7 @@ impl Reader {
             redelivered: row.try_get(2).map_err(db_err)?,
             blocked_keys,
             blocked_key_sample,
-            ack_watermark: first_any.map_or(sub.cursor, |s| (s - 1).min(sub.cursor)),
+            ack_watermark: ack_watermark(sub.cursor, first_any),
         })
     }
 
