@@ -361,10 +361,7 @@ impl Subscription {
     pub fn nack(&self, ack_id: String, delay: Option<Duration>, reason: impl Into<String>) {
         let nack = proto::Nack {
             ack_id,
-            delay: delay.map(|d| prost_types::Duration {
-                seconds: d.as_secs() as i64,
-                nanos: d.subsec_nanos() as i32,
-            }),
+            delay: delay.map(proto::duration),
             reason: reason.into(),
         };
         self.command(proto::SubscribeRequest {
@@ -377,10 +374,7 @@ impl Subscription {
     pub fn extend(&self, ack_id: String, extension: Duration) {
         let ext = proto::LeaseExtension {
             ack_id,
-            extension: Some(prost_types::Duration {
-                seconds: extension.as_secs() as i64,
-                nanos: extension.subsec_nanos() as i32,
-            }),
+            extension: Some(proto::duration(extension)),
         };
         self.command(proto::SubscribeRequest {
             extensions: vec![ext],

@@ -24,6 +24,14 @@ pub mod proto {
     /// The encoded descriptor set of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("tidings_descriptor");
+
+    /// A duration in its wire form.
+    pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos() as i32,
+        }
+    }
 }
 
 pub use error::{Error, Result};

@@ -339,13 +339,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
-fn pb_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
 fn show_duration(d: Option<&prost_types::Duration>) -> String {
     d.map(|d| {
         format!(
@@ -501,8 +494,8 @@ async fn run_client(command: Command, channel: tonic::transport::Channel) -> any
         }) => {
             let topic = proto::Topic {
                 name,
-                retention: retention.map(pb_duration),
-                max_age: max_age.map(pb_duration),
+                retention: retention.map(proto::duration),
+                max_age: max_age.map(proto::duration),
                 ..Default::default()
             };
             let t = raw
@@ -579,10 +572,10 @@ async fn run_client(command: Command, channel: tonic::transport::Channel) -> any
             let sub = proto::Subscription {
                 name: a.name,
                 topic: a.topic,
-                ack_deadline: a.ack_deadline.map(pb_duration),
+                ack_deadline: a.ack_deadline.map(proto::duration),
                 max_attempts: a.max_attempts.unwrap_or(0),
-                min_backoff: a.min_backoff.map(pb_duration),
-                max_backoff: a.max_backoff.map(pb_duration),
+                min_backoff: a.min_backoff.map(proto::duration),
+                max_backoff: a.max_backoff.map(proto::duration),
                 dead_letter_topic: a.dead_letter_topic.unwrap_or_default(),
                 ordered: a.ordered,
                 start: Some(start),

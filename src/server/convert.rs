@@ -11,7 +11,7 @@ use crate::model::{
     self, AckStatus, DeadLetter, Delivery, Micros, NewMessage, StartPosition, StoredMessage,
     Subscription, SubscriptionSettings, SubscriptionStats, Topic, TopicSettings,
 };
-use crate::proto;
+use crate::proto::{self, duration};
 
 /// Maps a domain error to a status. User errors keep their message; storage
 /// errors are logged here and shown as an opaque internal error.
@@ -48,13 +48,6 @@ pub(crate) fn micros_of(t: &prost_types::Timestamp) -> Micros {
     t.seconds
         .saturating_mul(1_000_000)
         .saturating_add(i64::from(t.nanos) / 1000)
-}
-
-pub(crate) fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
 }
 
 /// A protobuf duration as a std one; `field` names it in the error.
