@@ -40,3 +40,28 @@ impl Error {
         matches!(self, Error::Unavailable(_))
     }
 }
+
+impl From<sqlx::Error> for Error {
+    /// Maps a database error: lost connections, serialization failures,
+    /// deadlocks, a busy SQLite file and a server shutting down are
+    /// retryable (`Unavailable`); anything else is a `Storage` error.
+    fn from(e: sqlx::Error) -> Error {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("storage unavailable: {e}")),
+            sqlx::Error::Database(d)
+                if matches!(
+                    d.code().as_deref(),
+                    // PostgreSQL: serialization failure, deadlock, admin
+                    // shutdown, starting up. SQLite: busy, locked.
+                    Some("40001" | "40P01" | "57P01" | "57P03" | "5" | "6" | "517")
+                ) =>
+            {
+                Error::Unavailable(format!("storage conflict, retry: {e}"))
+            }
+            _ => Error::Storage(e.to_string()),
+        }
+    }
+}

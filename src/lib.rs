@@ -1,5 +1,6 @@
 //! tidings: reliable notifications between services. A durable gRPC broker
-//! (`tidings serve`), with the Rust client, the bench and the CLI's commands.
+//! (`tidings serve`), the outbox and its relay (`tidings relay`), the Rust
+//! client, the bench and the CLI's commands.
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
@@ -8,6 +9,7 @@ pub mod broker;
 pub mod client;
 pub mod error;
 pub mod model;
+pub mod outbox;
 pub mod server;
 pub mod store;
 

@@ -26,6 +26,16 @@ pub fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// A point in time in microseconds since the Unix epoch (0 before it).
+pub fn time_micros(t: SystemTime) -> Micros {
+    t.duration_since(UNIX_EPOCH).map(micros).unwrap_or(0)
+}
+
+/// The point in time `m` microseconds after the Unix epoch.
+pub fn from_micros(m: Micros) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(m).unwrap_or(0))
+}
+
 /// A message as a producer hands it to the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {

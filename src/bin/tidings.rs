@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tidings::bench::{self, BenchConfig};
 use tidings::client::{self, Admin, Backoff, Event, FlowControl, Outgoing, Publisher, Subscriber};
+use tidings::outbox::{Outbox, Relay, RelayConfig};
 use tidings::proto;
 use tidings::server::{self, ServerConfig};
 use tonic::Status;
@@ -55,11 +56,19 @@ enum Command {
     /// Manage subscriptions.
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
-    /// Show a subscription's stats (same as `subscriptions stats`).
+    /// Show a subscription's stats (same as `subscriptions stats`), an
+    /// outbox's (depth, held rows, oldest pending age, relays), or both.
     Stats {
         /// Subscription name.
-        subscription: String,
+        #[arg(required_unless_present = "outbox")]
+        subscription: Option<String>,
+        /// The outbox database URL (postgres://... or sqlite://PATH).
+        #[arg(long, env = "TIDINGS_STATS_OUTBOX", hide_env_values = true)]
+        outbox: Option<String>,
     },
+    /// Move committed outbox rows from an application's database to the
+    /// broker (`--broker`), deleting each after the broker's durable ack.
+    Relay(RelayArgs),
     /// Publish messages: DATA, or one message per line of standard input.
     Publish(PublishArgs),
     /// Print a subscription's messages and ack them.
@@ -81,6 +90,45 @@ enum Command {
         #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// The application's database holding `tidings_outbox`
+    /// (postgres://... or sqlite://PATH).
+    #[arg(long, env = "TIDINGS_OUTBOX_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Most rows per publish request (at most 1000).
+    #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// How often to look for rows without a wake-up; on PostgreSQL also how
+    /// often a standby relay tries to take over.
+    #[arg(long, env = "TIDINGS_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// Wake on the outbox trigger's NOTIFY (PostgreSQL); `false` polls only.
+    #[arg(long, env = "TIDINGS_RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    listen: bool,
+    /// Longest delay between attempts while the broker or the database is
+    /// unreachable (the first is 100ms, doubling).
+    #[arg(long, env = "TIDINGS_RELAY_RETRY_MAX", default_value = "10s", value_parser = parse_duration)]
+    retry_max: Duration,
+    /// First delay before retrying a message the broker refused (unknown
+    /// topic, over a limit); doubles at each refusal.
+    #[arg(long, env = "TIDINGS_RELAY_HOLD_MIN", default_value = "1s", value_parser = parse_duration)]
+    hold_min: Duration,
+    /// Longest delay before retrying a refused message.
+    #[arg(long, env = "TIDINGS_RELAY_HOLD_MAX", default_value = "5m", value_parser = parse_duration)]
+    hold_max: Duration,
+    /// How often the relay writes its row in `tidings_outbox_relays`.
+    #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// How often the relay logs outbox depth, oldest pending age and last
+    /// publish.
+    #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    report_interval: Duration,
+    /// Create the outbox tables and triggers if missing.
+    #[arg(long, env = "TIDINGS_RELAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    migrate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -369,7 +417,7 @@ fn grpc(s: Status) -> anyhow::Error {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Relay(_)) {
         "info"
     } else {
         "warn"
@@ -442,12 +490,99 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Relay(args) => {
+            relay(
+                args,
+                cli.broker.unwrap_or_else(|| DEFAULT_BROKER.to_owned()),
+            )
+            .await
+        }
+        Command::Stats {
+            subscription: None,
+            outbox: Some(url),
+        } => outbox_stats(&url).await,
+        Command::Stats {
+            subscription: Some(name),
+            outbox: Some(url),
+        } => {
+            outbox_stats(&url).await?;
+            println!();
+            let url = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
+            let channel = client::channel(url).map_err(grpc)?;
+            run_client(
+                Command::Stats {
+                    subscription: Some(name),
+                    outbox: None,
+                },
+                channel,
+            )
+            .await
+        }
         command => {
             let url = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
             let channel = client::channel(url).map_err(grpc)?;
             run_client(command, channel).await
         }
     }
+}
+
+async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    let outbox = Outbox::connect(&args.database_url).await?;
+    let mut config = RelayConfig::new(broker);
+    config.batch_size = args.batch_size;
+    config.poll_interval = args.poll_interval;
+    config.listen = args.listen;
+    config.retry.max = args.retry_max;
+    config.hold_min = args.hold_min;
+    config.hold_max = args.hold_max;
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.report_interval = args.report_interval;
+    config.migrate = args.migrate;
+    let mut relay = Relay::start(outbox, config).await?;
+    // Scripts and tests wait for this line.
+    println!("tidings relay started");
+    tokio::select! {
+        _ = stop => {
+            tracing::info!("stopping the relay after the batch in flight");
+            relay.stop().await;
+            Ok(())
+        }
+        _ = relay.finished() => bail!("the relay task ended unexpectedly"),
+    }
+}
+
+async fn outbox_stats(url: &str) -> anyhow::Result<()> {
+    let s = Outbox::connect(url).await?.stats().await?;
+    let ago = |t: std::time::SystemTime| {
+        t.elapsed()
+            .map(|d| format!("{:.1}s ago", d.as_secs_f64()))
+            .unwrap_or_else(|_| "just now".into())
+    };
+    println!(
+        "outbox_depth: {}\nheld: {}\noldest_pending_age: {}\nheld_error: {}",
+        s.depth,
+        s.held,
+        s.oldest_age
+            .map(|d| format!("{:.3}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into()),
+        s.held_error.as_deref().unwrap_or("-"),
+    );
+    for r in &s.relays {
+        println!(
+            "relay: {} leader={} published={} last_publish={} heartbeat={} last_error={}",
+            r.relay,
+            r.leader,
+            r.published,
+            r.last_publish.map(ago).unwrap_or_else(|| "never".into()),
+            ago(r.heartbeat),
+            r.last_error.as_deref().unwrap_or("-"),
+        );
+    }
+    if s.relays.is_empty() {
+        println!("relay: none reported");
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -632,7 +767,10 @@ async fn run_client(command: Command, channel: tonic::transport::Channel) -> any
             println!("deleted subscription {name}");
         }
         Command::Subscriptions(SubscriptionsCommand::Stats { name })
-        | Command::Stats { subscription: name } => {
+        | Command::Stats {
+            subscription: Some(name),
+            ..
+        } => {
             let s = admin.stats(&name).await.map_err(grpc)?;
             println!(
                 "subscription: {}\nbacklog: {}\nin_flight: {}\noldest_unacked_age: {}\ndead_lettered: {}\ndelivered: {}\nacked: {}\nredelivered: {}\nblocked_keys: {} {:?}\nack_watermark: {}",
@@ -736,7 +874,13 @@ async fn run_client(command: Command, channel: tonic::transport::Channel) -> any
                 .into_inner();
             println!("purged: {}", r.purged_count);
         }
-        Command::Serve(_) | Command::Bench(_) | Command::Migrate { .. } => {
+        Command::Serve(_)
+        | Command::Bench(_)
+        | Command::Migrate { .. }
+        | Command::Relay(_)
+        | Command::Stats {
+            subscription: None, ..
+        } => {
             unreachable!("handled before connecting")
         }
     }

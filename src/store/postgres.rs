@@ -52,22 +52,7 @@ const MESSAGE_COLUMNS: &str =
     "m.seq, m.id, m.key, m.payload, m.attributes, m.created_at, m.published_at";
 
 fn db_err(e: sqlx::Error) -> Error {
-    match &e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("storage unavailable: {e}")),
-        sqlx::Error::Database(d)
-            if matches!(
-                d.code().as_deref(),
-                Some("40001" | "40P01" | "57P01" | "57P03")
-            ) =>
-        {
-            // Serialization failure, deadlock, shutdown: retryable.
-            Error::Unavailable(format!("storage conflict, retry: {e}"))
-        }
-        _ => Error::Storage(e.to_string()),
-    }
+    e.into()
 }
 
 /// Reads the [`MESSAGE_COLUMNS`] starting at column `at`.

@@ -156,20 +156,31 @@ impl TestBroker {
                 Some((admin.clone(), url, name))
             }
         };
-        let mut b = Self::start_on(&data, database, tune).await;
+        let mut b = Self::start_on(&data, database, "127.0.0.1:0", tune).await;
         b._dir = Some(dir);
         b
+    }
+
+    /// Stops gracefully, keeping the storage and the address, so that
+    /// clients configured with this broker's URL see it down.
+    pub(crate) async fn pause(mut self) -> PausedBroker {
+        self.shutdown().await;
+        PausedBroker {
+            addr: self.url.trim_start_matches("http://").to_owned(),
+            data: self.data.clone(),
+            database: self.database.take(),
+            dir: self._dir.take(),
+        }
     }
 
     /// Starts a broker on existing storage.
     async fn start_on(
         data: &Path,
         database: Option<(String, String, String)>,
+        bind: &str,
         tune: impl FnOnce(&mut ServerConfig),
     ) -> TestBroker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = test_config(data);
         config.store.database_url = database.as_ref().map(|(_, url, _)| url.clone());
@@ -220,7 +231,8 @@ impl TestBroker {
             .database
             .clone()
             .expect("another instance needs PostgreSQL");
-        let mut next = Self::start_on(&self.data.clone(), Some(database), tune).await;
+        let mut next =
+            Self::start_on(&self.data.clone(), Some(database), "127.0.0.1:0", tune).await;
         // Only the first instance drops the database.
         next.database = None;
         next
@@ -236,7 +248,7 @@ impl TestBroker {
         self.shutdown().await;
         let dir = self._dir.take();
         let database = self.database.take();
-        let mut next = Self::start_on(&self.data.clone(), database, |_| {}).await;
+        let mut next = Self::start_on(&self.data.clone(), database, "127.0.0.1:0", |_| {}).await;
         next._dir = dir;
         next
     }
@@ -363,6 +375,23 @@ impl TestBroker {
 
     pub(crate) async fn stats(&self, sub: &str) -> proto::SubscriptionStats {
         self.admin().stats(sub).await.expect("stats")
+    }
+}
+
+/// A broker stopped by [`TestBroker::pause`]: its storage and address.
+pub(crate) struct PausedBroker {
+    addr: String,
+    data: PathBuf,
+    database: Option<(String, String, String)>,
+    dir: Option<TempDir>,
+}
+
+impl PausedBroker {
+    /// Starts the broker again on its storage and its old address.
+    pub(crate) async fn resume(self) -> TestBroker {
+        let mut b = TestBroker::start_on(&self.data, self.database, &self.addr, |_| {}).await;
+        b._dir = self.dir;
+        b
     }
 }
 

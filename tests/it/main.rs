@@ -9,4 +9,5 @@ mod harness;
 mod health;
 mod instances;
 mod ordering;
+mod outbox;
 mod publish;

@@ -1,0 +1,339 @@
+//! The outbox: the `tidings_outbox` table in the application's own database,
+//! enqueueing into the caller's transaction, and the [`Relay`] that moves
+//! committed rows to the broker.
+//!
+//! The contract: a message enqueued in a transaction that commits reaches
+//! the broker (the relay retries until the broker confirms); one enqueued in
+//! a transaction that rolls back never does. The outbox never commits on its
+//! own: the caller's transaction decides.
+
+mod postgres;
+mod relay;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sqlx::{PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+pub use crate::client::Outgoing as Message;
+use crate::error::{Error, Result};
+use crate::model::validate_name;
+pub use relay::{Relay, RelayConfig, RelayStatus};
+
+/// The outbox migration for PostgreSQL (`migrations/outbox/postgres.sql`).
+pub const POSTGRES_MIGRATION: &str = include_str!("../../migrations/outbox/postgres.sql");
+/// The outbox migration for SQLite (`migrations/outbox/sqlite.sql`).
+pub const SQLITE_MIGRATION: &str = include_str!("../../migrations/outbox/sqlite.sql");
+
+/// Enqueues `message` into the caller's transaction; it reaches the broker
+/// if and only if that transaction commits. Returns the message id, which is
+/// the id the broker and every consumer see.
+///
+/// Fails with `InvalidArgument` for a bad topic name, or a storage error
+/// (then the caller's transaction should roll back).
+pub async fn enqueue<DB: OutboxDatabase>(
+    tx: &mut Transaction<'_, DB>,
+    message: &Message,
+) -> Result<Uuid> {
+    enqueue_all(tx, std::slice::from_ref(message)).await?;
+    Ok(message.id)
+}
+
+/// Enqueues several messages into the caller's transaction, in this order.
+///
+/// Fails as [`enqueue`] does; nothing is enqueued then.
+///
+/// On PostgreSQL a row with an ordering key holds a lock on its (topic, key)
+/// until the transaction ends, so that rows of one key commit in the order
+/// of their sequence numbers. Transactions that enqueue several keys should
+/// enqueue them in a consistent order, or PostgreSQL may abort one of two
+/// crossing transactions as a deadlock (a retryable error).
+pub async fn enqueue_all<DB: OutboxDatabase>(
+    tx: &mut Transaction<'_, DB>,
+    messages: &[Message],
+) -> Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let rows = messages
+        .iter()
+        .map(NewRow::from_message)
+        .collect::<Result<Vec<_>>>()?;
+    DB::insert(tx, &rows).await
+}
+
+/// Databases that hold an outbox: PostgreSQL and SQLite.
+pub trait OutboxDatabase: sqlx::Database + sealed::Sealed {
+    #[doc(hidden)]
+    fn insert(
+        tx: &mut Transaction<'_, Self>,
+        rows: &[NewRow],
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::Sqlite {}
+}
+
+impl OutboxDatabase for Postgres {
+    fn insert(
+        tx: &mut Transaction<'_, Self>,
+        rows: &[NewRow],
+    ) -> impl Future<Output = Result<()>> + Send {
+        postgres::insert(tx, rows)
+    }
+}
+
+impl OutboxDatabase for Sqlite {
+    fn insert(
+        tx: &mut Transaction<'_, Self>,
+        rows: &[NewRow],
+    ) -> impl Future<Output = Result<()>> + Send {
+        sqlite::insert(tx, rows)
+    }
+}
+
+/// A message checked and encoded for its row.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct NewRow {
+    id: String,
+    topic: String,
+    key: Option<String>,
+    payload: Vec<u8>,
+    attributes: Option<String>,
+}
+
+impl NewRow {
+    fn from_message(m: &Message) -> Result<NewRow> {
+        validate_name("topic", &m.topic)?;
+        Ok(NewRow {
+            id: m.id.to_string(),
+            topic: m.topic.clone(),
+            key: m.key.clone().filter(|k| !k.is_empty()),
+            payload: m.payload.clone(),
+            attributes: (!m.attributes.is_empty()).then(|| encode_attributes(&m.attributes)),
+        })
+    }
+}
+
+fn encode_attributes(attributes: &HashMap<String, String>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Reads an attributes column: a JSON object; values that are not strings
+/// are sent as their JSON text.
+fn decode_attributes(seq: i64, text: Option<&str>) -> Result<HashMap<String, String>> {
+    let Some(text) = text else {
+        return Ok(HashMap::new());
+    };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect()),
+        Ok(serde_json::Value::Null) => Ok(HashMap::new()),
+        _ => Err(Error::InvalidArgument(format!(
+            "outbox row {seq}: attributes must be a JSON object of strings"
+        ))),
+    }
+}
+
+/// How long ago `created` (Unix microseconds) was, at `now`.
+fn age(created: i64, now: i64) -> Duration {
+    Duration::from_micros(u64::try_from(now.saturating_sub(created)).unwrap_or(0))
+}
+
+/// A pending outbox row, as the relay reads it.
+#[derive(Debug, Clone)]
+struct Row {
+    seq: i64,
+    id: String,
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    attributes: Option<String>,
+    attempts: i32,
+}
+
+impl Row {
+    fn bytes(&self) -> usize {
+        self.payload.len() + self.topic.len() + self.key.len() + 64
+    }
+}
+
+/// What the outbox holds, and what its relays report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxStats {
+    /// Rows waiting for the relay.
+    pub depth: i64,
+    /// Of those, rows the broker refused (unknown topic, over a limit),
+    /// waiting to be retried.
+    pub held: i64,
+    /// Age of the oldest waiting row.
+    pub oldest_age: Option<Duration>,
+    /// The broker's reason for the first held row.
+    pub held_error: Option<String>,
+    /// The relays that reported recently.
+    pub relays: Vec<RelayReport>,
+}
+
+/// One relay's last report, from `tidings_outbox_relays`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayReport {
+    /// Host, process and a random suffix.
+    pub relay: String,
+    /// Whether it was the one publishing (on PostgreSQL one relay leads).
+    pub leader: bool,
+    /// Messages it published since it started.
+    pub published: i64,
+    /// When it last had a batch acked by the broker.
+    pub last_publish: Option<SystemTime>,
+    /// When it last reported.
+    pub heartbeat: SystemTime,
+    /// Its last failure, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The outbox of one database: migrations, the in-process wake-up signal,
+/// and what the [`Relay`] and `tidings stats` read.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    backend: Backend,
+    committed: Arc<Notify>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl Outbox {
+    /// The outbox in a PostgreSQL database, over the application's pool.
+    pub fn postgres(pool: PgPool) -> Outbox {
+        Outbox {
+            backend: Backend::Postgres(pool),
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The outbox in a SQLite database, over the application's pool.
+    pub fn sqlite(pool: SqlitePool) -> Outbox {
+        Outbox {
+            backend: Backend::Sqlite(pool),
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Opens its own pool on `url` (`postgres://...` or `sqlite://PATH`).
+    ///
+    /// Fails with `InvalidArgument` for a URL of another kind, `Unavailable`
+    /// if the database cannot be reached.
+    pub async fn connect(url: &str) -> Result<Outbox> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Outbox::postgres(postgres::connect(url).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(Outbox::sqlite(sqlite::connect(url).await?))
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "outbox database URL must start with postgres://, postgresql:// or sqlite: (got {})",
+                crate::store::redact(url)
+            )))
+        }
+    }
+
+    /// Creates the outbox tables, indexes and triggers if they are missing.
+    ///
+    /// Fails with a storage error.
+    pub async fn migrate(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::migrate(pool).await,
+            Backend::Sqlite(pool) => sqlite::migrate(pool).await,
+        }
+    }
+
+    /// Wakes a [`Relay`] of this handle (or its clones) at once. Call it after
+    /// committing a transaction that enqueued; without it the relay finds
+    /// the rows at its next poll. PostgreSQL needs no call: its relay is
+    /// woken by NOTIFY at commit.
+    pub fn committed(&self) {
+        self.committed.notify_one();
+    }
+
+    /// Commits `tx` and wakes the relay.
+    ///
+    /// Fails if the commit fails (then nothing was enqueued).
+    pub async fn commit<DB: OutboxDatabase>(&self, tx: Transaction<'_, DB>) -> Result<()> {
+        tx.commit().await?;
+        self.committed();
+        Ok(())
+    }
+
+    /// Outbox depth, held rows, oldest pending age and the relays' reports.
+    ///
+    /// Fails with a storage error.
+    pub async fn stats(&self) -> Result<OutboxStats> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::stats(pool).await,
+            Backend::Sqlite(pool) => sqlite::stats(pool).await,
+        }
+    }
+
+    async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::fetch(pool, after, limit).await,
+            Backend::Sqlite(pool) => sqlite::fetch(pool, after, limit).await,
+        }
+    }
+
+    async fn delete(&self, seqs: &[i64]) -> Result<()> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::delete(pool, seqs).await,
+            Backend::Sqlite(pool) => sqlite::delete(pool, seqs).await,
+        }
+    }
+
+    /// Holds a refused row (and with it the later rows of its key) until
+    /// `until`; with `whole_topic`, every waiting row of its topic.
+    async fn hold(
+        &self,
+        row: &Row,
+        error: &str,
+        until: SystemTime,
+        whole_topic: bool,
+    ) -> Result<()> {
+        let until = crate::model::time_micros(until);
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::hold(pool, row, error, until, whole_topic).await,
+            Backend::Sqlite(pool) => sqlite::hold(pool, row, error, until, whole_topic).await,
+        }
+    }
+
+    async fn report(&self, relay: &str, status: &RelayStatus, started: SystemTime) -> Result<()> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::report(pool, relay, status, started).await,
+            Backend::Sqlite(pool) => sqlite::report(pool, relay, status, started).await,
+        }
+    }
+
+    async fn retire(&self, relay: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::retire(pool, relay).await,
+            Backend::Sqlite(pool) => sqlite::retire(pool, relay).await,
+        }
+    }
+}

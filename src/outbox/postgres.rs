@@ -1,0 +1,275 @@
+//! The outbox's SQL for PostgreSQL (beside `migrations/outbox/postgres.sql`).
+
+use std::time::SystemTime;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row as _, Transaction};
+
+use super::{NewRow, OutboxStats, RelayReport, RelayStatus, Row};
+use crate::error::{Error, Result};
+use crate::model::{from_micros, now_micros, time_micros};
+
+/// The channel the insert trigger notifies.
+pub(super) const CHANNEL: &str = "tidings_outbox";
+
+/// Advisory lock class of the relays (the two-integer form); object 0 is the
+/// leader lock, object -1 serializes migrations. The insert trigger's per-key
+/// locks use class 1953066081 with hashes as objects, so they never meet
+/// these.
+const LOCK_CLASS: i32 = 1_953_066_082;
+const LEADER: i32 = 0;
+const MIGRATING: i32 = -1;
+
+pub(super) async fn connect(url: &str) -> Result<PgPool> {
+    let options: PgConnectOptions = url.parse().map_err(|e| {
+        Error::InvalidArgument(format!(
+            "bad outbox database URL {}: {e}",
+            crate::store::redact(url)
+        ))
+    })?;
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot connect to the outbox database: {e}")))
+}
+
+pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(MIGRATING)
+        .execute(&mut *conn)
+        .await?;
+    let result = sqlx::raw_sql(super::POSTGRES_MIGRATION)
+        .execute(&mut *conn)
+        .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(MIGRATING)
+        .execute(&mut *conn)
+        .await;
+    result?;
+    Ok(())
+}
+
+pub(super) async fn insert(tx: &mut Transaction<'_, Postgres>, rows: &[NewRow]) -> Result<()> {
+    // One statement for the batch; WITH ORDINALITY keeps the caller's order,
+    // which the row trigger turns into sequence numbers.
+    sqlx::query(
+        "INSERT INTO tidings_outbox (id, topic, key, payload, attributes) \
+         SELECT u.id::uuid, u.topic, u.key, u.payload, u.attributes::jsonb \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) \
+              WITH ORDINALITY AS u(id, topic, key, payload, attributes, n) \
+         ORDER BY u.n",
+    )
+    .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.key.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.payload.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.attributes.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn fetch(pool: &PgPool, after: i64, limit: usize) -> Result<Vec<Row>> {
+    // Rows held after a refusal wait until not_before, and so do the later
+    // rows of their key (the partial index makes that check a probe).
+    let rows = sqlx::query(
+        "SELECT o.seq, o.id::text, o.topic, coalesce(o.key, ''), o.payload, o.attributes::text, \
+                o.attempts \
+         FROM tidings_outbox o \
+         WHERE o.seq > $1 AND (o.not_before IS NULL OR o.not_before <= now()) \
+           AND NOT EXISTS (SELECT 1 FROM tidings_outbox h \
+                           WHERE h.not_before > now() AND h.topic = o.topic \
+                             AND h.key = o.key AND h.seq < o.seq) \
+         ORDER BY o.seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Row {
+                seq: r.try_get(0)?,
+                id: r.try_get(1)?,
+                topic: r.try_get(2)?,
+                key: r.try_get(3)?,
+                payload: r.try_get(4)?,
+                attributes: r.try_get(5)?,
+                attempts: r.try_get(6)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Error::from)
+}
+
+pub(super) async fn delete(pool: &PgPool, seqs: &[i64]) -> Result<()> {
+    sqlx::query("DELETE FROM tidings_outbox WHERE seq = ANY($1)")
+        .bind(seqs)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn hold(
+    pool: &PgPool,
+    row: &Row,
+    error: &str,
+    until: i64,
+    whole_topic: bool,
+) -> Result<()> {
+    let sql = if whole_topic {
+        "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = $2, \
+         not_before = to_timestamp($3::float8 / 1e6) WHERE topic = $4"
+    } else {
+        "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = $2, \
+         not_before = to_timestamp($3::float8 / 1e6) WHERE seq = $1"
+    };
+    sqlx::query(sql)
+        .bind(row.seq)
+        .bind(error)
+        .bind(until)
+        .bind(&row.topic)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn stats(pool: &PgPool) -> Result<OutboxStats> {
+    let head = sqlx::query(
+        "SELECT (SELECT count(*) FROM tidings_outbox), \
+                (SELECT count(*) FROM tidings_outbox WHERE not_before IS NOT NULL), \
+                (SELECT (extract(epoch FROM created_at) * 1e6)::bigint FROM tidings_outbox \
+                 ORDER BY seq LIMIT 1), \
+                (SELECT last_error FROM tidings_outbox WHERE not_before IS NOT NULL \
+                 ORDER BY seq LIMIT 1)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let relays = sqlx::query(
+        "SELECT relay, leader, published, (extract(epoch FROM last_publish_at) * 1e6)::bigint, \
+                (extract(epoch FROM heartbeat_at) * 1e6)::bigint, last_error \
+         FROM tidings_outbox_relays ORDER BY relay",
+    )
+    .fetch_all(pool)
+    .await?;
+    let oldest: Option<i64> = head.try_get(2)?;
+    Ok(OutboxStats {
+        depth: head.try_get(0)?,
+        held: head.try_get(1)?,
+        oldest_age: oldest.map(|c| super::age(c, now_micros())),
+        held_error: head.try_get(3)?,
+        relays: relays
+            .iter()
+            .map(|r| {
+                Ok(RelayReport {
+                    relay: r.try_get(0)?,
+                    leader: r.try_get(1)?,
+                    published: r.try_get(2)?,
+                    last_publish: r.try_get::<Option<i64>, _>(3)?.map(from_micros),
+                    heartbeat: from_micros(r.try_get(4)?),
+                    last_error: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}
+
+pub(super) async fn report(
+    pool: &PgPool,
+    relay: &str,
+    status: &RelayStatus,
+    started: SystemTime,
+) -> Result<()> {
+    // Reports of relays silent for a day are dropped (they were killed).
+    sqlx::query(
+        "WITH gone AS (DELETE FROM tidings_outbox_relays \
+                       WHERE heartbeat_at < now() - interval '1 day') \
+         INSERT INTO tidings_outbox_relays \
+           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error) \
+         VALUES ($1, to_timestamp($2::float8 / 1e6), now(), $3, $4, \
+                 to_timestamp($5::float8 / 1e6), $6) \
+         ON CONFLICT (relay) DO UPDATE SET heartbeat_at = now(), leader = $3, published = $4, \
+           last_publish_at = to_timestamp($5::float8 / 1e6), last_error = $6",
+    )
+    .bind(relay)
+    .bind(time_micros(started))
+    .bind(status.leader)
+    .bind(i64::try_from(status.published).unwrap_or(i64::MAX))
+    .bind(status.last_publish.map(time_micros))
+    .bind(status.last_error.as_deref())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn retire(pool: &PgPool, relay: &str) -> Result<()> {
+    sqlx::query("DELETE FROM tidings_outbox_relays WHERE relay = $1")
+        .bind(relay)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The connection a relay holds its leader lock on: a session-level
+/// advisory lock, released when the connection ends, so also when the
+/// relay's process dies. The connection is detached from the pool, which
+/// must never hand a connection holding the lock to anyone else.
+#[derive(Debug, Default)]
+pub(super) struct Leadership {
+    conn: Option<PgConnection>,
+    leading: bool,
+}
+
+impl Leadership {
+    /// Whether this relay holds the lock now: checks a held lock's connection
+    /// is alive, or tries to take the lock.
+    pub(super) async fn check(&mut self, pool: &PgPool) -> bool {
+        match self.try_check(pool).await {
+            Ok(leading) => self.leading = leading,
+            Err(e) => {
+                if self.leading {
+                    tracing::warn!(error = %e, "lost the relay leader lock's connection");
+                }
+                self.conn = None;
+                self.leading = false;
+            }
+        }
+        self.leading
+    }
+
+    async fn try_check(&mut self, pool: &PgPool) -> Result<bool> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(pool.acquire().await?.detach()),
+        };
+        if self.leading {
+            sqlx::query("SELECT 1").execute(&mut *conn).await?;
+            return Ok(true);
+        }
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LOCK_CLASS)
+            .bind(LEADER)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(got)
+    }
+}
+
+/// A listener on the insert trigger's channel.
+pub(super) async fn listen(pool: &PgPool) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}

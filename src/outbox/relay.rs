@@ -1,0 +1,648 @@
+//! The relay: moves committed outbox rows to the broker in `seq` order over
+//! a PublishStream, and deletes each row only after the broker's durable ack.
+//!
+//! Why the order is safe: on SQLite one write transaction runs at a time, so
+//! `seq` order is commit order; on PostgreSQL the insert trigger makes rows of
+//! one (topic, key) take their numbers under a lock held until commit, so a
+//! row never becomes visible after a later row of its key. A row that commits
+//! late with a lower number (of another key) is found by the next sweep,
+//! which starts from the lowest pending row whenever the relay has caught up:
+//! rows are deleted, never skipped by a cursor. One batch is in flight at a
+//! time, so a failed batch is resent before anything after it. Publishing is
+//! idempotent (the broker deduplicates message ids), so a relay killed
+//! between the broker's ack and the delete resends rows the broker answers as
+//! duplicates, and two relays running at once cannot store a message twice;
+//! on PostgreSQL they still elect one leader so that only one does the work.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use super::{Backend, Outbox, Row, postgres};
+use crate::client::{self, Backoff, PublishSession, Publisher};
+use crate::error::{Error, Result};
+use crate::proto::{self, publisher_service_client::PublisherServiceClient};
+
+/// How a relay runs. Every duration is a parameter so that tests stay fast.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The broker's URL, like `http://127.0.0.1:50051`.
+    pub broker: String,
+    /// Most rows per publish request (the broker accepts at most 1,000).
+    pub batch_size: usize,
+    /// Most payload bytes per publish request (at least one row is sent).
+    pub max_batch_bytes: usize,
+    /// How often to look for rows without a wake-up (NOTIFY on PostgreSQL,
+    /// [`Outbox::committed`] in process); also how often a standby relay
+    /// tries to take over on PostgreSQL.
+    pub poll_interval: Duration,
+    /// LISTEN for the insert trigger's NOTIFY on PostgreSQL.
+    pub listen: bool,
+    /// First and longest delay between attempts while the broker or the
+    /// database is unreachable.
+    pub retry: Backoff,
+    /// First and longest delay before retrying a message the broker refused
+    /// (unknown topic, over a limit); doubled at each refusal.
+    pub hold_min: Duration,
+    /// See `hold_min`.
+    pub hold_max: Duration,
+    /// How often to write this relay's row in `tidings_outbox_relays`.
+    pub heartbeat_interval: Duration,
+    /// How often to log depth, oldest pending age and last publish.
+    pub report_interval: Duration,
+    /// Run the outbox migration at start.
+    pub migrate: bool,
+}
+
+impl RelayConfig {
+    /// Defaults for the broker at `broker`.
+    pub fn new(broker: impl Into<String>) -> RelayConfig {
+        RelayConfig {
+            broker: broker.into(),
+            batch_size: 500,
+            max_batch_bytes: 4 * 1024 * 1024,
+            poll_interval: Duration::from_millis(250),
+            listen: true,
+            retry: Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+                give_up_after: None,
+            },
+            hold_min: Duration::from_secs(1),
+            hold_max: Duration::from_secs(300),
+            heartbeat_interval: Duration::from_secs(5),
+            report_interval: Duration::from_secs(60),
+            migrate: true,
+        }
+    }
+}
+
+/// What a relay has done, as of now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// Whether this relay is the one publishing (always, on SQLite).
+    pub leader: bool,
+    /// Messages the broker acked (duplicates included).
+    pub published: u64,
+    /// Of those, messages the broker already had (a resend after a lost ack
+    /// or a restart).
+    pub duplicates: u64,
+    /// Rows held after the broker refused them.
+    pub held: u64,
+    /// When a batch was last acked.
+    pub last_publish: Option<SystemTime>,
+    /// The last failure, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+/// A running relay. Dropping it stops it after its current batch; [`Relay::stop`]
+/// also waits for that.
+#[derive(Debug)]
+pub struct Relay {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    status: watch::Receiver<RelayStatus>,
+    acked: broadcast::Sender<Arc<[Uuid]>>,
+}
+
+impl Relay {
+    /// Starts relaying the outbox to the broker.
+    ///
+    /// Fails with `InvalidArgument` for a bad broker URL, or a storage error
+    /// if the migration or LISTEN fails. The broker being down is not an
+    /// error: the relay retries until it answers.
+    pub async fn start(outbox: Outbox, config: RelayConfig) -> Result<Relay> {
+        let channel = client::channel(&config.broker)
+            .map_err(|s| Error::InvalidArgument(s.message().to_owned()))?;
+        if config.migrate {
+            outbox.migrate().await?;
+        }
+        let listener = match (&outbox.backend, config.listen) {
+            (Backend::Postgres(pool), true) => Some(postgres::listen(pool).await?),
+            _ => None,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (status_tx, status) = watch::channel(RelayStatus::default());
+        let (acked, _) = broadcast::channel(1024);
+        let name = format!(
+            "{}-{}-{:04x}",
+            hostname(),
+            std::process::id(),
+            Uuid::new_v4().as_u128() & 0xffff
+        );
+        let runner = Runner {
+            wake: Wake {
+                listener,
+                local: outbox.committed.clone(),
+                listener_failed: false,
+            },
+            leadership: match outbox.backend {
+                Backend::Postgres(_) => Some(postgres::Leadership::default()),
+                Backend::Sqlite(_) => None,
+            },
+            outbox,
+            publisher: Publisher::new(channel.clone(), config.retry),
+            unary: PublisherServiceClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            session: None,
+            cursor: 0,
+            config,
+            name,
+            started: SystemTime::now(),
+            stop: stop_rx,
+            status: status_tx,
+            acked: acked.clone(),
+            failing: None,
+        };
+        let task = tokio::spawn(runner.run());
+        Ok(Relay {
+            stop,
+            task,
+            status,
+            acked,
+        })
+    }
+
+    /// What the relay has done so far.
+    pub fn status(&self) -> RelayStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch(&self) -> watch::Receiver<RelayStatus> {
+        self.status.clone()
+    }
+
+    /// The ids of every batch the broker acks from now on, in order: for
+    /// callers that wait for a message to leave the outbox. A receiver that
+    /// falls more than 1,024 batches behind misses some.
+    pub fn acked(&self) -> broadcast::Receiver<Arc<[Uuid]>> {
+        self.acked.subscribe()
+    }
+
+    /// Resolves when the relay task ends on its own (it only does if it
+    /// panicked; otherwise it runs until stopped).
+    pub async fn finished(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// Stops after the batch in flight (its rows are deleted if the broker
+    /// acked it) and waits for that.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned())
+}
+
+/// What wakes an idle relay: NOTIFY on PostgreSQL, [`Outbox::committed`] in
+/// process, or the poll interval.
+struct Wake {
+    listener: Option<PgListener>,
+    local: Arc<Notify>,
+    listener_failed: bool,
+}
+
+impl Wake {
+    async fn wait(&mut self, poll: Duration) {
+        let local = self.local.clone();
+        let notified = async {
+            match &mut self.listener {
+                Some(l) => match l.recv().await {
+                    Ok(_) => {
+                        self.listener_failed = false;
+                    }
+                    Err(e) => {
+                        // The listener reconnects on its next call; until
+                        // then, poll.
+                        if !self.listener_failed {
+                            tracing::warn!(error = %e, "outbox LISTEN connection failed; polling until it is back");
+                            self.listener_failed = true;
+                        }
+                        tokio::time::sleep(poll).await;
+                    }
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = local.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+        // Notifications that arrived meanwhile are covered by the pass that
+        // follows.
+        if let Some(l) = &mut self.listener {
+            while l.next_buffered().is_some() {}
+        }
+    }
+}
+
+/// Why a pass stopped early.
+enum Failure {
+    /// The broker is unreachable or failed: retry the same rows later.
+    Broker(Status),
+    /// The outbox database failed.
+    Database(Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Broker(s) => write!(f, "broker: {}: {}", s.code(), s.message()),
+            Failure::Database(e) => write!(f, "outbox database: {e}"),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Database(e)
+    }
+}
+
+/// True when the broker refused the message itself (bad input, unknown
+/// topic) rather than failing: resending it unchanged will not help soon.
+fn refused(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::PermissionDenied
+    )
+}
+
+/// Failures since the last success, for logging at a sensible rate.
+struct Failing {
+    since: Instant,
+    count: u64,
+    logged: Instant,
+    delay: Duration,
+}
+
+/// How often a continuing failure is logged again.
+const LOG_AGAIN: Duration = Duration::from_secs(30);
+
+struct Runner {
+    outbox: Outbox,
+    config: RelayConfig,
+    wake: Wake,
+    leadership: Option<postgres::Leadership>,
+    publisher: Publisher,
+    unary: PublisherServiceClient<Channel>,
+    session: Option<PublishSession>,
+    /// Where the current sweep continues; 0 starts from the lowest row.
+    cursor: i64,
+    name: String,
+    started: SystemTime,
+    stop: watch::Receiver<bool>,
+    status: watch::Sender<RelayStatus>,
+    acked: broadcast::Sender<Arc<[Uuid]>>,
+    failing: Option<Failing>,
+}
+
+impl Runner {
+    fn stopping(&self) -> bool {
+        // A dropped Relay handle also stops the task.
+        *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
+    /// Waits up to `d`, or less if the relay is stopped.
+    async fn pause(&mut self, d: Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+
+    async fn run(mut self) {
+        tracing::info!(relay = %self.name, broker = %self.config.broker, "outbox relay started");
+        let mut heartbeat = Instant::now();
+        let mut reported = Instant::now();
+        let mut reported_published = 0;
+        self.heartbeat().await;
+        while !self.stopping() {
+            if !self.lead(&mut heartbeat).await {
+                let poll = self.config.poll_interval;
+                self.pause(poll).await;
+                continue;
+            }
+            match self.pass().await {
+                Ok(true) => self.succeeded(),
+                Ok(false) => {
+                    self.succeeded();
+                    let poll = self.config.poll_interval;
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = self.wake.wait(poll) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
+                Err(f) => {
+                    let delay = self.failed(&f);
+                    self.pause(delay).await;
+                }
+            }
+            if heartbeat.elapsed() >= self.config.heartbeat_interval {
+                heartbeat = Instant::now();
+                self.heartbeat().await;
+            }
+            if reported.elapsed() >= self.config.report_interval {
+                reported = Instant::now();
+                let published = self.status.borrow().published;
+                self.log_report(published != reported_published).await;
+                reported_published = published;
+            }
+        }
+        if let Err(e) = self.outbox.retire(&self.name).await {
+            tracing::debug!(error = %e, "could not remove the relay's report row");
+        }
+        let s = self.status.borrow().clone();
+        tracing::info!(relay = %self.name, published = s.published, "outbox relay stopped");
+    }
+
+    /// On PostgreSQL, whether this relay holds the leader lock (checked at
+    /// each heartbeat while leading, each poll while standing by).
+    async fn lead(&mut self, heartbeat: &mut Instant) -> bool {
+        let (Some(leadership), Backend::Postgres(pool)) =
+            (&mut self.leadership, &self.outbox.backend)
+        else {
+            self.status
+                .send_if_modified(|s| !std::mem::replace(&mut s.leader, true));
+            return true;
+        };
+        let was = self.status.borrow().leader;
+        if was && heartbeat.elapsed() < self.config.heartbeat_interval {
+            return true;
+        }
+        let now = leadership.check(pool).await;
+        if now != was {
+            self.status.send_modify(|s| s.leader = now);
+            if now {
+                tracing::info!(relay = %self.name, "this relay now publishes the outbox");
+                // Start from the lowest row: the previous leader may have
+                // left anything.
+                self.cursor = 0;
+            } else {
+                tracing::info!(relay = %self.name, "another relay publishes the outbox; standing by");
+            }
+            *heartbeat = Instant::now();
+            self.heartbeat().await;
+        }
+        now
+    }
+
+    /// One batch: read, publish, delete. `Ok(true)` if there may be more to
+    /// do at once, `Ok(false)` when the outbox has nothing ready.
+    async fn pass(&mut self) -> Result<bool, Failure> {
+        let limit = self.config.batch_size.clamp(1, 1000);
+        let mut rows = self.outbox.fetch(self.cursor, limit).await?;
+        if rows.is_empty() {
+            let swept = self.cursor == 0;
+            self.cursor = 0;
+            return Ok(!swept);
+        }
+        let more = rows.len() == limit;
+        let mut bytes = 0;
+        let keep = rows
+            .iter()
+            .take_while(|r| {
+                bytes += r.bytes();
+                bytes <= self.config.max_batch_bytes
+            })
+            .count()
+            .max(1);
+        let trimmed = keep < rows.len();
+        rows.truncate(keep);
+        let last = rows[rows.len() - 1].seq;
+        match self.publish(&rows).await {
+            Ok(results) => {
+                self.done(&rows, &results).await?;
+            }
+            Err(s) if refused(&s) => self.one_by_one(&rows).await?,
+            Err(s) => return Err(Failure::Broker(s)),
+        }
+        // Caught up: the next sweep starts from the lowest pending row, which
+        // finds rows that committed late with lower numbers.
+        self.cursor = if more || trimmed { last } else { 0 };
+        Ok(true)
+    }
+
+    /// Publishes one batch on the stream and waits for its durable ack.
+    async fn publish(&mut self, rows: &[Row]) -> Result<Vec<proto::PublishResult>, Status> {
+        let messages = rows
+            .iter()
+            .map(to_proto)
+            .collect::<Result<Vec<_>, Status>>()?;
+        if self.session.is_none() {
+            self.session = Some(self.publisher.stream(1).await?);
+        }
+        let Some(session) = &mut self.session else {
+            return Err(Status::internal("no publish stream"));
+        };
+        let answer = match session.send(messages).await {
+            Ok(()) => session.next().await,
+            Err(s) => Err(s),
+        };
+        match answer {
+            Ok(Some(results)) if results.len() == rows.len() => Ok(results),
+            Ok(Some(results)) => {
+                self.session = None;
+                Err(Status::internal(format!(
+                    "broker answered {} results for {} messages",
+                    results.len(),
+                    rows.len()
+                )))
+            }
+            Ok(None) => {
+                self.session = None;
+                Err(Status::unavailable("publish stream ended"))
+            }
+            Err(s) => {
+                // A failed request ends the stream; open a new one next time.
+                self.session = None;
+                Err(s)
+            }
+        }
+    }
+
+    /// After the broker refused a batch: publishes its rows one at a time,
+    /// holding each refused row and the later rows of its key (its whole
+    /// topic if the topic does not exist).
+    async fn one_by_one(&mut self, rows: &[Row]) -> Result<(), Failure> {
+        let mut held_keys: HashSet<(String, String)> = HashSet::new();
+        let mut held_topics: HashSet<String> = HashSet::new();
+        for row in rows {
+            if held_topics.contains(&row.topic)
+                || (!row.key.is_empty()
+                    && held_keys.contains(&(row.topic.clone(), row.key.clone())))
+            {
+                continue;
+            }
+            let result = match to_proto(row) {
+                Ok(m) => self
+                    .unary
+                    .publish(proto::PublishRequest { messages: vec![m] })
+                    .await
+                    .map(|r| r.into_inner().results),
+                Err(s) => Err(s),
+            };
+            match result {
+                Ok(results) => self.done(std::slice::from_ref(row), &results).await?,
+                Err(s) if refused(&s) => {
+                    let whole_topic = s.code() == Code::NotFound;
+                    let wait = self
+                        .config
+                        .hold_min
+                        .saturating_mul(2u32.saturating_pow(row.attempts.clamp(0, 20) as u32))
+                        .min(self.config.hold_max);
+                    tracing::warn!(
+                        id = %row.id, topic = %row.topic, key = %row.key,
+                        error = %s.message(), retry_in = ?wait, whole_topic,
+                        "the broker refused an outbox message; it waits in the outbox, and so do \
+                         the later messages of its key"
+                    );
+                    self.outbox
+                        .hold(row, s.message(), SystemTime::now() + wait, whole_topic)
+                        .await?;
+                    self.status.send_modify(|st| st.held += 1);
+                    if whole_topic {
+                        held_topics.insert(row.topic.clone());
+                    } else if !row.key.is_empty() {
+                        held_keys.insert((row.topic.clone(), row.key.clone()));
+                    }
+                }
+                Err(s) => return Err(Failure::Broker(s)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker acked `rows`: delete them, count, tell listeners.
+    async fn done(&mut self, rows: &[Row], results: &[proto::PublishResult]) -> Result<(), Error> {
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        // If this fails the rows stay and are sent again: the broker answers
+        // them as duplicates.
+        self.outbox.delete(&seqs).await?;
+        let duplicates = results.iter().filter(|r| r.duplicate).count() as u64;
+        if duplicates > 0 {
+            tracing::info!(
+                duplicates,
+                "the broker already had some of these messages (an earlier attempt's ack was lost)"
+            );
+        }
+        self.status.send_modify(|s| {
+            s.published += rows.len() as u64;
+            s.duplicates += duplicates;
+            s.last_publish = Some(SystemTime::now());
+        });
+        if self.acked.receiver_count() > 0 {
+            let ids: Arc<[Uuid]> = results
+                .iter()
+                .filter_map(|r| Uuid::parse_str(&r.id).ok())
+                .collect();
+            let _ = self.acked.send(ids);
+        }
+        Ok(())
+    }
+
+    fn succeeded(&mut self) {
+        if let Some(f) = self.failing.take() {
+            tracing::info!(
+                failures = f.count,
+                after = ?f.since.elapsed(),
+                "outbox relay working again"
+            );
+            self.status.send_modify(|s| s.last_error = None);
+        }
+    }
+
+    /// Records a failure, logs it at a sensible rate, and returns how long to
+    /// wait before the next attempt.
+    fn failed(&mut self, failure: &Failure) -> Duration {
+        let text = failure.to_string();
+        self.status
+            .send_modify(|s| s.last_error = Some(text.clone()));
+        let retry = self.config.retry;
+        match &mut self.failing {
+            None => {
+                tracing::warn!(error = %text, "outbox relay cannot publish; rows wait in the outbox and will be retried");
+                self.failing = Some(Failing {
+                    since: Instant::now(),
+                    count: 1,
+                    logged: Instant::now(),
+                    delay: retry.min,
+                });
+                retry.min
+            }
+            Some(f) => {
+                f.count += 1;
+                f.delay = (f.delay * 2).min(retry.max);
+                if f.logged.elapsed() >= LOG_AGAIN {
+                    f.logged = Instant::now();
+                    tracing::warn!(
+                        error = %text, failures = f.count, since = ?f.since.elapsed(),
+                        "outbox relay still cannot publish; rows wait in the outbox"
+                    );
+                }
+                f.delay
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let status = self.status.borrow().clone();
+        if let Err(e) = self.outbox.report(&self.name, &status, self.started).await {
+            tracing::debug!(error = %e, "could not write the relay's report row");
+        }
+    }
+
+    async fn log_report(&mut self, published_since: bool) {
+        let status = self.status.borrow().clone();
+        match self.outbox.stats().await {
+            Ok(stats) if stats.depth > 0 || published_since => tracing::info!(
+                depth = stats.depth,
+                held = stats.held,
+                oldest_pending = ?stats.oldest_age,
+                published = status.published,
+                duplicates = status.duplicates,
+                last_publish_ago = ?status.last_publish.and_then(|t| t.elapsed().ok()),
+                leader = status.leader,
+                "outbox"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read outbox depth"),
+        }
+    }
+}
+
+fn to_proto(row: &Row) -> Result<proto::Message, Status> {
+    let attributes = super::decode_attributes(row.seq, row.attributes.as_deref())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(proto::Message {
+        id: row.id.clone(),
+        topic: row.topic.clone(),
+        key: row.key.clone(),
+        payload: row.payload.clone(),
+        attributes,
+        ..Default::default()
+    })
+}

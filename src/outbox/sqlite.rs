@@ -1,0 +1,205 @@
+//! The outbox's SQL for SQLite (beside `migrations/outbox/sqlite.sql`).
+
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Row as _, Sqlite, Transaction};
+
+use super::{NewRow, OutboxStats, RelayReport, RelayStatus, Row};
+use crate::error::{Error, Result};
+use crate::model::{from_micros, now_micros, time_micros};
+
+/// Rows per INSERT statement (5 parameters each, far below SQLite's limit).
+const INSERT_CHUNK: usize = 200;
+
+pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::InvalidArgument(format!("bad outbox database URL {url}: {e}")))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot open the outbox database: {e}")))
+}
+
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(super::SQLITE_MIGRATION)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, rows: &[NewRow]) -> Result<()> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO tidings_outbox (id, topic, key, payload, attributes) VALUES {values}"
+        );
+        // Only the number of placeholders varies.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            query = query
+                .bind(r.id.as_str())
+                .bind(r.topic.as_str())
+                .bind(r.key.as_deref())
+                .bind(r.payload.as_slice())
+                .bind(r.attributes.as_deref());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+pub(super) async fn fetch(pool: &SqlitePool, after: i64, limit: usize) -> Result<Vec<Row>> {
+    // Rows held after a refusal wait until not_before, and so do the later
+    // rows of their key (the partial index makes that check a probe).
+    let now = now_micros();
+    let rows = sqlx::query(
+        "SELECT o.seq, o.id, o.topic, coalesce(o.key, ''), CAST(o.payload AS BLOB), o.attributes, \
+                o.attempts \
+         FROM tidings_outbox o \
+         WHERE o.seq > ?1 AND (o.not_before IS NULL OR o.not_before <= ?2) \
+           AND NOT EXISTS (SELECT 1 FROM tidings_outbox h \
+                           WHERE h.not_before > ?2 AND h.topic = o.topic \
+                             AND h.key = o.key AND h.seq < o.seq) \
+         ORDER BY o.seq LIMIT ?3",
+    )
+    .bind(after)
+    .bind(now)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Row {
+                seq: r.try_get(0)?,
+                id: r.try_get(1)?,
+                topic: r.try_get(2)?,
+                key: r.try_get(3)?,
+                payload: r.try_get(4)?,
+                attributes: r.try_get(5)?,
+                attempts: r.try_get(6)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Error::from)
+}
+
+pub(super) async fn delete(pool: &SqlitePool, seqs: &[i64]) -> Result<()> {
+    let list = serde_json::to_string(seqs)
+        .map_err(|e| Error::Storage(format!("encoding sequence numbers: {e}")))?;
+    sqlx::query("DELETE FROM tidings_outbox WHERE seq IN (SELECT value FROM json_each(?))")
+        .bind(list)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn hold(
+    pool: &SqlitePool,
+    row: &Row,
+    error: &str,
+    until: i64,
+    whole_topic: bool,
+) -> Result<()> {
+    let sql = if whole_topic {
+        "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = ?2, not_before = ?3 \
+         WHERE topic = ?4"
+    } else {
+        "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = ?2, not_before = ?3 \
+         WHERE seq = ?1"
+    };
+    sqlx::query(sql)
+        .bind(row.seq)
+        .bind(error)
+        .bind(until)
+        .bind(&row.topic)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn stats(pool: &SqlitePool) -> Result<OutboxStats> {
+    let head = sqlx::query(
+        "SELECT (SELECT count(*) FROM tidings_outbox), \
+                (SELECT count(*) FROM tidings_outbox WHERE not_before IS NOT NULL), \
+                (SELECT created_at FROM tidings_outbox ORDER BY seq LIMIT 1), \
+                (SELECT last_error FROM tidings_outbox WHERE not_before IS NOT NULL \
+                 ORDER BY seq LIMIT 1)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let relays = sqlx::query(
+        "SELECT relay, leader, published, last_publish_at, heartbeat_at, last_error \
+         FROM tidings_outbox_relays ORDER BY relay",
+    )
+    .fetch_all(pool)
+    .await?;
+    let oldest: Option<i64> = head.try_get(2)?;
+    Ok(OutboxStats {
+        depth: head.try_get(0)?,
+        held: head.try_get(1)?,
+        oldest_age: oldest.map(|c| super::age(c, now_micros())),
+        held_error: head.try_get(3)?,
+        relays: relays
+            .iter()
+            .map(|r| {
+                Ok(RelayReport {
+                    relay: r.try_get(0)?,
+                    leader: r.try_get(1)?,
+                    published: r.try_get(2)?,
+                    last_publish: r.try_get::<Option<i64>, _>(3)?.map(from_micros),
+                    heartbeat: from_micros(r.try_get(4)?),
+                    last_error: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}
+
+pub(super) async fn report(
+    pool: &SqlitePool,
+    relay: &str,
+    status: &RelayStatus,
+    started: SystemTime,
+) -> Result<()> {
+    let now = now_micros();
+    let mut tx = pool.begin().await?;
+    // Reports of relays silent for a day are dropped (they were killed).
+    sqlx::query("DELETE FROM tidings_outbox_relays WHERE heartbeat_at < ?")
+        .bind(now - 86_400_000_000)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO tidings_outbox_relays \
+           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         ON CONFLICT (relay) DO UPDATE SET heartbeat_at = ?3, leader = ?4, published = ?5, \
+           last_publish_at = ?6, last_error = ?7",
+    )
+    .bind(relay)
+    .bind(time_micros(started))
+    .bind(now)
+    .bind(status.leader)
+    .bind(i64::try_from(status.published).unwrap_or(i64::MAX))
+    .bind(status.last_publish.map(time_micros))
+    .bind(status.last_error.as_deref())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn retire(pool: &SqlitePool, relay: &str) -> Result<()> {
+    sqlx::query("DELETE FROM tidings_outbox_relays WHERE relay = ?")
+        .bind(relay)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

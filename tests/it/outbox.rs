@@ -1,0 +1,592 @@
+//! The outbox and its relay: enqueue in the application's transaction, relay
+//! to the real broker, on SQLite and on PostgreSQL (the application's
+//! database on the same backend as the broker's).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::{PgPool, SqlitePool};
+use tempfile::TempDir;
+use tidings::client::Backoff;
+use tidings::outbox::{self, Message, Outbox, Relay, RelayConfig};
+use tidings::proto;
+use uuid::Uuid;
+
+use crate::harness::{
+    Backend, TestBroker, backend_test, drop_database, fresh_database, ms, payload,
+};
+
+/// The application's own database, holding the outbox.
+pub(crate) enum AppDb {
+    Sqlite {
+        pool: SqlitePool,
+        url: String,
+        _dir: TempDir,
+    },
+    Postgres {
+        pool: PgPool,
+        url: String,
+        admin: String,
+        name: String,
+    },
+}
+
+impl AppDb {
+    /// A fresh application database on `backend`, with the outbox migrated
+    /// and a `counters` table the tests' writers serialize on.
+    pub(crate) async fn create(backend: &Backend) -> AppDb {
+        let db = match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}/app.db", dir.path().display());
+                let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("url");
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(
+                        options
+                            .create_if_missing(true)
+                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                            .busy_timeout(Duration::from_secs(30)),
+                    )
+                    .await
+                    .expect("open SQLite");
+                AppDb::Sqlite {
+                    pool,
+                    url,
+                    _dir: dir,
+                }
+            }
+            Backend::Postgres(admin) => {
+                let (url, name) = fresh_database(admin).await;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(12)
+                    .connect(&url)
+                    .await
+                    .expect("connect PostgreSQL");
+                AppDb::Postgres {
+                    pool,
+                    url,
+                    admin: admin.clone(),
+                    name,
+                }
+            }
+        };
+        db.outbox().migrate().await.expect("migrate outbox");
+        db.exec("CREATE TABLE counters (key TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+            .await;
+        db
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        match self {
+            AppDb::Sqlite { url, .. } | AppDb::Postgres { url, .. } => url,
+        }
+    }
+
+    /// An outbox handle over the application's pool.
+    pub(crate) fn outbox(&self) -> Outbox {
+        match self {
+            AppDb::Sqlite { pool, .. } => Outbox::sqlite(pool.clone()),
+            AppDb::Postgres { pool, .. } => Outbox::postgres(pool.clone()),
+        }
+    }
+
+    /// Runs plain SQL, as an application in any language would.
+    pub(crate) async fn exec(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            AppDb::Sqlite { pool, .. } => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+            AppDb::Postgres { pool, .. } => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
+        }
+        .expect("plain SQL");
+    }
+
+    /// Enqueues `messages` in one transaction that commits or rolls back.
+    pub(crate) async fn enqueue(&self, messages: &[Message], commit: bool) {
+        match self {
+            AppDb::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await.expect("begin");
+                outbox::enqueue_all(&mut tx, messages)
+                    .await
+                    .expect("enqueue");
+                if commit {
+                    tx.commit().await.expect("commit");
+                } else {
+                    tx.rollback().await.expect("rollback");
+                }
+            }
+            AppDb::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await.expect("begin");
+                outbox::enqueue_all(&mut tx, messages)
+                    .await
+                    .expect("enqueue");
+                if commit {
+                    tx.commit().await.expect("commit");
+                } else {
+                    tx.rollback().await.expect("rollback");
+                }
+            }
+        }
+    }
+
+    /// One writer's transaction: takes the next number of `key` from the
+    /// counters table (serializing writers of a key, as an application's own
+    /// row would) and enqueues a message carrying it. Returns the message id
+    /// and the number. Retries the whole transaction on a conflict.
+    pub(crate) async fn next_in_key(&self, topic: &str, key: &str) -> (Uuid, i64) {
+        for _ in 0..50 {
+            match self.try_next_in_key(topic, key).await {
+                Ok(done) => return done,
+                Err(e) => {
+                    let _ = e;
+                    tokio::time::sleep(ms(5)).await;
+                }
+            }
+        }
+        panic!("writer kept failing");
+    }
+
+    async fn try_next_in_key(&self, topic: &str, key: &str) -> Result<(Uuid, i64), tidings::Error> {
+        const BUMP: &str = "INSERT INTO counters (key, n) VALUES ($1, 1) \
+                            ON CONFLICT (key) DO UPDATE SET n = counters.n + 1 RETURNING n";
+        match self {
+            AppDb::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                let n: i64 = sqlx::query_scalar(BUMP)
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let m = Message::new(topic, n.to_string()).with_key(key);
+                let id = outbox::enqueue(&mut tx, &m).await?;
+                tx.commit().await?;
+                Ok((id, n))
+            }
+            AppDb::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                let n: i64 = sqlx::query_scalar(BUMP)
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let m = Message::new(topic, n.to_string()).with_key(key);
+                let id = outbox::enqueue(&mut tx, &m).await?;
+                tx.commit().await?;
+                Ok((id, n))
+            }
+        }
+    }
+
+    /// Rows left in the outbox.
+    pub(crate) async fn depth(&self) -> i64 {
+        self.outbox().stats().await.expect("outbox stats").depth
+    }
+
+    pub(crate) async fn drop(self) {
+        match self {
+            AppDb::Sqlite { pool, .. } => pool.close().await,
+            AppDb::Postgres {
+                pool, admin, name, ..
+            } => {
+                pool.close().await;
+                drop_database(&admin, &name).await;
+            }
+        }
+    }
+}
+
+/// Relay settings for tests: fast polls, retries and holds.
+pub(crate) fn relay_config(broker: &TestBroker) -> RelayConfig {
+    let mut c = RelayConfig::new(broker.url.clone());
+    c.poll_interval = ms(50);
+    c.retry = Backoff {
+        min: ms(20),
+        max: ms(200),
+        give_up_after: None,
+    };
+    c.hold_min = ms(50);
+    c.hold_max = ms(200);
+    c.heartbeat_interval = ms(100);
+    c
+}
+
+/// Receives from `sub` until `n` distinct messages arrived, acking each;
+/// returns them in arrival order (each id once).
+pub(crate) async fn receive(
+    sub: &mut tidings::client::Subscription,
+    n: usize,
+) -> Vec<proto::ReceivedMessage> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.next_message())
+            .await
+            .expect("messages arrive in time")
+            .expect("subscription open")
+            .expect("no error");
+        sub.ack(vec![m.ack_id.clone()]);
+        let id = m.message.as_ref().expect("message").id.clone();
+        if seen.insert(id) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn id_of(m: &proto::ReceivedMessage) -> Uuid {
+    Uuid::parse_str(&m.message.as_ref().expect("message").id).expect("uuid")
+}
+
+/// The topic's last sequence number: how many messages the broker stored.
+pub(crate) async fn stored(broker: &TestBroker, topic: &str) -> i64 {
+    broker
+        .admin()
+        .raw()
+        .get_topic(proto::GetTopicRequest { name: topic.into() })
+        .await
+        .expect("get topic")
+        .into_inner()
+        .topic
+        .expect("topic")
+        .last_sequence
+}
+
+backend_test! {
+    async fn rolled_back_enqueue_never_publishes_committed_one_always_does(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut sub = broker.subscribe("s");
+
+        let rolled_back: Vec<Message> = (0..3).map(|i| Message::new("orders", format!("rb{i}"))).collect();
+        let committed: Vec<Message> = (0..5).map(|i| Message::new("orders", format!("ok{i}"))).collect();
+        app.enqueue(&rolled_back, false).await;
+        app.enqueue(&committed, true).await;
+        // A marker committed after both: once it arrives, anything of the
+        // rolled-back transaction would have arrived before it.
+        let marker = Message::new("orders", "marker");
+        app.enqueue(std::slice::from_ref(&marker), true).await;
+
+        let got = receive(&mut sub, 6).await;
+        let ids: Vec<Uuid> = got.iter().map(id_of).collect();
+        let mut want: Vec<Uuid> = committed.iter().map(|m| m.id).collect();
+        want.push(marker.id);
+        assert_eq!(ids, want, "exactly the committed messages, in order, with their enqueue ids");
+        assert_eq!(stored(&broker, "orders").await, 6);
+        for m in &rolled_back {
+            assert!(!ids.contains(&m.id));
+        }
+        relay.stop().await;
+        assert_eq!(app.depth().await, 0, "acked rows are deleted");
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+backend_test! {
+    async fn broker_down_for_seconds_then_back_delivers_every_message_once(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut status = relay.watch();
+
+        let before: Vec<Message> = (0..50).map(|i| Message::new("orders", format!("a{i}"))).collect();
+        app.enqueue(&before, true).await;
+        status
+            .wait_for(|s| s.published >= 50)
+            .await
+            .expect("relay running");
+
+        let paused = broker.pause().await;
+        let during: Vec<Message> = (0..200).map(|i| Message::new("orders", format!("b{i}"))).collect();
+        for chunk in during.chunks(20) {
+            app.enqueue(chunk, true).await;
+        }
+        // The relay keeps failing while the broker is down (its backoff is
+        // capped at 200ms here, so this takes several seconds).
+        let failures_seen = tokio::time::Instant::now();
+        status
+            .wait_for(|s| s.last_error.is_some())
+            .await
+            .expect("relay running");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(relay.status().last_error.is_some(), "still failing while the broker is down");
+        let stats = app.outbox().stats().await.expect("stats");
+        assert_eq!(stats.depth, 200, "rows wait in the outbox");
+        assert!(stats.oldest_age.expect("oldest") >= failures_seen.elapsed());
+
+        let broker = paused.resume().await;
+        status
+            .wait_for(|s| s.published >= 250 && s.last_error.is_none())
+            .await
+            .expect("relay running");
+        let mut sub = broker.subscribe("s");
+        let got = receive(&mut sub, 250).await;
+        let ids: Vec<Uuid> = got.iter().map(id_of).collect();
+        let want: Vec<Uuid> = before.iter().chain(&during).map(|m| m.id).collect();
+        assert_eq!(ids, want, "every message once, in order");
+        assert_eq!(stored(&broker, "orders").await, 250, "nothing stored twice");
+        relay.stop().await;
+        assert_eq!(app.depth().await, 0);
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+backend_test! {
+    async fn late_committing_lower_number_is_neither_skipped_nor_reordered(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut sub = broker.subscribe("s");
+        match &app {
+            AppDb::Postgres { pool, .. } => {
+                // T1 takes the lower number for key "k" and stays open.
+                let mut t1 = pool.begin().await.expect("begin");
+                let early = Message::new("orders", "k-first").with_key("k");
+                outbox::enqueue(&mut t1, &early).await.expect("enqueue");
+                // A row of another key commits meanwhile with a higher
+                // number: it is relayed at once, past the open gap.
+                let other = Message::new("orders", "other-key").with_key("j");
+                app.enqueue(std::slice::from_ref(&other), true).await;
+                let got = receive(&mut sub, 1).await;
+                assert_eq!(id_of(&got[0]), other.id);
+                // A second writer of key "k" waits for T1's key lock, so it
+                // can neither take a number below T1's nor commit first.
+                let second = Message::new("orders", "k-second").with_key("k");
+                let pool2 = pool.clone();
+                let m2 = second.clone();
+                let t2 = tokio::spawn(async move {
+                    let mut tx = pool2.begin().await.expect("begin");
+                    outbox::enqueue(&mut tx, &m2).await.expect("enqueue");
+                    tx.commit().await.expect("commit");
+                });
+                wait_for_lock_waiter(pool).await;
+                t1.commit().await.expect("commit");
+                t2.await.expect("second writer");
+                let got = receive(&mut sub, 2).await;
+                let ids: Vec<Uuid> = got.iter().map(id_of).collect();
+                assert_eq!(ids, vec![early.id, second.id], "the late commit is relayed, first in its key");
+            }
+            AppDb::Sqlite { pool, .. } => {
+                // SQLite runs one write transaction at a time: a second
+                // writer waits for the first, so numbers follow commits.
+                let mut t1 = pool.begin().await.expect("begin");
+                let early = Message::new("orders", "k-first").with_key("k");
+                outbox::enqueue(&mut t1, &early).await.expect("enqueue");
+                let second = Message::new("orders", "k-second").with_key("k");
+                let pool2 = pool.clone();
+                let m2 = second.clone();
+                let t2 = tokio::spawn(async move {
+                    let mut tx = pool2.begin().await.expect("begin");
+                    outbox::enqueue(&mut tx, &m2).await.expect("enqueue");
+                    tx.commit().await.expect("commit");
+                });
+                tokio::task::yield_now().await;
+                t1.commit().await.expect("commit");
+                t2.await.expect("second writer");
+                let got = receive(&mut sub, 2).await;
+                let ids: Vec<Uuid> = got.iter().map(id_of).collect();
+                assert_eq!(ids, vec![early.id, second.id]);
+            }
+        }
+        assert_eq!(stored(&broker, "orders").await, if matches!(app, AppDb::Postgres { .. }) { 3 } else { 2 });
+        relay.stop().await;
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+/// Waits until some session of the database waits for an advisory lock.
+async fn wait_for_lock_waiter(pool: &PgPool) {
+    for _ in 0..2000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_locks");
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(ms(5)).await;
+    }
+    panic!("the second writer never waited for the key lock");
+}
+
+backend_test! {
+    async fn per_key_order_holds_with_concurrent_writers_and_two_relays(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker
+            .topic_and_sub("orders", "s", |s| s.ordered = true)
+            .await;
+        let app = AppDb::create(&backend).await;
+        // Two relays, each with its own pool, as two processes would be.
+        let second_outbox = Outbox::connect(app.url()).await.expect("second pool");
+        let first = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay 1");
+        let second = Relay::start(second_outbox, relay_config(&broker)).await.expect("relay 2");
+
+        const WRITERS: usize = 6;
+        const PER_WRITER: usize = 150;
+        const KEYS: u64 = 8;
+        let app = std::sync::Arc::new(app);
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let app = app.clone();
+            writers.push(tokio::spawn(async move {
+                let mut rng = crate::harness::Rng::new(w as u64 + 11);
+                for _ in 0..PER_WRITER {
+                    let key = format!("k{}", rng.below(KEYS));
+                    app.next_in_key("orders", &key).await;
+                }
+            }));
+        }
+        // Halfway, the relay doing the work stops; the other carries on (on
+        // PostgreSQL it takes over the leader lock).
+        let (mut a, mut b) = (first.watch(), second.watch());
+        while a.borrow().published + b.borrow().published < 300 {
+            tokio::select! {
+                r = a.changed() => r.expect("relay 1 running"),
+                r = b.changed() => r.expect("relay 2 running"),
+            }
+        }
+        let (busy, other) = if first.status().published >= second.status().published {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        busy.stop().await;
+        let second = other;
+        for w in writers {
+            w.await.expect("writer");
+        }
+        let total = WRITERS * PER_WRITER;
+        let mut sub = broker.subscribe("s");
+        let got = receive(&mut sub, total).await;
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for m in &got {
+            let msg = m.message.as_ref().expect("message");
+            let n: i64 = payload(m).parse().expect("number");
+            let prev = last.insert(msg.key.clone(), n).unwrap_or(0);
+            assert_eq!(n, prev + 1, "key {} out of order: {} after {}", msg.key, n, prev);
+        }
+        assert_eq!(stored(&broker, "orders").await, total as i64, "each message stored once");
+        second.stop().await;
+        let app = std::sync::Arc::into_inner(app).expect("writers done");
+        assert_eq!(app.depth().await, 0);
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+backend_test! {
+    async fn plain_sql_inserts_are_relayed(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut sub = broker.subscribe("s");
+        // What a Python, Ruby, Go or shell program writes: only the columns
+        // it cares about, every other one has a default.
+        app.exec(
+            "BEGIN; \
+             INSERT INTO counters (key, n) VALUES ('order-1', 1); \
+             INSERT INTO tidings_outbox (topic, key, payload) VALUES ('orders', 'customer-7', 'created'); \
+             INSERT INTO tidings_outbox (topic, payload, attributes) \
+               VALUES ('orders', 'no key', '{\"source\": \"script\", \"n\": 3}'); \
+             COMMIT;",
+        )
+        .await;
+        app.exec(
+            "BEGIN; INSERT INTO tidings_outbox (topic, payload) VALUES ('orders', 'rolled back'); ROLLBACK;",
+        )
+        .await;
+        app.exec("INSERT INTO tidings_outbox (topic, key, payload) VALUES ('orders', 'customer-7', 'paid')")
+            .await;
+        let got = receive(&mut sub, 3).await;
+        let payloads: Vec<String> = got.iter().map(payload).collect();
+        assert_eq!(payloads, vec!["created", "no key", "paid"]);
+        let first = got[0].message.as_ref().expect("message");
+        assert_eq!(first.key, "customer-7");
+        assert_eq!(Uuid::parse_str(&first.id).expect("uuid").get_version_num(), 7, "default ids are UUID v7");
+        let second = got[1].message.as_ref().expect("message");
+        assert_eq!(second.key, "");
+        assert_eq!(second.attributes.get("source").map(String::as_str), Some("script"));
+        assert_eq!(second.attributes.get("n").map(String::as_str), Some("3"));
+        assert_eq!(stored(&broker, "orders").await, 3);
+        relay.stop().await;
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+backend_test! {
+    async fn refused_message_waits_with_its_key_until_the_broker_accepts_it(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |s| s.ordered = true).await;
+        let app = AppDb::create(&backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut status = relay.watch();
+        let mut sub = broker.subscribe("s");
+        // "late" does not exist yet: its rows wait. Rows of other topics and
+        // keys flow past them.
+        let early = Message::new("late", "l1").with_key("k");
+        let blocked = Message::new("late", "l2").with_key("k");
+        let free = Message::new("orders", "o1").with_key("k");
+        app.enqueue(&[early.clone(), blocked.clone(), free.clone()], true).await;
+        let got = receive(&mut sub, 1).await;
+        assert_eq!(id_of(&got[0]), free.id);
+        status.wait_for(|s| s.held >= 1).await.expect("relay running");
+        let stats = app.outbox().stats().await.expect("stats");
+        assert_eq!(stats.depth, 2, "refused rows are kept, never dropped");
+        assert!(stats.held >= 1);
+        assert!(stats.held_error.as_deref().unwrap_or("").contains("late"), "{stats:?}");
+
+        broker.topic_and_sub("late", "late-s", |_| {}).await;
+        let mut late = broker.subscribe("late-s");
+        let got = receive(&mut late, 2).await;
+        let ids: Vec<Uuid> = got.iter().map(id_of).collect();
+        assert_eq!(ids, vec![early.id, blocked.id], "in order once the topic exists");
+        relay.stop().await;
+        assert_eq!(app.depth().await, 0);
+        app.drop().await;
+        broker.stop().await;
+    }
+}
+
+backend_test! {
+    async fn stats_report_depth_oldest_age_and_last_publish(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        app.enqueue(&[Message::new("orders", "a"), Message::new("orders", "b")], true).await;
+        let before = app.outbox().stats().await.expect("stats");
+        assert_eq!(before.depth, 2);
+        assert!(before.oldest_age.is_some());
+        assert!(before.relays.is_empty());
+
+        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let mut status = relay.watch();
+        status.wait_for(|s| s.published >= 2).await.expect("relay running");
+        // The relay writes its report at its next heartbeat (100ms here).
+        let mut report = None;
+        for _ in 0..200 {
+            let s = app.outbox().stats().await.expect("stats");
+            if let Some(r) = s.relays.iter().find(|r| r.published >= 2) {
+                assert_eq!(s.depth, 0);
+                assert_eq!(s.oldest_age, None);
+                report = Some(r.clone());
+                break;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+        let report = report.expect("the relay reported its publishes");
+        assert!(report.leader);
+        assert!(report.last_publish.is_some());
+        relay.stop().await;
+        assert!(app.outbox().stats().await.expect("stats").relays.is_empty(), "a stopped relay removes its row");
+        app.drop().await;
+        broker.stop().await;
+    }
+}
