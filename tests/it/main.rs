@@ -11,3 +11,4 @@ mod instances;
 mod ordering;
 mod outbox;
 mod publish;
+mod relay;

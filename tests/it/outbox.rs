@@ -175,6 +175,30 @@ impl AppDb {
         }
     }
 
+    /// Holds a lock that makes deletes from the outbox wait (and inserts;
+    /// reads go on) until the returned transaction is dropped.
+    pub(crate) async fn block_deletes(&self) -> DeleteBlock {
+        match self {
+            AppDb::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await.expect("begin");
+                // Any write statement takes SQLite's one write lock.
+                sqlx::query("UPDATE counters SET n = n WHERE 0")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("write lock");
+                DeleteBlock::Sqlite(tx)
+            }
+            AppDb::Postgres { pool, .. } => {
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query("LOCK TABLE tidings_outbox IN SHARE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("table lock");
+                DeleteBlock::Postgres(tx)
+            }
+        }
+    }
+
     /// Rows left in the outbox.
     pub(crate) async fn depth(&self) -> i64 {
         self.outbox().stats().await.expect("outbox stats").depth
@@ -191,6 +215,13 @@ impl AppDb {
             }
         }
     }
+}
+
+/// A transaction holding a lock on the outbox; dropping it rolls back.
+#[allow(dead_code)]
+pub(crate) enum DeleteBlock {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 /// Relay settings for tests: fast polls, retries and holds.
