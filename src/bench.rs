@@ -127,11 +127,11 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds are valid")
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
@@ -146,17 +146,10 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let url = match &config.broker {
         Some(url) => url.clone(),
         None => {
-            let dir = tempfile::tempdir()?;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let mut server_config = ServerConfig::new(dir.path());
-            server_config.store.fsync = config.fsync;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(server::run(listener, server_config, async move {
-                let _ = stopped.await;
-            }));
-            embedded = Some((dir, stop, task));
-            format!("http://{addr}")
+            let broker = Embedded::start(config.fsync).await?;
+            let url = broker.url.clone();
+            embedded = Some(broker);
+            url
         }
     };
     let channels = url
@@ -180,12 +173,46 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     }
     let origin = Instant::now();
     let report = measure(&config, &channels, &name, origin).await;
-    if let Some((dir, stop, task)) = embedded {
-        let _ = stop.send(());
-        let _ = task.await;
-        drop(dir);
+    if let Some(broker) = embedded {
+        broker.stop().await;
     }
     report
+}
+
+/// A broker the bench runs in process on a temporary data directory.
+pub(crate) struct Embedded {
+    pub(crate) url: String,
+    dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<crate::Result<()>>,
+}
+
+impl Embedded {
+    /// Starts it on 127.0.0.1 and a free port.
+    pub(crate) async fn start(fsync: bool) -> anyhow::Result<Embedded> {
+        let dir = tempfile::tempdir()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut server_config = ServerConfig::new(dir.path());
+        server_config.store.fsync = fsync;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, server_config, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Embedded {
+            url: format!("http://{addr}"),
+            dir,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops it and removes its data.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        drop(self.dir);
+    }
 }
 
 async fn measure(

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tidings::bench::{self, BenchConfig};
 use tidings::client::{self, Admin, Backoff, Event, FlowControl, Outgoing, Publisher, Subscriber};
+use tidings::outbox::bench::RelayBenchConfig;
 use tidings::outbox::{Outbox, Relay, RelayConfig};
 use tidings::proto;
 use tidings::server::{self, ServerConfig};
@@ -359,6 +360,24 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Measure the outbox and relay instead: writers commit messages into
+    /// the outbox of this database (postgres://... or sqlite://PATH; it must
+    /// hold no pending rows), `--publishers` of them, `--batch-size` messages
+    /// per transaction, `--rate` transactions per second. Without `--rate`
+    /// the outbox is filled first and then drained by a relay (throughput);
+    /// with it, each message's commit→broker-ack latency is measured.
+    #[arg(long)]
+    outbox_url: Option<String>,
+    /// With `--outbox-url`: wake the relay with NOTIFY (PostgreSQL); `false`
+    /// measures polling.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    relay_listen: bool,
+    /// With `--outbox-url`: the relay's poll interval.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    relay_poll_interval: Duration,
+    /// With `--outbox-url`: rows per relay publish request.
+    #[arg(long, default_value_t = 500)]
+    relay_batch_size: usize,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
@@ -468,6 +487,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { database_url } => {
             tidings::store::migrate_postgres(&database_url).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Bench(args) if args.outbox_url.is_some() => {
+            let report = tidings::outbox::bench::run(RelayBenchConfig {
+                broker: cli.broker,
+                outbox_url: args.outbox_url.unwrap_or_default(),
+                writers: args.publishers,
+                messages: args.messages,
+                payload_size: args.payload_size,
+                per_commit: args.batch_size,
+                rate: args.rate,
+                listen: args.relay_listen,
+                poll_interval: args.relay_poll_interval,
+                relay_batch: args.relay_batch_size,
+                fsync: args.fsync,
+            })
+            .await?;
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{report}");
+            }
             Ok(())
         }
         Command::Bench(args) => {

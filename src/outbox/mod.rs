@@ -7,6 +7,7 @@
 //! a transaction that rolls back never does. The outbox never commits on its
 //! own: the caller's transaction decides.
 
+pub mod bench;
 mod postgres;
 mod relay;
 mod sqlite;
