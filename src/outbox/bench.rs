@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use sqlx::{Database, Pool};
+use sqlx::Pool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -253,10 +253,7 @@ async fn write<DB: OutboxDatabase>(
     topic: &str,
     count: u64,
     times: Option<Arc<std::sync::Mutex<Times>>>,
-) -> anyhow::Result<()>
-where
-    DB: Database,
-{
+) -> anyhow::Result<()> {
     let per_writer_rate = config.rate.map(|r| r as f64 / config.writers as f64);
     let payload = vec![b'x'; config.payload_size];
     let start = Instant::now();
