@@ -338,6 +338,7 @@ impl Runner {
         let mut heartbeat = Instant::now();
         let mut reported = Instant::now();
         let mut reported_published = 0;
+        self.lead(&mut heartbeat).await;
         self.heartbeat().await;
         while !self.stopping() {
             if !self.lead(&mut heartbeat).await {

@@ -119,8 +119,25 @@ backend_test! {
             tokio::time::sleep(ms(20)).await;
         }
         assert!(drained, "the outbox drains after the kills");
-        relay.start_kill().expect("SIGKILL");
-        relay.wait().await.expect("relay exited");
+        // `tidings stats --outbox` reads the same numbers the relay reports.
+        let stats = Command::new(env!("CARGO_BIN_EXE_tidings"))
+            .args(["stats", "--outbox", app.url()])
+            .output()
+            .await
+            .expect("tidings stats");
+        let text = String::from_utf8_lossy(&stats.stdout);
+        assert!(stats.status.success(), "{text}");
+        assert!(text.contains("outbox_depth: 0\n"), "{text}");
+        assert!(text.contains("leader=true"), "{text}");
+        // SIGTERM stops the relay cleanly.
+        let pid = relay.id().expect("pid").to_string();
+        let term = Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+        assert!(term.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), relay.wait())
+            .await
+            .expect("relay stopped in time")
+            .expect("relay exited");
+        assert!(exit.success(), "relay exited with {exit}");
 
         let ids: Vec<Uuid> = enqueued.lock().expect("ids").clone();
         let distinct: HashSet<Uuid> = ids.iter().copied().collect();
