@@ -308,19 +308,13 @@ impl Outbox {
         }
     }
 
-    /// Holds a refused row (and with it the later rows of its key) until
-    /// `until`; with `whole_topic`, every waiting row of its topic.
-    async fn hold(
-        &self,
-        row: &Row,
-        error: &str,
-        until: SystemTime,
-        whole_topic: bool,
-    ) -> Result<()> {
-        let until = crate::model::time_micros(until);
+    /// Holds a refused row (and with it the later rows of its key) for
+    /// `wait`; with `whole_topic`, every waiting row of its topic.
+    async fn hold(&self, row: &Row, error: &str, wait: Duration, whole_topic: bool) -> Result<()> {
+        let wait = crate::model::micros(wait);
         match &self.backend {
-            Backend::Postgres(pool) => postgres::hold(pool, row, error, until, whole_topic).await,
-            Backend::Sqlite(pool) => sqlite::hold(pool, row, error, until, whole_topic).await,
+            Backend::Postgres(pool) => postgres::hold(pool, row, error, wait, whole_topic).await,
+            Backend::Sqlite(pool) => sqlite::hold(pool, row, error, wait, whole_topic).await,
         }
     }
 

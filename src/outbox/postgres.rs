@@ -126,20 +126,21 @@ pub(super) async fn hold(
     pool: &PgPool,
     row: &Row,
     error: &str,
-    until: i64,
+    wait_micros: i64,
     whole_topic: bool,
 ) -> Result<()> {
+    // The database's clock, which `fetch` compares with.
     let sql = if whole_topic {
         "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = $2, \
-         not_before = to_timestamp($3::float8 / 1e6) WHERE topic = $4"
+         not_before = now() + make_interval(secs => $3::float8 / 1e6) WHERE topic = $4"
     } else {
         "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = $2, \
-         not_before = to_timestamp($3::float8 / 1e6) WHERE seq = $1"
+         not_before = now() + make_interval(secs => $3::float8 / 1e6) WHERE seq = $1"
     };
     sqlx::query(sql)
         .bind(row.seq)
         .bind(error)
-        .bind(until)
+        .bind(wait_micros)
         .bind(&row.topic)
         .execute(pool)
         .await?;

@@ -522,7 +522,7 @@ impl Runner {
                          the later messages of its key"
                     );
                     self.outbox
-                        .hold(row, s.message(), SystemTime::now() + wait, whole_topic)
+                        .hold(row, s.message(), wait, whole_topic)
                         .await?;
                     self.status.send_modify(|st| st.held += 1);
                     if whole_topic {

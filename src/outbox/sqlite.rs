@@ -105,9 +105,10 @@ pub(super) async fn hold(
     pool: &SqlitePool,
     row: &Row,
     error: &str,
-    until: i64,
+    wait_micros: i64,
     whole_topic: bool,
 ) -> Result<()> {
+    let until = now_micros().saturating_add(wait_micros);
     let sql = if whole_topic {
         "UPDATE tidings_outbox SET attempts = attempts + 1, last_error = ?2, not_before = ?3 \
          WHERE topic = ?4"

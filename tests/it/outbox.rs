@@ -568,7 +568,11 @@ backend_test! {
         app.enqueue(&[early.clone(), blocked.clone(), free.clone()], true).await;
         let got = receive(&mut sub, 1).await;
         assert_eq!(id_of(&got[0]), free.id);
-        status.wait_for(|s| s.held >= 1).await.expect("relay running");
+        // `published` counts rows after their delete.
+        status
+            .wait_for(|s| s.held >= 1 && s.published >= 1)
+            .await
+            .expect("relay running");
         let stats = app.outbox().stats().await.expect("stats");
         assert_eq!(stats.depth, 2, "refused rows are kept, never dropped");
         assert!(stats.held >= 1);
