@@ -504,11 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync: args.fsync,
             })
             .await?;
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{report}");
-            }
+            print_report(args.json, &report, report.to_json());
             Ok(())
         }
         Command::Bench(args) => {
@@ -524,11 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fsync: args.fsync,
             })
             .await?;
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{report}");
-            }
+            print_report(args.json, &report, report.to_json());
             Ok(())
         }
         Command::Relay(args) => {
@@ -564,6 +556,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let channel = client::channel(url).map_err(grpc)?;
             run_client(command, channel).await
         }
+    }
+}
+
+/// Prints a bench report as text, or as one JSON object.
+fn print_report(json: bool, report: &impl std::fmt::Display, as_json: String) {
+    if json {
+        println!("{as_json}");
+    } else {
+        print!("{report}");
     }
 }
 

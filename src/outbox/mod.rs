@@ -158,6 +158,62 @@ fn age(created: i64, now: i64) -> Duration {
     Duration::from_micros(u64::try_from(now.saturating_sub(created)).unwrap_or(0))
 }
 
+/// Reads a pending row: seq, id, topic, key, payload, attributes, attempts.
+fn row_from<R>(r: &R) -> Result<Row, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Row {
+        seq: r.try_get(0)?,
+        id: r.try_get(1)?,
+        topic: r.try_get(2)?,
+        key: r.try_get(3)?,
+        payload: r.try_get(4)?,
+        attributes: r.try_get(5)?,
+        attempts: r.try_get(6)?,
+    })
+}
+
+/// Reads stats from the head query (depth, held, oldest row's creation in
+/// Unix microseconds, first held error) and the relays' rows (relay, leader,
+/// published, last publish and heartbeat in Unix microseconds, last error).
+fn stats_from<R>(head: &R, relays: &[R]) -> Result<OutboxStats, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let oldest: Option<i64> = head.try_get(2)?;
+    Ok(OutboxStats {
+        depth: head.try_get(0)?,
+        held: head.try_get(1)?,
+        oldest_age: oldest.map(|c| age(c, crate::model::now_micros())),
+        held_error: head.try_get(3)?,
+        relays: relays
+            .iter()
+            .map(|r| {
+                Ok(RelayReport {
+                    relay: r.try_get(0)?,
+                    leader: r.try_get(1)?,
+                    published: r.try_get(2)?,
+                    last_publish: r
+                        .try_get::<Option<i64>, _>(3)?
+                        .map(crate::model::from_micros),
+                    heartbeat: crate::model::from_micros(r.try_get(4)?),
+                    last_error: r.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    })
+}
+
 /// A pending outbox row, as the relay reads it.
 #[derive(Debug, Clone)]
 struct Row {

@@ -4,11 +4,11 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{Row as _, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
-use super::{NewRow, OutboxStats, RelayReport, RelayStatus, Row};
+use super::{NewRow, OutboxStats, RelayStatus, Row};
 use crate::error::{Error, Result};
-use crate::model::{from_micros, now_micros, time_micros};
+use crate::model::{now_micros, time_micros};
 
 /// Rows per INSERT statement (5 parameters each, far below SQLite's limit).
 const INSERT_CHUNK: usize = 200;
@@ -76,17 +76,7 @@ pub(super) async fn fetch(pool: &SqlitePool, after: i64, limit: usize) -> Result
     .fetch_all(pool)
     .await?;
     rows.iter()
-        .map(|r| {
-            Ok(Row {
-                seq: r.try_get(0)?,
-                id: r.try_get(1)?,
-                topic: r.try_get(2)?,
-                key: r.try_get(3)?,
-                payload: r.try_get(4)?,
-                attributes: r.try_get(5)?,
-                attempts: r.try_get(6)?,
-            })
-        })
+        .map(super::row_from)
         .collect::<Result<_, sqlx::Error>>()
         .map_err(Error::from)
 }
@@ -142,26 +132,7 @@ pub(super) async fn stats(pool: &SqlitePool) -> Result<OutboxStats> {
     )
     .fetch_all(pool)
     .await?;
-    let oldest: Option<i64> = head.try_get(2)?;
-    Ok(OutboxStats {
-        depth: head.try_get(0)?,
-        held: head.try_get(1)?,
-        oldest_age: oldest.map(|c| super::age(c, now_micros())),
-        held_error: head.try_get(3)?,
-        relays: relays
-            .iter()
-            .map(|r| {
-                Ok(RelayReport {
-                    relay: r.try_get(0)?,
-                    leader: r.try_get(1)?,
-                    published: r.try_get(2)?,
-                    last_publish: r.try_get::<Option<i64>, _>(3)?.map(from_micros),
-                    heartbeat: from_micros(r.try_get(4)?),
-                    last_error: r.try_get(5)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()?,
-    })
+    Ok(super::stats_from(&head, &relays)?)
 }
 
 pub(super) async fn report(

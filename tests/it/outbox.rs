@@ -31,6 +31,17 @@ pub(crate) enum AppDb {
     },
 }
 
+/// Runs `$body` with `$pool` bound to the application's pool, whichever
+/// backend it is (the code is the same, the types differ).
+macro_rules! on_pool {
+    ($app:expr, |$pool:ident| $body:expr) => {
+        match $app {
+            AppDb::Sqlite { pool: $pool, .. } => $body,
+            AppDb::Postgres { pool: $pool, .. } => $body,
+        }
+    };
+}
+
 impl AppDb {
     /// A fresh application database on `backend`, with the outbox migrated
     /// and a `counters` table the tests' writers serialize on.
@@ -94,39 +105,26 @@ impl AppDb {
     /// Runs plain SQL, as an application in any language would.
     pub(crate) async fn exec(&self, sql: &str) {
         let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self {
-            AppDb::Sqlite { pool, .. } => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-            AppDb::Postgres { pool, .. } => sqlx::raw_sql(sql).execute(pool).await.map(|_| ()),
-        }
+        on_pool!(self, |pool| sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .map(|_| ()))
         .expect("plain SQL");
     }
 
     /// Enqueues `messages` in one transaction that commits or rolls back.
     pub(crate) async fn enqueue(&self, messages: &[Message], commit: bool) {
-        match self {
-            AppDb::Sqlite { pool, .. } => {
-                let mut tx = pool.begin().await.expect("begin");
-                outbox::enqueue_all(&mut tx, messages)
-                    .await
-                    .expect("enqueue");
-                if commit {
-                    tx.commit().await.expect("commit");
-                } else {
-                    tx.rollback().await.expect("rollback");
-                }
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.expect("begin");
+            outbox::enqueue_all(&mut tx, messages)
+                .await
+                .expect("enqueue");
+            if commit {
+                tx.commit().await.expect("commit");
+            } else {
+                tx.rollback().await.expect("rollback");
             }
-            AppDb::Postgres { pool, .. } => {
-                let mut tx = pool.begin().await.expect("begin");
-                outbox::enqueue_all(&mut tx, messages)
-                    .await
-                    .expect("enqueue");
-                if commit {
-                    tx.commit().await.expect("commit");
-                } else {
-                    tx.rollback().await.expect("rollback");
-                }
-            }
-        }
+        })
     }
 
     /// One writer's transaction: takes the next number of `key` from the
@@ -135,13 +133,10 @@ impl AppDb {
     /// and the number. Retries the whole transaction on a conflict.
     pub(crate) async fn next_in_key(&self, topic: &str, key: &str) -> (Uuid, i64) {
         for _ in 0..50 {
-            match self.try_next_in_key(topic, key).await {
-                Ok(done) => return done,
-                Err(e) => {
-                    let _ = e;
-                    tokio::time::sleep(ms(5)).await;
-                }
+            if let Ok(done) = self.try_next_in_key(topic, key).await {
+                return done;
             }
+            tokio::time::sleep(ms(5)).await;
         }
         panic!("writer kept failing");
     }
@@ -149,30 +144,17 @@ impl AppDb {
     async fn try_next_in_key(&self, topic: &str, key: &str) -> Result<(Uuid, i64), tidings::Error> {
         const BUMP: &str = "INSERT INTO counters (key, n) VALUES ($1, 1) \
                             ON CONFLICT (key) DO UPDATE SET n = counters.n + 1 RETURNING n";
-        match self {
-            AppDb::Sqlite { pool, .. } => {
-                let mut tx = pool.begin().await?;
-                let n: i64 = sqlx::query_scalar(BUMP)
-                    .bind(key)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let m = Message::new(topic, n.to_string()).with_key(key);
-                let id = outbox::enqueue(&mut tx, &m).await?;
-                tx.commit().await?;
-                Ok((id, n))
-            }
-            AppDb::Postgres { pool, .. } => {
-                let mut tx = pool.begin().await?;
-                let n: i64 = sqlx::query_scalar(BUMP)
-                    .bind(key)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let m = Message::new(topic, n.to_string()).with_key(key);
-                let id = outbox::enqueue(&mut tx, &m).await?;
-                tx.commit().await?;
-                Ok((id, n))
-            }
-        }
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let n: i64 = sqlx::query_scalar(BUMP)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            let m = Message::new(topic, n.to_string()).with_key(key);
+            let id = outbox::enqueue(&mut tx, &m).await?;
+            tx.commit().await?;
+            Ok((id, n))
+        })
     }
 
     /// Holds a lock that makes deletes from the outbox wait (and inserts;
@@ -222,6 +204,36 @@ impl AppDb {
 pub(crate) enum DeleteBlock {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// A broker with topic "orders" and subscription "s" on it, an application
+/// database, and a relay between them.
+pub(crate) struct Scene {
+    pub(crate) broker: TestBroker,
+    pub(crate) app: AppDb,
+    pub(crate) relay: Relay,
+}
+
+impl Scene {
+    pub(crate) async fn start(backend: &Backend, ordered: bool) -> Scene {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker
+            .topic_and_sub("orders", "s", |s| s.ordered = ordered)
+            .await;
+        let app = AppDb::create(backend).await;
+        let relay = Relay::start(app.outbox(), relay_config(&broker))
+            .await
+            .expect("relay");
+        Scene { broker, app, relay }
+    }
+
+    /// Stops the relay, checks the outbox is empty, and cleans up.
+    pub(crate) async fn finish(self) {
+        self.relay.stop().await;
+        assert_eq!(self.app.depth().await, 0, "acked rows are deleted");
+        self.app.drop().await;
+        self.broker.stop().await;
+    }
 }
 
 /// Relay settings for tests: fast polls, retries and holds.
@@ -282,10 +294,7 @@ pub(crate) async fn stored(broker: &TestBroker, topic: &str) -> i64 {
 
 backend_test! {
     async fn rolled_back_enqueue_never_publishes_committed_one_always_does(backend) {
-        let broker = TestBroker::start(backend.clone()).await;
-        broker.topic_and_sub("orders", "s", |_| {}).await;
-        let app = AppDb::create(&backend).await;
-        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let Scene { broker, app, relay } = Scene::start(&backend, false).await;
         let mut sub = broker.subscribe("s");
 
         let rolled_back: Vec<Message> = (0..3).map(|i| Message::new("orders", format!("rb{i}"))).collect();
@@ -306,19 +315,13 @@ backend_test! {
         for m in &rolled_back {
             assert!(!ids.contains(&m.id));
         }
-        relay.stop().await;
-        assert_eq!(app.depth().await, 0, "acked rows are deleted");
-        app.drop().await;
-        broker.stop().await;
+        Scene { broker, app, relay }.finish().await;
     }
 }
 
 backend_test! {
     async fn broker_down_for_seconds_then_back_delivers_every_message_once(backend) {
-        let broker = TestBroker::start(backend.clone()).await;
-        broker.topic_and_sub("orders", "s", |_| {}).await;
-        let app = AppDb::create(&backend).await;
-        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let Scene { broker, app, relay } = Scene::start(&backend, false).await;
         let mut status = relay.watch();
 
         let before: Vec<Message> = (0..50).map(|i| Message::new("orders", format!("a{i}"))).collect();
@@ -357,19 +360,13 @@ backend_test! {
         let want: Vec<Uuid> = before.iter().chain(&during).map(|m| m.id).collect();
         assert_eq!(ids, want, "every message once, in order");
         assert_eq!(stored(&broker, "orders").await, 250, "nothing stored twice");
-        relay.stop().await;
-        assert_eq!(app.depth().await, 0);
-        app.drop().await;
-        broker.stop().await;
+        Scene { broker, app, relay }.finish().await;
     }
 }
 
 backend_test! {
     async fn late_committing_lower_number_is_neither_skipped_nor_reordered(backend) {
-        let broker = TestBroker::start(backend.clone()).await;
-        broker.topic_and_sub("orders", "s", |_| {}).await;
-        let app = AppDb::create(&backend).await;
-        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let Scene { broker, app, relay } = Scene::start(&backend, false).await;
         let mut sub = broker.subscribe("s");
         match &app {
             AppDb::Postgres { pool, .. } => {
@@ -423,9 +420,7 @@ backend_test! {
             }
         }
         assert_eq!(stored(&broker, "orders").await, if matches!(app, AppDb::Postgres { .. }) { 3 } else { 2 });
-        relay.stop().await;
-        app.drop().await;
-        broker.stop().await;
+        Scene { broker, app, relay }.finish().await;
     }
 }
 
@@ -513,10 +508,7 @@ backend_test! {
 
 backend_test! {
     async fn plain_sql_inserts_are_relayed(backend) {
-        let broker = TestBroker::start(backend.clone()).await;
-        broker.topic_and_sub("orders", "s", |_| {}).await;
-        let app = AppDb::create(&backend).await;
-        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let Scene { broker, app, relay } = Scene::start(&backend, false).await;
         let mut sub = broker.subscribe("s");
         // What a Python, Ruby, Go or shell program writes: only the columns
         // it cares about, every other one has a default.
@@ -546,18 +538,13 @@ backend_test! {
         assert_eq!(second.attributes.get("source").map(String::as_str), Some("script"));
         assert_eq!(second.attributes.get("n").map(String::as_str), Some("3"));
         assert_eq!(stored(&broker, "orders").await, 3);
-        relay.stop().await;
-        app.drop().await;
-        broker.stop().await;
+        Scene { broker, app, relay }.finish().await;
     }
 }
 
 backend_test! {
     async fn refused_message_waits_with_its_key_until_the_broker_accepts_it(backend) {
-        let broker = TestBroker::start(backend.clone()).await;
-        broker.topic_and_sub("orders", "s", |s| s.ordered = true).await;
-        let app = AppDb::create(&backend).await;
-        let relay = Relay::start(app.outbox(), relay_config(&broker)).await.expect("relay");
+        let Scene { broker, app, relay } = Scene::start(&backend, true).await;
         let mut status = relay.watch();
         let mut sub = broker.subscribe("s");
         // "late" does not exist yet: its rows wait. Rows of other topics and
@@ -583,10 +570,7 @@ backend_test! {
         let got = receive(&mut late, 2).await;
         let ids: Vec<Uuid> = got.iter().map(id_of).collect();
         assert_eq!(ids, vec![early.id, blocked.id], "in order once the topic exists");
-        relay.stop().await;
-        assert_eq!(app.depth().await, 0);
-        app.drop().await;
-        broker.stop().await;
+        Scene { broker, app, relay }.finish().await;
     }
 }
 
