@@ -89,6 +89,11 @@ while [ "$SECONDS" -lt "$end" ]; do
   echo "kill $kills: $victim"
 done
 
+# Whatever exited on its own meanwhile (a consumer that gave up waiting for a
+# killed broker, say) is started again before the end.
+kill -0 "$BROKER" 2>/dev/null || { BROKER_STARTS=$((BROKER_STARTS + 1)); start_broker $BROKER_STARTS; }
+kill -0 "$RELAY" 2>/dev/null || start_relay
+kill -0 "$CONSUMER" 2>/dev/null || start_consumer
 kill -TERM "$PRODUCER"; wait "$PRODUCER" || true
 cat "$WORK/producer.out"
 echo "$kills kills; waiting for the relay and the consumer to catch up"
