@@ -1,5 +1,6 @@
 //! tidings: reliable notifications between services. A durable gRPC broker
-//! (`tidings serve`), with the Rust client, the bench and the CLI's commands.
+//! (`tidings serve`), with the Rust client, the bench and the CLI's commands,
+//! and on the consumer side the inbox.
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
@@ -7,6 +8,7 @@ pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod error;
+pub mod inbox;
 pub mod model;
 pub mod server;
 pub mod store;
