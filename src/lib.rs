@@ -1,12 +1,13 @@
 //! tidings: reliable notifications between services. A durable gRPC broker
 //! (`tidings serve`), with the Rust client, the bench and the CLI's commands,
-//! and on the consumer side the inbox.
+//! and on the consumer side the inbox and the consumer runtime.
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
 pub mod bench;
 pub mod broker;
 pub mod client;
+pub mod consumer;
 pub mod error;
 pub mod inbox;
 pub mod model;
