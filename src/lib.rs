@@ -1,13 +1,16 @@
 //! tidings: reliable notifications between services. A durable gRPC broker
-//! (`tidings serve`), the outbox and its relay (`tidings relay`), the Rust
-//! client, the bench and the CLI's commands.
+//! (`tidings serve`); on the producer side the outbox and its relay
+//! (`tidings relay`); on the consumer side the inbox and the consumer
+//! runtime; the Rust client, the bench and the CLI's commands.
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
 pub mod bench;
 pub mod broker;
 pub mod client;
+pub mod consumer;
 pub mod error;
+pub mod inbox;
 pub mod model;
 pub mod outbox;
 pub mod server;

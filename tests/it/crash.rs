@@ -18,14 +18,18 @@ use uuid::Uuid;
 use crate::harness::{Backend, Rng, drop_database, fresh_database, ms};
 
 /// A `tidings serve` child process.
-struct Broker {
-    child: Child,
-    url: String,
+pub(crate) struct Broker {
+    pub(crate) child: Child,
+    pub(crate) url: String,
 }
 
 /// Starts the binary on `dir` (or on PostgreSQL at `database_url`),
 /// listening on `listen`, and reads the address it bound.
-async fn spawn_broker_with(dir: &Path, database_url: Option<&str>, listen: &str) -> Broker {
+pub(crate) async fn spawn_broker_with(
+    dir: &Path,
+    database_url: Option<&str>,
+    listen: &str,
+) -> Broker {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tidings"));
     command
         .args(["serve", "--listen", listen, "--data-dir"])

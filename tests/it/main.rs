@@ -7,6 +7,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod health;
+mod inbox;
 mod instances;
 mod ordering;
 mod outbox;

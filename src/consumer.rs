@@ -1,0 +1,836 @@
+//! The consumer runtime: subscribes to a subscription and runs a [`Handler`]
+//! for each delivery inside an inbox transaction, so that the handler's
+//! database effects happen once per message id (G5).
+//!
+//! For each delivery: begin a transaction in the consumer's database, record
+//! the message id in `tidings_inbox` (a conflict means a duplicate: skip the
+//! handler), run the handler with that transaction, commit, then ack. A
+//! handler error rolls back and nacks with the error text as reason and no
+//! delay, so the subscription's backoff applies. Handlers run at most
+//! [`ConsumerConfig::concurrency`] at a time; leases are extended while they
+//! run; a periodic task prunes the inbox by the broker's `ack_watermark`.
+//!
+//! Per-key order comes from the broker: an ordered subscription leases the
+//! next message of a key only after the previous one is acked, and the ack
+//! is sent only after the commit.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::Transaction;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::client::{Admin, Backoff, Event, FlowControl, Subscriber};
+use crate::error::{Error, Result};
+use crate::inbox::{Inbox, InboxDatabase, Recorded};
+use crate::model::{AckId, Delivery, Micros, StoredMessage, now_micros};
+use crate::proto;
+
+/// The user's code for one message. It runs inside the inbox transaction:
+/// write through `tx` (`sqlx::query(...).execute(&mut **tx)`) and the writes
+/// commit together with the message's inbox row, or not at all. Do not
+/// commit or roll back `tx` yourself.
+///
+/// Return `Err` to roll back; the message is nacked with the error's text
+/// as reason and redelivered after the subscription's backoff (or
+/// dead-lettered after `max_attempts`).
+///
+/// ```no_run
+/// use tidings::consumer::Handler;
+/// use tidings::model::Delivery;
+///
+/// struct Billing;
+///
+/// impl Handler<sqlx::Postgres> for Billing {
+///     type Error = sqlx::Error;
+///
+///     async fn handle(
+///         &self,
+///         delivery: &Delivery,
+///         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+///     ) -> Result<(), sqlx::Error> {
+///         sqlx::query("INSERT INTO invoices (body) VALUES ($1)")
+///             .bind(&delivery.message.payload)
+///             .execute(&mut **tx)
+///             .await?;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler<DB: InboxDatabase>: Send + Sync + 'static {
+    /// What a failure says; its text becomes the nack reason (kept with the
+    /// message if it is dead-lettered).
+    type Error: std::fmt::Display + Send;
+
+    /// Processes one delivery within `tx`.
+    fn handle(
+        &self,
+        delivery: &Delivery,
+        tx: &mut Transaction<'static, DB>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// How a [`Consumer`] runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerConfig {
+    /// Most handlers running at once (default 8). On SQLite, whose one
+    /// writer the inbox transaction takes at its start, handlers' database
+    /// work runs one at a time whatever this says.
+    pub concurrency: usize,
+    /// Deliveries held beyond those being handled, so that the next one is
+    /// ready when a handler finishes (default 8). The stream's flow control
+    /// is `concurrency + prefetch` messages.
+    pub prefetch: usize,
+    /// Extend the lease of every held delivery while it waits or its
+    /// handler runs (default true). Without it, a handler that outlives
+    /// the lease has its message redelivered meanwhile; the inbox still
+    /// keeps the effect single, but the work is done twice.
+    pub extend_leases: bool,
+    /// Length of each extension (default `None`: the delivery's own lease
+    /// length, that is the subscription's `ack_deadline`). A lease is
+    /// extended when half of it is left.
+    pub lease_extension: Option<Duration>,
+    /// On shutdown, how long running handlers may take to finish and their
+    /// acks to be confirmed (default 30 s). Handlers still running then are
+    /// cancelled (their transactions roll back) and their messages released.
+    pub shutdown_timeout: Duration,
+    /// How often the inbox is pruned by the subscription's ack watermark
+    /// (default `Some(60 s)`; `None`: never, the application prunes).
+    pub prune_interval: Option<Duration>,
+    /// Fallback when the broker will not tell the watermark (the
+    /// consumer's credentials lack admin permission, or the broker predates
+    /// it): delete rows processed longer ago than this (default `None`:
+    /// keep them). A guess, unlike the watermark: see
+    /// [`Inbox::prune_older_than`] for when a message could come back after
+    /// its row went.
+    pub fallback_retention: Option<Duration>,
+    /// Reconnection backoff of the subscription stream.
+    pub reconnect: Backoff,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            concurrency: 8,
+            prefetch: 8,
+            extend_leases: true,
+            lease_extension: None,
+            shutdown_timeout: Duration::from_secs(30),
+            prune_interval: Some(Duration::from_secs(60)),
+            fallback_retention: None,
+            reconnect: Backoff::default(),
+        }
+    }
+}
+
+/// What a consumer did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Deliveries received.
+    pub received: u64,
+    /// Handlers that ran and committed.
+    pub processed: u64,
+    /// Deliveries whose id the inbox held already: handler skipped, acked.
+    pub duplicates: u64,
+    /// Handlers that failed: rolled back and nacked.
+    pub failed: u64,
+    /// Deliveries the inbox itself failed on (the database refused or was
+    /// unreachable): rolled back and nacked.
+    pub errors: u64,
+    /// Deliveries whose lease ended before their handler could start:
+    /// dropped, the broker redelivers them.
+    pub expired: u64,
+    /// Acks the broker confirmed.
+    pub acked: u64,
+    /// Acks the broker refused (the lease had ended: the message comes again
+    /// and is skipped as a duplicate).
+    pub ack_refused: u64,
+    /// Inbox rows pruned.
+    pub pruned: u64,
+    /// Pruning rounds finished (by watermark or by the fallback retention).
+    pub prune_rounds: u64,
+    /// The subscription's ack watermark at the last pruning (-1: not known).
+    pub watermark: i64,
+}
+
+#[derive(Debug)]
+struct Counters {
+    received: AtomicU64,
+    processed: AtomicU64,
+    duplicates: AtomicU64,
+    failed: AtomicU64,
+    errors: AtomicU64,
+    expired: AtomicU64,
+    acked: AtomicU64,
+    ack_refused: AtomicU64,
+    pruned: AtomicU64,
+    prune_rounds: AtomicU64,
+    watermark: AtomicI64,
+    changed: Notify,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        Counters {
+            received: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            ack_refused: AtomicU64::new(0),
+            pruned: AtomicU64::new(0),
+            prune_rounds: AtomicU64::new(0),
+            watermark: AtomicI64::new(-1),
+            changed: Notify::new(),
+        }
+    }
+
+    fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn snapshot(&self) -> ConsumerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsumerStats {
+            received: get(&self.received),
+            processed: get(&self.processed),
+            duplicates: get(&self.duplicates),
+            failed: get(&self.failed),
+            errors: get(&self.errors),
+            expired: get(&self.expired),
+            acked: get(&self.acked),
+            ack_refused: get(&self.ack_refused),
+            pruned: get(&self.pruned),
+            prune_rounds: get(&self.prune_rounds),
+            watermark: self.watermark.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads a consumer's stats while it runs (cloneable).
+#[derive(Debug, Clone)]
+pub struct Monitor(Arc<Counters>);
+
+impl Monitor {
+    /// The stats now.
+    pub fn stats(&self) -> ConsumerStats {
+        self.0.snapshot()
+    }
+
+    /// Waits until `done` holds for the stats, and returns them.
+    pub async fn wait_for(&self, done: impl Fn(&ConsumerStats) -> bool) -> ConsumerStats {
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so no change between the two is
+            // missed.
+            changed.as_mut().enable();
+            let stats = self.stats();
+            if done(&stats) {
+                return stats;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Runs a handler for every message of one subscription, through the inbox.
+pub struct Consumer<DB: InboxDatabase, H: Handler<DB>> {
+    channel: Channel,
+    subscription: String,
+    inbox: Inbox<DB>,
+    handler: Arc<H>,
+    config: ConsumerConfig,
+    counters: Arc<Counters>,
+}
+
+impl<DB: InboxDatabase, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("subscription", &self.subscription)
+            .field("inbox", &self.inbox)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one delivery's processing.
+enum Outcome {
+    /// Committed: ack.
+    Processed,
+    /// Recorded before: ack.
+    Duplicate,
+    /// The handler failed: nack with this reason.
+    Failed(String),
+    /// The inbox failed: nack with this reason.
+    Error(String),
+    /// The lease ended before the handler could start: leave it.
+    Expired,
+    /// Shutdown came before the handler started: leave it to the release.
+    Released,
+}
+
+/// A delivery the consumer holds, from receipt until its ack or nack is sent.
+struct Held {
+    /// The lease deadline (Unix µs) as last confirmed by the broker.
+    deadline: Arc<AtomicI64>,
+    /// The lease length at delivery, µs.
+    span: i64,
+    /// When to extend next (Unix µs); `None` while an extension is pending
+    /// or after the lease was lost.
+    extend_at: Option<Micros>,
+}
+
+struct Shared<DB: InboxDatabase, H> {
+    inbox: Inbox<DB>,
+    handler: Arc<H>,
+    subscription: String,
+    permits: Semaphore,
+}
+
+/// How long an ack or nack may go unconfirmed before it is forgotten (its
+/// stream broke, so no outcome will come).
+const UNCONFIRMED_TTL: Duration = Duration::from_secs(60);
+
+impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
+    /// A consumer of `subscription` on the broker behind `channel`, recording
+    /// ids in `inbox` and running `handler`. Nothing happens until [`run`].
+    ///
+    /// [`run`]: Consumer::run
+    pub fn new(
+        channel: Channel,
+        subscription: impl Into<String>,
+        inbox: Inbox<DB>,
+        handler: H,
+        config: ConsumerConfig,
+    ) -> Self {
+        Consumer {
+            channel,
+            subscription: subscription.into(),
+            inbox,
+            handler: Arc::new(handler),
+            config,
+            counters: Arc::new(Counters::new()),
+        }
+    }
+
+    /// A handle that reads this consumer's stats, before, while and after it
+    /// runs.
+    pub fn monitor(&self) -> Monitor {
+        Monitor(self.counters.clone())
+    }
+
+    /// Consumes until `shutdown` completes, then shuts down gracefully: takes
+    /// no new message, lets running handlers finish and their acks be
+    /// confirmed (within [`ConsumerConfig::shutdown_timeout`]), and ends the
+    /// stream, so the broker releases the messages it still leased to this
+    /// consumer. Returns the final stats.
+    ///
+    /// Fails with `InvalidArgument` for a concurrency of zero, or with the
+    /// broker's error if the subscription cannot be consumed (it does not
+    /// exist, say). A broker restart or outage is not an error: the stream
+    /// reconnects.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ConsumerStats> {
+        if self.config.concurrency == 0 {
+            return Err(Error::InvalidArgument(
+                "consumer concurrency must be at least 1".into(),
+            ));
+        }
+        let window = self.config.concurrency + self.config.prefetch;
+        let flow = FlowControl {
+            max_messages: i32::try_from(window).unwrap_or(i32::MAX),
+            ..FlowControl::default()
+        };
+        let mut sub = Subscriber::new(self.channel.clone(), self.config.reconnect)
+            .subscribe(&self.subscription, flow);
+        let shared = Arc::new(Shared {
+            inbox: self.inbox.clone(),
+            handler: self.handler.clone(),
+            subscription: self.subscription.clone(),
+            permits: Semaphore::new(self.config.concurrency),
+        });
+        let admin = Admin::new(self.channel.clone());
+        let counters = self.counters.clone();
+        tracing::info!(subscription = %self.subscription, concurrency = self.config.concurrency, "consumer started");
+
+        let mut workers: JoinSet<Outcome> = JoinSet::new();
+        let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut held: HashMap<String, Held> = HashMap::new();
+        let mut unconfirmed: HashMap<String, Instant> = HashMap::new();
+        let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
+        let mut pruning: Option<JoinHandle<()>> = None;
+        let mut drain_until: Option<Instant> = None;
+        tokio::pin!(shutdown);
+
+        let result = loop {
+            if drain_until.is_some() && workers.is_empty() && unconfirmed.is_empty() {
+                break Ok(());
+            }
+            let next_extension = if self.config.extend_leases {
+                held.values().filter_map(|h| h.extend_at).min()
+            } else {
+                None
+            };
+            tokio::select! {
+                () = &mut shutdown, if drain_until.is_none() => {
+                    tracing::info!(subscription = %self.subscription, running = workers.len(), "consumer shutting down");
+                    drain_until = Some(Instant::now() + self.config.shutdown_timeout);
+                    // Handlers not started yet give up their message: the
+                    // broker releases it when the stream ends.
+                    shared.permits.close();
+                    if let Some(p) = pruning.take() {
+                        p.abort();
+                    }
+                }
+                () = sleep_until_opt(drain_until) => {
+                    tracing::warn!(
+                        subscription = %self.subscription,
+                        running = workers.len(),
+                        unconfirmed = unconfirmed.len(),
+                        "shutdown timeout: cancelling running handlers; their messages will be redelivered"
+                    );
+                    break Ok(());
+                }
+                Some(joined) = workers.join_next_with_id(), if !workers.is_empty() => {
+                    let mut acks = Vec::new();
+                    let mut next = Some(joined);
+                    while let Some(joined) = next {
+                        let (id, outcome) = match joined {
+                            Ok((id, outcome)) => (id, outcome),
+                            Err(e) => {
+                                let reason = if e.is_panic() { "handler panicked" } else { "handler cancelled" };
+                                (e.id(), Outcome::Error(reason.into()))
+                            }
+                        };
+                        if let Some(ack_id) = tasks.remove(&id) {
+                            held.remove(&ack_id);
+                            self.settle(&sub, ack_id, outcome, &mut acks, &mut unconfirmed);
+                        }
+                        next = workers.try_join_next_with_id();
+                    }
+                    if !acks.is_empty() {
+                        let now = Instant::now();
+                        unconfirmed.extend(acks.iter().map(|a| (a.clone(), now)));
+                        sub.ack(acks);
+                    }
+                    if unconfirmed.len() > 4 * window {
+                        unconfirmed.retain(|_, sent| sent.elapsed() < UNCONFIRMED_TTL);
+                    }
+                }
+                event = sub.next() => match event {
+                    Some(Ok(Event::Message(m))) => {
+                        if drain_until.is_some() {
+                            // Released with the stream's other leases.
+                            continue;
+                        }
+                        counters.add(&counters.received, 1);
+                        let ack_id = m.ack_id.clone();
+                        match delivery_of(m) {
+                            Ok(delivery) => {
+                                let now = now_micros();
+                                let span = (delivery.lease_deadline - now).max(1_000);
+                                let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
+                                held.insert(ack_id.clone(), Held {
+                                    deadline: deadline.clone(),
+                                    span,
+                                    extend_at: Some(now + span / 2),
+                                });
+                                // Start only with a tenth of the lease (at
+                                // most a second) left: room for clock skew
+                                // between broker and consumer.
+                                let margin = (span / 10).min(1_000_000);
+                                let task = workers.spawn(process(shared.clone(), delivery, deadline, margin));
+                                tasks.insert(task.id(), ack_id);
+                            }
+                            Err(reason) => {
+                                tracing::warn!(%ack_id, %reason, "malformed delivery; nacking it");
+                                counters.add(&counters.errors, 1);
+                                sub.nack(ack_id, None, reason);
+                            }
+                        }
+                    }
+                    Some(Ok(Event::Outcome(o))) => self.outcome(o, &mut held, &mut unconfirmed),
+                    Some(Err(status)) => break Err(error_of(status)),
+                    None => break Err(Error::Unavailable("the subscription stream ended".into())),
+                },
+                () = sleep_until_opt(next_extension.map(instant_of)), if next_extension.is_some() => {
+                    let now = now_micros();
+                    for (ack_id, h) in held.iter_mut() {
+                        if h.extend_at.is_some_and(|t| t <= now) {
+                            h.extend_at = None;
+                            let length = self
+                                .config
+                                .lease_extension
+                                .unwrap_or(Duration::from_micros(h.span.unsigned_abs()));
+                            sub.extend(ack_id.clone(), length);
+                        }
+                    }
+                }
+                _ = tick_opt(&mut prune_timer), if pruning.is_none() && drain_until.is_none() => {
+                    pruning = Some(tokio::spawn(prune(
+                        admin.clone(),
+                        self.inbox.clone(),
+                        self.subscription.clone(),
+                        self.config.fallback_retention,
+                        counters.clone(),
+                    )));
+                }
+                _ = wait_opt(&mut pruning), if pruning.is_some() => {
+                    pruning = None;
+                }
+            }
+        };
+        // Handlers still running are cancelled: their transactions roll back
+        // and, with the stream gone, the broker releases their messages.
+        workers.shutdown().await;
+        if let Some(p) = pruning.take() {
+            p.abort();
+        }
+        drop(sub);
+        let stats = counters.snapshot();
+        tracing::info!(subscription = %self.subscription, ?stats, "consumer stopped");
+        result.map(|()| stats)
+    }
+
+    /// Sends what a finished delivery calls for: an ack (collected in
+    /// `acks`, sent as one batch), a nack, or nothing.
+    fn settle(
+        &self,
+        sub: &crate::client::Subscription,
+        ack_id: String,
+        outcome: Outcome,
+        acks: &mut Vec<String>,
+        unconfirmed: &mut HashMap<String, Instant>,
+    ) {
+        let c = &self.counters;
+        match outcome {
+            Outcome::Processed => {
+                c.add(&c.processed, 1);
+                acks.push(ack_id);
+            }
+            Outcome::Duplicate => {
+                c.add(&c.duplicates, 1);
+                tracing::debug!(%ack_id, "duplicate delivery skipped: its id is in the inbox");
+                acks.push(ack_id);
+            }
+            Outcome::Failed(reason) => {
+                c.add(&c.failed, 1);
+                tracing::debug!(%ack_id, %reason, "handler failed; rolled back and nacked");
+                unconfirmed.insert(ack_id.clone(), Instant::now());
+                sub.nack(ack_id, None, reason);
+            }
+            Outcome::Error(reason) => {
+                c.add(&c.errors, 1);
+                tracing::warn!(%ack_id, %reason, "inbox failed; rolled back and nacked");
+                unconfirmed.insert(ack_id.clone(), Instant::now());
+                sub.nack(ack_id, None, reason);
+            }
+            Outcome::Expired => {
+                c.add(&c.expired, 1);
+                tracing::warn!(%ack_id, "lease ended before the handler could start; the broker will redeliver it");
+            }
+            Outcome::Released => {}
+        }
+    }
+
+    /// Books the broker's answer to an ack, nack or extension.
+    fn outcome(
+        &self,
+        o: proto::AckOutcome,
+        held: &mut HashMap<String, Held>,
+        unconfirmed: &mut HashMap<String, Instant>,
+    ) {
+        let ok = o.result == proto::AckResult::Ok as i32;
+        let c = &self.counters;
+        match proto::AckOperation::try_from(o.operation) {
+            Ok(proto::AckOperation::Ack) => {
+                unconfirmed.remove(&o.ack_id);
+                if ok {
+                    c.add(&c.acked, 1);
+                } else {
+                    c.add(&c.ack_refused, 1);
+                    tracing::debug!(ack_id = %o.ack_id, detail = %o.detail, "ack refused; the message will come again and be skipped as a duplicate");
+                }
+            }
+            Ok(proto::AckOperation::Nack) => {
+                unconfirmed.remove(&o.ack_id);
+                if !ok {
+                    tracing::debug!(ack_id = %o.ack_id, detail = %o.detail, "nack refused");
+                }
+            }
+            Ok(proto::AckOperation::Extend) => {
+                let Some(h) = held.get_mut(&o.ack_id) else {
+                    return;
+                };
+                match o.lease_deadline.as_ref().filter(|_| ok) {
+                    Some(deadline) => {
+                        let deadline = micros_of(deadline);
+                        h.deadline.store(deadline, Ordering::Relaxed);
+                        let now = now_micros();
+                        h.extend_at = Some(now + (deadline - now).max(0) / 2);
+                    }
+                    None => {
+                        // The lease is gone; a handler still running may
+                        // commit, but its ack will be refused and the
+                        // redelivery skipped as a duplicate.
+                        h.extend_at = None;
+                        tracing::warn!(ack_id = %o.ack_id, detail = %o.detail, "lease extension refused: the lease was lost");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Processes one delivery: begin, record, check the lease, handle, commit.
+async fn process<DB: InboxDatabase, H: Handler<DB>>(
+    shared: Arc<Shared<DB, H>>,
+    delivery: Delivery,
+    deadline: Arc<AtomicI64>,
+    margin: i64,
+) -> Outcome {
+    let Ok(_permit) = shared.permits.acquire().await else {
+        return Outcome::Released;
+    };
+    let mut tx = match shared.inbox.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let message = &delivery.message;
+    match Inbox::<DB>::record(&mut tx, &shared.subscription, message.id, message.sequence).await {
+        Ok(Recorded::New) => {}
+        Ok(Recorded::Duplicate) => {
+            rollback(tx).await;
+            return Outcome::Duplicate;
+        }
+        Err(e) => {
+            rollback(tx).await;
+            return Outcome::Error(e.to_string());
+        }
+    }
+    // The id is ours until this transaction ends: a redelivery elsewhere
+    // would wait for it. But if the lease ended before we had it, the
+    // message may have been redelivered, processed, acked and its row
+    // pruned already, so running the handler could repeat its effects.
+    if now_micros() + margin >= deadline.load(Ordering::Relaxed) {
+        rollback(tx).await;
+        return Outcome::Expired;
+    }
+    match shared.handler.handle(&delivery, &mut tx).await {
+        Ok(()) => match tx.commit().await {
+            Ok(()) => Outcome::Processed,
+            // Whether it committed is unknown; a redelivery finds out.
+            Err(e) => Outcome::Error(format!("inbox commit failed: {e}")),
+        },
+        Err(e) => {
+            let reason = e.to_string();
+            rollback(tx).await;
+            Outcome::Failed(reason)
+        }
+    }
+}
+
+async fn rollback<DB: InboxDatabase>(tx: Transaction<'static, DB>) {
+    if let Err(e) = tx.rollback().await {
+        // The connection is closed then, which ends the transaction too.
+        tracing::debug!(error = %e, "inbox rollback failed");
+    }
+}
+
+/// One pruning round: by the broker's watermark, or by age if the broker
+/// will not tell it and a fallback retention is set.
+async fn prune<DB: InboxDatabase>(
+    admin: Admin,
+    inbox: Inbox<DB>,
+    subscription: String,
+    fallback_retention: Option<Duration>,
+    counters: Arc<Counters>,
+) {
+    let pruned = match admin.stats(&subscription).await {
+        Ok(stats) => {
+            counters
+                .watermark
+                .store(stats.ack_watermark, Ordering::Relaxed);
+            inbox
+                .prune_through(&subscription, stats.ack_watermark)
+                .await
+        }
+        Err(s) if matches!(s.code(), Code::PermissionDenied | Code::Unimplemented) => {
+            match fallback_retention {
+                Some(age) => inbox.prune_older_than(&subscription, age).await,
+                None => {
+                    tracing::warn!(%subscription, status = %s, "cannot read the ack watermark and no fallback retention is set; the inbox is not pruned");
+                    return;
+                }
+            }
+        }
+        Err(s) => {
+            // The broker is unreachable: nothing is delivered meanwhile
+            // either, so the inbox does not grow; try again next round.
+            tracing::debug!(%subscription, status = %s, "ack watermark unavailable; pruning skipped this round");
+            return;
+        }
+    };
+    match pruned {
+        Ok(n) => {
+            counters.pruned.fetch_add(n, Ordering::Relaxed);
+            counters.add(&counters.prune_rounds, 1);
+            if n > 0 {
+                tracing::debug!(%subscription, rows = n, "inbox pruned");
+            }
+        }
+        Err(e) => tracing::warn!(%subscription, error = %e, "inbox pruning failed"),
+    }
+}
+
+/// The domain form of a delivery.
+fn delivery_of(m: proto::ReceivedMessage) -> Result<Delivery, String> {
+    let message = m
+        .message
+        .ok_or_else(|| "delivery without a message".to_owned())?;
+    let id = Uuid::parse_str(&message.id)
+        .map_err(|e| format!("message id {:?} is not a UUID: {e}", message.id))?;
+    let ack_id: AckId = m.ack_id.parse().map_err(|e: Error| e.to_string())?;
+    let lease_deadline = m
+        .lease_deadline
+        .as_ref()
+        .map(micros_of)
+        .ok_or_else(|| "delivery without a lease deadline".to_owned())?;
+    let mut attributes: Vec<(String, String)> = message.attributes.into_iter().collect();
+    attributes.sort();
+    Ok(Delivery {
+        message: StoredMessage {
+            id,
+            topic: message.topic,
+            key: Some(message.key).filter(|k| !k.is_empty()),
+            payload: message.payload,
+            attributes,
+            created_at: message.create_time.as_ref().map(micros_of),
+            sequence: message.sequence,
+            published_at: message.publish_time.as_ref().map_or(0, micros_of),
+        },
+        ack_id,
+        attempt: m.attempt,
+        lease_deadline,
+    })
+}
+
+fn micros_of(t: &prost_types::Timestamp) -> Micros {
+    t.seconds
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(t.nanos) / 1000)
+}
+
+/// The monotonic instant of a Unix-µs wall-clock time.
+fn instant_of(at: Micros) -> Instant {
+    let ahead = at.saturating_sub(now_micros()).max(0);
+    Instant::now() + Duration::from_micros(ahead.unsigned_abs())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_opt(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_opt(task: &mut Option<JoinHandle<()>>) {
+    match task {
+        Some(t) => {
+            let _ = t.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The crate's error for a status that ended a subscription.
+fn error_of(s: Status) -> Error {
+    let message = format!("subscription failed: {}", s.message());
+    match s.code() {
+        Code::NotFound => Error::NotFound(message),
+        Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::ResourceExhausted => Error::ResourceExhausted(message),
+        Code::Unavailable | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded => {
+            Error::Unavailable(message)
+        }
+        _ => Error::Storage(format!("{message} ({:?})", s.code())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_converts_to_the_domain_form() {
+        let id = Uuid::now_v7();
+        let received = proto::ReceivedMessage {
+            message: Some(proto::Message {
+                id: id.to_string(),
+                topic: "orders".into(),
+                key: "".into(),
+                payload: b"x".to_vec(),
+                attributes: [
+                    ("b".to_owned(), "2".to_owned()),
+                    ("a".to_owned(), "1".to_owned()),
+                ]
+                .into(),
+                sequence: 7,
+                ..Default::default()
+            }),
+            ack_id: "1-7-2a".into(),
+            attempt: 2,
+            lease_deadline: Some(prost_types::Timestamp {
+                seconds: 3,
+                nanos: 5_000,
+            }),
+        };
+        let d = delivery_of(received).expect("valid");
+        assert_eq!(d.message.id, id);
+        assert_eq!(d.message.key, None);
+        assert_eq!(d.message.sequence, 7);
+        assert_eq!(
+            d.message.attributes,
+            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(d.attempt, 2);
+        assert_eq!(d.lease_deadline, 3_000_005);
+        assert_eq!(d.ack_id.sequence, 7);
+    }
+
+    #[test]
+    fn a_delivery_with_a_bad_id_is_refused() {
+        let received = proto::ReceivedMessage {
+            message: Some(proto::Message {
+                id: "nope".into(),
+                ..Default::default()
+            }),
+            ack_id: "1-7-2a".into(),
+            lease_deadline: Some(prost_types::Timestamp::default()),
+            ..Default::default()
+        };
+        assert!(delivery_of(received).is_err());
+    }
+}

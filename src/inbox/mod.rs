@@ -1,0 +1,347 @@
+//! The inbox: the `tidings_inbox` table in the consumer's own database, which
+//! turns at-least-once delivery into effectively-once processing.
+//!
+//! A consumer records each message id in the same transaction as its
+//! handler's writes ([`Inbox::record`]); a redelivered message finds its id
+//! there and is skipped. Rows are pruned once the broker's `ack_watermark`
+//! for the subscription has passed them ([`Inbox::prune_through`]): no
+//! message at or below the watermark can be delivered again, short of a Seek
+//! back. [`crate::consumer`] runs all of this for a handler.
+//!
+//! The SQL of each backend is in `postgres.rs` and `sqlite.rs`, beside the
+//! plain migrations in `migrations/inbox/`.
+
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use sqlx::{Pool, Postgres, Sqlite, Transaction};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The inbox migration for PostgreSQL (`migrations/inbox/postgres.sql`).
+pub const POSTGRES_MIGRATION: &str = include_str!("../../migrations/inbox/postgres.sql");
+/// The inbox migration for SQLite (`migrations/inbox/sqlite.sql`).
+pub const SQLITE_MIGRATION: &str = include_str!("../../migrations/inbox/sqlite.sql");
+
+/// Rows deleted per statement when pruning, so that pruning never holds the
+/// database's locks for long (on SQLite it shares the one writer with the
+/// handlers).
+const PRUNE_BATCH: i64 = 1000;
+
+/// What [`Inbox::record`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The id was not there: it is now, in the caller's transaction. Run the
+    /// handler.
+    New,
+    /// The id was there already (the unique key conflicted): the message was
+    /// processed before. Skip the handler and ack.
+    Duplicate,
+}
+
+/// Databases that hold an inbox: PostgreSQL and SQLite.
+pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
+    #[doc(hidden)]
+    fn connect(url: &str) -> impl Future<Output = Result<Pool<Self>>> + Send;
+    #[doc(hidden)]
+    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<()>> + Send;
+    #[doc(hidden)]
+    fn record(
+        tx: &mut Transaction<'_, Self>,
+        subscription: &str,
+        message_id: &str,
+        sequence: i64,
+    ) -> impl Future<Output = Result<Recorded>> + Send;
+    #[doc(hidden)]
+    fn prune_through(
+        pool: &Pool<Self>,
+        subscription: &str,
+        watermark: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    #[doc(hidden)]
+    fn prune_older_than(
+        pool: &Pool<Self>,
+        subscription: &str,
+        age: Duration,
+        limit: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    #[doc(hidden)]
+    fn forget_from(
+        pool: &Pool<Self>,
+        subscription: &str,
+        sequence: i64,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    #[doc(hidden)]
+    fn contains(
+        pool: &Pool<Self>,
+        subscription: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Postgres {}
+    impl Sealed for sqlx::Sqlite {}
+}
+
+/// Implements [`InboxDatabase`] for `$db` with the statements of module
+/// `$sql` (`RECORD`, `PRUNE_THROUGH`, `PRUNE_OLDER_THAN`, `FORGET_FROM`,
+/// `CONTAINS`) and its `connect` and `migrate`. The statements differ per
+/// backend; how they are bound and read does not.
+macro_rules! inbox_database {
+    ($db:ty, $sql:ident) => {
+        impl InboxDatabase for $db {
+            fn connect(url: &str) -> impl Future<Output = Result<Pool<Self>>> + Send {
+                $sql::connect(url)
+            }
+
+            fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<()>> + Send {
+                $sql::migrate(pool)
+            }
+
+            async fn record(
+                tx: &mut Transaction<'_, Self>,
+                subscription: &str,
+                message_id: &str,
+                sequence: i64,
+            ) -> Result<Recorded> {
+                let done = sqlx::query($sql::RECORD)
+                    .bind(subscription)
+                    .bind(message_id)
+                    .bind(sequence)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err)?;
+                // The statement does nothing on a conflict of the primary
+                // key (and only of it): no row means a duplicate.
+                Ok(if done.rows_affected() == 1 {
+                    Recorded::New
+                } else {
+                    Recorded::Duplicate
+                })
+            }
+
+            async fn prune_through(
+                pool: &Pool<Self>,
+                subscription: &str,
+                watermark: i64,
+                limit: i64,
+            ) -> Result<u64> {
+                let done = sqlx::query($sql::PRUNE_THROUGH)
+                    .bind(subscription)
+                    .bind(watermark)
+                    .bind(limit)
+                    .execute(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn prune_older_than(
+                pool: &Pool<Self>,
+                subscription: &str,
+                age: Duration,
+                limit: i64,
+            ) -> Result<u64> {
+                let done = sqlx::query($sql::PRUNE_OLDER_THAN)
+                    .bind(subscription)
+                    .bind(age.as_secs_f64())
+                    .bind(limit)
+                    .execute(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn forget_from(
+                pool: &Pool<Self>,
+                subscription: &str,
+                sequence: i64,
+            ) -> Result<u64> {
+                let done = sqlx::query($sql::FORGET_FROM)
+                    .bind(subscription)
+                    .bind(sequence)
+                    .execute(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn contains(
+                pool: &Pool<Self>,
+                subscription: &str,
+                message_id: &str,
+            ) -> Result<bool> {
+                let n: i64 = sqlx::query_scalar($sql::CONTAINS)
+                    .bind(subscription)
+                    .bind(message_id)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(n > 0)
+            }
+        }
+    };
+}
+
+inbox_database!(Postgres, postgres);
+inbox_database!(Sqlite, sqlite);
+
+/// Maps a database error of the consumer's database to the crate's error:
+/// lost connections and pool timeouts are retryable.
+pub(crate) fn db_err(e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => {
+            Error::Unavailable(format!("inbox database unavailable: {e}"))
+        }
+        other => Error::Storage(format!("inbox database: {other}")),
+    }
+}
+
+/// The inbox of one consumer database: a connection pool to it.
+///
+/// Cloning is cheap and shares the pool.
+pub struct Inbox<DB: InboxDatabase> {
+    pool: Pool<DB>,
+}
+
+impl<DB: InboxDatabase> Clone for Inbox<DB> {
+    fn clone(&self) -> Self {
+        Inbox {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<DB: InboxDatabase> std::fmt::Debug for Inbox<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pool's options may hold a password; show only the backend.
+        f.debug_struct("Inbox")
+            .field("database", &DB::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: InboxDatabase> Inbox<DB> {
+    /// An inbox on the application's own pool.
+    pub fn new(pool: Pool<DB>) -> Self {
+        Inbox { pool }
+    }
+
+    /// Opens a pool on `url` (`postgres://...`, or `sqlite://PATH`, created if
+    /// missing). PostgreSQL: up to 16 connections. SQLite: WAL,
+    /// `synchronous=FULL` (a commit survives power loss, which an ack after
+    /// it relies on) and one connection, because SQLite has one writer and
+    /// every inbox transaction writes first: more connections would only
+    /// wait on each other's locks.
+    ///
+    /// Fails if the URL is malformed or the database is unreachable.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Ok(Inbox {
+            pool: DB::connect(url).await?,
+        })
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// Creates `tidings_inbox` and its index if missing (the SQL of
+    /// [`POSTGRES_MIGRATION`] or [`SQLITE_MIGRATION`]). Safe to run at every
+    /// start, by several processes at once.
+    ///
+    /// Fails if the database refuses the statements.
+    pub async fn migrate(&self) -> Result<()> {
+        DB::migrate(&self.pool).await
+    }
+
+    /// Begins a transaction on the inbox's pool.
+    ///
+    /// Fails if no connection can be had.
+    pub async fn begin(&self) -> Result<Transaction<'static, DB>> {
+        self.pool.begin().await.map_err(db_err)
+    }
+
+    /// Records that `subscription` processes `message_id` (with its
+    /// `sequence`) in the caller's transaction, which must be the one of the
+    /// handler's writes. Returns [`Recorded::Duplicate`] if the id is
+    /// recorded already; only the unique-key conflict counts as that, any
+    /// other failure is an error.
+    ///
+    /// On PostgreSQL, if another transaction recorded the same id and has
+    /// not finished, this waits for it: its commit makes this a duplicate,
+    /// its rollback lets this one go on.
+    ///
+    /// Fails on any database error; the transaction should then roll back.
+    pub async fn record(
+        tx: &mut Transaction<'_, DB>,
+        subscription: &str,
+        message_id: Uuid,
+        sequence: i64,
+    ) -> Result<Recorded> {
+        DB::record(tx, subscription, &message_id.to_string(), sequence).await
+    }
+
+    /// Deletes the rows of `subscription` with a sequence at or below
+    /// `watermark`, in batches; returns how many went. Pass the broker's
+    /// `ack_watermark` for the subscription: no message at or below it can
+    /// be delivered again (dead letters stay above it, since a redrive
+    /// delivers them again), so no id that could come back is forgotten.
+    ///
+    /// Fails on a database error; batches deleted before it stay deleted.
+    pub async fn prune_through(&self, subscription: &str, watermark: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = DB::prune_through(&self.pool, subscription, watermark, PRUNE_BATCH).await?;
+            total += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes the rows of `subscription` processed more than `age` ago,
+    /// whatever their sequence; returns how many went. This is the fallback
+    /// for a consumer that cannot read the watermark, and it is a guess: a
+    /// message whose row is gone runs its handler again if it comes back
+    /// (its ack was lost and the broker redelivers it after `age`, or it was
+    /// dead-lettered after its commit and is redriven after `age`).
+    ///
+    /// Fails on a database error; batches deleted before it stay deleted.
+    pub async fn prune_older_than(&self, subscription: &str, age: Duration) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = DB::prune_older_than(&self.pool, subscription, age, PRUNE_BATCH).await?;
+            total += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Forgets the rows of `subscription` from `sequence` on, so that a
+    /// replay from there (an admin `Seek` back to `sequence`, made after
+    /// this call) runs the handler for every message again instead of
+    /// skipping those still recorded. Returns how many rows went.
+    ///
+    /// Fails on a database error.
+    pub async fn forget_from(&self, subscription: &str, sequence: i64) -> Result<u64> {
+        DB::forget_from(&self.pool, subscription, sequence).await
+    }
+
+    /// True if `subscription` has `message_id` recorded.
+    ///
+    /// Fails on a database error.
+    pub async fn contains(&self, subscription: &str, message_id: Uuid) -> Result<bool> {
+        DB::contains(&self.pool, subscription, &message_id.to_string()).await
+    }
+}

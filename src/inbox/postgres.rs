@@ -1,0 +1,59 @@
+//! The inbox's SQL for PostgreSQL; the schema is `migrations/inbox/postgres.sql`.
+//! `inbox_database!` in `mod.rs` binds and runs these statements.
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{POSTGRES_MIGRATION, db_err};
+use crate::error::{Error, Result};
+
+/// Records an id; the conflict target names the primary key, so only a
+/// duplicate id does nothing and any other failure stays an error. If
+/// another transaction recorded the id and has not ended, this waits for it.
+pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, message_id, sequence) VALUES ($1, $2, $3) \
+     ON CONFLICT (subscription, message_id) DO NOTHING";
+
+/// One batch of rows at or below the watermark.
+pub(super) const PRUNE_THROUGH: &str = "DELETE FROM tidings_inbox WHERE subscription = $1 \
+     AND message_id IN (SELECT message_id FROM tidings_inbox \
+     WHERE subscription = $1 AND sequence <= $2 LIMIT $3)";
+
+/// One batch of rows older than $2 seconds.
+pub(super) const PRUNE_OLDER_THAN: &str = "DELETE FROM tidings_inbox WHERE subscription = $1 \
+     AND message_id IN (SELECT message_id FROM tidings_inbox WHERE subscription = $1 \
+     AND processed_at < now() - make_interval(secs => $2) LIMIT $3)";
+
+pub(super) const FORGET_FROM: &str =
+    "DELETE FROM tidings_inbox WHERE subscription = $1 AND sequence >= $2";
+
+pub(super) const CONTAINS: &str =
+    "SELECT COUNT(*) FROM tidings_inbox WHERE subscription = $1 AND message_id = $2";
+
+/// Serialises concurrent migrations: two `CREATE TABLE IF NOT EXISTS` racing
+/// on PostgreSQL can both pass the check and one then fails on the catalog's
+/// unique index. (Any constant works; this one spells "tidinbox".)
+const MIGRATION_LOCK: i64 = 0x7469_6469_6e62_6f78;
+
+pub(super) async fn connect(url: &str) -> Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?;
+    PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .map_err(db_err)
+}
+
+pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    sqlx::raw_sql(POSTGRES_MIGRATION)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)
+}

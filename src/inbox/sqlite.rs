@@ -1,0 +1,59 @@
+//! The inbox's SQL for SQLite; the schema is `migrations/inbox/sqlite.sql`.
+//! `inbox_database!` in `mod.rs` binds and runs these statements.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{SQLITE_MIGRATION, db_err};
+use crate::error::{Error, Result};
+
+/// Records an id; the conflict target names the primary key, so only a
+/// duplicate id does nothing and any other failure stays an error. As the
+/// transaction's first write, it takes SQLite's write lock until the
+/// transaction ends.
+pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, message_id, sequence) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (subscription, message_id) DO NOTHING";
+
+/// One batch of rows at or below the watermark.
+pub(super) const PRUNE_THROUGH: &str = "DELETE FROM tidings_inbox WHERE subscription = ?1 \
+     AND message_id IN (SELECT message_id FROM tidings_inbox \
+     WHERE subscription = ?1 AND sequence <= ?2 LIMIT ?3)";
+
+/// One batch of rows older than ?2 seconds. `processed_at` is UTC text that
+/// sorts in time order, and the cutoff is written the same way.
+pub(super) const PRUNE_OLDER_THAN: &str = "DELETE FROM tidings_inbox WHERE subscription = ?1 \
+     AND message_id IN (SELECT message_id FROM tidings_inbox WHERE subscription = ?1 \
+     AND processed_at < strftime('%Y-%m-%d %H:%M:%f', 'now', printf('-%.3f seconds', ?2)) \
+     LIMIT ?3)";
+
+pub(super) const FORGET_FROM: &str =
+    "DELETE FROM tidings_inbox WHERE subscription = ?1 AND sequence >= ?2";
+
+pub(super) const CONTAINS: &str =
+    "SELECT COUNT(*) FROM tidings_inbox WHERE subscription = ?1 AND message_id = ?2";
+
+pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(30));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(db_err)
+}
+
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
+    sqlx::raw_sql(SQLITE_MIGRATION)
+        .execute(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}

@@ -1,0 +1,1244 @@
+//! The inbox and the consumer runtime (issue 5): duplicates skipped whatever
+//! delivered them twice, rollback and backoff on handler errors, per-key
+//! order with concurrency, lease extension, graceful shutdown, pruning by the
+//! ack watermark, and the `shipping` example killed with SIGKILL under load.
+//! Every case runs with the broker and the consumer's database on the backend
+//! under test.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::{Pool, Postgres, Sqlite, Transaction};
+use tempfile::TempDir;
+use tidings::client::{self, Backoff};
+use tidings::consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, Monitor};
+use tidings::inbox::{Inbox, InboxDatabase, Recorded};
+use tidings::model::Delivery;
+use tidings::proto;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::harness::{
+    Backend, Rng, TestBroker, backend_test, drop_database, fresh_database, ms, pb,
+};
+
+/// Runs `$scenario::<DB>(backend)` with the consumer's database type of the
+/// backend under test.
+macro_rules! on_backend {
+    ($backend:expr, $scenario:ident) => {
+        match $backend {
+            Backend::Sqlite => $scenario::<Sqlite>(Backend::Sqlite).await,
+            b @ Backend::Postgres(_) => $scenario::<Postgres>(b).await,
+        }
+    };
+}
+
+/// Bounds every wait of these tests, so that a failure ends the test.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `check` until it holds (for broker state that has no signal).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(ms(20)).await;
+        }
+    })
+    .await
+}
+
+// ---- the consumer's database ----
+
+/// A fresh consumer database on the backend under test.
+struct ConsumerDb {
+    url: String,
+    _dir: Option<TempDir>,
+    /// PostgreSQL: the admin URL and the database name, to drop it.
+    pg: Option<(String, String)>,
+}
+
+impl ConsumerDb {
+    async fn create(backend: &Backend) -> ConsumerDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("consumer.db").display());
+                ConsumerDb {
+                    url,
+                    _dir: Some(dir),
+                    pg: None,
+                }
+            }
+            Backend::Postgres(admin) => {
+                let (url, name) = fresh_database(admin).await;
+                ConsumerDb {
+                    url,
+                    _dir: None,
+                    pg: Some((admin.clone(), name)),
+                }
+            }
+        }
+    }
+
+    async fn drop(self) {
+        if let Some((admin, name)) = self.pg {
+            drop_database(&admin, &name).await;
+        }
+    }
+}
+
+/// What the tests need of a consumer database beyond the inbox: an
+/// `effects` table the handler writes to, and a few reads.
+trait TestDb: InboxDatabase {
+    fn create_effects(pool: &Pool<Self>) -> impl Future<Output = ()> + Send;
+    fn insert_effect(
+        tx: &mut Transaction<'static, Self>,
+        d: &Delivery,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+    /// `(message_id, attempt, key, payload)` in insertion order.
+    fn effects(pool: &Pool<Self>) -> impl Future<Output = Vec<Effect>> + Send;
+    /// The inbox's sequences for `subscription`, in order.
+    fn inbox_sequences(
+        pool: &Pool<Self>,
+        subscription: &str,
+    ) -> impl Future<Output = Vec<i64>> + Send;
+    fn count(pool: &Pool<Self>, sql: &'static str) -> impl Future<Output = i64> + Send;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Effect {
+    message_id: String,
+    attempt: i64,
+    key: Option<String>,
+    payload: String,
+}
+
+fn effect_of(row: (String, i64, Option<String>, String)) -> Effect {
+    Effect {
+        message_id: row.0,
+        attempt: row.1,
+        key: row.2,
+        payload: row.3,
+    }
+}
+
+/// Implements [`TestDb`] for `$db`, whose effects table has `$id` as its
+/// key. The statements use `$1` placeholders, which sqlx accepts on SQLite
+/// too.
+macro_rules! test_db {
+    ($db:ty, $id:literal) => {
+        impl TestDb for $db {
+            async fn create_effects(pool: &Pool<Self>) {
+                sqlx::query(concat!(
+                    "CREATE TABLE effects (id ",
+                    $id,
+                    " PRIMARY KEY, message_id TEXT NOT NULL, \
+                     attempt BIGINT NOT NULL, key TEXT, payload TEXT NOT NULL)"
+                ))
+                .execute(pool)
+                .await
+                .expect("create effects");
+            }
+
+            async fn insert_effect(
+                tx: &mut Transaction<'static, Self>,
+                d: &Delivery,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(
+                    "INSERT INTO effects (message_id, attempt, key, payload) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(d.message.id.to_string())
+                .bind(i64::from(d.attempt))
+                .bind(d.message.key.clone())
+                .bind(String::from_utf8_lossy(&d.message.payload).into_owned())
+                .execute(&mut **tx)
+                .await
+                .map(|_| ())
+            }
+
+            async fn effects(pool: &Pool<Self>) -> Vec<Effect> {
+                sqlx::query_as("SELECT message_id, attempt, key, payload FROM effects ORDER BY id")
+                    .fetch_all(pool)
+                    .await
+                    .expect("read effects")
+                    .into_iter()
+                    .map(effect_of)
+                    .collect()
+            }
+
+            async fn inbox_sequences(pool: &Pool<Self>, subscription: &str) -> Vec<i64> {
+                sqlx::query_scalar(
+                    "SELECT sequence FROM tidings_inbox WHERE subscription = $1 ORDER BY sequence",
+                )
+                .bind(subscription)
+                .fetch_all(pool)
+                .await
+                .expect("read inbox")
+            }
+
+            async fn count(pool: &Pool<Self>, sql: &'static str) -> i64 {
+                sqlx::query_scalar(sql)
+                    .fetch_one(pool)
+                    .await
+                    .expect("count")
+            }
+        }
+    };
+}
+
+test_db!(Sqlite, "INTEGER");
+test_db!(Postgres, "BIGSERIAL");
+
+/// The consumer's database, migrated, with its inbox.
+struct Db<DB: TestDb> {
+    inbox: Inbox<DB>,
+    db: ConsumerDb,
+}
+
+impl<DB: TestDb> Db<DB> {
+    async fn open(backend: &Backend) -> Db<DB> {
+        let db = ConsumerDb::create(backend).await;
+        let inbox = Inbox::<DB>::connect(&db.url).await.expect("connect");
+        inbox.migrate().await.expect("migrate");
+        DB::create_effects(inbox.pool()).await;
+        Db { inbox, db }
+    }
+
+    async fn effects(&self) -> Vec<Effect> {
+        DB::effects(self.inbox.pool()).await
+    }
+
+    async fn inbox_sequences(&self, subscription: &str) -> Vec<i64> {
+        DB::inbox_sequences(self.inbox.pool(), subscription).await
+    }
+
+    async fn close(self) {
+        self.inbox.pool().close().await;
+        self.db.drop().await;
+    }
+}
+
+/// A broker and a consumer database, both on `backend`.
+async fn setup<DB: TestDb>(backend: &Backend) -> (TestBroker, Db<DB>) {
+    (
+        TestBroker::start(backend.clone()).await,
+        Db::open(backend).await,
+    )
+}
+
+async fn teardown<DB: TestDb>(broker: TestBroker, db: Db<DB>) {
+    db.close().await;
+    broker.stop().await;
+}
+
+// ---- a handler that records what it was asked to do ----
+
+/// What the handler does with one delivery.
+#[derive(Debug, Clone, Copy, Default)]
+struct Plan {
+    /// Wait for [`Recorder::release`] (after telling [`Recorder::started`]).
+    gate: bool,
+    /// Take this long.
+    sleep: Option<Duration>,
+    /// Fail (after writing its effect, which must then roll back).
+    fail: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    payload: String,
+    attempt: i32,
+    at: Instant,
+}
+
+type Planner = dyn Fn(&Delivery) -> Plan + Send + Sync;
+
+/// Writes one effect row per call, in the inbox transaction, and keeps a
+/// log of its calls.
+#[derive(Clone)]
+struct Recorder {
+    plan: Arc<Planner>,
+    calls: Arc<Mutex<Vec<Call>>>,
+    running: Arc<AtomicUsize>,
+    max_running: Arc<AtomicUsize>,
+    started: Arc<Notify>,
+    gate: Arc<Semaphore>,
+}
+
+impl Recorder {
+    fn new(plan: impl Fn(&Delivery) -> Plan + Send + Sync + 'static) -> Recorder {
+        Recorder {
+            plan: Arc::new(plan),
+            calls: Arc::default(),
+            running: Arc::default(),
+            max_running: Arc::default(),
+            started: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn plain() -> Recorder {
+        Recorder::new(|_| Plan::default())
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls lock").clone()
+    }
+
+    /// Waits until a gated call has started.
+    async fn started(&self) {
+        within("a gated handler to start", self.started.notified()).await;
+    }
+
+    /// Lets `n` gated calls go on.
+    fn release(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+}
+
+impl<DB: TestDb> Handler<DB> for Recorder {
+    type Error = String;
+
+    async fn handle(&self, d: &Delivery, tx: &mut Transaction<'static, DB>) -> Result<(), String> {
+        let plan = (self.plan)(d);
+        self.calls.lock().expect("calls lock").push(Call {
+            payload: String::from_utf8_lossy(&d.message.payload).into_owned(),
+            attempt: d.attempt,
+            at: Instant::now(),
+        });
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        let result = async {
+            DB::insert_effect(tx, d).await.map_err(|e| e.to_string())?;
+            if plan.gate {
+                self.started.notify_one();
+                self.gate
+                    .acquire()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .forget();
+            }
+            if let Some(d) = plan.sleep {
+                tokio::time::sleep(d).await;
+            }
+            if plan.fail {
+                return Err(format!("boom on attempt {}", d.attempt));
+            }
+            Ok(())
+        }
+        .await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+// ---- running a consumer ----
+
+/// A consumer running in a task, until [`Running::stop`].
+struct Running {
+    monitor: Monitor,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<tidings::Result<ConsumerStats>>,
+}
+
+impl Running {
+    async fn wait_for(&self, what: &str, done: impl Fn(&ConsumerStats) -> bool) -> ConsumerStats {
+        match tokio::time::timeout(PATIENCE, self.monitor.wait_for(done)).await {
+            Ok(stats) => stats,
+            Err(_) => panic!("timed out waiting for {what}: {:?}", self.monitor.stats()),
+        }
+    }
+
+    /// Shuts down gracefully; returns the final stats.
+    async fn stop(self) -> ConsumerStats {
+        let _ = self.stop.send(());
+        within("the consumer to stop", self.task)
+            .await
+            .expect("consumer task did not panic")
+            .expect("consumer ran without error")
+    }
+}
+
+/// Settings for tests: quick reconnects, no pruning unless asked.
+fn test_config(tune: impl FnOnce(&mut ConsumerConfig)) -> ConsumerConfig {
+    let mut config = ConsumerConfig {
+        concurrency: 4,
+        prune_interval: None,
+        shutdown_timeout: Duration::from_secs(10),
+        reconnect: Backoff {
+            min: ms(20),
+            max: ms(200),
+            give_up_after: None,
+        },
+        ..ConsumerConfig::default()
+    };
+    tune(&mut config);
+    config
+}
+
+fn start<DB: TestDb>(
+    broker: &TestBroker,
+    subscription: &str,
+    db: &Db<DB>,
+    handler: &Recorder,
+    tune: impl FnOnce(&mut ConsumerConfig),
+) -> Running {
+    let consumer = Consumer::new(
+        broker.channel.clone(),
+        subscription,
+        db.inbox.clone(),
+        handler.clone(),
+        test_config(tune),
+    );
+    let monitor = consumer.monitor();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        monitor,
+        stop,
+        task,
+    }
+}
+
+/// Subscription settings: quick backoff, many attempts, then `tune`.
+fn quick(tune: impl FnOnce(&mut proto::Subscription)) -> impl FnOnce(&mut proto::Subscription) {
+    move |s| {
+        s.max_attempts = 100;
+        s.min_backoff = Some(pb(ms(10)));
+        s.max_backoff = Some(pb(ms(50)));
+        tune(s);
+    }
+}
+
+// ---- duplicates ----
+
+backend_test! {
+    /// A handler that outlives its lease (no extension) has its message
+    /// redelivered while it runs; the redelivery waits on the inbox row,
+    /// finds it committed, and is skipped.
+    async fn lease_expiry_redelivery_runs_the_handler_once(backend) {
+        on_backend!(backend, lease_expiry_case)
+    }
+}
+
+async fn lease_expiry_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", quick(|s| s.ack_deadline = Some(pb(ms(300)))))
+        .await;
+    let handler = Recorder::new(|d| Plan {
+        sleep: (d.attempt == 1).then(|| ms(1000)),
+        ..Plan::default()
+    });
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 2;
+        c.extend_leases = false;
+    });
+    broker.publish("t", &["once"]).await;
+    running.wait_for("the ack", |s| s.acked >= 1).await;
+    let stats = running.stop().await;
+
+    assert_eq!(handler.calls().len(), 1, "the handler ran once");
+    assert_eq!(db.effects().await.len(), 1, "one effect");
+    assert!(
+        stats.ack_refused >= 1,
+        "the first ack came too late: {stats:?}"
+    );
+    assert!(
+        stats.duplicates >= 1,
+        "the redelivery was skipped: {stats:?}"
+    );
+    assert!(broker.stats("s").await.redelivered >= 1);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// The consumer commits but its ack never reaches the broker (the
+    /// broker restarts in between, and the consumer stops before it could
+    /// resend); the next consumer gets the message again and skips it.
+    async fn lost_ack_redelivery_runs_the_handler_once(backend) {
+        on_backend!(backend, lost_ack_case)
+    }
+}
+
+async fn lost_ack_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", quick(|s| s.ack_deadline = Some(pb(ms(500)))))
+        .await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.attempt == 1,
+        ..Plan::default()
+    });
+    let first = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 1;
+        c.shutdown_timeout = ms(300);
+    });
+    broker.publish("t", &["once"]).await;
+    handler.started().await;
+    // The restarted broker listens elsewhere: the first consumer's ack has
+    // nowhere to go.
+    let broker = broker.restart().await;
+    handler.release(1);
+    first.wait_for("the commit", |s| s.processed >= 1).await;
+    let first = first.stop().await;
+    assert_eq!(first.acked, 0, "the ack was lost: {first:?}");
+
+    let second = start(&broker, "s", &db, &handler, |_| {});
+    second.wait_for("the ack", |s| s.acked >= 1).await;
+    let second = second.stop().await;
+    assert_eq!(second.duplicates, 1, "{second:?}");
+    assert_eq!(second.processed, 0, "{second:?}");
+    assert_eq!(handler.calls().len(), 1, "the handler ran once");
+    assert_eq!(db.effects().await.len(), 1, "one effect");
+    assert!(broker.stats("s").await.redelivered >= 1);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// A message whose last attempt committed but was never acked is
+    /// dead-lettered; pruning keeps its inbox row (the dead letter holds
+    /// the watermark below it), so a redrive finds the row and skips it.
+    /// Once acked, the watermark passes it and the row goes.
+    async fn redrive_of_a_dead_letter_committed_before_runs_the_handler_once(backend) {
+        on_backend!(backend, redrive_case)
+    }
+}
+
+async fn redrive_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", |s| {
+            s.max_attempts = 1;
+            s.ack_deadline = Some(pb(ms(200)));
+        })
+        .await;
+    let seq = broker.publish("t", &["once"]).await[0];
+
+    // What a consumer does at the message's last attempt, killed between
+    // its commit and its ack.
+    let got = broker.pull("s", 1, ms(5000)).await;
+    assert_eq!(got.len(), 1);
+    let id: uuid::Uuid = got[0]
+        .message
+        .as_ref()
+        .expect("message")
+        .id
+        .parse()
+        .expect("uuid");
+    let mut tx = db.inbox.begin().await.expect("begin");
+    assert_eq!(
+        Inbox::<DB>::record(&mut tx, "s", id, seq)
+            .await
+            .expect("record"),
+        Recorded::New
+    );
+    let delivery = Delivery {
+        message: tidings::model::StoredMessage {
+            id,
+            topic: "t".into(),
+            key: None,
+            payload: b"once".to_vec(),
+            attributes: Vec::new(),
+            created_at: None,
+            sequence: seq,
+            published_at: 0,
+        },
+        ack_id: got[0].ack_id.parse().expect("ack id"),
+        attempt: 1,
+        lease_deadline: 0,
+    };
+    DB::insert_effect(&mut tx, &delivery).await.expect("effect");
+    tx.commit().await.expect("commit");
+    eventually("the dead letter", || async {
+        broker.stats("s").await.dead_lettered == 1
+    })
+    .await;
+
+    let handler = Recorder::plain();
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.prune_interval = Some(ms(20));
+    });
+    let stats = running
+        .wait_for("two pruning rounds", |s| s.prune_rounds >= 2)
+        .await;
+    assert!(
+        stats.watermark < seq,
+        "the dead letter holds the watermark: {stats:?}"
+    );
+    assert!(db.inbox.contains("s", id).await.expect("contains"));
+
+    let redriven = broker
+        .admin()
+        .raw()
+        .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+            subscription: "s".into(),
+            sequences: vec![seq],
+        })
+        .await
+        .expect("redrive")
+        .into_inner();
+    assert_eq!(redriven.redriven_count, 1);
+    running.wait_for("the ack", |s| s.acked >= 1).await;
+    running
+        .wait_for("the row to be pruned", |s| s.pruned >= 1)
+        .await;
+    assert!(!db.inbox.contains("s", id).await.expect("contains"));
+    let stats = running.stop().await;
+    assert_eq!(stats.duplicates, 1, "{stats:?}");
+    assert!(handler.calls().is_empty(), "the handler did not run again");
+    assert_eq!(db.effects().await.len(), 1, "one effect");
+    let after = broker.stats("s").await;
+    assert_eq!((after.dead_lettered, after.backlog), (0, 0));
+    teardown(broker, db).await;
+}
+
+// ---- failures ----
+
+backend_test! {
+    /// A failing handler's writes roll back; the message is nacked with the
+    /// error as reason and no delay, so it comes again after the
+    /// subscription's backoff, with attempt 2; one that keeps failing is
+    /// dead-lettered with the last error as its reason.
+    async fn handler_error_rolls_back_and_redelivers_after_backoff(backend) {
+        on_backend!(backend, handler_error_case)
+    }
+}
+
+async fn handler_error_case<DB: TestDb>(backend: Backend) {
+    let backoff = ms(300);
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", |s| {
+            s.max_attempts = 2;
+            s.min_backoff = Some(pb(backoff));
+            s.max_backoff = Some(pb(backoff));
+        })
+        .await;
+    let handler = Recorder::new(|d| Plan {
+        fail: d.message.payload == b"always" || d.attempt == 1,
+        ..Plan::default()
+    });
+    let running = start(&broker, "s", &db, &handler, |_| {});
+    broker.publish("t", &["later", "always"]).await;
+    running
+        .wait_for("one ack and three failures", |s| {
+            s.acked >= 1 && s.failed >= 3
+        })
+        .await;
+    eventually("the dead letter", || async {
+        broker.stats("s").await.dead_lettered == 1
+    })
+    .await;
+    let stats = running.stop().await;
+    assert_eq!((stats.processed, stats.failed), (1, 3), "{stats:?}");
+
+    let effects = db.effects().await;
+    assert_eq!(
+        effects.len(),
+        1,
+        "failed attempts left nothing: {effects:?}"
+    );
+    assert_eq!(
+        (effects[0].payload.as_str(), effects[0].attempt),
+        ("later", 2)
+    );
+    let later: Vec<Call> = handler
+        .calls()
+        .into_iter()
+        .filter(|c| c.payload == "later")
+        .collect();
+    assert_eq!(later.iter().map(|c| c.attempt).collect::<Vec<_>>(), [1, 2]);
+    assert!(
+        later[1].at - later[0].at >= backoff,
+        "redelivered after the backoff, not at once: {:?}",
+        later[1].at - later[0].at
+    );
+    let dead = broker
+        .admin()
+        .raw()
+        .list_dead_letters(proto::ListDeadLettersRequest {
+            subscription: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_failure_reason, "boom on attempt 2");
+    teardown(broker, db).await;
+}
+
+// ---- order, leases, shutdown ----
+
+backend_test! {
+    /// Four handlers at once on an ordered subscription with several keys,
+    /// some messages failing once: each key's messages take effect in
+    /// publish order, each once.
+    async fn per_key_order_holds_with_concurrency_above_one(backend) {
+        on_backend!(backend, order_case)
+    }
+}
+
+async fn order_case<DB: TestDb>(backend: Backend) {
+    const KEYS: usize = 5;
+    const PER_KEY: usize = 30;
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", quick(|s| s.ordered = true))
+        .await;
+    let handler = Recorder::new(|d| {
+        let text = String::from_utf8_lossy(&d.message.payload).into_owned();
+        let n: u64 = text
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Plan {
+            sleep: Some(ms(n % 4)),
+            fail: n % 7 == 3 && d.attempt == 1,
+            ..Plan::default()
+        }
+    });
+    let running = start(&broker, "s", &db, &handler, |c| c.concurrency = 4);
+    let mut messages = Vec::new();
+    for n in 1..=PER_KEY {
+        for k in 0..KEYS {
+            messages
+                .push(client::Outgoing::new("t", format!("k{k} {n}")).with_key(format!("k{k}")));
+        }
+    }
+    broker
+        .publisher()
+        .publish(&messages)
+        .await
+        .expect("publish");
+    let total = (KEYS * PER_KEY) as u64;
+    running
+        .wait_for("every message acked", |s| s.acked >= total)
+        .await;
+    let stats = running.stop().await;
+    assert!(stats.failed > 0, "some messages failed once: {stats:?}");
+
+    let effects = db.effects().await;
+    assert_eq!(effects.len(), KEYS * PER_KEY, "one effect per message");
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for e in &effects {
+        let n = e
+            .payload
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("n");
+        by_key
+            .entry(e.key.clone().expect("key"))
+            .or_default()
+            .push(n);
+    }
+    for (key, ns) in by_key {
+        assert_eq!(ns, (1..=PER_KEY).collect::<Vec<_>>(), "order of {key}");
+    }
+    if matches!(backend, Backend::Postgres(_)) {
+        // SQLite has one writer, which each handler's transaction takes at
+        // its start, so only PostgreSQL shows handlers overlapping.
+        assert!(
+            handler.max_running.load(Ordering::SeqCst) >= 2,
+            "handlers ran concurrently"
+        );
+    }
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// A handler that runs four times its lease keeps the lease by
+    /// extension: no redelivery, the ack is accepted.
+    async fn long_handler_keeps_its_lease(backend) {
+        on_backend!(backend, lease_extension_case)
+    }
+}
+
+async fn lease_extension_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", quick(|s| s.ack_deadline = Some(pb(ms(300)))))
+        .await;
+    let handler = Recorder::new(|_| Plan {
+        sleep: Some(ms(1200)),
+        ..Plan::default()
+    });
+    let running = start(&broker, "s", &db, &handler, |_| {});
+    broker.publish("t", &["slow"]).await;
+    running.wait_for("the ack", |s| s.acked >= 1).await;
+    let stats = running.stop().await;
+    assert_eq!(stats.ack_refused, 0, "{stats:?}");
+    assert_eq!(handler.calls().len(), 1);
+    assert_eq!(broker.stats("s").await.redelivered, 0);
+    assert_eq!(db.effects().await.len(), 1);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// Shutdown lets the running handler finish and acks it; messages
+    /// received but not started are released to the next consumer.
+    async fn shutdown_finishes_running_handlers_and_releases_the_rest(backend) {
+        on_backend!(backend, shutdown_case)
+    }
+}
+
+async fn shutdown_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.message.payload == b"a",
+        ..Plan::default()
+    });
+    let first = start(&broker, "s", &db, &handler, |c| c.concurrency = 1);
+    broker.publish("t", &["a", "b", "c"]).await;
+    handler.started().await;
+    first
+        .wait_for("all three received", |s| s.received >= 3)
+        .await;
+    let _ = first.stop.send(());
+    handler.release(1);
+    let stats = within("the consumer to stop", first.task)
+        .await
+        .expect("no panic")
+        .expect("no error");
+    assert_eq!((stats.processed, stats.acked), (1, 1), "{stats:?}");
+    eventually("the rest released", || async {
+        broker.stats("s").await.in_flight == 0
+    })
+    .await;
+
+    let second = start(&broker, "s", &db, &handler, |_| {});
+    second.wait_for("the rest", |s| s.acked >= 2).await;
+    second.stop().await;
+    let mut payloads: Vec<String> = db.effects().await.into_iter().map(|e| e.payload).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["a", "b", "c"]);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// A handler still running at the shutdown timeout is cancelled: its
+    /// writes roll back and its message goes to the next consumer.
+    async fn shutdown_timeout_rolls_back_a_stuck_handler(backend) {
+        on_backend!(backend, shutdown_timeout_case)
+    }
+}
+
+async fn shutdown_timeout_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.attempt == 1,
+        ..Plan::default()
+    });
+    let first = start(&broker, "s", &db, &handler, |c| {
+        c.shutdown_timeout = ms(200)
+    });
+    broker.publish("t", &["stuck"]).await;
+    handler.started().await;
+    let stats = first.stop().await;
+    assert_eq!((stats.processed, stats.acked), (0, 0), "{stats:?}");
+    assert!(db.effects().await.is_empty(), "rolled back");
+
+    let second = start(&broker, "s", &db, &handler, |_| {});
+    second.wait_for("the ack", |s| s.acked >= 1).await;
+    second.stop().await;
+    let effects = db.effects().await;
+    assert_eq!(effects.len(), 1);
+    assert_eq!(effects[0].attempt, 2);
+    teardown(broker, db).await;
+}
+
+// ---- pruning and replays ----
+
+backend_test! {
+    /// Pruning by the broker's watermark removes rows at or below it and
+    /// keeps every row whose message is leased, waiting for redelivery or
+    /// dead-lettered (and, conservatively, acked rows above the watermark).
+    async fn pruning_never_removes_an_id_that_could_come_back(backend) {
+        on_backend!(backend, pruning_case)
+    }
+}
+
+async fn pruning_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker.topic_and_sub("t", "s", |s| s.max_attempts = 2).await;
+    let seqs = broker.publish("t", &["1", "2", "3", "4", "5", "6"]).await;
+    let got = broker.pull("s", 6, ms(5000)).await;
+    assert_eq!(got.len(), 6);
+    // Each was processed and committed; which ones the broker heard of
+    // differs.
+    for m in &got {
+        let message = m.message.as_ref().expect("message");
+        let mut tx = db.inbox.begin().await.expect("begin");
+        let id = message.id.parse().expect("uuid");
+        Inbox::<DB>::record(&mut tx, "s", id, message.sequence)
+            .await
+            .expect("record");
+        tx.commit().await.expect("commit");
+    }
+    let ack_of = |seq: i64| {
+        got.iter()
+            .find(|m| m.message.as_ref().expect("message").sequence == seq)
+            .expect("delivered")
+            .ack_id
+            .clone()
+    };
+    // 1, 2, 4 acked; 3 still leased; 5 waiting for redelivery; 6 dead.
+    broker
+        .ack("s", vec![ack_of(seqs[0]), ack_of(seqs[1]), ack_of(seqs[3])])
+        .await
+        .expect("ack");
+    broker
+        .nack(
+            "s",
+            &ack_of(seqs[4]),
+            Some(Duration::from_secs(600)),
+            "later",
+        )
+        .await
+        .expect("nack 5");
+    broker
+        .nack("s", &ack_of(seqs[5]), Some(Duration::ZERO), "again")
+        .await
+        .expect("nack 6");
+    let again = broker.pull("s", 1, ms(5000)).await;
+    assert_eq!(again.len(), 1);
+    broker
+        .nack("s", &again[0].ack_id, None, "dead")
+        .await
+        .expect("nack 6 again");
+    assert_eq!(broker.stats("s").await.dead_lettered, 1);
+
+    let watermark = broker.stats("s").await.ack_watermark;
+    assert_eq!(watermark, seqs[1], "the leased message holds the watermark");
+    let pruned = db.inbox.prune_through("s", watermark).await.expect("prune");
+    assert_eq!(pruned, 2);
+    assert_eq!(db.inbox_sequences("s").await, seqs[2..].to_vec());
+
+    broker.ack("s", vec![ack_of(seqs[2])]).await.expect("ack 3");
+    let watermark = broker.stats("s").await.ack_watermark;
+    assert_eq!(watermark, seqs[3], "the waiting message holds it now");
+    db.inbox.prune_through("s", watermark).await.expect("prune");
+    assert_eq!(
+        db.inbox_sequences("s").await,
+        seqs[4..].to_vec(),
+        "the waiting and the dead-lettered message keep their rows"
+    );
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// A Seek back replays: the inbox skips the ids it still holds and runs
+    /// the handler for those it pruned; `forget_from` before the Seek makes
+    /// the replay run the handler for every message again.
+    async fn seek_back_replays_what_the_inbox_no_longer_holds(backend) {
+        on_backend!(backend, replay_case)
+    }
+}
+
+async fn replay_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    // Acked messages stay for replay only with a retention.
+    broker
+        .admin()
+        .raw()
+        .create_topic(proto::CreateTopicRequest {
+            topic: Some(proto::Topic {
+                name: "t".into(),
+                retention: Some(pb(Duration::from_secs(3600))),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("topic");
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let seqs = broker.publish("t", &["1", "2", "3", "4"]).await;
+    let handler = Recorder::plain();
+    let running = start(&broker, "s", &db, &handler, |_| {});
+    running.wait_for("four acks", |s| s.acked >= 4).await;
+    // As if the last pruning round had seen a watermark of 2.
+    db.inbox.prune_through("s", seqs[1]).await.expect("prune");
+    let seek = |to: i64| {
+        let admin = broker.admin().raw();
+        async move {
+            let mut admin = admin;
+            admin
+                .seek(proto::SeekRequest {
+                    subscription: "s".into(),
+                    target: Some(proto::seek_request::Target::Sequence(to)),
+                })
+                .await
+                .expect("seek");
+        }
+    };
+    seek(seqs[0]).await;
+    running.wait_for("the replay", |s| s.acked >= 8).await;
+    let stats = running.monitor.stats();
+    assert_eq!((stats.processed, stats.duplicates), (6, 2), "{stats:?}");
+
+    db.inbox.forget_from("s", seqs[0]).await.expect("forget");
+    seek(seqs[0]).await;
+    running.wait_for("the full replay", |s| s.acked >= 12).await;
+    let stats = running.stop().await;
+    assert_eq!((stats.processed, stats.duplicates), (10, 2), "{stats:?}");
+    assert_eq!(db.effects().await.len(), 10);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// The inbox recognises a recorded id as a duplicate, its migration can
+    /// run again, and the fallback retention removes rows by age only.
+    async fn inbox_records_once_and_prunes_by_age(backend) {
+        on_backend!(backend, inbox_case)
+    }
+}
+
+async fn inbox_case<DB: TestDb>(backend: Backend) {
+    let db = Db::<DB>::open(&backend).await;
+    db.inbox
+        .migrate()
+        .await
+        .expect("migrating again is harmless");
+    let id = uuid::Uuid::now_v7();
+    for expected in [Recorded::New, Recorded::Duplicate] {
+        let mut tx = db.inbox.begin().await.expect("begin");
+        let got = Inbox::<DB>::record(&mut tx, "s", id, 1)
+            .await
+            .expect("record");
+        assert_eq!(got, expected);
+        tx.commit().await.expect("commit");
+    }
+    // Another subscription processes the same message on its own.
+    let mut tx = db.inbox.begin().await.expect("begin");
+    let other = Inbox::<DB>::record(&mut tx, "other", id, 1)
+        .await
+        .expect("record");
+    assert_eq!(other, Recorded::New);
+    tx.rollback().await.expect("rollback");
+    assert!(!db.inbox.contains("other", id).await.expect("contains"));
+
+    let kept = db
+        .inbox
+        .prune_older_than("s", Duration::from_secs(3600))
+        .await
+        .expect("prune");
+    assert_eq!(kept, 0);
+    // processed_at has millisecond resolution.
+    tokio::time::sleep(ms(20)).await;
+    let gone = db.inbox.prune_older_than("s", ms(5)).await.expect("prune");
+    assert_eq!(gone, 1);
+    assert!(!db.inbox.contains("s", id).await.expect("contains"));
+    db.close().await;
+}
+
+// ---- the shipping example under SIGKILL ----
+
+/// The `shipping` example binary, which `cargo test` builds (a filtered
+/// `cargo test --test it` does not: build it with `cargo build --example
+/// shipping`).
+fn shipping_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = target.join("examples").join("shipping");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --example shipping` (a plain `cargo test` builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A running `shipping` process, counting the duplicates it logs.
+struct Shipping {
+    child: tokio::process::Child,
+}
+
+async fn spawn_shipping(broker: &str, database_url: &str, duplicates: &Arc<AtomicU64>) -> Shipping {
+    let mut child = tokio::process::Command::new(shipping_binary())
+        .args(["--broker", broker, "--database-url", database_url])
+        .args(["--concurrency", "4", "--prune-interval-ms", "100"])
+        .env("RUST_LOG", "warn,tidings::consumer=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start shipping");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = within("shipping to start", lines.next_line())
+        .await
+        .expect("read stdout")
+        .expect("a line");
+    assert!(line.starts_with("shipping: consuming"), "{line}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stderr = child.stderr.take().expect("stderr");
+    let duplicates = duplicates.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("duplicate delivery skipped") {
+                duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Shipping { child }
+}
+
+backend_test! {
+    /// The `shipping` example, killed with SIGKILL a dozen times under load
+    /// (so, many times between a commit and its ack) and restarted: every
+    /// order is shipped exactly once and in order per customer.
+    async fn sigkilled_consumer_ships_each_order_once(backend) {
+        on_backend!(backend, sigkill_case)
+    }
+}
+
+async fn sigkill_case<DB: TestDb>(backend: Backend) {
+    const CUSTOMERS: usize = 30;
+    const ROUNDS: usize = 120;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker_db = match &backend {
+        Backend::Sqlite => None,
+        Backend::Postgres(admin) => Some(fresh_database(admin).await),
+    };
+    let broker = crate::crash::spawn_broker_with(
+        dir.path(),
+        broker_db.as_ref().map(|(url, _)| url.as_str()),
+        "127.0.0.1:0",
+    )
+    .await;
+    let channel = client::channel(&broker.url).expect("channel");
+    let admin = client::Admin::new(channel.clone());
+    admin.create_topic("orders").await.expect("topic");
+    // Shipping's subscription, made here first with short leases so that a
+    // test's redeliveries come quickly.
+    admin
+        .create_subscription(proto::Subscription {
+            name: "shipping".into(),
+            topic: "orders".into(),
+            ordered: true,
+            ack_deadline: Some(pb(ms(1000))),
+            max_attempts: 1000,
+            min_backoff: Some(pb(ms(10))),
+            max_backoff: Some(pb(ms(100))),
+            start: Some(proto::subscription::Start::StartPosition(
+                proto::StartPosition::Earliest as i32,
+            )),
+            ..Default::default()
+        })
+        .await
+        .expect("subscription");
+    let consumer_db = ConsumerDb::create(&backend).await;
+
+    // Orders arrive while the consumer is killed and restarted: one round
+    // (an order for every customer) every 30 ms.
+    let publisher = client::Publisher::new(channel.clone(), Backoff::default());
+    let producing = tokio::spawn(async move {
+        for n in 1..=ROUNDS {
+            let round: Vec<client::Outgoing> = (0..CUSTOMERS)
+                .map(|c| {
+                    client::Outgoing::new("orders", format!("order-{c}-{n} customer-{c} {n}"))
+                        .with_key(format!("customer-{c}"))
+                })
+                .collect();
+            publisher.publish(&round).await.expect("publish");
+            tokio::time::sleep(ms(30)).await;
+        }
+    });
+
+    let duplicates = Arc::new(AtomicU64::new(0));
+    let mut rng = Rng::new(0x5417);
+    let mut kills = 0;
+    for _ in 0..12 {
+        let mut shipping = spawn_shipping(&broker.url, &consumer_db.url, &duplicates).await;
+        tokio::time::sleep(ms(100 + rng.below(300))).await;
+        shipping.child.kill().await.expect("SIGKILL");
+        kills += 1;
+    }
+    within("the producer", producing).await.expect("producer");
+    let mut shipping = spawn_shipping(&broker.url, &consumer_db.url, &duplicates).await;
+    eventually("the subscription to drain", || async {
+        let s = admin.stats("shipping").await.expect("stats");
+        s.backlog == 0 && s.in_flight == 0
+    })
+    .await;
+    let pid = shipping.child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exit = within("shipping to stop on SIGTERM", shipping.child.wait())
+        .await
+        .expect("wait");
+    assert!(exit.success(), "graceful shutdown exits 0: {exit}");
+
+    let inbox = Inbox::<DB>::connect(&consumer_db.url)
+        .await
+        .expect("connect");
+    let pool = inbox.pool();
+    let total = (CUSTOMERS * ROUNDS) as i64;
+    assert_eq!(
+        DB::count(pool, "SELECT COUNT(*) FROM shipments").await,
+        total
+    );
+    assert_eq!(
+        DB::count(pool, "SELECT COUNT(DISTINCT order_id) FROM shipments").await,
+        total
+    );
+    assert_eq!(
+        DB::count(pool, "SELECT COUNT(*) FROM order_violations").await,
+        0
+    );
+    assert_eq!(
+        DB::count(pool, "SELECT MIN(last_n) FROM customer_progress").await,
+        ROUNDS as i64
+    );
+    let stats = admin.stats("shipping").await.expect("stats");
+    let skipped = duplicates.load(Ordering::Relaxed);
+    eprintln!(
+        "{kills} kills: {} redeliveries, {skipped} duplicates skipped",
+        stats.redelivered
+    );
+    assert!(kills >= 10);
+    assert!(
+        stats.redelivered > 0,
+        "kills caused redeliveries: {stats:?}"
+    );
+    assert!(
+        skipped > 0,
+        "some kills fell between a commit and its ack ({skipped} duplicates skipped)"
+    );
+    pool.close().await;
+    drop(broker);
+    consumer_db.drop().await;
+    if let (Backend::Postgres(admin_url), Some((_, name))) = (&backend, broker_db) {
+        drop_database(admin_url, &name).await;
+    }
+}
