@@ -311,6 +311,17 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Consume through the inbox of this database (sqlite://PATH or
+    /// postgres://...): each subscriber runs the consumer runtime with a
+    /// trivial handler.
+    #[arg(long, env = "TIDINGS_BENCH_INBOX_URL", hide_env_values = true)]
+    inbox_url: Option<String>,
+    /// Handlers running at once in each inbox consumer.
+    #[arg(long, default_value_t = 8)]
+    inbox_concurrency: usize,
+    /// Deliveries each inbox consumer holds beyond those being handled.
+    #[arg(long, default_value_t = 8)]
+    inbox_prefetch: usize,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
@@ -433,6 +444,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline: args.pipeline,
                 rate: args.rate,
                 fsync: args.fsync,
+                inbox_url: args.inbox_url,
+                inbox_concurrency: args.inbox_concurrency,
+                inbox_prefetch: args.inbox_prefetch,
             })
             .await?;
             if args.json {
