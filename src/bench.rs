@@ -1,6 +1,8 @@
 //! `tidings bench`: publish and consume through a broker (an embedded one on a
 //! temporary data directory unless a URL is given) and report throughput and
-//! latency, in the spirit of `nats bench`.
+//! latency, in the spirit of `nats bench`. With an inbox URL the subscribers
+//! are consumer runtimes with a trivial handler, each message recorded in the
+//! inbox of that database.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +14,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::client::{self, Admin, Backoff, Event, FlowControl, Publisher, Subscriber};
+use crate::consumer::{Consumer, ConsumerConfig, Handler, Monitor};
+use crate::inbox::{Inbox, InboxDatabase};
+use crate::model::Delivery;
 use crate::proto;
 use crate::server::{self, ServerConfig};
 
@@ -38,6 +43,14 @@ pub struct BenchConfig {
     pub rate: Option<u64>,
     /// Fsync every commit on the embedded broker.
     pub fsync: bool,
+    /// Consume through the inbox of this database (`sqlite://PATH` or
+    /// `postgres://...`): each subscriber is a [`Consumer`] with a trivial
+    /// handler. `None`: plain subscribers that ack at once.
+    pub inbox_url: Option<String>,
+    /// Handlers running at once in each inbox consumer.
+    pub inbox_concurrency: usize,
+    /// Deliveries each inbox consumer holds beyond those being handled.
+    pub inbox_prefetch: usize,
 }
 
 impl Default for BenchConfig {
@@ -52,6 +65,9 @@ impl Default for BenchConfig {
             pipeline: 8,
             rate: None,
             fsync: true,
+            inbox_url: None,
+            inbox_concurrency: ConsumerConfig::default().concurrency,
+            inbox_prefetch: ConsumerConfig::default().prefetch,
         }
     }
 }
@@ -226,7 +242,18 @@ async fn measure(
     let redelivered = Arc::new(AtomicU64::new(0));
     let total = config.messages;
     let mut consumers = Vec::new();
-    for s in 0..config.subscribers {
+    let inbox_consumers = match &config.inbox_url {
+        Some(url) if config.subscribers > 0 => {
+            Some(start_inbox_consumers(config, url, channels, name, origin, e2e.clone()).await?)
+        }
+        _ => None,
+    };
+    let plain_subscribers = if inbox_consumers.is_some() {
+        0
+    } else {
+        config.subscribers
+    };
+    for s in 0..plain_subscribers {
         let channel = channels[(s + 1) % channels.len()].clone();
         let subscriber = Subscriber::new(channel, Backoff::default());
         let name = name.to_owned();
@@ -256,6 +283,9 @@ async fn measure(
     let publish_secs = start.elapsed().as_secs_f64();
     for c in consumers {
         c.await??;
+    }
+    if let Some(running) = inbox_consumers {
+        redelivered.store(running.finish(total).await?, Ordering::Relaxed);
     }
     let e2e_secs = start.elapsed().as_secs_f64();
     let publish_hist = publish_hist.lock().await;
@@ -394,4 +424,127 @@ async fn consume(
     }
     e2e.lock().await.add(&local)?;
     Ok(())
+}
+
+/// Inbox consumers running for the bench.
+struct InboxConsumers {
+    monitors: Vec<Monitor>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<crate::Result<crate::consumer::ConsumerStats>>>,
+}
+
+impl InboxConsumers {
+    /// Waits until `total` acks are confirmed, stops the consumers, and
+    /// returns how many deliveries they received beyond one per message.
+    async fn finish(self, total: u64) -> anyhow::Result<u64> {
+        // Polling the monitors every few ms adds at most that much to a run
+        // of seconds.
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            let acked: u64 = self.monitors.iter().map(|m| m.stats().acked).sum();
+            if acked >= total {
+                break;
+            }
+            if self.tasks.iter().any(|t| t.is_finished()) {
+                anyhow::bail!("an inbox consumer ended early");
+            }
+            tick.tick().await;
+        }
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        let mut received = 0;
+        for task in self.tasks {
+            received += task.await??.received;
+        }
+        Ok(received.saturating_sub(total))
+    }
+}
+
+/// The bench's handler: records publish→handler latency, writes nothing
+/// besides the inbox row.
+struct Trivial {
+    origin: Instant,
+    e2e: Arc<Mutex<Histogram<u64>>>,
+}
+
+impl<DB: InboxDatabase> Handler<DB> for Trivial {
+    type Error = String;
+
+    async fn handle(
+        &self,
+        delivery: &Delivery,
+        _tx: &mut sqlx::Transaction<'static, DB>,
+    ) -> Result<(), String> {
+        if let Some(stamp) = delivery.message.payload.get(..8) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(stamp);
+            let sent = u64::from_le_bytes(bytes);
+            let now = self.origin.elapsed().as_nanos() as u64;
+            // A value past the histogram's bounds is left out, not fatal.
+            let _ = self
+                .e2e
+                .lock()
+                .await
+                .record((now.saturating_sub(sent) / 1000).max(1));
+        }
+        Ok(())
+    }
+}
+
+async fn start_inbox_consumers(
+    config: &BenchConfig,
+    url: &str,
+    channels: &[tonic::transport::Channel],
+    name: &str,
+    origin: Instant,
+    e2e: Arc<Mutex<Histogram<u64>>>,
+) -> anyhow::Result<InboxConsumers> {
+    if url.starts_with("sqlite:") {
+        inbox_consumers::<sqlx::Sqlite>(config, url, channels, name, origin, e2e).await
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        inbox_consumers::<sqlx::Postgres>(config, url, channels, name, origin, e2e).await
+    } else {
+        anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
+    }
+}
+
+async fn inbox_consumers<DB: InboxDatabase>(
+    config: &BenchConfig,
+    url: &str,
+    channels: &[tonic::transport::Channel],
+    name: &str,
+    origin: Instant,
+    e2e: Arc<Mutex<Histogram<u64>>>,
+) -> anyhow::Result<InboxConsumers> {
+    let inbox = Inbox::<DB>::connect(url).await?;
+    inbox.migrate().await?;
+    let mut running = InboxConsumers {
+        monitors: Vec::new(),
+        stops: Vec::new(),
+        tasks: Vec::new(),
+    };
+    for s in 0..config.subscribers {
+        let consumer = Consumer::new(
+            channels[(s + 1) % channels.len()].clone(),
+            name,
+            inbox.clone(),
+            Trivial {
+                origin,
+                e2e: e2e.clone(),
+            },
+            ConsumerConfig {
+                concurrency: config.inbox_concurrency.max(1),
+                prefetch: config.inbox_prefetch,
+                ..ConsumerConfig::default()
+            },
+        );
+        running.monitors.push(consumer.monitor());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        running.stops.push(stop);
+        running.tasks.push(tokio::spawn(consumer.run(async move {
+            let _ = stopped.await;
+        })));
+    }
+    Ok(running)
 }

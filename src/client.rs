@@ -372,12 +372,21 @@ impl Subscription {
 
     /// Extends a lease to now + `extension`.
     pub fn extend(&self, ack_id: String, extension: Duration) {
-        let ext = proto::LeaseExtension {
-            ack_id,
-            extension: Some(proto::duration(extension)),
-        };
+        self.extend_all(vec![(ack_id, extension)]);
+    }
+
+    /// Extends several leases in one request (the broker commits them
+    /// together), each to now + its extension.
+    pub fn extend_all(&self, extensions: Vec<(String, Duration)>) {
+        let extensions = extensions
+            .into_iter()
+            .map(|(ack_id, extension)| proto::LeaseExtension {
+                ack_id,
+                extension: Some(proto::duration(extension)),
+            })
+            .collect();
         self.command(proto::SubscribeRequest {
-            extensions: vec![ext],
+            extensions,
             ..Default::default()
         });
     }

@@ -85,9 +85,11 @@ pub struct ConsumerConfig {
     /// writer the inbox transaction takes at its start, handlers' database
     /// work runs one at a time whatever this says.
     pub concurrency: usize,
-    /// Deliveries held beyond those being handled, so that the next one is
-    /// ready when a handler finishes (default 8). The stream's flow control
-    /// is `concurrency + prefetch` messages.
+    /// Deliveries held beyond those being handled (default 8), so that
+    /// handlers never wait for the broker: a slot on the stream frees only
+    /// when the broker has committed its ack. The stream's flow control is
+    /// `concurrency + prefetch` messages; their leases are extended while
+    /// they wait.
     pub prefetch: usize,
     /// Extend the lease of every held delivery while it waits or its
     /// handler runs (default true). Without it, a handler that outlives
@@ -299,6 +301,26 @@ struct Shared<DB: InboxDatabase, H> {
     permits: Semaphore,
 }
 
+/// Most acks sent in one request.
+const ACK_BATCH: usize = 500;
+
+/// Longest an ack waits for others to share its request.
+const ACK_DELAY: Duration = Duration::from_millis(2);
+
+/// Sends the collected acks as one request.
+fn flush(
+    sub: &crate::client::Subscription,
+    acks: &mut Vec<String>,
+    unconfirmed: &mut HashMap<String, Instant>,
+) {
+    if acks.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    unconfirmed.extend(acks.iter().map(|a| (a.clone(), now)));
+    sub.ack(std::mem::take(acks));
+}
+
 /// How long an ack or nack may go unconfirmed before it is forgotten (its
 /// stream broke, so no outcome will come).
 const UNCONFIRMED_TTL: Duration = Duration::from_secs(60);
@@ -371,10 +393,18 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
         let mut pruning: Option<JoinHandle<()>> = None;
         let mut drain_until: Option<Instant> = None;
+        // Acks wait up to ACK_DELAY to go as one request: the broker's
+        // session commits a stream's requests one after the other.
+        let mut acks: Vec<String> = Vec::new();
+        let mut flush_at: Option<Instant> = None;
         tokio::pin!(shutdown);
 
         let result = loop {
-            if drain_until.is_some() && workers.is_empty() && unconfirmed.is_empty() {
+            if drain_until.is_some()
+                && workers.is_empty()
+                && unconfirmed.is_empty()
+                && acks.is_empty()
+            {
                 break Ok(());
             }
             let next_extension = if self.config.extend_leases {
@@ -403,7 +433,6 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                     break Ok(());
                 }
                 Some(joined) = workers.join_next_with_id(), if !workers.is_empty() => {
-                    let mut acks = Vec::new();
                     let mut next = Some(joined);
                     while let Some(joined) = next {
                         let (id, outcome) = match joined {
@@ -419,14 +448,19 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                         next = workers.try_join_next_with_id();
                     }
-                    if !acks.is_empty() {
-                        let now = Instant::now();
-                        unconfirmed.extend(acks.iter().map(|a| (a.clone(), now)));
-                        sub.ack(acks);
+                    if acks.len() >= ACK_BATCH {
+                        flush(&sub, &mut acks, &mut unconfirmed);
+                        flush_at = None;
+                    } else if !acks.is_empty() && flush_at.is_none() {
+                        flush_at = Some(Instant::now() + ACK_DELAY);
                     }
                     if unconfirmed.len() > 4 * window {
                         unconfirmed.retain(|_, sent| sent.elapsed() < UNCONFIRMED_TTL);
                     }
+                }
+                () = sleep_until_opt(flush_at), if flush_at.is_some() => {
+                    flush(&sub, &mut acks, &mut unconfirmed);
+                    flush_at = None;
                 }
                 event = sub.next() => match event {
                     Some(Ok(Event::Message(m))) => {
@@ -465,17 +499,21 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                     None => break Err(Error::Unavailable("the subscription stream ended".into())),
                 },
                 () = sleep_until_opt(next_extension.map(instant_of)), if next_extension.is_some() => {
-                    let now = now_micros();
+                    // Every lease due within the next tenth of a second
+                    // goes in this request: one broker commit for all.
+                    let soon = now_micros() + 100_000;
+                    let mut due = Vec::new();
                     for (ack_id, h) in held.iter_mut() {
-                        if h.extend_at.is_some_and(|t| t <= now) {
+                        if h.extend_at.is_some_and(|t| t <= soon) {
                             h.extend_at = None;
                             let length = self
                                 .config
                                 .lease_extension
                                 .unwrap_or(Duration::from_micros(h.span.unsigned_abs()));
-                            sub.extend(ack_id.clone(), length);
+                            due.push((ack_id.clone(), length));
                         }
                     }
+                    sub.extend_all(due);
                 }
                 _ = tick_opt(&mut prune_timer), if pruning.is_none() && drain_until.is_none() => {
                     pruning = Some(tokio::spawn(prune(
@@ -491,6 +529,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 }
             }
         };
+        // Acks not sent yet go now (the stream may take them before it ends;
+        // if not, those messages come again and are skipped as duplicates).
+        flush(&sub, &mut acks, &mut unconfirmed);
         // Handlers still running are cancelled: their transactions roll back
         // and, with the stream gone, the broker releases their messages.
         workers.shutdown().await;

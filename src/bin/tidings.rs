@@ -378,6 +378,17 @@ struct BenchArgs {
     /// With `--outbox-url`: rows per relay publish request.
     #[arg(long, default_value_t = 500)]
     relay_batch_size: usize,
+    /// Consume through the inbox of this database (sqlite://PATH or
+    /// postgres://...): each subscriber runs the consumer runtime with a
+    /// trivial handler.
+    #[arg(long, env = "TIDINGS_BENCH_INBOX_URL", hide_env_values = true)]
+    inbox_url: Option<String>,
+    /// Handlers running at once in each inbox consumer.
+    #[arg(long, default_value_t = 8)]
+    inbox_concurrency: usize,
+    /// Deliveries each inbox consumer holds beyond those being handled.
+    #[arg(long, default_value_t = 8)]
+    inbox_prefetch: usize,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
@@ -518,6 +529,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline: args.pipeline,
                 rate: args.rate,
                 fsync: args.fsync,
+                inbox_url: args.inbox_url,
+                inbox_concurrency: args.inbox_concurrency,
+                inbox_prefetch: args.inbox_prefetch,
             })
             .await?;
             print_report(args.json, &report, report.to_json());
