@@ -243,9 +243,15 @@ async fn measure(
     let total = config.messages;
     let mut consumers = Vec::new();
     let inbox_consumers = match &config.inbox_url {
-        Some(url) if config.subscribers > 0 => {
-            Some(start_inbox_consumers(config, url, channels, name, origin, e2e.clone()).await?)
-        }
+        Some(url) if config.subscribers > 0 => Some(if url.starts_with("sqlite:") {
+            inbox_consumers::<sqlx::Sqlite>(config, url, channels, name, origin, e2e.clone())
+                .await?
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            inbox_consumers::<sqlx::Postgres>(config, url, channels, name, origin, e2e.clone())
+                .await?
+        } else {
+            anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
+        }),
         _ => None,
     };
     let plain_subscribers = if inbox_consumers.is_some() {
@@ -489,23 +495,6 @@ impl<DB: InboxDatabase> Handler<DB> for Trivial {
                 .record((now.saturating_sub(sent) / 1000).max(1));
         }
         Ok(())
-    }
-}
-
-async fn start_inbox_consumers(
-    config: &BenchConfig,
-    url: &str,
-    channels: &[tonic::transport::Channel],
-    name: &str,
-    origin: Instant,
-    e2e: Arc<Mutex<Histogram<u64>>>,
-) -> anyhow::Result<InboxConsumers> {
-    if url.starts_with("sqlite:") {
-        inbox_consumers::<sqlx::Sqlite>(config, url, channels, name, origin, e2e).await
-    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        inbox_consumers::<sqlx::Postgres>(config, url, channels, name, origin, e2e).await
-    } else {
-        anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
     }
 }
 
