@@ -201,3 +201,20 @@ def wait_for(fetch: Callable[[], Any], timeout: float = 10.0) -> Any:
         if result.dead_letters or time.monotonic() > deadline:
             return result
         time.sleep(0.05)
+
+
+def test_the_table_is_the_one_the_crate_ships(tmp_path: Path) -> None:
+    # A consumer in Python and one in Rust may share a database: the crate's
+    # migration runs cleanly on a table this helper made, and the other way
+    # round, and rows carry the sequence number pruning needs.
+    migration = Path(__file__).parents[3] / "migrations" / "inbox" / "sqlite.sql"
+    first = sqlite3.connect(tmp_path / "python-first.db")
+    tidings.Inbox(first, "billing").create_table()
+    first.executescript(migration.read_text())
+    second = sqlite3.connect(tmp_path / "crate-first.db")
+    second.executescript(migration.read_text())
+    tidings.Inbox(second, "billing").create_table()
+    for conn in (first, second):
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(tidings_inbox)")]
+        assert columns == ["subscription", "message_id", "sequence", "processed_at"]
+        conn.close()

@@ -41,15 +41,19 @@ const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]*$/;
  * The broker delivers at least once: a message comes again when its ack is
  * lost, late, or the consumer stops between its commit and the ack. The
  * inbox records each processed message id in the same transaction as the
- * handler's writes, in the table
+ * handler's writes, in the table the Rust crate ships (`migrations/inbox/`),
+ * so that consumers in any language share it and prune it by the broker's
+ * `ack_watermark`:
  *
  * ```sql
  * CREATE TABLE tidings_inbox (
  *   subscription TEXT NOT NULL,
  *   message_id   TEXT NOT NULL,
+ *   sequence     BIGINT NOT NULL,
  *   processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
  *   PRIMARY KEY (subscription, message_id)
- * )
+ * );
+ * CREATE INDEX tidings_inbox_sequence ON tidings_inbox (subscription, sequence);
  * ```
  *
  * For each delivery: begin, insert the id (a conflict means it was
@@ -86,19 +90,22 @@ export class Inbox<Db extends SqliteDatabase = SqliteDatabase> {
   ) {
     if (!IDENTIFIER.test(table)) throw new RangeError(`table ${JSON.stringify(table)} is not a plain SQL identifier`);
     this.insert =
-      `INSERT INTO ${table} (subscription, message_id) VALUES (?, ?) ` +
+      `INSERT INTO ${table} (subscription, message_id, sequence) VALUES (?, ?, ?) ` +
       "ON CONFLICT (subscription, message_id) DO NOTHING";
     this.select = `SELECT 1 FROM ${table} WHERE subscription = ? AND message_id = ?`;
   }
 
-  /** Creates the inbox table if it does not exist. */
+  /** Creates the inbox table and its index if they do not exist (the same
+   * table as the crate's `migrations/inbox/`). */
   createTable(): void {
     this.db.exec(
       `CREATE TABLE IF NOT EXISTS ${this.table} (` +
         "subscription TEXT NOT NULL, " +
         "message_id TEXT NOT NULL, " +
+        "sequence BIGINT NOT NULL, " +
         "processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, " +
-        "PRIMARY KEY (subscription, message_id))",
+        "PRIMARY KEY (subscription, message_id)); " +
+        `CREATE INDEX IF NOT EXISTS ${this.table.replace(".", "_")}_sequence ON ${this.table} (subscription, sequence)`,
     );
   }
 
@@ -129,7 +136,7 @@ export class Inbox<Db extends SqliteDatabase = SqliteDatabase> {
     db.exec("BEGIN IMMEDIATE");
     let claimed: boolean;
     try {
-      claimed = Number(db.prepare(this.insert).run(this.subscription, delivery.id).changes) === 1;
+      claimed = Number(db.prepare(this.insert).run(this.subscription, delivery.id, delivery.sequence).changes) === 1;
     } catch (e) {
       db.exec("ROLLBACK");
       throw e;

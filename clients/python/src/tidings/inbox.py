@@ -3,14 +3,18 @@
 The broker delivers at least once: a message is redelivered when its ack is
 lost, late, or the consumer crashes between its database commit and the ack.
 The inbox makes the effect exactly once by recording each processed message
-id in the same transaction as the handler's writes::
+id in the same transaction as the handler's writes, in the table the Rust
+crate ships (``migrations/inbox/``), so that consumers in any language can
+share it and prune it by the broker's ``ack_watermark``::
 
     CREATE TABLE tidings_inbox (
         subscription TEXT NOT NULL,
         message_id   TEXT NOT NULL,
+        sequence     BIGINT NOT NULL,
         processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
         PRIMARY KEY (subscription, message_id)
-    )
+    );
+    CREATE INDEX tidings_inbox_sequence ON tidings_inbox (subscription, sequence);
 
 For each delivery: insert the id first (a conflict means it was processed
 already: skip the handler), run the handler with the same connection and
@@ -35,11 +39,11 @@ log = logging.getLogger("tidings.inbox")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 _PLACEHOLDERS = {
-    "qmark": ("?", "?"),
-    "format": ("%s", "%s"),
-    "pyformat": ("%s", "%s"),
-    "numeric": (":1", ":2"),
-    "named": (":subscription", ":message_id"),
+    "qmark": ("?", "?", "?"),
+    "format": ("%s", "%s", "%s"),
+    "pyformat": ("%s", "%s", "%s"),
+    "numeric": (":1", ":2", ":3"),
+    "named": (":subscription", ":message_id", ":sequence"),
 }
 
 
@@ -98,29 +102,38 @@ class Inbox:
         self.subscription = subscription
         self.table = table
         self._style = _paramstyle(connection)
-        sub, mid = _PLACEHOLDERS[self._style]
+        sub, mid, seq = _PLACEHOLDERS[self._style]
         self._insert = (
-            f"INSERT INTO {table} (subscription, message_id) VALUES ({sub}, {mid}) "
+            f"INSERT INTO {table} (subscription, message_id, sequence) VALUES ({sub}, {mid}, {seq}) "
             "ON CONFLICT (subscription, message_id) DO NOTHING"
         )
         self._select = f"SELECT 1 FROM {table} WHERE subscription = {sub} AND message_id = {mid}"
 
-    def _params(self, message_id: str) -> Any:
+    def _params(self, message_id: str, sequence: int | None = None) -> Any:
         if self._style == "named":
-            return {"subscription": self.subscription, "message_id": message_id}
-        return (self.subscription, message_id)
+            named = {"subscription": self.subscription, "message_id": message_id}
+            if sequence is not None:
+                named["sequence"] = sequence
+            return named
+        if sequence is None:
+            return (self.subscription, message_id)
+        return (self.subscription, message_id, sequence)
 
     def create_table(self) -> None:
-        """Creates the inbox table if it does not exist, and commits."""
+        """Creates the inbox table and its index if they do not exist, and
+        commits. The crate's ``migrations/inbox/`` make the same table."""
         cursor = self.connection.cursor()
         try:
             cursor.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.table} ("
                 "subscription TEXT NOT NULL, "
                 "message_id TEXT NOT NULL, "
+                "sequence BIGINT NOT NULL, "
                 "processed_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
                 "PRIMARY KEY (subscription, message_id))"
             )
+            index = self.table.replace(".", "_") + "_sequence"
+            cursor.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (subscription, sequence)")
         finally:
             cursor.close()
         self.connection.commit()
@@ -158,7 +171,7 @@ class Inbox:
         try:
             cursor = conn.cursor()
             try:
-                cursor.execute(self._insert, self._params(delivery.id))
+                cursor.execute(self._insert, self._params(delivery.id, delivery.sequence))
                 inserted = cursor.rowcount == 1
             finally:
                 cursor.close()
