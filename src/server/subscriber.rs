@@ -540,12 +540,15 @@ impl Session {
                     }
                 }
                 if look {
-                    // Take acks that arrived meanwhile before leasing more.
-                    if let Some(Ok(Some(req))) =
+                    // Take every ack that arrived meanwhile before leasing
+                    // more: a stream with credit left would otherwise lease
+                    // again and again while acks wait one per turn.
+                    while let Some(Ok(Some(req))) =
                         futures_util::FutureExt::now_or_never(inbound.message())
-                        && !self.handle(req).await
                     {
-                        return self.release_all().await;
+                        if !self.handle(req).await {
+                            return self.release_all().await;
+                        }
                     }
                     continue;
                 }
