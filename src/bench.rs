@@ -51,6 +51,12 @@ pub struct BenchConfig {
     pub inbox_concurrency: usize,
     /// Deliveries each inbox consumer holds beyond those being handled.
     pub inbox_prefetch: usize,
+    /// Ordering keys the messages cycle through (0: no keys).
+    pub keys: usize,
+    /// Make the subscription ordered (one message in flight per key).
+    pub ordered: bool,
+    /// Most unacked messages each plain subscriber holds (its flow control).
+    pub window: i32,
 }
 
 impl Default for BenchConfig {
@@ -68,6 +74,9 @@ impl Default for BenchConfig {
             inbox_url: None,
             inbox_concurrency: ConsumerConfig::default().concurrency,
             inbox_prefetch: ConsumerConfig::default().prefetch,
+            keys: 0,
+            ordered: false,
+            window: 2000,
         }
     }
 }
@@ -180,6 +189,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             .create_subscription(proto::Subscription {
                 name: name.clone(),
                 topic: name.clone(),
+                ordered: config.ordered,
                 start: Some(proto::subscription::Start::StartPosition(
                     proto::StartPosition::Earliest as i32,
                 )),
@@ -263,9 +273,20 @@ async fn measure(
         let channel = channels[(s + 1) % channels.len()].clone();
         let subscriber = Subscriber::new(channel, Backoff::default());
         let name = name.to_owned();
+        let window = config.window;
         let (e2e, acked, redelivered) = (e2e.clone(), acked.clone(), redelivered.clone());
         consumers.push(tokio::spawn(async move {
-            consume(subscriber, &name, origin, total, e2e, acked, redelivered).await
+            consume(
+                subscriber,
+                &name,
+                window,
+                origin,
+                total,
+                e2e,
+                acked,
+                redelivered,
+            )
+            .await
         }));
     }
 
@@ -355,9 +376,13 @@ async fn produce(
         let len = stamp.len().min(payload.len());
         payload[..len].copy_from_slice(&stamp[..len]);
         let messages: Vec<proto::Message> = (0..n)
-            .map(|_| proto::Message {
+            .map(|i| proto::Message {
                 id: Uuid::now_v7().to_string(),
                 topic: topic.to_owned(),
+                key: match config.keys {
+                    0 => String::new(),
+                    keys => format!("k{}", (sent as usize + i) % keys),
+                },
                 payload: payload.clone(),
                 ..Default::default()
             })
@@ -371,9 +396,11 @@ async fn produce(
     reader.await?
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     subscriber: Subscriber,
     name: &str,
+    window: i32,
     origin: Instant,
     total: u64,
     e2e: Arc<Mutex<Histogram<u64>>>,
@@ -381,7 +408,7 @@ async fn consume(
     redelivered: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let flow = FlowControl {
-        max_messages: 2000,
+        max_messages: window.max(1),
         ..Default::default()
     };
     let mut sub = subscriber.subscribe(name, flow);

@@ -389,6 +389,15 @@ struct BenchArgs {
     /// Deliveries each inbox consumer holds beyond those being handled.
     #[arg(long, default_value_t = 8)]
     inbox_prefetch: usize,
+    /// Ordering keys the published messages cycle through (0: none).
+    #[arg(long, default_value_t = 0)]
+    keys: usize,
+    /// Make the subscription ordered (one message in flight per key).
+    #[arg(long)]
+    ordered: bool,
+    /// Most unacked messages each plain subscriber holds.
+    #[arg(long, default_value_t = 2000)]
+    window: i32,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
@@ -532,6 +541,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 inbox_url: args.inbox_url,
                 inbox_concurrency: args.inbox_concurrency,
                 inbox_prefetch: args.inbox_prefetch,
+                keys: args.keys,
+                ordered: args.ordered,
+                window: args.window,
             })
             .await?;
             print_report(args.json, &report, report.to_json());
