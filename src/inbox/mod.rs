@@ -116,7 +116,7 @@ macro_rules! inbox_database {
                     .bind(sequence)
                     .execute(&mut **tx)
                     .await
-                    .map_err(db_err)?;
+                    .map_err(Error::from)?;
                 // The statement does nothing on a conflict of the primary
                 // key (and only of it): no row means a duplicate.
                 Ok(if done.rows_affected() == 1 {
@@ -138,7 +138,7 @@ macro_rules! inbox_database {
                     .bind(limit)
                     .execute(pool)
                     .await
-                    .map_err(db_err)?;
+                    .map_err(Error::from)?;
                 Ok(done.rows_affected())
             }
 
@@ -154,7 +154,7 @@ macro_rules! inbox_database {
                     .bind(limit)
                     .execute(pool)
                     .await
-                    .map_err(db_err)?;
+                    .map_err(Error::from)?;
                 Ok(done.rows_affected())
             }
 
@@ -168,7 +168,7 @@ macro_rules! inbox_database {
                     .bind(sequence)
                     .execute(pool)
                     .await
-                    .map_err(db_err)?;
+                    .map_err(Error::from)?;
                 Ok(done.rows_affected())
             }
 
@@ -182,7 +182,7 @@ macro_rules! inbox_database {
                     .bind(message_id)
                     .fetch_one(pool)
                     .await
-                    .map_err(db_err)?;
+                    .map_err(Error::from)?;
                 Ok(n > 0)
             }
         }
@@ -191,20 +191,6 @@ macro_rules! inbox_database {
 
 inbox_database!(Postgres, postgres);
 inbox_database!(Sqlite, sqlite);
-
-/// Maps a database error of the consumer's database to the crate's error:
-/// lost connections and pool timeouts are retryable.
-pub(crate) fn db_err(e: sqlx::Error) -> Error {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => {
-            Error::Unavailable(format!("inbox database unavailable: {e}"))
-        }
-        other => Error::Storage(format!("inbox database: {other}")),
-    }
-}
 
 /// The inbox of one consumer database: a connection pool to it.
 ///
@@ -268,7 +254,7 @@ impl<DB: InboxDatabase> Inbox<DB> {
     ///
     /// Fails if no connection can be had.
     pub async fn begin(&self) -> Result<Transaction<'static, DB>> {
-        self.pool.begin().await.map_err(db_err)
+        self.pool.begin().await.map_err(Error::from)
     }
 
     /// Records that `subscription` processes `message_id` (with its

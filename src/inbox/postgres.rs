@@ -3,7 +3,7 @@
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{POSTGRES_MIGRATION, db_err};
+use super::POSTGRES_MIGRATION;
 use crate::error::{Error, Result};
 
 /// Records an id; the conflict target names the primary key, so only a
@@ -41,19 +41,19 @@ pub(super) async fn connect(url: &str) -> Result<PgPool> {
         .max_connections(16)
         .connect_with(options)
         .await
-        .map_err(db_err)
+        .map_err(Error::from)
 }
 
 pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
-    let mut tx = pool.begin().await.map_err(db_err)?;
+    let mut tx = pool.begin().await.map_err(Error::from)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
+        .map_err(Error::from)?;
     sqlx::raw_sql(POSTGRES_MIGRATION)
         .execute(&mut *tx)
         .await
-        .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)
+        .map_err(Error::from)?;
+    tx.commit().await.map_err(Error::from)
 }

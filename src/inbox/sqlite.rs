@@ -8,7 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{SQLITE_MIGRATION, db_err};
+use super::SQLITE_MIGRATION;
 use crate::error::{Error, Result};
 
 /// Records an id; the conflict target names the primary key, so only a
@@ -47,13 +47,13 @@ pub(super) async fn connect(url: &str) -> Result<SqlitePool> {
         .max_connections(1)
         .connect_with(options)
         .await
-        .map_err(db_err)
+        .map_err(Error::from)
 }
 
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
     sqlx::raw_sql(SQLITE_MIGRATION)
         .execute(pool)
         .await
-        .map_err(db_err)?;
+        .map_err(Error::from)?;
     Ok(())
 }
