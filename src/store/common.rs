@@ -1,5 +1,6 @@
-//! What both backends' writers share: batch bookkeeping, lease checks, the
-//! attribute encoding and the limits. No SQL here.
+//! What the writer, the reader and both backends share: rows, batch
+//! bookkeeping, lease checks and lease planning, the attribute encoding and
+//! the limits. No SQL here.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -9,7 +10,8 @@ use uuid::Uuid;
 use super::{Op, Reply};
 use crate::error::{Error, Result};
 use crate::model::{
-    AckId, AckStatus, Micros, Subscription, SubscriptionSettings, Topic, TopicSettings, now_micros,
+    AckId, AckStatus, DeadLetter, Micros, StoredMessage, Subscription, SubscriptionSettings, Topic,
+    TopicSettings, now_micros,
 };
 
 /// Rows per multi-row statement.
@@ -21,6 +23,80 @@ pub(super) const EXPIRE_LIMIT: u64 = 1000;
 /// Most rows one maintenance round deletes per topic (and from the dedup
 /// table), to keep each round's share of a group commit short.
 pub(super) const DELETE_LIMIT: u64 = 2000;
+
+/// A new `deliveries` row: seq, state, attempt, available_at, lease,
+/// delivered_at, key.
+pub(super) type DeliveryRow = (i64, i64, i32, i64, i64, Option<i64>, Option<String>);
+
+/// Counts of a subscription's delivery rows, for its stats.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct DeliveryCounts {
+    /// Leased and not expired.
+    pub(super) in_flight: i64,
+    /// Waiting or leased.
+    pub(super) undone: i64,
+    /// Dead-lettered.
+    pub(super) dead: i64,
+    /// The first waiting or leased sequence.
+    pub(super) first_undone: Option<i64>,
+    /// The first sequence of any row.
+    pub(super) first_any: Option<i64>,
+}
+
+/// Columns of `messages` read into a [`StoredMessage`], in this order.
+pub(super) const MESSAGE_COLUMNS: &str =
+    "m.seq, m.id, m.key, m.payload, m.attributes, m.created_at, m.published_at";
+
+/// Reads the [`MESSAGE_COLUMNS`] starting at column `at` from a row of
+/// either backend.
+pub(super) fn message_from_row<'r, R>(row: &'r R, at: usize, topic: &str) -> Result<StoredMessage>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: Vec<u8> = row.try_get(at + 1).map_err(decode_err)?;
+    Ok(StoredMessage {
+        sequence: row.try_get(at).map_err(decode_err)?,
+        id: uuid_from(&id)?,
+        topic: topic.to_owned(),
+        key: row.try_get(at + 2).map_err(decode_err)?,
+        payload: row.try_get(at + 3).map_err(decode_err)?,
+        attributes: decode_attributes(row.try_get(at + 4).map_err(decode_err)?)?,
+        created_at: row.try_get(at + 5).map_err(decode_err)?,
+        published_at: row.try_get(at + 6).map_err(decode_err)?,
+    })
+}
+
+/// Reads a dead letter from a row of either backend: attempt, first and
+/// last delivery, reason, when it died, then the [`MESSAGE_COLUMNS`].
+pub(super) fn dead_letter_from_row<'r, R>(row: &'r R, topic: &str) -> Result<DeadLetter>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(DeadLetter {
+        attempts: row.try_get(0).map_err(decode_err)?,
+        first_delivery_at: row.try_get(1).map_err(decode_err)?,
+        last_delivery_at: row.try_get(2).map_err(decode_err)?,
+        reason: row
+            .try_get::<Option<String>, _>(3)
+            .map_err(decode_err)?
+            .unwrap_or_default(),
+        dead_lettered_at: row.try_get(4).map_err(decode_err)?,
+        message: message_from_row(row, 5, topic)?,
+    })
+}
 
 /// Delivery states, as stored.
 pub(super) const WAITING: i64 = 0;

@@ -7,9 +7,13 @@
 //! caller only after that transaction committed. Reads go to a small pool of
 //! read connections.
 
+mod backend;
 mod common;
+mod plan;
 mod postgres;
+mod reader;
 mod sqlite;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -533,8 +537,8 @@ pub async fn migrate_postgres(url: &str) -> Result<()> {
 /// The read side of either backend.
 #[derive(Debug, Clone)]
 enum Reader {
-    Sqlite(sqlite::Reader),
-    Postgres(postgres::Reader),
+    Sqlite(reader::Reader<sqlite::Sqlite>),
+    Postgres(reader::Reader<postgres::Postgres>),
 }
 
 /// Calls the same read method on whichever backend is open.

@@ -1,0 +1,197 @@
+//! Pure decisions of the leasing engine, apart from I/O so that they are
+//! tested without a database or a clock: which new messages a lease takes,
+//! and what becomes of a delivery whose lease ended without an ack.
+
+use std::collections::HashSet;
+
+use crate::model::{Micros, SubscriptionSettings, micros};
+
+/// What a lease does with one new message past the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Take {
+    /// Lease it to the caller.
+    Lease,
+    /// Record it as waiting: an earlier message of its key is in progress
+    /// (ordered subscriptions only).
+    Hold,
+}
+
+/// How much a lease may still take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Budget {
+    /// Payload bytes the lease may carry in all.
+    pub(super) max_bytes: usize,
+    /// Payload bytes already taken (by redeliveries).
+    pub(super) bytes: usize,
+    /// True if the lease already holds a message: a lease always takes at
+    /// least one message, however large.
+    pub(super) taken_any: bool,
+}
+
+/// Decides, in sequence order, what a lease does with the new messages past
+/// the cursor, given as (ordering key, payload size). The answer covers a
+/// prefix of them: the cursor moves past exactly those, and the rest stay
+/// for a later lease. `blocked` holds the keys with an earlier message
+/// waiting or leased; keys leased here are added to it.
+pub(super) fn plan_new<'a>(
+    messages: impl IntoIterator<Item = (Option<&'a str>, usize)>,
+    ordered: bool,
+    blocked: &mut HashSet<String>,
+    mut budget: Budget,
+) -> Vec<Take> {
+    let mut plan = Vec::new();
+    for (key, size) in messages {
+        let key = if ordered { key } else { None };
+        if key.is_some_and(|k| blocked.contains(k)) {
+            plan.push(Take::Hold);
+            continue;
+        }
+        if budget.taken_any && budget.bytes.saturating_add(size) > budget.max_bytes {
+            break;
+        }
+        if let Some(k) = key {
+            blocked.insert(k.to_owned());
+        }
+        budget.bytes = budget.bytes.saturating_add(size);
+        budget.taken_any = true;
+        plan.push(Take::Lease);
+    }
+    plan
+}
+
+/// What becomes of a delivery whose lease ended without an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterAttempt {
+    /// It was the last attempt: dead-letter it.
+    DeadLetter,
+    /// Deliver it again from this instant.
+    RetryAt(Micros),
+}
+
+/// The one rule for a lease that ended without an ack (expired or nacked)
+/// on attempt `attempt`: dead-lettered once `max_attempts` is used up,
+/// otherwise redelivered after the backoff, counted from `from` (the lease's
+/// deadline for an expiry, the nack's arrival for a nack) or after `delay`
+/// if the nack gave one.
+pub(super) fn after_attempt(
+    settings: &SubscriptionSettings,
+    attempt: i32,
+    from: Micros,
+    delay: Option<std::time::Duration>,
+) -> AfterAttempt {
+    if attempt >= settings.max_attempts {
+        return AfterAttempt::DeadLetter;
+    }
+    let wait = delay.unwrap_or_else(|| settings.backoff(attempt));
+    AfterAttempt::RetryAt(from.saturating_add(micros(wait)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn budget(max_bytes: usize) -> Budget {
+        Budget {
+            max_bytes,
+            bytes: 0,
+            taken_any: false,
+        }
+    }
+
+    #[test]
+    fn takes_messages_until_the_byte_budget_is_used() {
+        let messages = [(None, 40), (None, 40), (None, 40)];
+        let plan = plan_new(messages, false, &mut HashSet::new(), budget(100));
+        assert_eq!(plan, vec![Take::Lease, Take::Lease]);
+    }
+
+    #[test]
+    fn always_takes_one_message_even_over_the_budget() {
+        let plan = plan_new(
+            [(None, 500), (None, 1)],
+            false,
+            &mut HashSet::new(),
+            budget(10),
+        );
+        assert_eq!(plan, vec![Take::Lease]);
+        // A lease that already holds a redelivery takes nothing too large.
+        let full = Budget {
+            taken_any: true,
+            bytes: 5,
+            ..budget(10)
+        };
+        assert!(plan_new([(None, 6)], false, &mut HashSet::new(), full).is_empty());
+    }
+
+    #[test]
+    fn ordered_lease_takes_one_message_per_key_and_holds_the_rest() {
+        let messages = [
+            (Some("a"), 1),
+            (Some("b"), 1),
+            (Some("a"), 1),
+            (None, 1),
+            (Some("c"), 1),
+        ];
+        let mut blocked: HashSet<String> = ["c".to_owned()].into();
+        let plan = plan_new(messages, true, &mut blocked, budget(100));
+        assert_eq!(
+            plan,
+            vec![
+                Take::Lease,
+                Take::Lease,
+                Take::Hold,
+                Take::Lease,
+                Take::Hold
+            ]
+        );
+        assert!(blocked.contains("a") && blocked.contains("b"));
+    }
+
+    #[test]
+    fn held_messages_do_not_use_the_budget_and_do_not_stop_the_cursor() {
+        let mut blocked: HashSet<String> = ["k".to_owned()].into();
+        let messages = [(Some("k"), 1000), (Some("j"), 10)];
+        let plan = plan_new(messages, true, &mut blocked, budget(20));
+        assert_eq!(plan, vec![Take::Hold, Take::Lease]);
+    }
+
+    #[test]
+    fn unordered_lease_ignores_keys() {
+        let mut blocked: HashSet<String> = ["k".to_owned()].into();
+        let plan = plan_new(
+            [(Some("k"), 1), (Some("k"), 1)],
+            false,
+            &mut blocked,
+            budget(10),
+        );
+        assert_eq!(plan, vec![Take::Lease, Take::Lease]);
+    }
+
+    #[test]
+    fn last_attempt_dead_letters_and_earlier_ones_back_off() {
+        let settings = SubscriptionSettings {
+            max_attempts: 3,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..SubscriptionSettings::default()
+        };
+        assert_eq!(
+            after_attempt(&settings, 1, 1_000, None),
+            AfterAttempt::RetryAt(101_000)
+        );
+        assert_eq!(
+            after_attempt(&settings, 2, 1_000, None),
+            AfterAttempt::RetryAt(201_000)
+        );
+        assert_eq!(
+            after_attempt(&settings, 2, 1_000, Some(Duration::from_millis(5))),
+            AfterAttempt::RetryAt(6_000)
+        );
+        assert_eq!(
+            after_attempt(&settings, 3, 1_000, None),
+            AfterAttempt::DeadLetter
+        );
+    }
+}

@@ -1,0 +1,1107 @@
+//! The one writer: every write of a store runs here, written once over the
+//! [`Backend`] trait. It takes whatever operations are queued, runs them in
+//! one transaction and answers every caller after the COMMIT (group commit).
+//! Publishing, leasing, acks, nacks, extensions, expiry, dead letters, seek,
+//! redrive, purge and maintenance are decided here; the backends only run
+//! the statements.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::backend::{Backend, Conn};
+use super::common::{
+    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, LEASED, SubRow, TopicRow, Touched,
+    WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
+};
+use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
+use super::{
+    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, SubscriptionPatch,
+    TopicPatch,
+};
+use crate::error::{Error, Result};
+use crate::model::{
+    AckId, AckStatus, Delivery, Micros, NackItem, NewMessage, PublishOutcome, SeekTarget,
+    StartPosition, Subscription, Topic, TopicSettings, micros,
+};
+
+/// How often one instance of a shared database sweeps one subscription for
+/// expired leases while leasing. The sweep walks the index through leases
+/// acked since the last VACUUM, so it does not run on every lease; the
+/// maintenance round sweeps too.
+const SWEEP_EVERY: Micros = 100_000;
+
+fn topic_not_found(name: &str) -> Error {
+    Error::NotFound(format!("topic {name:?} does not exist"))
+}
+
+fn sub_not_found(name: &str) -> Error {
+    Error::NotFound(format!("subscription {name:?} does not exist"))
+}
+
+/// Owns the write connection (through its backend) and the writer's memory.
+pub(super) struct Writer<B: Backend> {
+    db: B,
+    clock: Clock,
+    dedup_window: i64,
+    notifier: Notifier,
+    healthy: watch::Sender<bool>,
+    /// Exclusive backends only: topic rows by name, kept in step with every
+    /// write (dropped when a group fails).
+    topics: HashMap<String, TopicRow>,
+    /// Exclusive backends only: subscription rows by name, with the instant
+    /// each next needs a look for redeliveries (`SubRow::check_at`).
+    subs: HashMap<String, SubRow>,
+    /// Shared backends only: when this instance last swept each subscription
+    /// for expired leases.
+    swept: HashMap<i64, Micros>,
+    /// Per topic, a sequence below which every message is deleted already,
+    /// so deletion does not walk the index through rows it removed before
+    /// (on PostgreSQL they stay as dead index entries until VACUUM).
+    deleted_below: HashMap<i64, i64>,
+}
+
+impl<B: Backend> Writer<B> {
+    /// A writer over `db`'s connection.
+    pub(super) fn new(
+        db: B,
+        dedup_window: Duration,
+        notifier: Notifier,
+        healthy: watch::Sender<bool>,
+    ) -> Self {
+        Writer {
+            db,
+            clock: Clock::new(),
+            dedup_window: micros(dedup_window),
+            notifier,
+            healthy,
+            topics: HashMap::new(),
+            subs: HashMap::new(),
+            swept: HashMap::new(),
+            deleted_below: HashMap::new(),
+        }
+    }
+
+    fn c(&mut self) -> &mut Conn<B> {
+        self.db.conn()
+    }
+
+    /// Commits queued operations in groups until the store is closed or every
+    /// handle is gone.
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
+        while let Some(first) = rx.recv().await {
+            let mut weight = first.weight();
+            let mut ops = vec![first];
+            while weight < max_batch {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        weight += op.weight();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Some(at) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
+                let mut rest = ops.split_off(at);
+                self.execute(ops).await;
+                let close = rest.remove(0);
+                for op in rest {
+                    op.refuse("storage is closed");
+                }
+                rx.close();
+                while let Ok(op) = rx.try_recv() {
+                    op.refuse("storage is closed");
+                }
+                self.db.close().await;
+                if let Op::Close(reply) = close {
+                    let _ = reply.send(Ok(()));
+                }
+                return;
+            }
+            self.execute(ops).await;
+        }
+    }
+
+    /// Runs one group in one transaction and answers its callers.
+    async fn execute(&mut self, ops: Vec<Op>) {
+        let started = Instant::now();
+        let size = ops.len();
+        let now = self.clock.tick();
+        let mut touched = Touched::default();
+        let mut dones: Vec<Done> = Vec::with_capacity(ops.len());
+        let mut failure = self.db.begin().await.err().map(|e| e.to_string());
+        // Publishes of the whole group are stored together: a handful of
+        // multi-row statements however many requests there are.
+        let (publishes, mut ops): (Vec<Op>, Vec<Op>) = ops
+            .into_iter()
+            .partition(|op| matches!(op, Op::Publish(..)));
+        if failure.is_none() && !publishes.is_empty() {
+            for (done, fatal) in self.publish_group(publishes, now, &mut touched).await {
+                dones.push(done);
+                failure = failure.or(fatal);
+            }
+        } else {
+            ops.extend(publishes);
+        }
+        for op in ops {
+            if let Some(reason) = &failure {
+                let reason = reason.clone();
+                dones.push(Box::new(move |_| op.refuse(&reason)));
+                continue;
+            }
+            let (done, fatal) = self.apply(op, now, &mut touched).await;
+            dones.push(done);
+            failure = fatal;
+        }
+        if failure.is_none()
+            && let Err(e) = self.db.commit(&touched).await
+        {
+            failure = Some(e.to_string());
+        }
+        match failure {
+            None => {
+                self.healthy
+                    .send_if_modified(|h| !std::mem::replace(h, true));
+                for done in dones {
+                    done(None);
+                }
+                for topic in &touched.topics {
+                    self.notifier.notify_topic(topic);
+                }
+                for sub in &touched.subs {
+                    self.notifier.notify_subscription(sub);
+                }
+                tracing::debug!(
+                    ops = size,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "group committed"
+                );
+            }
+            Some(reason) => {
+                tracing::error!(
+                    ops = size,
+                    error = %reason,
+                    "group commit failed; every request in it was refused"
+                );
+                if self.db.recover().await {
+                    self.healthy
+                        .send_if_modified(|h| std::mem::replace(h, false));
+                }
+                self.topics.clear();
+                self.subs.clear();
+                for done in dones {
+                    done(Some(&reason));
+                }
+            }
+        }
+    }
+
+    async fn apply(&mut self, op: Op, now: Micros, t: &mut Touched) -> (Done, Option<String>) {
+        match op {
+            Op::Publish(messages, r) => finish(r, self.publish(messages, now, t).await),
+            Op::CreateTopic(name, settings, r) => {
+                finish(r, self.create_topic(name, settings, now).await)
+            }
+            Op::UpdateTopic(name, patch, r) => finish(r, self.update_topic(&name, patch).await),
+            Op::DeleteTopic(name, r) => finish(r, self.delete_topic(&name).await),
+            Op::CreateSubscription(sub, r) => finish(r, self.create_subscription(*sub, now).await),
+            Op::UpdateSubscription(name, patch, r) => {
+                finish(r, self.update_subscription(&name, *patch, t).await)
+            }
+            Op::DeleteSubscription(name, r) => finish(r, self.delete_subscription(&name, t).await),
+            Op::Lease(req, r) => finish(r, self.lease(req, now, t).await),
+            Op::Ack(sub, ids, r) => finish(r, self.ack(&sub, ids, now, t).await),
+            Op::Nack(sub, items, r) => finish(r, self.nack(&sub, items, now, t).await),
+            Op::Extend(sub, items, r) => finish(r, self.extend(&sub, items, now).await),
+            Op::Release(sub, ids, r) => finish(r, self.release(&sub, ids, now, t).await),
+            Op::Seek(sub, target, r) => finish(r, self.seek(&sub, target, t).await),
+            Op::Redrive(sub, seqs, r) => finish(r, self.redrive(&sub, seqs, now, t).await),
+            Op::Purge(sub, seqs, r) => finish(r, self.purge(&sub, seqs).await),
+            Op::Maintain(r) => finish(r, self.maintain(now, t).await),
+            // Close is handled by `run` before a batch is applied.
+            Op::Close(r) => finish(r, Ok(())),
+        }
+    }
+
+    // ---- rows ----
+
+    async fn topic(&mut self, name: &str) -> Result<TopicRow> {
+        if let Some(row) = self.topics.get(name) {
+            return Ok(row.clone());
+        }
+        let row = B::topic(self.c(), name)
+            .await?
+            .ok_or_else(|| topic_not_found(name))?;
+        if B::EXCLUSIVE {
+            self.topics.insert(name.to_owned(), row.clone());
+        }
+        Ok(row)
+    }
+
+    async fn sub(&mut self, name: &str) -> Result<SubRow> {
+        if let Some(row) = self.subs.get(name) {
+            return Ok(row.clone());
+        }
+        let row = B::sub(self.c(), name)
+            .await?
+            .ok_or_else(|| sub_not_found(name))?;
+        if B::EXCLUSIVE {
+            self.subs.insert(name.to_owned(), row.clone());
+        }
+        Ok(row)
+    }
+
+    /// Notes that a waiting or leased row of `sub` falls due at `at`.
+    fn due_at(&mut self, sub: &str, at: Micros) {
+        if let Some(cached) = self.subs.get_mut(sub) {
+            cached.check_at = cached.check_at.min(at);
+        }
+    }
+
+    // ---- publishing ----
+
+    /// Publishes several requests as one: requests naming an unknown topic
+    /// are refused on their own, the others are stored together.
+    async fn publish_group(
+        &mut self,
+        ops: Vec<Op>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Vec<(Done, Option<String>)> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut accepted = Vec::with_capacity(ops.len());
+        let mut all = Vec::new();
+        let mut known: HashSet<String> = HashSet::new();
+        for op in ops {
+            let Op::Publish(messages, reply) = op else {
+                continue;
+            };
+            let mut missing = None;
+            for m in &messages {
+                if known.contains(&m.topic) {
+                    continue;
+                }
+                match self.topic(&m.topic).await {
+                    Ok(_) => {
+                        known.insert(m.topic.clone());
+                    }
+                    Err(e) => {
+                        missing = Some(e);
+                        break;
+                    }
+                }
+            }
+            match missing {
+                Some(e) => out.push(finish(reply, Err(e))),
+                None => {
+                    accepted.push((messages.len(), reply));
+                    all.extend(messages);
+                }
+            }
+        }
+        match self.publish(all, now, t).await {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for (n, reply) in accepted {
+                    out.push(finish(reply, Ok(outcomes.by_ref().take(n).collect())));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in accepted {
+                    out.push(finish(reply, Err(e.clone())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Publishes a batch; every topic is checked before anything is
+    /// written, so a batch with an unknown topic stores nothing.
+    async fn publish(
+        &mut self,
+        messages: Vec<NewMessage>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<Vec<PublishOutcome>> {
+        let mut groups: Vec<(TopicRow, Vec<usize>)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            match groups.iter_mut().find(|(topic, _)| topic.name == m.topic) {
+                Some((_, indexes)) => indexes.push(i),
+                None => groups.push((self.topic(&m.topic).await?, vec![i])),
+            }
+        }
+        // Topic rows are locked in id order, so that two instances
+        // publishing to the same topics cannot deadlock.
+        groups.sort_by_key(|(topic, _)| topic.id);
+        let mut outcomes = vec![None; messages.len()];
+        for (topic, indexes) in groups {
+            let batch: Vec<&NewMessage> = indexes.iter().map(|&i| &messages[i]).collect();
+            let results = self.publish_to(&topic, &batch, now).await?;
+            for (i, outcome) in indexes.into_iter().zip(results) {
+                outcomes[i] = Some(outcome);
+            }
+            t.topics.insert(topic.name);
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Stores the messages of one topic that it has not seen yet.
+    ///
+    /// How a publish's sequence is chosen: the topic's row holds `last_seq`;
+    /// each new message takes the next number, and `last_seq` is written
+    /// back in the same transaction. On a shared database the row is locked
+    /// first ([`Backend::lock_topic`]), so a concurrent publisher to the
+    /// topic waits for this commit and then numbers after it: sequence
+    /// numbers of a topic commit in order, and a cursor that moved past N
+    /// never skips an N-1 that commits later.
+    async fn publish_to(
+        &mut self,
+        topic: &TopicRow,
+        messages: &[&NewMessage],
+        now: Micros,
+    ) -> Result<Vec<PublishOutcome>> {
+        let last_seq = if B::EXCLUSIVE {
+            self.topic(&topic.name).await?.last_seq
+        } else {
+            B::lock_topic(self.c(), topic.id).await?
+        };
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+        let mut known: HashMap<Uuid, i64> = B::dedup_lookup(self.c(), topic.id, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let mut seq = last_seq;
+        let mut fresh: Vec<(&NewMessage, i64)> = Vec::new();
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for &m in messages {
+            let (sequence, duplicate) = match known.get(&m.id) {
+                Some(&sequence) => (sequence, true),
+                None => {
+                    seq += 1;
+                    known.insert(m.id, seq);
+                    fresh.push((m, seq));
+                    (seq, false)
+                }
+            };
+            outcomes.push(PublishOutcome {
+                id: m.id,
+                sequence,
+                duplicate,
+            });
+        }
+        if fresh.is_empty() {
+            return Ok(outcomes);
+        }
+        B::insert_messages(self.c(), topic.id, &fresh, now).await?;
+        B::set_last_seq(self.c(), topic.id, seq).await?;
+        if let Some(cached) = self.topics.get_mut(&topic.name) {
+            cached.last_seq = seq;
+        }
+        Ok(outcomes)
+    }
+
+    // ---- topics and subscriptions ----
+
+    async fn create_topic(
+        &mut self,
+        name: String,
+        settings: TopicSettings,
+        now: Micros,
+    ) -> Result<Topic> {
+        let row = B::insert_topic(
+            self.c(),
+            &name,
+            micros(settings.retention),
+            micros(settings.max_age),
+            now,
+        )
+        .await?
+        .ok_or_else(|| Error::AlreadyExists(format!("topic {name:?} already exists")))?;
+        Ok(row.to_topic())
+    }
+
+    async fn update_topic(&mut self, name: &str, patch: TopicPatch) -> Result<Topic> {
+        let row = self.topic(name).await?;
+        // The row lock keeps a concurrent update on another instance from
+        // writing back a field this one changes (and the other way round).
+        B::lock_topic(self.c(), row.id).await?;
+        self.topics.remove(name);
+        let row = self.topic(name).await?;
+        B::set_topic_settings(
+            self.c(),
+            row.id,
+            patch.retention.map(micros).unwrap_or(row.retention_us),
+            patch.max_age.map(micros).unwrap_or(row.max_age_us),
+        )
+        .await?;
+        self.topics.remove(name);
+        Ok(self.topic(name).await?.to_topic())
+    }
+
+    async fn delete_topic(&mut self, name: &str) -> Result<()> {
+        let row = self.topic(name).await?;
+        // Locked, so that no subscription is created on it meanwhile.
+        B::lock_topic(self.c(), row.id).await?;
+        let subs = B::sub_names(self.c(), Some(row.id)).await?;
+        if !subs.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "topic {name:?} still has {} subscription(s) ({}); delete them first",
+                subs.len(),
+                subs.join(", ")
+            )));
+        }
+        B::delete_topic(self.c(), row.id).await?;
+        self.topics.remove(name);
+        tracing::info!(topic = name, "topic deleted");
+        Ok(())
+    }
+
+    async fn check_dead_letter_topic(&mut self, topic: &str, dlt: Option<&str>) -> Result<()> {
+        let Some(dlt) = dlt else { return Ok(()) };
+        if dlt == topic {
+            return Err(Error::InvalidArgument(format!(
+                "dead-letter topic {dlt:?} is the subscription's own topic"
+            )));
+        }
+        match self.topic(dlt).await {
+            Err(Error::NotFound(_)) => Err(Error::NotFound(format!(
+                "dead-letter topic {dlt:?} does not exist"
+            ))),
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn first_seq_at(&mut self, topic: &TopicRow, time: Micros) -> Result<i64> {
+        let seq = B::first_seq_at(self.c(), topic.id, time).await?;
+        Ok(seq.unwrap_or(topic.last_seq + 1))
+    }
+
+    async fn create_subscription(
+        &mut self,
+        sub: NewSubscription,
+        now: Micros,
+    ) -> Result<Subscription> {
+        let topic = self.topic(&sub.topic).await?;
+        self.check_dead_letter_topic(&sub.topic, sub.settings.dead_letter_topic.as_deref())
+            .await?;
+        let cursor = match sub.start {
+            StartPosition::Earliest => 0,
+            StartPosition::Latest => topic.last_seq,
+            StartPosition::Time(time) => self.first_seq_at(&topic, time).await? - 1,
+        };
+        if !B::insert_sub(self.c(), &sub.name, topic.id, &sub.settings, cursor, now).await? {
+            return Err(Error::AlreadyExists(format!(
+                "subscription {:?} already exists",
+                sub.name
+            )));
+        }
+        Ok(self.sub(&sub.name).await?.to_subscription())
+    }
+
+    async fn update_subscription(
+        &mut self,
+        name: &str,
+        patch: SubscriptionPatch,
+        t: &mut Touched,
+    ) -> Result<Subscription> {
+        let row = self.sub(name).await?;
+        // Merged under the row lock, so that concurrent updates of different
+        // fields (on any instance) both survive.
+        B::lock_cursor(self.c(), row.id).await?;
+        self.subs.remove(name);
+        let row = self.sub(name).await?;
+        let mut s = row.settings.clone();
+        if let Some(v) = patch.ack_deadline {
+            s.ack_deadline = v;
+        }
+        if let Some(v) = patch.max_attempts {
+            s.max_attempts = v;
+        }
+        if let Some(v) = patch.min_backoff {
+            s.min_backoff = v;
+        }
+        if let Some(v) = patch.max_backoff {
+            s.max_backoff = v;
+        }
+        if let Some(v) = patch.dead_letter_topic {
+            s.dead_letter_topic = v;
+        }
+        if let Some(v) = patch.ordered {
+            s.ordered = v;
+        }
+        if s.min_backoff > s.max_backoff {
+            return Err(Error::InvalidArgument(format!(
+                "min_backoff ({:?}) is longer than max_backoff ({:?})",
+                s.min_backoff, s.max_backoff
+            )));
+        }
+        self.check_dead_letter_topic(&row.topic, s.dead_letter_topic.as_deref())
+            .await?;
+        B::set_sub_settings(self.c(), row.id, &s).await?;
+        self.subs.remove(name);
+        t.subs.insert(name.to_owned());
+        Ok(self.sub(name).await?.to_subscription())
+    }
+
+    async fn delete_subscription(&mut self, name: &str, t: &mut Touched) -> Result<()> {
+        let row = self.sub(name).await?;
+        B::delete_sub(self.c(), row.id).await?;
+        self.subs.remove(name);
+        t.subs.insert(name.to_owned());
+        tracing::info!(subscription = name, "subscription deleted");
+        Ok(())
+    }
+
+    // ---- leasing ----
+
+    /// Leases due redeliveries first, then new messages past the cursor.
+    async fn lease(
+        &mut self,
+        req: LeaseRequest,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<LeaseBatch> {
+        let sub = self.sub(&req.subscription).await?;
+        let ordered = sub.settings.ordered;
+        // Whether to look for due redeliveries and expired leases at all.
+        // An exclusive writer knows when the next row falls due (waiting
+        // messages of an ordered subscription may be due but held back by
+        // their key, so those always look); a shared one looks every time
+        // and sweeps expiries now and then.
+        let (look, sweep) = if B::EXCLUSIVE {
+            let look = ordered || now >= sub.check_at;
+            (look, look)
+        } else {
+            let last = self.swept.get(&sub.id).copied().unwrap_or(i64::MIN);
+            let sweep = now.saturating_sub(last) >= SWEEP_EVERY;
+            if sweep {
+                self.swept.insert(sub.id, now);
+            }
+            (true, sweep)
+        };
+        let expired = if sweep {
+            self.expire(&sub, now, t).await?
+        } else {
+            0
+        };
+        if expired > 0 {
+            t.subs.insert(sub.name.clone());
+        }
+        let deadline = now.saturating_add(micros(sub.settings.ack_deadline));
+        let mut batch = LeaseBatch::default();
+        let mut bytes = 0usize;
+        let mut redelivered = 0i64;
+
+        let due = if look {
+            B::due_redeliveries(self.c(), &sub, now, req.max_messages as i64).await?
+        } else {
+            Vec::new()
+        };
+        let due_found = due.len();
+        for (attempt, message) in due {
+            if !batch.deliveries.is_empty() && bytes + message.payload.len() > req.max_bytes {
+                break;
+            }
+            let attempt = attempt + 1;
+            let token = self.clock.token();
+            B::lease_again(
+                self.c(),
+                sub.id,
+                message.sequence,
+                attempt,
+                deadline,
+                token,
+                now,
+            )
+            .await?;
+            if attempt > 1 {
+                redelivered += 1;
+            }
+            bytes += message.payload.len();
+            batch.deliveries.push(Delivery {
+                ack_id: AckId {
+                    subscription: sub.id,
+                    sequence: message.sequence,
+                    token,
+                },
+                message,
+                attempt,
+                lease_deadline: deadline,
+            });
+        }
+
+        // Then new messages past the cursor. A shared database's cursor is
+        // read under the subscription's row lock, so instances take turns;
+        // without news no lock is taken.
+        let room = req.max_messages.saturating_sub(batch.deliveries.len());
+        let wants = room > 0 && bytes < req.max_bytes;
+        let locked_cursor = if B::EXCLUSIVE {
+            wants.then_some(sub.cursor)
+        } else if wants && B::last_seq(self.c(), sub.topic_id).await? > sub.cursor {
+            Some(B::lock_cursor(self.c(), sub.id).await?)
+        } else {
+            None
+        };
+        let mut cursor = locked_cursor.unwrap_or(sub.cursor);
+        if let Some(from) = locked_cursor {
+            let messages =
+                B::messages_after(self.c(), sub.topic_id, &sub.topic, from, room as i64).await?;
+            let mut blocked = if ordered {
+                let keys: HashSet<String> = messages.iter().filter_map(|m| m.key.clone()).collect();
+                let keys: Vec<String> = keys.into_iter().collect();
+                B::keys_in_progress(self.c(), sub.id, &keys).await?
+            } else {
+                HashSet::new()
+            };
+            let budget = Budget {
+                max_bytes: req.max_bytes,
+                bytes,
+                taken_any: !batch.deliveries.is_empty(),
+            };
+            let plan = plan_new(
+                messages.iter().map(|m| (m.key.as_deref(), m.payload.len())),
+                ordered,
+                &mut blocked,
+                budget,
+            );
+            let mut rows: Vec<DeliveryRow> = Vec::with_capacity(plan.len());
+            for (message, take) in messages.into_iter().zip(plan) {
+                cursor = message.sequence;
+                let key = if ordered { message.key.clone() } else { None };
+                if take == Take::Hold {
+                    rows.push((message.sequence, WAITING, 0, 0, 0, None, key));
+                    continue;
+                }
+                let token = self.clock.token();
+                rows.push((message.sequence, LEASED, 1, deadline, token, Some(now), key));
+                batch.deliveries.push(Delivery {
+                    ack_id: AckId {
+                        subscription: sub.id,
+                        sequence: message.sequence,
+                        token,
+                    },
+                    message,
+                    attempt: 1,
+                    lease_deadline: deadline,
+                });
+            }
+            if !rows.is_empty() {
+                B::insert_deliveries(self.c(), sub.id, &rows).await?;
+            }
+        }
+        let delivered = batch.deliveries.len() as i64;
+        // The cursor is written only when it was read under the lock: an
+        // unlocked copy may be older than another instance's commit, and
+        // writing it back would replay messages acked since.
+        let moved = locked_cursor.is_some_and(|from| cursor != from);
+        if moved || delivered > 0 {
+            B::advance(
+                self.c(),
+                sub.id,
+                moved.then_some(cursor),
+                delivered,
+                redelivered,
+            )
+            .await?;
+            if let Some(cached) = self.subs.get_mut(&sub.name) {
+                cached.cursor = cursor;
+            }
+            batch.progressed = moved;
+        }
+        if B::EXCLUSIVE {
+            batch.next_due = self
+                .next_check(&sub, look, expired, due_found, &req, &batch, deadline, now)
+                .await?;
+        }
+        // A shared database gives no next_due: finding the earliest future
+        // deadline would walk the index through every lease acked since the
+        // last VACUUM. Waiting streams are woken by NOTIFY, and otherwise by
+        // the poll interval.
+        Ok(batch)
+    }
+
+    /// Exclusive writers: when `sub` next needs a look for redeliveries and
+    /// expired leases, kept in the cache and told to the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn next_check(
+        &mut self,
+        sub: &SubRow,
+        looked: bool,
+        expired: u64,
+        due_found: usize,
+        req: &LeaseRequest,
+        batch: &LeaseBatch,
+        deadline: Micros,
+        now: Micros,
+    ) -> Result<Option<Micros>> {
+        let mut check_at = sub.check_at;
+        if looked {
+            // Every due row was leased (and nothing else): the next one
+            // falls due later.
+            let all_taken = expired < EXPIRE_LIMIT
+                && due_found < req.max_messages
+                && batch.deliveries.len() == due_found;
+            check_at = if all_taken {
+                B::next_due(self.c(), sub.id, now)
+                    .await?
+                    .unwrap_or(i64::MAX)
+            } else {
+                // Some due rows were left for the next call.
+                i64::MIN
+            };
+        }
+        if !batch.deliveries.is_empty() {
+            check_at = check_at.min(deadline);
+        }
+        if let Some(cached) = self.subs.get_mut(&sub.name) {
+            cached.check_at = check_at;
+        }
+        Ok((check_at != i64::MAX && check_at != i64::MIN).then_some(check_at))
+    }
+
+    /// Ends the leases of `sub` whose deadline passed: each waits for a
+    /// backoff, or is dead-lettered after its last attempt.
+    ///
+    /// When a lease expires: a lease is a deliveries row in state LEASED
+    /// whose `available_at` is its deadline; it has expired once the
+    /// writer's clock passes that deadline. An ack checked at or after the
+    /// deadline is stale ([`classify`]), and this sweep (run by leases and
+    /// by each maintenance round) applies [`after_attempt`] to it.
+    async fn expire(&mut self, sub: &SubRow, now: Micros, t: &mut Touched) -> Result<u64> {
+        let rows = B::expired_leases(self.c(), sub.id, now, EXPIRE_LIMIT as i64).await?;
+        let expired = rows.len() as u64;
+        for (seq, attempt, deadline) in rows {
+            match after_attempt(&sub.settings, attempt, deadline, None) {
+                AfterAttempt::DeadLetter => {
+                    let reason = format!("lease expired on attempt {attempt}");
+                    self.dead_letter(sub, seq, &reason, now, t).await?;
+                }
+                AfterAttempt::RetryAt(at) => {
+                    B::set_waiting(self.c(), sub.id, seq, at, Some("lease expired")).await?;
+                    self.due_at(&sub.name, at);
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Dead-letters one delivery, and copies the message to the
+    /// subscription's dead-letter topic if it has one.
+    async fn dead_letter(
+        &mut self,
+        sub: &SubRow,
+        seq: i64,
+        reason: &str,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<()> {
+        B::set_dead(self.c(), sub.id, seq, now, reason).await?;
+        tracing::info!(subscription = %sub.name, sequence = seq, reason, "message dead-lettered");
+        let Some(dlt) = sub.settings.dead_letter_topic.clone() else {
+            return Ok(());
+        };
+        let Some(original) = B::message_at(self.c(), sub.topic_id, &sub.topic, seq).await? else {
+            return Ok(());
+        };
+        let copy = NewMessage {
+            id: original.id,
+            topic: dlt.clone(),
+            key: original.key,
+            payload: original.payload,
+            attributes: dead_letter_attributes(
+                original.attributes,
+                reason,
+                seq,
+                &sub.name,
+                &sub.topic,
+            ),
+            created_at: original.created_at,
+        };
+        match self.topic(&dlt).await {
+            Ok(topic) => {
+                self.publish_to(&topic, &[&copy], now).await?;
+                t.topics.insert(dlt);
+            }
+            Err(Error::NotFound(_)) => tracing::warn!(
+                subscription = %sub.name,
+                dead_letter_topic = %dlt,
+                "dead-letter topic is gone; the dead letter is kept on the subscription only"
+            ),
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    // ---- acks ----
+
+    /// Checks leases against the stored deliveries (locking their rows on a
+    /// shared database); [`classify`] is the one judge.
+    async fn check(&mut self, sub: &SubRow, ids: &[AckId], now: Micros) -> Result<Vec<Check>> {
+        let ours: Vec<i64> = ids
+            .iter()
+            .filter(|id| id.subscription == sub.id)
+            .map(|id| id.sequence)
+            .collect();
+        let rows = B::deliveries(self.c(), sub.id, &ours).await?;
+        Ok(classify(&sub.name, sub.id, ids, &rows, now))
+    }
+
+    async fn ack(
+        &mut self,
+        sub: &str,
+        ids: Vec<AckId>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<Vec<AckStatus>> {
+        let sub = self.sub(sub).await?;
+        let checks = self.check(&sub, &ids, now).await?;
+        let current = current_seqs(&checks);
+        if !current.is_empty() {
+            B::delete_deliveries(self.c(), sub.id, &current).await?;
+            B::add_acked(self.c(), sub.id, current.len() as i64).await?;
+            // An ack unblocks the next message of its key.
+            if sub.settings.ordered {
+                t.subs.insert(sub.name.clone());
+            }
+        }
+        Ok(checks.into_iter().map(status_of).collect())
+    }
+
+    async fn nack(
+        &mut self,
+        sub: &str,
+        items: Vec<NackItem>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<Vec<AckStatus>> {
+        let sub = self.sub(sub).await?;
+        let ids: Vec<AckId> = items.iter().map(|n| n.ack_id).collect();
+        let checks = self.check(&sub, &ids, now).await?;
+        for (check, item) in checks.iter().zip(&items) {
+            let Check::Current { seq, attempt } = *check else {
+                continue;
+            };
+            match after_attempt(&sub.settings, attempt, now, item.delay) {
+                AfterAttempt::DeadLetter => {
+                    let reason = if item.reason.is_empty() {
+                        format!("nacked on attempt {attempt}")
+                    } else {
+                        item.reason.clone()
+                    };
+                    self.dead_letter(&sub, seq, &reason, now, t).await?;
+                }
+                AfterAttempt::RetryAt(at) => {
+                    B::set_waiting(self.c(), sub.id, seq, at, Some(&item.reason)).await?;
+                    self.due_at(&sub.name, at);
+                }
+            }
+            t.subs.insert(sub.name.clone());
+        }
+        Ok(checks.into_iter().map(status_of).collect())
+    }
+
+    async fn extend(
+        &mut self,
+        sub: &str,
+        items: Vec<(AckId, Duration)>,
+        now: Micros,
+    ) -> Result<Vec<AckStatus>> {
+        let sub = self.sub(sub).await?;
+        let ids: Vec<AckId> = items.iter().map(|(id, _)| *id).collect();
+        let checks = self.check(&sub, &ids, now).await?;
+        let mut out = Vec::with_capacity(checks.len());
+        for (check, (_, extension)) in checks.into_iter().zip(&items) {
+            let Check::Current { seq, .. } = check else {
+                out.push(status_of(check));
+                continue;
+            };
+            let deadline = now.saturating_add(micros(*extension));
+            B::set_deadline(self.c(), sub.id, seq, deadline).await?;
+            out.push(AckStatus::Ok(Some(deadline)));
+        }
+        Ok(out)
+    }
+
+    async fn release(
+        &mut self,
+        sub: &str,
+        ids: Vec<AckId>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<Vec<AckStatus>> {
+        let sub = self.sub(sub).await?;
+        let checks = self.check(&sub, &ids, now).await?;
+        let current = current_seqs(&checks);
+        if !current.is_empty() {
+            B::release(self.c(), sub.id, &current, now).await?;
+            self.due_at(&sub.name, now);
+            t.subs.insert(sub.name.clone());
+        }
+        Ok(checks.into_iter().map(status_of).collect())
+    }
+
+    // ---- cursor and dead letters ----
+
+    async fn seek(&mut self, sub: &str, target: SeekTarget, t: &mut Touched) -> Result<i64> {
+        let row = self.sub(sub).await?;
+        B::lock_cursor(self.c(), row.id).await?;
+        let topic = self.topic(&row.topic).await?;
+        let next = match target {
+            SeekTarget::Sequence(seq) => seq.clamp(1, topic.last_seq + 1),
+            SeekTarget::Time(time) => self.first_seq_at(&topic, time).await?,
+        };
+        // Messages before the target count as acked; leases and waiting
+        // redeliveries go, and dead letters from the target on are replayed.
+        B::reset_cursor(self.c(), row.id, next).await?;
+        self.subs.remove(sub);
+        t.subs.insert(sub.to_owned());
+        tracing::info!(
+            subscription = sub,
+            next_sequence = next,
+            "subscription seeked"
+        );
+        Ok(next)
+    }
+
+    async fn redrive(
+        &mut self,
+        sub: &str,
+        seqs: Vec<i64>,
+        now: Micros,
+        t: &mut Touched,
+    ) -> Result<i64> {
+        let row = self.sub(sub).await?;
+        let count = B::redrive(self.c(), row.id, &seqs, now).await?;
+        self.due_at(sub, now);
+        t.subs.insert(sub.to_owned());
+        tracing::info!(subscription = sub, count, "dead letters redriven");
+        Ok(count)
+    }
+
+    async fn purge(&mut self, sub: &str, seqs: Option<Vec<i64>>) -> Result<i64> {
+        let row = self.sub(sub).await?;
+        let count = B::purge(self.c(), row.id, seqs.as_deref().unwrap_or(&[])).await?;
+        tracing::warn!(subscription = sub, count, "dead letters purged");
+        Ok(count)
+    }
+
+    // ---- maintenance ----
+
+    /// Sweeps expired leases, deletes messages every subscription is done
+    /// with (after the topic's retention), expires messages past a topic's
+    /// max age and prunes the dedup table, each a bounded amount per round.
+    async fn maintain(&mut self, now: Micros, t: &mut Touched) -> Result<MaintenanceReport> {
+        let mut report = MaintenanceReport::default();
+        // One instance at a time does the sweeping; the others skip it.
+        if !B::try_maintenance_lock(self.c()).await? {
+            return Ok(report);
+        }
+        for name in B::sub_names(self.c(), None).await? {
+            let sub = match self.sub(&name).await {
+                Ok(sub) => sub,
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if B::EXCLUSIVE && now < sub.check_at {
+                continue;
+            }
+            let expired = self.expire(&sub, now, t).await?;
+            report.more |= expired >= EXPIRE_LIMIT;
+            if expired > 0 {
+                report.leases_expired += expired;
+                t.subs.insert(name);
+            }
+        }
+        for topic in B::list_topics(self.c(), "", i64::MAX).await? {
+            let low = B::low_water(self.c(), topic.id)
+                .await?
+                .unwrap_or(topic.last_seq + 1);
+            if topic.max_age_us > 0 {
+                report.expired += self
+                    .expire_old(&topic, low, now - topic.max_age_us, t)
+                    .await?;
+            }
+            let (deleted, more) = self
+                .delete_done(&topic, low, now - topic.retention_us)
+                .await?;
+            report.deleted += deleted;
+            report.more |= more;
+        }
+        let before = now - self.dedup_window;
+        let pruned = B::prune_dedup(self.c(), before, DELETE_LIMIT as i64).await?;
+        report.dedup_pruned = pruned;
+        report.more |= pruned >= DELETE_LIMIT;
+        Ok(report)
+    }
+
+    /// Deletes, by sequence range from where the last round stopped, the
+    /// topic's messages below `low` published at or before `cutoff`;
+    /// returns how many, and whether more remain.
+    async fn delete_done(
+        &mut self,
+        topic: &TopicRow,
+        low: i64,
+        cutoff: Micros,
+    ) -> Result<(u64, bool)> {
+        let from = match self.deleted_below.get(&topic.id) {
+            Some(&from) => from,
+            None => B::first_seq(self.c(), topic.id).await?.unwrap_or(low),
+        };
+        let to = low.min(from.saturating_add(DELETE_LIMIT as i64));
+        if to <= from {
+            return Ok((0, false));
+        }
+        let deleted = B::delete_messages(self.c(), topic.id, from, to, cutoff).await?;
+        // Messages are published in time order: what stayed in the range is
+        // younger than the retention, and so is what follows.
+        let whole_range =
+            deleted as i64 == to - from || !B::any_message_in(self.c(), topic.id, from, to).await?;
+        let mut more = false;
+        if whole_range {
+            self.deleted_below.insert(topic.id, to);
+            more = to < low;
+        }
+        Ok((deleted, more))
+    }
+
+    /// Expires the messages of `topic` published before `cutoff`, in every
+    /// subscription; counts and logs those someone had not acked yet.
+    async fn expire_old(
+        &mut self,
+        topic: &TopicRow,
+        low: i64,
+        cutoff: Micros,
+        t: &mut Touched,
+    ) -> Result<u64> {
+        let mut last = None;
+        let mut unacked = 0u64;
+        for (seq, published_at) in B::message_times(self.c(), topic.id, 10_000).await? {
+            if published_at >= cutoff {
+                break;
+            }
+            last = Some(seq);
+            if seq >= low {
+                unacked += 1;
+            }
+        }
+        let Some(last) = last else { return Ok(0) };
+        if unacked == 0 {
+            return Ok(0);
+        }
+        let affected = B::expire_through(self.c(), topic.id, last, unacked as i64).await?;
+        self.topics.remove(&topic.name);
+        for name in affected {
+            self.subs.remove(&name);
+            t.subs.insert(name);
+        }
+        tracing::warn!(
+            topic = %topic.name,
+            count = unacked,
+            up_to_sequence = last,
+            "unacked messages expired by the topic's max age"
+        );
+        Ok(unacked)
+    }
+}
