@@ -43,11 +43,7 @@ pub(super) struct DeliveryCounts {
     pub(super) first_any: Option<i64>,
 }
 
-/// Columns of `messages` read into a [`StoredMessage`], in this order.
-pub(super) const MESSAGE_COLUMNS: &str =
-    "m.seq, m.id, m.key, m.payload, m.attributes, m.created_at, m.published_at";
-
-/// Reads the [`MESSAGE_COLUMNS`] starting at column `at` from a row of
+/// Reads the columns of `message_columns!` starting at column `at` from a row of
 /// either backend.
 pub(super) fn message_from_row<'r, R>(row: &'r R, at: usize, topic: &str) -> Result<StoredMessage>
 where
@@ -73,7 +69,8 @@ where
 }
 
 /// Reads a dead letter from a row of either backend: attempt, first and
-/// last delivery, reason, when it died, then the [`MESSAGE_COLUMNS`].
+/// last delivery, reason, when it died, then the message's columns
+/// (`dead_letter_columns!`).
 pub(super) fn dead_letter_from_row<'r, R>(row: &'r R, topic: &str) -> Result<DeadLetter>
 where
     R: sqlx::Row,
@@ -235,10 +232,7 @@ pub(super) struct TopicRow {
 }
 
 impl TopicRow {
-    pub(super) const COLUMNS: &'static str =
-        "id, name, created_at, retention_us, max_age_us, last_seq, expired_count";
-
-    /// Reads [`TopicRow::COLUMNS`] from a row of either backend.
+    /// Reads the columns of `topic_columns!` from a row of either backend.
     pub(super) fn from_row<'r, R>(row: &'r R) -> Result<TopicRow>
     where
         R: sqlx::Row,
@@ -288,11 +282,7 @@ pub(super) struct SubRow {
 }
 
 impl SubRow {
-    pub(super) const COLUMNS: &'static str = "s.id, s.name, s.topic_id, t.name, s.created_at, \
-        s.ack_deadline_us, s.max_attempts, s.min_backoff_us, s.max_backoff_us, \
-        s.dead_letter_topic, s.ordered, s.cursor";
-
-    /// Reads [`SubRow::COLUMNS`] from a row of either backend.
+    /// Reads the columns of `sub_columns!` from a row of either backend.
     pub(super) fn from_row<'r, R>(row: &'r R) -> Result<SubRow>
     where
         R: sqlx::Row,

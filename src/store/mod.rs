@@ -7,6 +7,8 @@
 //! caller only after that transaction committed. Reads go to a small pool of
 //! read connections.
 
+#[macro_use]
+mod statements;
 mod backend;
 mod common;
 mod plan;

@@ -8,20 +8,22 @@
 //! numbers of a topic commit in order; leasing new messages locks the
 //! subscription's row; redeliveries, expiries and acks lock the delivery
 //! rows they touch (`FOR UPDATE SKIP LOCKED` where another instance may hold
-//! them). Id lists are passed as arrays and joined through `unnest`.
+//! them). Id lists are passed as arrays and joined through `unnest`. The
+//! `sql` module holds the text of the statements written once in
+//! `statements.rs`; the statements that pass lists are written here.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+use sqlx::{Connection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::backend::{Backend, LeaseState};
 use super::common::{
-    CHUNK, DeliveryCounts, DeliveryRow, MESSAGE_COLUMNS, SubRow, TopicRow, Touched,
-    dead_letter_from_row, encode_attributes, message_from_row, uuid_from,
+    CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
+    encode_attributes, message_from_row, uuid_from,
 };
 use super::reader::Reader;
 use super::writer::Writer;
@@ -187,6 +189,154 @@ impl Listener {
     }
 }
 
+/// PostgreSQL's text of the statements written once in `statements.rs`,
+/// which binds them in the order `$1`, `$2`, ...
+mod sql {
+    pub(super) const TOPIC: &str =
+        concat!("SELECT ", topic_columns!(), " FROM topics WHERE name = $1");
+    pub(super) const LIST_TOPICS: &str = concat!(
+        "SELECT ",
+        topic_columns!(),
+        " FROM topics WHERE name > $1 ORDER BY name LIMIT $2"
+    );
+    pub(super) const INSERT_TOPIC: &str = concat!(
+        "INSERT INTO topics (name, created_at, retention_us, max_age_us) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING ",
+        topic_columns!()
+    );
+    // The per-topic counter: publishers of a topic take turns on this lock,
+    // so its sequence numbers commit in order.
+    pub(super) const LOCK_TOPIC: &str = "SELECT last_seq FROM topics WHERE id = $1 FOR UPDATE";
+    pub(super) const LAST_SEQ: &str = "SELECT last_seq FROM topics WHERE id = $1";
+    pub(super) const SET_LAST_SEQ: &str = "UPDATE topics SET last_seq = $1 WHERE id = $2";
+    pub(super) const SET_TOPIC_SETTINGS: &str =
+        "UPDATE topics SET retention_us = $1, max_age_us = $2 WHERE id = $3";
+    pub(super) const DELETE_TOPIC: [&str; 3] = [
+        "DELETE FROM messages WHERE topic_id = $1",
+        "DELETE FROM dedup WHERE topic_id = $1",
+        "DELETE FROM topics WHERE id = $1",
+    ];
+    pub(super) const MESSAGES_AFTER: &str = concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages m WHERE m.topic_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"
+    );
+    pub(super) const MESSAGE_AT: &str = concat!(
+        "SELECT ",
+        message_columns!(),
+        " FROM messages m WHERE m.topic_id = $1 AND m.seq = $2"
+    );
+    pub(super) const FIRST_SEQ_AT: &str =
+        "SELECT min(seq) FROM messages WHERE topic_id = $1 AND published_at >= $2";
+    pub(super) const FIRST_SEQ: &str = "SELECT min(seq) FROM messages WHERE topic_id = $1";
+    pub(super) const PUBLISHED_AT: &str =
+        "SELECT published_at FROM messages WHERE topic_id = $1 AND seq = $2";
+    pub(super) const SUB: &str = concat!(
+        "SELECT ",
+        sub_columns!(),
+        " FROM subscriptions s JOIN topics t ON t.id = s.topic_id WHERE s.name = $1"
+    );
+    pub(super) const LIST_SUBS: &str = concat!(
+        "SELECT ",
+        sub_columns!(),
+        " FROM subscriptions s JOIN topics t ON t.id = s.topic_id \
+         WHERE s.name > $1 AND ($2::TEXT IS NULL OR t.name = $2) ORDER BY s.name LIMIT $3"
+    );
+    pub(super) const SUB_NAMES: &str = "SELECT name FROM subscriptions \
+         WHERE $1::BIGINT IS NULL OR topic_id = $1 ORDER BY name";
+    pub(super) const INSERT_SUB: &str = "INSERT INTO subscriptions (name, topic_id, created_at, ack_deadline_us, max_attempts, \
+         min_backoff_us, max_backoff_us, dead_letter_topic, ordered, cursor) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING";
+    // Instances lease new messages of a subscription in turns on this lock.
+    pub(super) const LOCK_CURSOR: &str =
+        "SELECT cursor FROM subscriptions WHERE id = $1 FOR UPDATE";
+    pub(super) const SET_SUB_SETTINGS: &str = "UPDATE subscriptions SET ack_deadline_us = $1, max_attempts = $2, \
+         min_backoff_us = $3, max_backoff_us = $4, dead_letter_topic = $5, ordered = $6 \
+         WHERE id = $7";
+    pub(super) const DELETE_SUB: [&str; 2] = [
+        "DELETE FROM deliveries WHERE sub_id = $1",
+        "DELETE FROM subscriptions WHERE id = $1",
+    ];
+    pub(super) const ADVANCE: &str = "UPDATE subscriptions SET cursor = coalesce($1, cursor), \
+         delivered = delivered + $2, redelivered = redelivered + $3 WHERE id = $4";
+    pub(super) const ADD_ACKED: &str = "UPDATE subscriptions SET acked = acked + $1 WHERE id = $2";
+    pub(super) const DROP_FROM: &str =
+        "DELETE FROM deliveries WHERE sub_id = $1 AND (state IN (0, 1) OR seq >= $2)";
+    pub(super) const SET_CURSOR: &str = "UPDATE subscriptions SET cursor = $1 WHERE id = $2";
+    pub(super) const COUNTERS: &str = "SELECT s.delivered, s.acked, s.redelivered, t.last_seq FROM subscriptions s \
+         JOIN topics t ON t.id = s.topic_id WHERE s.id = $1";
+    // Rows another instance is leasing right now are skipped.
+    pub(super) const DUE_ORDERED: &str = concat!(
+        "SELECT d.attempt, ",
+        message_columns!(),
+        " FROM deliveries d \
+         JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
+         WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
+         AND (d.key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
+           WHERE e.sub_id = d.sub_id AND e.key = d.key AND e.seq < d.seq \
+           AND e.state IN (0, 1))) \
+         ORDER BY d.seq LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
+    );
+    pub(super) const DUE: &str = concat!(
+        "SELECT d.attempt, ",
+        message_columns!(),
+        " FROM deliveries d \
+         JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
+         WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
+         ORDER BY d.available_at LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
+    );
+    pub(super) const LEASE_AGAIN: &str = "UPDATE deliveries SET state = 1, attempt = $1, available_at = $2, lease = $3, \
+         first_delivery_at = coalesce(first_delivery_at, $4), last_delivery_at = $4, \
+         reason = NULL WHERE sub_id = $5 AND seq = $6";
+    pub(super) const NEXT_DUE: &str = "SELECT min(available_at) FROM deliveries \
+         WHERE sub_id = $1 AND state IN (0, 1) AND available_at > $2";
+    pub(super) const EXPIRED_LEASES: &str = "SELECT seq, attempt, available_at FROM deliveries \
+         WHERE sub_id = $1 AND state = 1 AND available_at <= $2 LIMIT $3 \
+         FOR UPDATE SKIP LOCKED";
+    pub(super) const SET_WAITING: &str = "UPDATE deliveries SET state = 0, available_at = $1, reason = coalesce($2, reason) \
+         WHERE sub_id = $3 AND seq = $4";
+    pub(super) const SET_DEADLINE: &str =
+        "UPDATE deliveries SET available_at = $1 WHERE sub_id = $2 AND seq = $3";
+    pub(super) const SET_DEAD: &str = "UPDATE deliveries SET state = 2, available_at = $1, \
+         reason = $2 WHERE sub_id = $3 AND seq = $4";
+    pub(super) const DELIVERY_COUNTS: &str = "SELECT count(*) FILTER (WHERE state = 1 AND available_at > $1), \
+         count(*) FILTER (WHERE state IN (0, 1)), count(*) FILTER (WHERE state = 2), \
+         min(seq) FILTER (WHERE state IN (0, 1)), min(seq) \
+         FROM deliveries WHERE sub_id = $2";
+    pub(super) const BLOCKED_KEY_COUNT: &str = "SELECT count(DISTINCT key) FROM deliveries WHERE sub_id = $1 AND state = 0 \
+         AND attempt > 0 AND key IS NOT NULL";
+    pub(super) const BLOCKED_KEYS: &str = "SELECT DISTINCT key FROM deliveries WHERE sub_id = $1 AND state = 0 \
+         AND attempt > 0 AND key IS NOT NULL ORDER BY key LIMIT $2";
+    pub(super) const DEAD_LETTERS: &str = concat!(
+        "SELECT ",
+        dead_letter_columns!(),
+        " FROM deliveries d \
+         JOIN messages m ON m.topic_id = $1 AND m.seq = d.seq \
+         WHERE d.sub_id = $2 AND d.state = 2 AND d.seq > $3 ORDER BY d.seq LIMIT $4"
+    );
+    pub(super) const DEAD_COUNT: &str =
+        "SELECT count(*) FROM deliveries WHERE sub_id = $1 AND state = 2";
+    pub(super) const LOW_WATER: &str = "SELECT min(least(coalesce((SELECT min(seq) FROM deliveries d \
+         WHERE d.sub_id = s.id), s.cursor + 1), s.cursor + 1)) \
+         FROM subscriptions s WHERE s.topic_id = $1";
+    pub(super) const DELETE_MESSAGES: &str = "DELETE FROM messages WHERE topic_id = $1 \
+         AND seq >= $2 AND seq < $3 AND published_at <= $4";
+    pub(super) const ANY_MESSAGE_IN: &str = "SELECT EXISTS (SELECT 1 FROM messages \
+         WHERE topic_id = $1 AND seq >= $2 AND seq < $3)";
+    pub(super) const MESSAGE_TIMES: &str =
+        "SELECT seq, published_at FROM messages WHERE topic_id = $1 ORDER BY seq LIMIT $2";
+    pub(super) const EXPIRE_MESSAGES: &str =
+        "DELETE FROM messages WHERE topic_id = $1 AND seq <= $2";
+    pub(super) const EXPIRE_DELIVERIES: &str = "DELETE FROM deliveries WHERE seq <= $2 \
+         AND sub_id IN (SELECT id FROM subscriptions WHERE topic_id = $1)";
+    pub(super) const MOVE_CURSORS_PAST: &str = "UPDATE subscriptions \
+         SET cursor = greatest(cursor, $1) WHERE topic_id = $2 RETURNING name";
+    pub(super) const COUNT_EXPIRED: &str =
+        "UPDATE topics SET expired_count = expired_count + $1 WHERE id = $2";
+    pub(super) const PRUNE_DEDUP: &str = "DELETE FROM dedup WHERE (topic_id, id) IN \
+         (SELECT topic_id, id FROM dedup WHERE published_at < $1 LIMIT $2)";
+}
+
 /// This instance's write connection.
 pub(super) struct Postgres {
     conn: PgConnection,
@@ -213,16 +363,9 @@ impl Postgres {
     }
 }
 
-fn topic_rows(rows: &[PgRow]) -> Result<Vec<TopicRow>> {
-    rows.iter().map(TopicRow::from_row).collect()
-}
-
-/// Runs `sql` with `id` as its one parameter.
-async fn run_with_id(c: &mut Conn, sql: &'static str, id: i64) -> Result<u64> {
-    Ok(sqlx::query(sql).bind(id).execute(c).await?.rows_affected())
-}
-
 impl Backend for Postgres {
+    shared_statements!();
+
     type Db = sqlx::Postgres;
 
     const EXCLUSIVE: bool = false;
@@ -281,103 +424,6 @@ impl Backend for Postgres {
             .fetch_one(c)
             .await?)
     }
-
-    // ---- topics ----
-
-    async fn topic(c: &mut Conn, name: &str) -> Result<Option<TopicRow>> {
-        let sql = format!("SELECT {} FROM topics WHERE name = $1", TopicRow::COLUMNS);
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(name)
-            .fetch_optional(c)
-            .await?;
-        row.as_ref().map(TopicRow::from_row).transpose()
-    }
-
-    async fn list_topics(c: &mut Conn, after: &str, limit: i64) -> Result<Vec<TopicRow>> {
-        let sql = format!(
-            "SELECT {} FROM topics WHERE name > $1 ORDER BY name LIMIT $2",
-            TopicRow::COLUMNS
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(after)
-            .bind(limit)
-            .fetch_all(c)
-            .await?;
-        topic_rows(&rows)
-    }
-
-    async fn insert_topic(
-        c: &mut Conn,
-        name: &str,
-        retention_us: i64,
-        max_age_us: i64,
-        now: Micros,
-    ) -> Result<Option<TopicRow>> {
-        let sql = format!(
-            "INSERT INTO topics (name, created_at, retention_us, max_age_us) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING {}",
-            TopicRow::COLUMNS
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(name)
-            .bind(now)
-            .bind(retention_us)
-            .bind(max_age_us)
-            .fetch_optional(c)
-            .await?;
-        row.as_ref().map(TopicRow::from_row).transpose()
-    }
-
-    async fn lock_topic(c: &mut Conn, topic_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT last_seq FROM topics WHERE id = $1 FOR UPDATE")
-                .bind(topic_id)
-                .fetch_one(c)
-                .await?,
-        )
-    }
-
-    async fn last_seq(c: &mut Conn, topic_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT last_seq FROM topics WHERE id = $1")
-                .bind(topic_id)
-                .fetch_one(c)
-                .await?,
-        )
-    }
-
-    async fn set_last_seq(c: &mut Conn, topic_id: i64, seq: i64) -> Result<()> {
-        sqlx::query("UPDATE topics SET last_seq = $1 WHERE id = $2")
-            .bind(seq)
-            .bind(topic_id)
-            .execute(c)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_topic_settings(
-        c: &mut Conn,
-        topic_id: i64,
-        retention_us: i64,
-        max_age_us: i64,
-    ) -> Result<()> {
-        sqlx::query("UPDATE topics SET retention_us = $1, max_age_us = $2 WHERE id = $3")
-            .bind(retention_us)
-            .bind(max_age_us)
-            .bind(topic_id)
-            .execute(c)
-            .await?;
-        Ok(())
-    }
-
-    async fn delete_topic(c: &mut Conn, topic_id: i64) -> Result<()> {
-        run_with_id(c, "DELETE FROM messages WHERE topic_id = $1", topic_id).await?;
-        run_with_id(c, "DELETE FROM dedup WHERE topic_id = $1", topic_id).await?;
-        run_with_id(c, "DELETE FROM topics WHERE id = $1", topic_id).await?;
-        Ok(())
-    }
-
-    // ---- messages ----
 
     async fn dedup_lookup(c: &mut Conn, topic_id: i64, ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>> {
         let mut known = Vec::new();
@@ -453,295 +499,6 @@ impl Backend for Postgres {
         Ok(())
     }
 
-    async fn messages_after(
-        c: &mut Conn,
-        topic_id: i64,
-        topic: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredMessage>> {
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.topic_id = $1 AND m.seq > $2 \
-             ORDER BY m.seq LIMIT $3"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(topic_id)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(c)
-            .await?;
-        rows.iter().map(|r| message_from_row(r, 0, topic)).collect()
-    }
-
-    async fn message_at(
-        c: &mut Conn,
-        topic_id: i64,
-        topic: &str,
-        seq: i64,
-    ) -> Result<Option<StoredMessage>> {
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.topic_id = $1 AND m.seq = $2"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(topic_id)
-            .bind(seq)
-            .fetch_optional(c)
-            .await?;
-        row.map(|r| message_from_row(&r, 0, topic)).transpose()
-    }
-
-    async fn first_seq_at(c: &mut Conn, topic_id: i64, time: Micros) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(seq) FROM messages WHERE topic_id = $1 AND published_at >= $2",
-        )
-        .bind(topic_id)
-        .bind(time)
-        .fetch_one(c)
-        .await?)
-    }
-
-    async fn first_seq(c: &mut Conn, topic_id: i64) -> Result<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT min(seq) FROM messages WHERE topic_id = $1")
-                .bind(topic_id)
-                .fetch_one(c)
-                .await?,
-        )
-    }
-
-    async fn published_at(c: &mut Conn, topic_id: i64, seq: i64) -> Result<Option<Micros>> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT published_at FROM messages WHERE topic_id = $1 AND seq = $2",
-            )
-            .bind(topic_id)
-            .bind(seq)
-            .fetch_optional(c)
-            .await?,
-        )
-    }
-
-    // ---- subscriptions ----
-
-    async fn sub(c: &mut Conn, name: &str) -> Result<Option<SubRow>> {
-        let sql = format!(
-            "SELECT {} FROM subscriptions s JOIN topics t ON t.id = s.topic_id WHERE s.name = $1",
-            SubRow::COLUMNS
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(name)
-            .fetch_optional(c)
-            .await?;
-        row.as_ref().map(SubRow::from_row).transpose()
-    }
-
-    async fn list_subs(
-        c: &mut Conn,
-        topic: Option<&str>,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<SubRow>> {
-        let sql = format!(
-            "SELECT {} FROM subscriptions s JOIN topics t ON t.id = s.topic_id \
-             WHERE s.name > $1 AND ($2::TEXT IS NULL OR t.name = $2) ORDER BY s.name LIMIT $3",
-            SubRow::COLUMNS
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(after)
-            .bind(topic)
-            .bind(limit)
-            .fetch_all(c)
-            .await?;
-        rows.iter().map(SubRow::from_row).collect()
-    }
-
-    async fn sub_names(c: &mut Conn, topic_id: Option<i64>) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT name FROM subscriptions WHERE $1::BIGINT IS NULL OR topic_id = $1 \
-             ORDER BY name",
-        )
-        .bind(topic_id)
-        .fetch_all(c)
-        .await?)
-    }
-
-    async fn insert_sub(
-        c: &mut Conn,
-        name: &str,
-        topic_id: i64,
-        s: &SubscriptionSettings,
-        cursor: i64,
-        now: Micros,
-    ) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO subscriptions (name, topic_id, created_at, ack_deadline_us, max_attempts, \
-             min_backoff_us, max_backoff_us, dead_letter_topic, ordered, cursor) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(topic_id)
-        .bind(now)
-        .bind(micros(s.ack_deadline))
-        .bind(s.max_attempts)
-        .bind(micros(s.min_backoff))
-        .bind(micros(s.max_backoff))
-        .bind(s.dead_letter_topic.clone())
-        .bind(s.ordered)
-        .bind(cursor)
-        .execute(c)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn lock_cursor(c: &mut Conn, sub_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT cursor FROM subscriptions WHERE id = $1 FOR UPDATE")
-                .bind(sub_id)
-                .fetch_one(c)
-                .await?,
-        )
-    }
-
-    async fn set_sub_settings(c: &mut Conn, sub_id: i64, s: &SubscriptionSettings) -> Result<()> {
-        sqlx::query(
-            "UPDATE subscriptions SET ack_deadline_us = $1, max_attempts = $2, \
-             min_backoff_us = $3, max_backoff_us = $4, dead_letter_topic = $5, ordered = $6 \
-             WHERE id = $7",
-        )
-        .bind(micros(s.ack_deadline))
-        .bind(s.max_attempts)
-        .bind(micros(s.min_backoff))
-        .bind(micros(s.max_backoff))
-        .bind(s.dead_letter_topic.clone())
-        .bind(s.ordered)
-        .bind(sub_id)
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_sub(c: &mut Conn, sub_id: i64) -> Result<()> {
-        run_with_id(c, "DELETE FROM deliveries WHERE sub_id = $1", sub_id).await?;
-        run_with_id(c, "DELETE FROM subscriptions WHERE id = $1", sub_id).await?;
-        Ok(())
-    }
-
-    async fn advance(
-        c: &mut Conn,
-        sub_id: i64,
-        cursor: Option<i64>,
-        delivered: i64,
-        redelivered: i64,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE subscriptions SET cursor = coalesce($1, cursor), \
-             delivered = delivered + $2, redelivered = redelivered + $3 WHERE id = $4",
-        )
-        .bind(cursor)
-        .bind(delivered)
-        .bind(redelivered)
-        .bind(sub_id)
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-
-    async fn add_acked(c: &mut Conn, sub_id: i64, count: i64) -> Result<()> {
-        sqlx::query("UPDATE subscriptions SET acked = acked + $1 WHERE id = $2")
-            .bind(count)
-            .bind(sub_id)
-            .execute(c)
-            .await?;
-        Ok(())
-    }
-
-    async fn reset_cursor(c: &mut Conn, sub_id: i64, next: i64) -> Result<()> {
-        sqlx::query("DELETE FROM deliveries WHERE sub_id = $1 AND (state IN (0, 1) OR seq >= $2)")
-            .bind(sub_id)
-            .bind(next)
-            .execute(&mut *c)
-            .await?;
-        sqlx::query("UPDATE subscriptions SET cursor = $1 WHERE id = $2")
-            .bind(next - 1)
-            .bind(sub_id)
-            .execute(c)
-            .await?;
-        Ok(())
-    }
-
-    async fn counters(c: &mut Conn, sub_id: i64) -> Result<(i64, i64, i64, i64)> {
-        Ok(sqlx::query_as(
-            "SELECT s.delivered, s.acked, s.redelivered, t.last_seq FROM subscriptions s \
-             JOIN topics t ON t.id = s.topic_id WHERE s.id = $1",
-        )
-        .bind(sub_id)
-        .fetch_one(c)
-        .await?)
-    }
-
-    // ---- deliveries ----
-
-    async fn due_redeliveries(
-        c: &mut Conn,
-        sub: &SubRow,
-        now: Micros,
-        limit: i64,
-    ) -> Result<Vec<(i32, StoredMessage)>> {
-        let sql = if sub.settings.ordered {
-            format!(
-                "SELECT d.attempt, {MESSAGE_COLUMNS} FROM deliveries d \
-                 JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
-                 WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
-                 AND (d.key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
-                   WHERE e.sub_id = d.sub_id AND e.key = d.key AND e.seq < d.seq \
-                   AND e.state IN (0, 1))) \
-                 ORDER BY d.seq LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
-            )
-        } else {
-            format!(
-                "SELECT d.attempt, {MESSAGE_COLUMNS} FROM deliveries d \
-                 JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
-                 WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
-                 ORDER BY d.available_at LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
-            )
-        };
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(sub.id)
-            .bind(now)
-            .bind(sub.topic_id)
-            .bind(limit)
-            .fetch_all(c)
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, message_from_row(r, 1, &sub.topic)?)))
-            .collect()
-    }
-
-    async fn lease_again(
-        c: &mut Conn,
-        sub_id: i64,
-        seq: i64,
-        attempt: i32,
-        deadline: Micros,
-        token: i64,
-        now: Micros,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries SET state = 1, attempt = $1, available_at = $2, lease = $3, \
-             first_delivery_at = coalesce(first_delivery_at, $4), last_delivery_at = $4, \
-             reason = NULL WHERE sub_id = $5 AND seq = $6",
-        )
-        .bind(attempt)
-        .bind(deadline)
-        .bind(token)
-        .bind(now)
-        .bind(sub_id)
-        .bind(seq)
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-
     async fn insert_deliveries(c: &mut Conn, sub_id: i64, rows: &[DeliveryRow]) -> Result<()> {
         let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let states: Vec<i64> = rows.iter().map(|r| r.1).collect();
@@ -790,35 +547,6 @@ impl Backend for Postgres {
         Ok(blocked.into_iter().collect())
     }
 
-    async fn next_due(c: &mut Conn, sub_id: i64, now: Micros) -> Result<Option<Micros>> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(available_at) FROM deliveries \
-             WHERE sub_id = $1 AND state IN (0, 1) AND available_at > $2",
-        )
-        .bind(sub_id)
-        .bind(now)
-        .fetch_one(c)
-        .await?)
-    }
-
-    async fn expired_leases(
-        c: &mut Conn,
-        sub_id: i64,
-        now: Micros,
-        limit: i64,
-    ) -> Result<Vec<(i64, i32, Micros)>> {
-        Ok(sqlx::query_as(
-            "SELECT seq, attempt, available_at FROM deliveries \
-             WHERE sub_id = $1 AND state = 1 AND available_at <= $2 LIMIT $3 \
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(sub_id)
-        .bind(now)
-        .bind(limit)
-        .fetch_all(c)
-        .await?)
-    }
-
     async fn deliveries(
         c: &mut Conn,
         sub_id: i64,
@@ -843,26 +571,6 @@ impl Backend for Postgres {
         Ok(rows)
     }
 
-    async fn set_waiting(
-        c: &mut Conn,
-        sub_id: i64,
-        seq: i64,
-        at: Micros,
-        reason: Option<&str>,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries SET state = 0, available_at = $1, reason = coalesce($2, reason) \
-             WHERE sub_id = $3 AND seq = $4",
-        )
-        .bind(at)
-        .bind(reason)
-        .bind(sub_id)
-        .bind(seq)
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
         sqlx::query(
             "UPDATE deliveries d SET state = 0, available_at = $1 \
@@ -872,36 +580,6 @@ impl Backend for Postgres {
         .bind(now)
         .bind(sub_id)
         .bind(seqs)
-        .execute(c)
-        .await?;
-        Ok(())
-    }
-
-    async fn set_deadline(c: &mut Conn, sub_id: i64, seq: i64, deadline: Micros) -> Result<()> {
-        sqlx::query("UPDATE deliveries SET available_at = $1 WHERE sub_id = $2 AND seq = $3")
-            .bind(deadline)
-            .bind(sub_id)
-            .bind(seq)
-            .execute(c)
-            .await?;
-        Ok(())
-    }
-
-    async fn set_dead(
-        c: &mut Conn,
-        sub_id: i64,
-        seq: i64,
-        now: Micros,
-        reason: &str,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries SET state = 2, available_at = $1, reason = $2 \
-             WHERE sub_id = $3 AND seq = $4",
-        )
-        .bind(now)
-        .bind(reason)
-        .bind(sub_id)
-        .bind(seq)
         .execute(c)
         .await?;
         Ok(())
@@ -946,179 +624,5 @@ impl Backend for Postgres {
         .execute(c)
         .await?;
         Ok(done.rows_affected() as i64)
-    }
-
-    async fn delivery_counts(c: &mut Conn, sub_id: i64, now: Micros) -> Result<DeliveryCounts> {
-        let (in_flight, undone, dead, first_undone, first_any) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 1 AND available_at > $1), \
-             count(*) FILTER (WHERE state IN (0, 1)), count(*) FILTER (WHERE state = 2), \
-             min(seq) FILTER (WHERE state IN (0, 1)), min(seq) \
-             FROM deliveries WHERE sub_id = $2",
-        )
-        .bind(now)
-        .bind(sub_id)
-        .fetch_one(c)
-        .await?;
-        Ok(DeliveryCounts {
-            in_flight,
-            undone,
-            dead,
-            first_undone,
-            first_any,
-        })
-    }
-
-    async fn blocked_keys(c: &mut Conn, sub_id: i64, sample: i64) -> Result<(i64, Vec<String>)> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT key) FROM deliveries WHERE sub_id = $1 AND state = 0 \
-             AND attempt > 0 AND key IS NOT NULL",
-        )
-        .bind(sub_id)
-        .fetch_one(&mut *c)
-        .await?;
-        let keys = sqlx::query_scalar(
-            "SELECT DISTINCT key FROM deliveries WHERE sub_id = $1 AND state = 0 \
-             AND attempt > 0 AND key IS NOT NULL ORDER BY key LIMIT $2",
-        )
-        .bind(sub_id)
-        .bind(sample)
-        .fetch_all(c)
-        .await?;
-        Ok((count, keys))
-    }
-
-    async fn dead_letters(
-        c: &mut Conn,
-        sub: &SubRow,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<DeadLetter>> {
-        let sql = format!(
-            "SELECT d.attempt, d.first_delivery_at, d.last_delivery_at, d.reason, d.available_at, \
-             {MESSAGE_COLUMNS} FROM deliveries d \
-             JOIN messages m ON m.topic_id = $1 AND m.seq = d.seq \
-             WHERE d.sub_id = $2 AND d.state = 2 AND d.seq > $3 ORDER BY d.seq LIMIT $4"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(sub.topic_id)
-            .bind(sub.id)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(c)
-            .await?;
-        rows.iter()
-            .map(|r| dead_letter_from_row(r, &sub.topic))
-            .collect()
-    }
-
-    async fn dead_count(c: &mut Conn, sub_id: i64) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE sub_id = $1 AND state = 2")
-                .bind(sub_id)
-                .fetch_one(c)
-                .await?,
-        )
-    }
-
-    // ---- maintenance ----
-
-    async fn low_water(c: &mut Conn, topic_id: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(least(coalesce((SELECT min(seq) FROM deliveries d \
-             WHERE d.sub_id = s.id), s.cursor + 1), s.cursor + 1)) \
-             FROM subscriptions s WHERE s.topic_id = $1",
-        )
-        .bind(topic_id)
-        .fetch_one(c)
-        .await?)
-    }
-
-    async fn delete_messages(
-        c: &mut Conn,
-        topic_id: i64,
-        from: i64,
-        to: i64,
-        cutoff: Micros,
-    ) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM messages WHERE topic_id = $1 AND seq >= $2 AND seq < $3 \
-             AND published_at <= $4",
-        )
-        .bind(topic_id)
-        .bind(from)
-        .bind(to)
-        .bind(cutoff)
-        .execute(c)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn any_message_in(c: &mut Conn, topic_id: i64, from: i64, to: i64) -> Result<bool> {
-        Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE topic_id = $1 AND seq >= $2 \
-             AND seq < $3)",
-        )
-        .bind(topic_id)
-        .bind(from)
-        .bind(to)
-        .fetch_one(c)
-        .await?)
-    }
-
-    async fn message_times(c: &mut Conn, topic_id: i64, limit: i64) -> Result<Vec<(i64, Micros)>> {
-        Ok(sqlx::query_as(
-            "SELECT seq, published_at FROM messages WHERE topic_id = $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(topic_id)
-        .bind(limit)
-        .fetch_all(c)
-        .await?)
-    }
-
-    async fn expire_through(
-        c: &mut Conn,
-        topic_id: i64,
-        last: i64,
-        unacked: i64,
-    ) -> Result<Vec<String>> {
-        sqlx::query("DELETE FROM messages WHERE topic_id = $1 AND seq <= $2")
-            .bind(topic_id)
-            .bind(last)
-            .execute(&mut *c)
-            .await?;
-        sqlx::query(
-            "DELETE FROM deliveries WHERE seq <= $2 AND sub_id IN \
-             (SELECT id FROM subscriptions WHERE topic_id = $1)",
-        )
-        .bind(topic_id)
-        .bind(last)
-        .execute(&mut *c)
-        .await?;
-        let names = sqlx::query_scalar(
-            "UPDATE subscriptions SET cursor = greatest(cursor, $1) WHERE topic_id = $2 \
-             RETURNING name",
-        )
-        .bind(last)
-        .bind(topic_id)
-        .fetch_all(&mut *c)
-        .await?;
-        sqlx::query("UPDATE topics SET expired_count = expired_count + $1 WHERE id = $2")
-            .bind(unacked)
-            .bind(topic_id)
-            .execute(c)
-            .await?;
-        Ok(names)
-    }
-
-    async fn prune_dedup(c: &mut Conn, before: Micros, limit: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM dedup WHERE (topic_id, id) IN \
-             (SELECT topic_id, id FROM dedup WHERE published_at < $1 LIMIT $2)",
-        )
-        .bind(before)
-        .bind(limit)
-        .execute(c)
-        .await?;
-        Ok(done.rows_affected())
     }
 }

@@ -848,6 +848,20 @@ impl<B: Backend> Writer<B> {
         Ok(classify(&sub.name, sub.id, ids, &rows, now))
     }
 
+    /// The subscription, the verdict on each id, and the sequences whose
+    /// lease is current.
+    async fn current(
+        &mut self,
+        sub: &str,
+        ids: &[AckId],
+        now: Micros,
+    ) -> Result<(SubRow, Vec<Check>, Vec<i64>)> {
+        let sub = self.sub(sub).await?;
+        let checks = self.check(&sub, ids, now).await?;
+        let current = current_seqs(&checks);
+        Ok((sub, checks, current))
+    }
+
     async fn ack(
         &mut self,
         sub: &str,
@@ -855,9 +869,7 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let sub = self.sub(sub).await?;
-        let checks = self.check(&sub, &ids, now).await?;
-        let current = current_seqs(&checks);
+        let (sub, checks, current) = self.current(sub, &ids, now).await?;
         if !current.is_empty() {
             B::delete_deliveries(self.c(), sub.id, &current).await?;
             B::add_acked(self.c(), sub.id, current.len() as i64).await?;
@@ -931,9 +943,7 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let sub = self.sub(sub).await?;
-        let checks = self.check(&sub, &ids, now).await?;
-        let current = current_seqs(&checks);
+        let (sub, checks, current) = self.current(sub, &ids, now).await?;
         if !current.is_empty() {
             B::release(self.c(), sub.id, &current, now).await?;
             self.due_at(&sub.name, now);
