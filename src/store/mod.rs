@@ -64,6 +64,41 @@ impl StoreConfig {
     }
 }
 
+/// The longest interval or window a store accepts: beyond a century a
+/// duration is a typo, and microsecond arithmetic on it could overflow.
+const MAX_STORE_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+impl StoreConfig {
+    /// Checks the settings before anything starts, so that a bad value is a
+    /// clear error at open rather than a panic in a background task.
+    ///
+    /// Fails with `InvalidArgument` naming the setting: a zero
+    /// `maintenance_interval` or `max_batch`, or a duration over a century.
+    pub fn check(&self) -> Result<()> {
+        if self.maintenance_interval.is_zero() {
+            return Err(Error::InvalidArgument(
+                "maintenance interval must be longer than zero".into(),
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err(Error::InvalidArgument(
+                "the group commit's batch limit must be at least 1".into(),
+            ));
+        }
+        for (name, d) in [
+            ("maintenance interval", self.maintenance_interval),
+            ("dedup window", self.dedup_window),
+        ] {
+            if d > MAX_STORE_DURATION {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} of {d:?} is longer than the limit of 100 years"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password.
@@ -284,6 +319,7 @@ impl Store {
     ///
     /// Fails if the database cannot be reached, opened or migrated.
     pub async fn open(config: StoreConfig) -> Result<Store> {
+        config.check()?;
         let notifier = Notifier::default();
         let (healthy_tx, healthy) = watch::channel(true);
         let (ops, rx) = mpsc::channel(4096);
@@ -620,5 +656,33 @@ async fn maintain(ops: mpsc::WeakSender<Op>, interval: Duration) {
             Ok(Err(e)) => tracing::warn!(error = %e, "maintenance round failed"),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn settings_that_would_panic_later_are_refused_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut zero = StoreConfig::new(dir.path());
+        zero.maintenance_interval = Duration::ZERO;
+        let err = Store::open(zero).await.expect_err("zero interval");
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("maintenance interval")),
+            "{err}"
+        );
+        let mut huge = StoreConfig::new(dir.path());
+        huge.dedup_window = Duration::from_secs(u64::MAX);
+        let err = Store::open(huge).await.expect_err("absurd window");
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("dedup window")),
+            "{err}"
+        );
+        let store = Store::open(StoreConfig::new(dir.path()))
+            .await
+            .expect("defaults open");
+        store.close().await;
     }
 }

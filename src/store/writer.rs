@@ -125,6 +125,7 @@ impl<B: Backend> Writer<B> {
     }
 
     /// Runs one group in one transaction and answers its callers.
+    #[tracing::instrument(name = "group_commit", level = "debug", skip_all, fields(ops = ops.len()))]
     async fn execute(&mut self, ops: Vec<Op>) {
         let started = Instant::now();
         let size = ops.len();
