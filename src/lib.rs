@@ -14,6 +14,7 @@ pub mod inbox;
 pub mod model;
 pub mod outbox;
 pub mod server;
+mod session;
 pub mod store;
 pub mod wire;
 
