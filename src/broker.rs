@@ -146,6 +146,49 @@ fn outcomes(
         .collect()
 }
 
+/// One ack, nack or extend request: what it is and its subscription.
+struct Settle<'a> {
+    subscription: &'a str,
+    operation: AckOperation,
+    /// The error for a request with nothing in it.
+    empty: &'static str,
+}
+
+impl Settle<'_> {
+    /// Checks the request, sends the store an item (made by `item`) for
+    /// each well-formed ack id and answers every request in order, a
+    /// malformed id with `Unknown`.
+    async fn run<T, I, Fut>(
+        &self,
+        requests: Vec<T>,
+        ack_id: impl Fn(&T) -> &str,
+        item: impl Fn(AckId, &T) -> Result<I>,
+        store: impl FnOnce(Vec<I>) -> Fut,
+    ) -> Result<Vec<AckOutcome>>
+    where
+        Fut: Future<Output = Result<Vec<AckStatus>>>,
+    {
+        subscription_name(self.subscription)?;
+        if requests.is_empty() {
+            return Err(invalid(self.empty));
+        }
+        let parsed = parse_ids(requests.iter().map(&ack_id));
+        let mut items = Vec::new();
+        for (p, r) in parsed.iter().zip(&requests) {
+            if let Ok(id) = p {
+                items.push(item(*id, r)?);
+            }
+        }
+        let answered = if items.is_empty() {
+            Vec::new()
+        } else {
+            store(items).await?
+        };
+        let ids = requests.iter().map(|r| ack_id(r).to_owned());
+        Ok(outcomes(ids, &parsed, self.operation, answered))
+    }
+}
+
 /// Checks the fields a patch sets, each on its own. The rule across fields
 /// (min ≤ max backoff) needs the merged row, so the store's writer applies
 /// [`model::SubscriptionSettings::validate`] to it.
@@ -513,26 +556,19 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name or no ids, `NotFound`.
     pub async fn ack(&self, subscription: &str, ack_ids: Vec<String>) -> Result<Vec<AckOutcome>> {
-        subscription_name(subscription)?;
-        if ack_ids.is_empty() {
-            return Err(invalid("ack request has no ack ids"));
-        }
-        let parsed = parse_ids(ack_ids.iter().map(String::as_str));
-        let good: Vec<AckId> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok().copied())
-            .collect();
-        let answered = if good.is_empty() {
-            Vec::new()
-        } else {
-            self.store.ack(subscription, good).await?
+        let settle = Settle {
+            subscription,
+            operation: AckOperation::Ack,
+            empty: "ack request has no ack ids",
         };
-        Ok(outcomes(
-            ack_ids.into_iter(),
-            &parsed,
-            AckOperation::Ack,
-            answered,
-        ))
+        settle
+            .run(
+                ack_ids,
+                String::as_str,
+                |id, _| Ok(id),
+                |ids| self.store.ack(subscription, ids),
+            )
+            .await
     }
 
     /// Nacks leases: each is redelivered after its delay or the backoff,
@@ -540,30 +576,26 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name or no nacks, `NotFound`.
     pub async fn nack(&self, subscription: &str, nacks: Vec<Nack>) -> Result<Vec<AckOutcome>> {
-        subscription_name(subscription)?;
-        if nacks.is_empty() {
-            return Err(invalid("nack request has no nacks"));
-        }
-        let parsed = parse_ids(nacks.iter().map(|n| n.ack_id.as_str()));
-        let items: Vec<NackItem> = parsed
-            .iter()
-            .zip(&nacks)
-            .filter_map(|(p, n)| {
-                let ack_id = *p.as_ref().ok()?;
-                Some(NackItem {
-                    ack_id,
-                    delay: n.delay,
-                    reason: n.reason.clone(),
-                })
-            })
-            .collect();
-        let answered = if items.is_empty() {
-            Vec::new()
-        } else {
-            self.store.nack(subscription, items).await?
+        let settle = Settle {
+            subscription,
+            operation: AckOperation::Nack,
+            empty: "nack request has no nacks",
         };
-        let ids = nacks.into_iter().map(|n| n.ack_id);
-        Ok(outcomes(ids, &parsed, AckOperation::Nack, answered))
+        let item = |ack_id, n: &Nack| {
+            Ok(NackItem {
+                ack_id,
+                delay: n.delay,
+                reason: n.reason.clone(),
+            })
+        };
+        settle
+            .run(
+                nacks,
+                |n| n.ack_id.as_str(),
+                item,
+                |items| self.store.nack(subscription, items),
+            )
+            .await
     }
 
     /// Extends leases to now + their extension (1 µs to 12 h); an OK
@@ -576,30 +608,28 @@ impl Broker {
         subscription: &str,
         extensions: Vec<LeaseExtension>,
     ) -> Result<Vec<AckOutcome>> {
-        subscription_name(subscription)?;
-        if extensions.is_empty() {
-            return Err(invalid("extend request has no extensions"));
-        }
-        let parsed = parse_ids(extensions.iter().map(|e| e.ack_id.as_str()));
-        let mut items = Vec::new();
-        for (p, e) in parsed.iter().zip(&extensions) {
-            if let Ok(ack_id) = p {
-                if e.extension.is_zero() || e.extension > MAX_LEASE {
-                    return Err(invalid(format!(
-                        "extension {:?} is out of range (1 µs to 12 h)",
-                        e.extension
-                    )));
-                }
-                items.push((*ack_id, e.extension));
-            }
-        }
-        let answered = if items.is_empty() {
-            Vec::new()
-        } else {
-            self.store.extend(subscription, items).await?
+        let settle = Settle {
+            subscription,
+            operation: AckOperation::Extend,
+            empty: "extend request has no extensions",
         };
-        let ids = extensions.into_iter().map(|e| e.ack_id);
-        Ok(outcomes(ids, &parsed, AckOperation::Extend, answered))
+        let item = |ack_id, e: &LeaseExtension| {
+            if e.extension.is_zero() || e.extension > MAX_LEASE {
+                return Err(invalid(format!(
+                    "extension {:?} is out of range (1 µs to 12 h)",
+                    e.extension
+                )));
+            }
+            Ok((ack_id, e.extension))
+        };
+        settle
+            .run(
+                extensions,
+                |e| e.ack_id.as_str(),
+                item,
+                |items| self.store.extend(subscription, items),
+            )
+            .await
     }
 
     /// Gives leases back for immediate redelivery, without counting an

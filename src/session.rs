@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::model::{
-    AckId, AckOutcome, AckStatus, FlowControl, Micros, SessionCommand, SessionEvent, Subscription,
-    now_micros,
+    AckId, AckOperation, AckOutcome, AckStatus, FlowControl, Micros, SessionCommand, SessionEvent,
+    Subscription, now_micros,
 };
 
 /// Default flow control of a Subscribe stream.
@@ -139,41 +139,21 @@ impl Session {
         let mut out: Vec<AckOutcome> = Vec::new();
         let sub = self.subscription.clone();
         if !command.acks.is_empty() {
-            match self.broker.ack(&sub, command.acks).await {
-                Ok(outcomes) => {
-                    for o in &outcomes {
-                        self.forget(&o.ack_id);
-                    }
-                    out.extend(outcomes);
-                }
-                Err(e) => return self.fail(e).await,
+            let answered = self.broker.ack(&sub, command.acks).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
             }
         }
         if !command.nacks.is_empty() {
-            match self.broker.nack(&sub, command.nacks).await {
-                Ok(outcomes) => {
-                    for o in &outcomes {
-                        self.forget(&o.ack_id);
-                    }
-                    out.extend(outcomes);
-                }
-                Err(e) => return self.fail(e).await,
+            let answered = self.broker.nack(&sub, command.nacks).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
             }
         }
         if !command.extensions.is_empty() {
-            match self.broker.extend(&sub, command.extensions).await {
-                Ok(outcomes) => {
-                    for o in &outcomes {
-                        if let (AckStatus::Ok(Some(deadline)), Ok(id)) =
-                            (&o.status, o.ack_id.parse::<AckId>())
-                            && let Some(entry) = self.outstanding.get_mut(&id)
-                        {
-                            entry.0 = *deadline;
-                        }
-                    }
-                    out.extend(outcomes);
-                }
-                Err(e) => return self.fail(e).await,
+            let answered = self.broker.extend(&sub, command.extensions).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
             }
         }
         if out.is_empty() {
@@ -184,6 +164,38 @@ impl Session {
             outcomes: out,
         }))
         .await
+    }
+
+    /// Takes the broker's answer to acks, nacks or extensions into account
+    /// (acked and nacked leases no longer count, extended ones end later)
+    /// and adds it to `out`. Returns false if the stream should end.
+    async fn settled(
+        &mut self,
+        answered: Result<Vec<AckOutcome>>,
+        out: &mut Vec<AckOutcome>,
+    ) -> bool {
+        let outcomes = match answered {
+            Ok(outcomes) => outcomes,
+            Err(e) => return self.fail(e).await,
+        };
+        for o in &outcomes {
+            match (o.operation, &o.status) {
+                (AckOperation::Ack | AckOperation::Nack, _) => self.forget(&o.ack_id),
+                (AckOperation::Extend, AckStatus::Ok(Some(deadline))) => {
+                    if let Some(entry) = o
+                        .ack_id
+                        .parse::<AckId>()
+                        .ok()
+                        .and_then(|id| self.outstanding.get_mut(&id))
+                    {
+                        entry.0 = *deadline;
+                    }
+                }
+                (AckOperation::Extend, _) => {}
+            }
+        }
+        out.extend(outcomes);
+        true
     }
 
     async fn fail(&mut self, e: Error) -> bool {
@@ -392,6 +404,14 @@ mod tests {
         (tx, events)
     }
 
+    fn ack(commands: &Commands, delivery: &Delivery) {
+        let command = SessionCommand {
+            acks: vec![delivery.ack_id.to_string()],
+            ..SessionCommand::default()
+        };
+        commands.send(Ok(command)).unwrap();
+    }
+
     async fn next(events: &mut mpsc::Receiver<Result<SessionEvent>>) -> SessionEvent {
         tokio::time::timeout(Duration::from_secs(10), events.recv())
             .await
@@ -414,17 +434,10 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempt, 2);
         assert_eq!(again[0].message.id, first[0].message.id);
-        let ack = |delivery: &Delivery| {
-            let command = SessionCommand {
-                acks: vec![delivery.ack_id.to_string()],
-                ..SessionCommand::default()
-            };
-            commands.send(Ok(command)).unwrap();
-        };
-        ack(&first[0]);
+        ack(&commands, &first[0]);
         let outcome = next(&mut events).await.outcomes.remove(0);
         assert!(matches!(outcome.status, AckStatus::Stale(_)), "{outcome:?}");
-        ack(&again[0]);
+        ack(&commands, &again[0]);
         let outcome = next(&mut events).await.outcomes.remove(0);
         assert_eq!(outcome.status, AckStatus::Ok(None));
         drop(commands);
@@ -453,12 +466,7 @@ mod tests {
         assert!(deadline > delivery.lease_deadline);
         // Past the first deadline the lease still holds: the ack is taken.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        commands
-            .send(Ok(SessionCommand {
-                acks: vec![delivery.ack_id.to_string()],
-                ..SessionCommand::default()
-            }))
-            .unwrap();
+        ack(&commands, &delivery);
         let outcome = next(&mut events).await.outcomes.remove(0);
         assert_eq!(outcome.status, AckStatus::Ok(None));
         drop(commands);

@@ -408,30 +408,24 @@ pub fn topic_update(r: proto::UpdateTopicRequest) -> Result<(String, TopicPatch)
     let topic = required(r.topic, "topic")?;
     let settings = TopicSettings::try_from(&topic)?;
     let mut patch = TopicPatch::default();
-    for path in mask_paths(r.update_mask)? {
-        match path.as_str() {
+    each_masked(r.update_mask, "topic", |path| {
+        match path {
             "retention" => patch.retention = Some(settings.retention),
             "max_age" => patch.max_age = Some(settings.max_age),
-            other => {
-                return Err(invalid(format!(
-                    "field {other:?} of a topic cannot be updated"
-                )));
-            }
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok((topic.name, patch))
 }
 
 impl From<(String, TopicPatch)> for proto::UpdateTopicRequest {
     /// An UpdateTopic request whose mask names the fields the patch sets.
     fn from((name, patch): (String, TopicPatch)) -> Self {
-        let mut paths = Vec::new();
-        if patch.retention.is_some() {
-            paths.push("retention".to_string());
-        }
-        if patch.max_age.is_some() {
-            paths.push("max_age".to_string());
-        }
+        let update_mask = mask(&[
+            (patch.retention.is_some(), "retention"),
+            (patch.max_age.is_some(), "max_age"),
+        ]);
         proto::UpdateTopicRequest {
             topic: Some(proto::Topic {
                 name,
@@ -439,8 +433,36 @@ impl From<(String, TopicPatch)> for proto::UpdateTopicRequest {
                 max_age: patch.max_age.map(duration),
                 ..Default::default()
             }),
-            update_mask: Some(prost_types::FieldMask { paths }),
+            update_mask: Some(update_mask),
         }
+    }
+}
+
+/// Calls `set` with each path of an update mask; `set` answers false for a
+/// field of `what` that cannot be updated.
+fn each_masked(
+    mask: Option<prost_types::FieldMask>,
+    what: &str,
+    mut set: impl FnMut(&str) -> Result<bool>,
+) -> Result<()> {
+    for path in mask_paths(mask)? {
+        if !set(&path)? {
+            return Err(invalid(format!(
+                "field {path:?} of a {what} cannot be updated"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The update mask naming the fields whose flag is set.
+fn mask(fields: &[(bool, &str)]) -> prost_types::FieldMask {
+    prost_types::FieldMask {
+        paths: fields
+            .iter()
+            .filter(|(set, _)| *set)
+            .map(|(_, path)| path.to_string())
+            .collect(),
     }
 }
 
@@ -586,8 +608,8 @@ pub fn subscription_update(
             .ok_or_else(|| invalid(format!("{field} is in the update mask but not set")))
     };
     let mut patch = SubscriptionPatch::default();
-    for path in mask_paths(r.update_mask)? {
-        match path.as_str() {
+    each_masked(r.update_mask, "subscription", |path| {
+        match path {
             "ack_deadline" => patch.ack_deadline = Some(given(&s.ack_deadline, "ack_deadline")?),
             "max_attempts" => patch.max_attempts = Some(s.max_attempts),
             "min_backoff" => patch.min_backoff = Some(given(&s.min_backoff, "min_backoff")?),
@@ -596,13 +618,10 @@ pub fn subscription_update(
                 patch.dead_letter_topic = Some(opt_string(s.dead_letter_topic.clone()))
             }
             "ordered" => patch.ordered = Some(s.ordered),
-            other => {
-                return Err(invalid(format!(
-                    "field {other:?} of a subscription cannot be updated"
-                )));
-            }
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok((s.name, patch))
 }
 
@@ -610,18 +629,14 @@ impl From<(String, SubscriptionPatch)> for proto::UpdateSubscriptionRequest {
     /// An UpdateSubscription request whose mask names the fields the patch
     /// sets.
     fn from((name, patch): (String, SubscriptionPatch)) -> Self {
-        let mut paths = Vec::new();
-        let mut mark = |set: bool, path: &str| {
-            if set {
-                paths.push(path.to_string());
-            }
-        };
-        mark(patch.ack_deadline.is_some(), "ack_deadline");
-        mark(patch.max_attempts.is_some(), "max_attempts");
-        mark(patch.min_backoff.is_some(), "min_backoff");
-        mark(patch.max_backoff.is_some(), "max_backoff");
-        mark(patch.dead_letter_topic.is_some(), "dead_letter_topic");
-        mark(patch.ordered.is_some(), "ordered");
+        let update_mask = mask(&[
+            (patch.ack_deadline.is_some(), "ack_deadline"),
+            (patch.max_attempts.is_some(), "max_attempts"),
+            (patch.min_backoff.is_some(), "min_backoff"),
+            (patch.max_backoff.is_some(), "max_backoff"),
+            (patch.dead_letter_topic.is_some(), "dead_letter_topic"),
+            (patch.ordered.is_some(), "ordered"),
+        ]);
         proto::UpdateSubscriptionRequest {
             subscription: Some(proto::Subscription {
                 name,
@@ -633,7 +648,7 @@ impl From<(String, SubscriptionPatch)> for proto::UpdateSubscriptionRequest {
                 ordered: patch.ordered.unwrap_or_default(),
                 ..Default::default()
             }),
-            update_mask: Some(prost_types::FieldMask { paths }),
+            update_mask: Some(update_mask),
         }
     }
 }
