@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::model::{
@@ -321,6 +322,7 @@ impl Broker {
     /// Creates a topic.
     ///
     /// Fails with `InvalidArgument` for a bad name, `AlreadyExists`.
+    #[tracing::instrument(skip_all, fields(topic = %name))]
     pub async fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Topic> {
         topic_name(name)?;
         let created = self.store.create_topic(name, settings).await?;
@@ -331,6 +333,7 @@ impl Broker {
     /// A topic.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(topic = %name))]
     pub async fn get_topic(&self, name: &str) -> Result<Topic> {
         topic_name(name)?;
         self.store.get_topic(name).await
@@ -340,6 +343,7 @@ impl Broker {
     /// previous page's `next_page_token`.
     ///
     /// Fails with `InvalidArgument` for a negative size or a foreign token.
+    #[tracing::instrument(skip_all)]
     pub async fn list_topics(&self, page_size: i32, page_token: &str) -> Result<Page<Topic>> {
         let size = self::page_size(page_size)?;
         let after = decode_token(page_token)?;
@@ -350,6 +354,7 @@ impl Broker {
     /// Changes the settings a patch names, leaving the others alone.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(topic = %name))]
     pub async fn update_topic(&self, name: &str, patch: TopicPatch) -> Result<Topic> {
         topic_name(name)?;
         self.store.update_topic(name, patch).await
@@ -359,6 +364,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`,
     /// `FailedPrecondition` while it has subscriptions.
+    #[tracing::instrument(skip_all, fields(topic = %name))]
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         topic_name(name)?;
         self.store.delete_topic(name).await
@@ -368,6 +374,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name or settings, `NotFound`
     /// for an unknown topic, `AlreadyExists`.
+    #[tracing::instrument(skip_all, fields(subscription = %new.name, topic = %new.topic))]
     pub async fn create_subscription(&self, new: NewSubscription) -> Result<Subscription> {
         subscription_name(&new.name)?;
         topic_name(&new.topic)?;
@@ -380,6 +387,7 @@ impl Broker {
     /// A subscription.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %name))]
     pub async fn get_subscription(&self, name: &str) -> Result<Subscription> {
         subscription_name(name)?;
         self.store.get_subscription(name).await
@@ -389,6 +397,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad topic name, a negative size or
     /// a foreign token.
+    #[tracing::instrument(skip_all, fields(topic = topic.unwrap_or_default()))]
     pub async fn list_subscriptions(
         &self,
         topic: Option<&str>,
@@ -412,6 +421,7 @@ impl Broker {
     /// different fields all survive.
     ///
     /// Fails with `InvalidArgument` for a bad name or setting, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %name))]
     pub async fn update_subscription(
         &self,
         name: &str,
@@ -425,6 +435,7 @@ impl Broker {
     /// Deletes a subscription with its leases and dead letters.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %name))]
     pub async fn delete_subscription(&self, name: &str) -> Result<()> {
         subscription_name(name)?;
         self.store.delete_subscription(name).await
@@ -433,6 +444,7 @@ impl Broker {
     /// Counters and gauges of a subscription.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn stats(&self, subscription: &str) -> Result<SubscriptionStats> {
         subscription_name(subscription)?;
         self.store.stats(subscription).await
@@ -441,6 +453,7 @@ impl Broker {
     /// Moves a subscription's cursor; returns the next sequence to deliver.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn seek(&self, subscription: &str, target: SeekTarget) -> Result<i64> {
         subscription_name(subscription)?;
         self.store.seek(subscription, target).await
@@ -450,6 +463,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name, a negative size or a
     /// foreign token, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn list_dead_letters(
         &self,
         subscription: &str,
@@ -478,6 +492,7 @@ impl Broker {
     /// returns how many.
     ///
     /// Fails with `InvalidArgument` for a bad name, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn redrive(&self, subscription: &str, sequences: Vec<i64>) -> Result<i64> {
         subscription_name(subscription)?;
         self.store.redrive(subscription, sequences).await
@@ -488,6 +503,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name or unless exactly one of
     /// `sequences` and `all` is given, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn purge(&self, subscription: &str, sequences: Vec<i64>, all: bool) -> Result<i64> {
         subscription_name(subscription)?;
         let sequences = match (all, sequences.is_empty()) {
@@ -508,6 +524,7 @@ impl Broker {
     ///
     /// Fails with `Unavailable` while draining, `InvalidArgument` for a bad
     /// name or count, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn pull(
         &self,
         subscription: &str,
@@ -555,6 +572,7 @@ impl Broker {
     /// answered `Unknown`).
     ///
     /// Fails with `InvalidArgument` for a bad name or no ids, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn ack(&self, subscription: &str, ack_ids: Vec<String>) -> Result<Vec<AckOutcome>> {
         let settle = Settle {
             subscription,
@@ -575,6 +593,7 @@ impl Broker {
     /// or dead-lettered after `max_attempts`; one outcome per nack.
     ///
     /// Fails with `InvalidArgument` for a bad name or no nacks, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn nack(&self, subscription: &str, nacks: Vec<Nack>) -> Result<Vec<AckOutcome>> {
         let settle = Settle {
             subscription,
@@ -603,6 +622,7 @@ impl Broker {
     ///
     /// Fails with `InvalidArgument` for a bad name, extension or none,
     /// `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn extend(
         &self,
         subscription: &str,
@@ -671,6 +691,7 @@ impl Broker {
     ///
     /// Fails with `Unavailable` while draining, `InvalidArgument` for a bad
     /// name or flow control, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
     pub async fn subscribe<S>(
         &self,
         subscription: &str,
@@ -686,7 +707,7 @@ impl Broker {
         let (tx, rx) = mpsc::channel(16);
         let mut session = Session::new(self.clone(), sub, tx);
         session.flow_control(&first.flow)?;
-        tokio::spawn(session.run(first, commands));
+        tokio::spawn(session.run(first, commands).in_current_span());
         Ok(rx)
     }
 }

@@ -6,6 +6,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::convert::status;
 use crate::broker::Broker;
@@ -55,7 +56,8 @@ impl PublisherService for Publisher {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let broker = self.broker.clone();
-        tokio::spawn(async move {
+        tokio::spawn(
+            async move {
             let mut draining = broker.draining();
             let mut pending: FuturesOrdered<PublishFuture> = FuturesOrdered::new();
             let mut reading = true;
@@ -115,7 +117,9 @@ impl PublisherService for Publisher {
                     }
                 }
             }
-        });
+        }
+            .in_current_span(),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
