@@ -14,7 +14,9 @@ pub mod inbox;
 pub mod model;
 pub mod outbox;
 pub mod server;
+mod session;
 pub mod store;
+pub mod wire;
 
 /// Generated protobuf and gRPC code for `tidings.v1`.
 #[allow(

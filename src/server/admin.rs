@@ -1,66 +1,19 @@
 //! `tidings.v1.AdminService`: topics, subscriptions, stats, seek and dead
-//! letters. Each call decodes, calls the store, encodes.
+//! letters. Each call decodes (`wire`), calls the broker, encodes.
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, invalid, status};
+use super::convert::{invalid, status};
 use crate::broker::Broker;
-use crate::model::{self, SeekTarget};
+use crate::model::{SeekTarget, TopicSettings};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::store::{NewSubscription, SubscriptionPatch, TopicPatch};
+use crate::store::NewSubscription;
+use crate::wire;
 
 /// The admin service.
 #[derive(Debug, Clone)]
 pub(crate) struct Admin {
     pub(crate) broker: Broker,
-}
-
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-
-fn page_size(n: i32) -> Result<usize, Status> {
-    match n {
-        0 => Ok(DEFAULT_PAGE),
-        n if n < 0 => Err(invalid("page_size is negative")),
-        n => Ok((n as usize).min(MAX_PAGE)),
-    }
-}
-
-/// Page tokens are the last name (or sequence) of the previous page, in hex
-/// so that they are opaque and safe in any transport.
-fn encode_token(last: &str) -> String {
-    last.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_token(token: &str) -> Result<Option<String>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        invalid(format!(
-            "page_token {token:?} is not one this server issued"
-        ))
-    };
-    if !token.len().is_multiple_of(2) {
-        return Err(bad());
-    }
-    let bytes = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&token[i..i + 2], 16).map_err(|_| bad()))
-        .collect::<Result<Vec<u8>, _>>()?;
-    String::from_utf8(bytes).map(Some).map_err(|_| bad())
-}
-
-fn name(what: &str, name: &str) -> Result<(), Status> {
-    model::validate_name(what, name).map_err(status)
-}
-
-fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>, Status> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        return Err(invalid("update_mask is empty; name the fields to update"));
-    }
-    Ok(paths)
 }
 
 #[tonic::async_trait]
@@ -73,17 +26,10 @@ impl AdminService for Admin {
             .into_inner()
             .topic
             .ok_or_else(|| invalid("topic is missing"))?;
-        name("topic", &topic.name)?;
-        let settings = convert::topic_settings(&topic)?;
-        let created = self
-            .broker
-            .store()
-            .create_topic(&topic.name, settings)
-            .await
-            .map_err(status)?;
-        tracing::info!(topic = %created.name, "topic created");
+        let settings = TopicSettings::try_from(&topic).map_err(status)?;
+        let created = self.broker.create_topic(&topic.name, settings).await;
         Ok(Response::new(proto::CreateTopicResponse {
-            topic: Some(convert::topic(created)),
+            topic: Some(created.map_err(status)?.into()),
         }))
     }
 
@@ -91,16 +37,9 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::GetTopicRequest>,
     ) -> Result<Response<proto::GetTopicResponse>, Status> {
-        let req = request.into_inner();
-        name("topic", &req.name)?;
-        let topic = self
-            .broker
-            .store()
-            .get_topic(&req.name)
-            .await
-            .map_err(status)?;
+        let topic = self.broker.get_topic(&request.into_inner().name).await;
         Ok(Response::new(proto::GetTopicResponse {
-            topic: Some(convert::topic(topic)),
+            topic: Some(topic.map_err(status)?.into()),
         }))
     }
 
@@ -109,21 +48,14 @@ impl AdminService for Admin {
         request: Request<proto::ListTopicsRequest>,
     ) -> Result<Response<proto::ListTopicsResponse>, Status> {
         let req = request.into_inner();
-        let size = page_size(req.page_size)?;
-        let after = decode_token(&req.page_token)?;
-        let topics = self
+        let page = self
             .broker
-            .store()
-            .list_topics(after.as_deref(), size)
-            .await
-            .map_err(status)?;
-        let next_page_token = match topics.last() {
-            Some(t) if topics.len() == size => encode_token(&t.name),
-            _ => String::new(),
-        };
+            .list_topics(req.page_size, &req.page_token)
+            .await;
+        let page = page.map_err(status)?;
         Ok(Response::new(proto::ListTopicsResponse {
-            topics: topics.into_iter().map(convert::topic).collect(),
-            next_page_token,
+            topics: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -131,30 +63,10 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::UpdateTopicRequest>,
     ) -> Result<Response<proto::UpdateTopicResponse>, Status> {
-        let req = request.into_inner();
-        let topic = req.topic.ok_or_else(|| invalid("topic is missing"))?;
-        name("topic", &topic.name)?;
-        let settings = convert::topic_settings(&topic)?;
-        let mut patch = TopicPatch::default();
-        for path in mask_paths(req.update_mask)? {
-            match path.as_str() {
-                "retention" => patch.retention = Some(settings.retention),
-                "max_age" => patch.max_age = Some(settings.max_age),
-                other => {
-                    return Err(invalid(format!(
-                        "field {other:?} of a topic cannot be updated"
-                    )));
-                }
-            }
-        }
-        let topic = self
-            .broker
-            .store()
-            .update_topic(&topic.name, patch)
-            .await
-            .map_err(status)?;
+        let (name, patch) = wire::topic_update(request.into_inner()).map_err(status)?;
+        let topic = self.broker.update_topic(&name, patch).await;
         Ok(Response::new(proto::UpdateTopicResponse {
-            topic: Some(convert::topic(topic)),
+            topic: Some(topic.map_err(status)?.into()),
         }))
     }
 
@@ -162,13 +74,8 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::DeleteTopicRequest>,
     ) -> Result<Response<proto::DeleteTopicResponse>, Status> {
-        let req = request.into_inner();
-        name("topic", &req.name)?;
-        self.broker
-            .store()
-            .delete_topic(&req.name)
-            .await
-            .map_err(status)?;
+        let name = request.into_inner().name;
+        self.broker.delete_topic(&name).await.map_err(status)?;
         Ok(Response::new(proto::DeleteTopicResponse {}))
     }
 
@@ -180,23 +87,10 @@ impl AdminService for Admin {
             .into_inner()
             .subscription
             .ok_or_else(|| invalid("subscription is missing"))?;
-        name("subscription", &sub.name)?;
-        name("topic", &sub.topic)?;
-        let new = NewSubscription {
-            name: sub.name.clone(),
-            topic: sub.topic.clone(),
-            settings: convert::subscription_settings(&sub)?,
-            start: convert::start_position(&sub)?,
-        };
-        let created = self
-            .broker
-            .store()
-            .create_subscription(new)
-            .await
-            .map_err(status)?;
-        tracing::info!(subscription = %created.name, topic = %created.topic, "subscription created");
+        let new = NewSubscription::try_from(sub).map_err(status)?;
+        let created = self.broker.create_subscription(new).await;
         Ok(Response::new(proto::CreateSubscriptionResponse {
-            subscription: Some(convert::subscription(created)),
+            subscription: Some(created.map_err(status)?.into()),
         }))
     }
 
@@ -204,16 +98,12 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::GetSubscriptionRequest>,
     ) -> Result<Response<proto::GetSubscriptionResponse>, Status> {
-        let req = request.into_inner();
-        name("subscription", &req.name)?;
         let sub = self
             .broker
-            .store()
-            .get_subscription(&req.name)
-            .await
-            .map_err(status)?;
+            .get_subscription(&request.into_inner().name)
+            .await;
         Ok(Response::new(proto::GetSubscriptionResponse {
-            subscription: Some(convert::subscription(sub)),
+            subscription: Some(sub.map_err(status)?.into()),
         }))
     }
 
@@ -222,25 +112,15 @@ impl AdminService for Admin {
         request: Request<proto::ListSubscriptionsRequest>,
     ) -> Result<Response<proto::ListSubscriptionsResponse>, Status> {
         let req = request.into_inner();
-        let size = page_size(req.page_size)?;
-        let after = decode_token(&req.page_token)?;
         let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
-        if let Some(t) = topic {
-            name("topic", t)?;
-        }
-        let subs = self
+        let page = self
             .broker
-            .store()
-            .list_subscriptions(topic, after.as_deref(), size)
+            .list_subscriptions(topic, req.page_size, &req.page_token)
             .await
             .map_err(status)?;
-        let next_page_token = match subs.last() {
-            Some(s) if subs.len() == size => encode_token(&s.name),
-            _ => String::new(),
-        };
         Ok(Response::new(proto::ListSubscriptionsResponse {
-            subscriptions: subs.into_iter().map(convert::subscription).collect(),
-            next_page_token,
+            subscriptions: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -248,52 +128,10 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::UpdateSubscriptionRequest>,
     ) -> Result<Response<proto::UpdateSubscriptionResponse>, Status> {
-        let req = request.into_inner();
-        let sub = req
-            .subscription
-            .ok_or_else(|| invalid("subscription is missing"))?;
-        name("subscription", &sub.name)?;
-        let store = self.broker.store();
-        let current = store.get_subscription(&sub.name).await.map_err(status)?;
-        let given = |v: &Option<prost_types::Duration>, field: &str| {
-            v.as_ref()
-                .map(|d| convert::std_duration(d, field))
-                .transpose()?
-                .ok_or_else(|| invalid(format!("{field} is in the update mask but not set")))
-        };
-        let mut patch = SubscriptionPatch::default();
-        let mut next = current.settings.clone();
-        for path in mask_paths(req.update_mask)? {
-            match path.as_str() {
-                "ack_deadline" => next.ack_deadline = given(&sub.ack_deadline, "ack_deadline")?,
-                "max_attempts" => next.max_attempts = sub.max_attempts,
-                "min_backoff" => next.min_backoff = given(&sub.min_backoff, "min_backoff")?,
-                "max_backoff" => next.max_backoff = given(&sub.max_backoff, "max_backoff")?,
-                "dead_letter_topic" => {
-                    next.dead_letter_topic =
-                        (!sub.dead_letter_topic.is_empty()).then(|| sub.dead_letter_topic.clone())
-                }
-                "ordered" => next.ordered = sub.ordered,
-                other => {
-                    return Err(invalid(format!(
-                        "field {other:?} of a subscription cannot be updated"
-                    )));
-                }
-            }
-        }
-        convert::check_settings(&next)?;
-        patch.ack_deadline = Some(next.ack_deadline);
-        patch.max_attempts = Some(next.max_attempts);
-        patch.min_backoff = Some(next.min_backoff);
-        patch.max_backoff = Some(next.max_backoff);
-        patch.dead_letter_topic = Some(next.dead_letter_topic);
-        patch.ordered = Some(next.ordered);
-        let updated = store
-            .update_subscription(&sub.name, patch)
-            .await
-            .map_err(status)?;
+        let (name, patch) = wire::subscription_update(request.into_inner()).map_err(status)?;
+        let updated = self.broker.update_subscription(&name, patch).await;
         Ok(Response::new(proto::UpdateSubscriptionResponse {
-            subscription: Some(convert::subscription(updated)),
+            subscription: Some(updated.map_err(status)?.into()),
         }))
     }
 
@@ -301,11 +139,9 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::DeleteSubscriptionRequest>,
     ) -> Result<Response<proto::DeleteSubscriptionResponse>, Status> {
-        let req = request.into_inner();
-        name("subscription", &req.name)?;
+        let name = request.into_inner().name;
         self.broker
-            .store()
-            .delete_subscription(&req.name)
+            .delete_subscription(&name)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::DeleteSubscriptionResponse {}))
@@ -315,16 +151,10 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::GetSubscriptionStatsRequest>,
     ) -> Result<Response<proto::GetSubscriptionStatsResponse>, Status> {
-        let req = request.into_inner();
-        name("subscription", &req.subscription)?;
-        let stats = self
-            .broker
-            .store()
-            .stats(&req.subscription)
-            .await
-            .map_err(status)?;
+        let name = request.into_inner().subscription;
+        let stats = self.broker.stats(&name).await.map_err(status)?;
         Ok(Response::new(proto::GetSubscriptionStatsResponse {
-            stats: Some(convert::stats(req.subscription, stats)),
+            stats: Some((name, stats).into()),
         }))
     }
 
@@ -333,20 +163,10 @@ impl AdminService for Admin {
         request: Request<proto::SeekRequest>,
     ) -> Result<Response<proto::SeekResponse>, Status> {
         let req = request.into_inner();
-        name("subscription", &req.subscription)?;
-        let target = match req.target {
-            Some(proto::seek_request::Target::Time(t)) => SeekTarget::Time(convert::micros_of(&t)),
-            Some(proto::seek_request::Target::Sequence(s)) => SeekTarget::Sequence(s),
-            None => return Err(invalid("seek needs a time or a sequence")),
-        };
-        let next = self
-            .broker
-            .store()
-            .seek(&req.subscription, target)
-            .await
-            .map_err(status)?;
+        let target = SeekTarget::try_from(req.target).map_err(status)?;
+        let next = self.broker.seek(&req.subscription, target).await;
         Ok(Response::new(proto::SeekResponse {
-            next_sequence: next,
+            next_sequence: next.map_err(status)?,
         }))
     }
 
@@ -355,27 +175,14 @@ impl AdminService for Admin {
         request: Request<proto::ListDeadLettersRequest>,
     ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
         let req = request.into_inner();
-        name("subscription", &req.subscription)?;
-        let size = page_size(req.page_size)?;
-        let after = match decode_token(&req.page_token)? {
-            None => 0,
-            Some(s) => s
-                .parse::<i64>()
-                .map_err(|_| invalid("page_token is not one this server issued"))?,
-        };
-        let (letters, total) = self
+        let (page, total) = self
             .broker
-            .store()
-            .list_dead_letters(&req.subscription, after, size)
+            .list_dead_letters(&req.subscription, req.page_size, &req.page_token)
             .await
             .map_err(status)?;
-        let next_page_token = match letters.last() {
-            Some(d) if letters.len() == size => encode_token(&d.message.sequence.to_string()),
-            _ => String::new(),
-        };
         Ok(Response::new(proto::ListDeadLettersResponse {
-            dead_letters: letters.into_iter().map(convert::dead_letter).collect(),
-            next_page_token,
+            dead_letters: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token,
             total_size: total,
         }))
     }
@@ -385,15 +192,9 @@ impl AdminService for Admin {
         request: Request<proto::RedriveDeadLettersRequest>,
     ) -> Result<Response<proto::RedriveDeadLettersResponse>, Status> {
         let req = request.into_inner();
-        name("subscription", &req.subscription)?;
-        let count = self
-            .broker
-            .store()
-            .redrive(&req.subscription, req.sequences)
-            .await
-            .map_err(status)?;
+        let count = self.broker.redrive(&req.subscription, req.sequences).await;
         Ok(Response::new(proto::RedriveDeadLettersResponse {
-            redriven_count: count,
+            redriven_count: count.map_err(status)?,
         }))
     }
 
@@ -402,25 +203,12 @@ impl AdminService for Admin {
         request: Request<proto::PurgeDeadLettersRequest>,
     ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
         let req = request.into_inner();
-        name("subscription", &req.subscription)?;
-        let sequences = match (req.all, req.sequences.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some(req.sequences),
-            (true, false) => return Err(invalid("give either sequences or all, not both")),
-            (false, true) => {
-                return Err(invalid(
-                    "name the sequences to purge, or set all to purge every dead letter",
-                ));
-            }
-        };
         let count = self
             .broker
-            .store()
-            .purge(&req.subscription, sequences)
-            .await
-            .map_err(status)?;
+            .purge(&req.subscription, req.sequences, req.all)
+            .await;
         Ok(Response::new(proto::PurgeDeadLettersResponse {
-            purged_count: count,
+            purged_count: count.map_err(status)?,
         }))
     }
 }

@@ -174,6 +174,7 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(config.keepalive_interval));
     let served = tonic::transport::Server::builder()
+        .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

@@ -6,14 +6,16 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
-use super::convert::{self, status};
+use super::convert::status;
 use crate::broker::Broker;
 use crate::model::PublishOutcome;
 use crate::proto::{
     self, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse,
     publisher_service_server::PublisherService,
 };
+use crate::wire;
 
 /// Requests of one PublishStream that may await their commit at once.
 const MAX_PIPELINE: usize = 256;
@@ -25,14 +27,7 @@ pub(crate) struct Publisher {
 }
 
 fn results(outcomes: Vec<PublishOutcome>) -> Vec<proto::PublishResult> {
-    outcomes
-        .into_iter()
-        .map(|o| proto::PublishResult {
-            id: o.id.to_string(),
-            sequence: o.sequence,
-            duplicate: o.duplicate,
-        })
-        .collect()
+    outcomes.into_iter().map(Into::into).collect()
 }
 
 type PublishFuture =
@@ -44,7 +39,7 @@ impl PublisherService for Publisher {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let messages = convert::new_messages(request.into_inner().messages)?;
+        let messages = wire::new_messages(request.into_inner().messages).map_err(status)?;
         let outcomes = self.broker.publish(messages).await.map_err(status)?;
         Ok(Response::new(PublishResponse {
             results: results(outcomes),
@@ -61,7 +56,8 @@ impl PublisherService for Publisher {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let broker = self.broker.clone();
-        tokio::spawn(async move {
+        tokio::spawn(
+            async move {
             let mut draining = broker.draining();
             let mut pending: FuturesOrdered<PublishFuture> = FuturesOrdered::new();
             let mut reading = true;
@@ -101,9 +97,9 @@ impl PublisherService for Publisher {
                                 let in_request = move |s: Status| {
                                     Status::new(s.code(), format!("request {at}: {}", s.message()))
                                 };
-                                let queued = match convert::new_messages(req.messages) {
+                                let queued = match wire::new_messages(req.messages) {
                                     Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
-                                    Err(s) => Err(s),
+                                    Err(e) => Err(status(e)),
                                 };
                                 match queued {
                                     Ok(done) => pending.push_back(Box::pin(async move {
@@ -121,7 +117,9 @@ impl PublisherService for Publisher {
                     }
                 }
             }
-        });
+        }
+            .in_current_span(),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

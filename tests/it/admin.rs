@@ -233,3 +233,63 @@ backend_test! {
         b.stop().await;
     }
 }
+
+/// Sends `rounds` UpdateSubscription calls for `sub`, each masking only
+/// `field`, to the value `make(round)` gives.
+async fn update_repeatedly(
+    mut raw: proto::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    sub: &str,
+    field: &str,
+    rounds: u64,
+    make: impl Fn(u64) -> proto::Subscription,
+) {
+    for round in 1..=rounds {
+        raw.update_subscription(proto::UpdateSubscriptionRequest {
+            subscription: Some(proto::Subscription {
+                name: sub.into(),
+                ..make(round)
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![field.into()],
+            }),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+backend_test! {
+    /// Issue 10: UpdateSubscription read the row and wrote every field back,
+    /// so an update of one field could undo a concurrent update of another.
+    async fn concurrent_updates_of_different_fields_both_survive(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |_| {}).await;
+        const ROUNDS: u64 = 40;
+        for trial in 0..5u64 {
+            let deadline = |round: u64| Duration::from_secs(100 * trial + round);
+            let attempts = |round: u64| (100 * trial + round) as i32;
+            let raw = b.admin().raw();
+            let deadlines = update_repeatedly(raw.clone(), "s", "ack_deadline", ROUNDS, |r| {
+                proto::Subscription { ack_deadline: Some(pb(deadline(r))), ..Default::default() }
+            });
+            let maxes = update_repeatedly(raw.clone(), "s", "max_attempts", ROUNDS, |r| {
+                proto::Subscription { max_attempts: attempts(r), ..Default::default() }
+            });
+            let others = update_repeatedly(raw.clone(), "s", "ordered", ROUNDS, |r| {
+                proto::Subscription { ordered: r % 2 == 0, ..Default::default() }
+            });
+            tokio::join!(deadlines, maxes, others);
+            let sub = b.admin().raw()
+                .get_subscription(proto::GetSubscriptionRequest { name: "s".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .subscription
+                .unwrap();
+            assert_eq!(sub.ack_deadline, Some(pb(deadline(ROUNDS))), "trial {trial}");
+            assert_eq!(sub.max_attempts, attempts(ROUNDS), "trial {trial}");
+            assert!(sub.ordered, "trial {trial}");
+        }
+        b.stop().await;
+    }
+}

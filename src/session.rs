@@ -1,0 +1,490 @@
+//! The Subscribe session, the leasing engine of one stream: it takes domain
+//! commands (flow control, acks, nacks, extensions) and sends domain events
+//! (deliveries, ack outcomes). It leases in batches when half its window is
+//! free, wakes on topic and subscription news (with a bounded poll as
+//! fallback), forgets leases that expired, and releases what it holds when
+//! the stream ends or the broker drains. It knows nothing of protobuf.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::model::{
+    AckId, AckOperation, AckOutcome, AckStatus, FlowControl, Micros, SessionCommand, SessionEvent,
+    Subscription, now_micros,
+};
+
+/// Default flow control of a Subscribe stream.
+const DEFAULT_MAX_MESSAGES: usize = 1000;
+/// Default byte window of a Subscribe stream, and the byte budget of a Pull.
+pub(crate) const DEFAULT_MAX_BYTES: usize = 100 * 1024 * 1024;
+/// Most messages leased in one store call.
+const LEASE_CHUNK: usize = 500;
+
+/// The tokio instant at which the wall clock reads `at`.
+pub(crate) fn instant_at(at: Micros) -> Instant {
+    let now = now_micros();
+    Instant::now() + Duration::from_micros((at - now).max(0) as u64)
+}
+
+/// One Subscribe stream: what it holds leased, and its flow control.
+pub(crate) struct Session {
+    broker: Broker,
+    subscription: String,
+    topic: String,
+    max_messages: usize,
+    max_bytes: usize,
+    /// Leases held by this stream: deadline and payload size.
+    outstanding: HashMap<AckId, (Micros, usize)>,
+    outstanding_bytes: usize,
+    /// No outstanding lease ends before this (a lower bound: acks and
+    /// extensions only move it later), so expiry needs no scan until then.
+    earliest_deadline: Micros,
+    tx: mpsc::Sender<Result<SessionEvent>>,
+}
+
+impl Session {
+    /// A session on `sub` that sends its events to `tx`.
+    pub(crate) fn new(
+        broker: Broker,
+        sub: Subscription,
+        tx: mpsc::Sender<Result<SessionEvent>>,
+    ) -> Self {
+        Session {
+            broker,
+            subscription: sub.name,
+            topic: sub.topic,
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            outstanding: HashMap::new(),
+            outstanding_bytes: 0,
+            earliest_deadline: Micros::MAX,
+            tx,
+        }
+    }
+
+    /// Applies flow control; zero keeps a value.
+    ///
+    /// Fails with `InvalidArgument` if a value is out of range.
+    pub(crate) fn flow_control(&mut self, flow: &FlowControl) -> Result<()> {
+        let limit = self.broker.limits().max_outstanding_messages;
+        match flow.max_outstanding_messages {
+            0 => {}
+            n if n < 0 || n as usize > limit => {
+                return Err(Error::InvalidArgument(format!(
+                    "max_outstanding_messages {n} is out of range (1 to {limit})"
+                )));
+            }
+            n => self.max_messages = n as usize,
+        }
+        match flow.max_outstanding_bytes {
+            0 => {}
+            n if n < 0 => {
+                return Err(Error::InvalidArgument(
+                    "max_outstanding_bytes is negative".into(),
+                ));
+            }
+            n => self.max_bytes = usize::try_from(n).unwrap_or(usize::MAX),
+        }
+        Ok(())
+    }
+
+    /// Forgets leases whose deadline passed: the broker will redeliver them,
+    /// so they no longer count against flow control.
+    fn drop_expired(&mut self, now: Micros) -> Option<Micros> {
+        if now < self.earliest_deadline {
+            return (self.earliest_deadline != Micros::MAX).then_some(self.earliest_deadline);
+        }
+        let mut earliest = None;
+        let mut freed = 0;
+        self.outstanding.retain(|_, (deadline, bytes)| {
+            if *deadline <= now {
+                freed += *bytes;
+                false
+            } else {
+                earliest = Some(earliest.map_or(*deadline, |e: Micros| e.min(*deadline)));
+                true
+            }
+        });
+        self.outstanding_bytes -= freed;
+        self.earliest_deadline = earliest.unwrap_or(Micros::MAX);
+        earliest
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some((_, bytes)) = id
+            .parse::<AckId>()
+            .ok()
+            .and_then(|id| self.outstanding.remove(&id))
+        {
+            self.outstanding_bytes -= bytes;
+        }
+    }
+
+    async fn send(&self, event: Result<SessionEvent>) -> bool {
+        self.tx.send(event).await.is_ok()
+    }
+
+    /// Applies a command's flow control, acks, nacks and extensions;
+    /// answers with their outcomes. Returns false if the stream should end.
+    async fn handle(&mut self, command: SessionCommand) -> bool {
+        if let Err(e) = self.flow_control(&command.flow) {
+            return !self.send(Err(e)).await;
+        }
+        let mut out: Vec<AckOutcome> = Vec::new();
+        let sub = self.subscription.clone();
+        if !command.acks.is_empty() {
+            let answered = self.broker.ack(&sub, command.acks).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
+            }
+        }
+        if !command.nacks.is_empty() {
+            let answered = self.broker.nack(&sub, command.nacks).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
+            }
+        }
+        if !command.extensions.is_empty() {
+            let answered = self.broker.extend(&sub, command.extensions).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
+            }
+        }
+        if out.is_empty() {
+            return true;
+        }
+        self.send(Ok(SessionEvent {
+            deliveries: Vec::new(),
+            outcomes: out,
+        }))
+        .await
+    }
+
+    /// Takes the broker's answer to acks, nacks or extensions into account
+    /// (acked and nacked leases no longer count, extended ones end later)
+    /// and adds it to `out`. Returns false if the stream should end.
+    async fn settled(
+        &mut self,
+        answered: Result<Vec<AckOutcome>>,
+        out: &mut Vec<AckOutcome>,
+    ) -> bool {
+        let outcomes = match answered {
+            Ok(outcomes) => outcomes,
+            Err(e) => return self.fail(e).await,
+        };
+        for o in &outcomes {
+            match (o.operation, &o.status) {
+                (AckOperation::Ack | AckOperation::Nack, _) => self.forget(&o.ack_id),
+                (AckOperation::Extend, AckStatus::Ok(Some(deadline))) => {
+                    if let Some(entry) = o
+                        .ack_id
+                        .parse::<AckId>()
+                        .ok()
+                        .and_then(|id| self.outstanding.get_mut(&id))
+                    {
+                        entry.0 = *deadline;
+                    }
+                }
+                (AckOperation::Extend, _) => {}
+            }
+        }
+        out.extend(outcomes);
+        true
+    }
+
+    async fn fail(&mut self, e: Error) -> bool {
+        let _ = self.send(Err(e)).await;
+        false
+    }
+
+    /// Hands leases this stream still holds back for immediate redelivery.
+    async fn release_all(&mut self) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        let ids: Vec<AckId> = self.outstanding.drain().map(|(id, _)| id).collect();
+        self.outstanding_bytes = 0;
+        if let Err(e) = self.broker.release(&self.subscription, ids).await {
+            tracing::debug!(error = %e, subscription = %self.subscription, "release on stream end failed; leases will expire");
+        }
+    }
+
+    /// Runs the session until the commands end, an error ends it, the
+    /// receiver of its events is gone or the broker drains; then releases
+    /// what it holds.
+    pub(crate) async fn run<S>(mut self, first: SessionCommand, mut commands: S)
+    where
+        S: Stream<Item = Result<SessionCommand>> + Unpin,
+    {
+        let poll = self.broker.limits().poll_interval;
+        let mut draining = self.broker.draining();
+        let mut topic_news = self.broker.watch_topic(&self.topic);
+        let mut sub_news = self.broker.watch_subscription(&self.subscription);
+        if !self.handle(first).await {
+            return self.release_all().await;
+        }
+        let mut look = true;
+        let mut next_due: Option<Micros> = None;
+        loop {
+            let now = now_micros();
+            let lease_end = self.drop_expired(now);
+            let credit = self.max_messages.saturating_sub(self.outstanding.len());
+            let byte_credit = self.max_bytes.saturating_sub(self.outstanding_bytes);
+            // Lease in sizeable batches: wait until half the window is free
+            // (or nothing is outstanding) rather than lease a few at a time.
+            let low_water = (self.max_messages / 2).clamp(1, LEASE_CHUNK);
+            let has_credit =
+                byte_credit > 0 && (credit >= low_water || self.outstanding.is_empty());
+            if look && has_credit {
+                topic_news.borrow_and_update();
+                sub_news.borrow_and_update();
+                let want = credit.min(LEASE_CHUNK);
+                match self
+                    .broker
+                    .lease(&self.subscription, want, byte_credit)
+                    .await
+                {
+                    Ok(batch) => {
+                        next_due = batch.next_due;
+                        look = batch.progressed || batch.deliveries.len() == want;
+                        if !batch.deliveries.is_empty() {
+                            for d in &batch.deliveries {
+                                self.outstanding
+                                    .insert(d.ack_id, (d.lease_deadline, d.message.payload.len()));
+                                self.outstanding_bytes += d.message.payload.len();
+                                self.earliest_deadline =
+                                    self.earliest_deadline.min(d.lease_deadline);
+                            }
+                            let event = SessionEvent {
+                                deliveries: batch.deliveries,
+                                outcomes: Vec::new(),
+                            };
+                            if !self.send(Ok(event)).await {
+                                return self.release_all().await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = self.send(Err(e)).await;
+                        return self.release_all().await;
+                    }
+                }
+                if look {
+                    // Take every ack that arrived meanwhile before leasing
+                    // more: a stream with credit left would otherwise lease
+                    // again and again while acks wait one per turn.
+                    while let Some(ready) = commands.next().now_or_never() {
+                        let alive = match ready {
+                            Some(Ok(command)) => self.handle(command).await,
+                            Some(Err(e)) => self.fail(e).await,
+                            None => false,
+                        };
+                        if !alive {
+                            return self.release_all().await;
+                        }
+                    }
+                    continue;
+                }
+            }
+            let mut wake = now + poll.as_micros() as i64;
+            if let Some(due) = next_due {
+                wake = wake.min(due);
+            }
+            if let Some(end) = lease_end {
+                wake = wake.min(end);
+            }
+            tokio::select! {
+                biased;
+                _ = Broker::drained(&mut draining) => {
+                    self.release_all().await;
+                    let _ = self.send(Err(Error::Unavailable("the broker is shutting down; reconnect".into()))).await;
+                    return;
+                }
+                command = commands.next() => match command {
+                    Some(Ok(command)) => {
+                        if !self.handle(command).await {
+                            return self.release_all().await;
+                        }
+                        look = true;
+                    }
+                    Some(Err(e)) => {
+                        self.fail(e).await;
+                        return self.release_all().await;
+                    }
+                    None => return self.release_all().await,
+                },
+                _ = topic_news.changed(), if has_credit => look = true,
+                _ = sub_news.changed(), if has_credit => look = true,
+                _ = tokio::time::sleep_until(instant_at(wake)) => look = true,
+                _ = self.tx.closed() => return self.release_all().await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::{mpsc, watch};
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    use super::*;
+    use crate::broker::Limits;
+    use crate::model::{Delivery, LeaseExtension, NewMessage, SubscriptionSettings, TopicSettings};
+    use crate::store::{NewSubscription, Store, StoreConfig};
+
+    /// A broker over a fresh SQLite store with one topic `t`, one message on
+    /// it, and a subscription `s` from the earliest message whose leases last
+    /// `ack_deadline`.
+    /// The store and the drain signal come back too: the broker drains once
+    /// that sender is dropped.
+    async fn broker(
+        dir: &tempfile::TempDir,
+        ack_deadline: Duration,
+    ) -> (Broker, Store, watch::Sender<bool>) {
+        let store = Store::open(StoreConfig::new(dir.path())).await.unwrap();
+        let (drain, draining) = watch::channel(false);
+        let limits = Limits {
+            poll_interval: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let broker = Broker::new(store.clone(), limits, draining);
+        broker
+            .create_topic("t", TopicSettings::default())
+            .await
+            .unwrap();
+        let settings = SubscriptionSettings {
+            ack_deadline,
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..SubscriptionSettings::default()
+        };
+        broker
+            .create_subscription(NewSubscription {
+                name: "s".into(),
+                topic: "t".into(),
+                settings,
+                start: crate::model::StartPosition::Earliest,
+            })
+            .await
+            .unwrap();
+        broker
+            .publish(vec![NewMessage {
+                id: uuid::Uuid::now_v7(),
+                topic: "t".into(),
+                key: None,
+                payload: b"hello".to_vec(),
+                attributes: Vec::new(),
+                created_at: None,
+            }])
+            .await
+            .unwrap();
+        (broker, store, drain)
+    }
+
+    type Commands = mpsc::UnboundedSender<Result<SessionCommand>>;
+
+    async fn open(broker: &Broker) -> (Commands, mpsc::Receiver<Result<SessionEvent>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = broker
+            .subscribe(
+                "s",
+                SessionCommand::default(),
+                UnboundedReceiverStream::new(rx),
+            )
+            .await
+            .unwrap();
+        (tx, events)
+    }
+
+    fn ack(commands: &Commands, delivery: &Delivery) {
+        let command = SessionCommand {
+            acks: vec![delivery.ack_id.to_string()],
+            ..SessionCommand::default()
+        };
+        commands.send(Ok(command)).unwrap();
+    }
+
+    async fn next(events: &mut mpsc::Receiver<Result<SessionEvent>>) -> SessionEvent {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the session is running")
+            .expect("no error")
+    }
+
+    #[tokio::test]
+    async fn redelivers_after_lease_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, store, _drain) = broker(&dir, Duration::from_millis(100)).await;
+        let (commands, mut events) = open(&broker).await;
+        let first = next(&mut events).await.deliveries;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].attempt, 1);
+        // Not acked: the lease runs out, the session forgets it and leases
+        // the message again.
+        let again = next(&mut events).await.deliveries;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempt, 2);
+        assert_eq!(again[0].message.id, first[0].message.id);
+        ack(&commands, &first[0]);
+        let outcome = next(&mut events).await.outcomes.remove(0);
+        assert!(matches!(outcome.status, AckStatus::Stale(_)), "{outcome:?}");
+        ack(&commands, &again[0]);
+        let outcome = next(&mut events).await.outcomes.remove(0);
+        assert_eq!(outcome.status, AckStatus::Ok(None));
+        drop(commands);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_extended_lease_outlives_its_first_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, store, _drain) = broker(&dir, Duration::from_millis(300)).await;
+        let (commands, mut events) = open(&broker).await;
+        let delivery = next(&mut events).await.deliveries.remove(0);
+        commands
+            .send(Ok(SessionCommand {
+                extensions: vec![LeaseExtension {
+                    ack_id: delivery.ack_id.to_string(),
+                    extension: Duration::from_secs(30),
+                }],
+                ..SessionCommand::default()
+            }))
+            .unwrap();
+        let outcome = next(&mut events).await.outcomes.remove(0);
+        let AckStatus::Ok(Some(deadline)) = outcome.status else {
+            panic!("extension refused: {outcome:?}");
+        };
+        assert!(deadline > delivery.lease_deadline);
+        // Past the first deadline the lease still holds: the ack is taken.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ack(&commands, &delivery);
+        let outcome = next(&mut events).await.outcomes.remove(0);
+        assert_eq!(outcome.status, AckStatus::Ok(None));
+        drop(commands);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn closing_the_stream_releases_its_leases_for_prompt_redelivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, store, _drain) = broker(&dir, Duration::from_secs(60)).await;
+        let (commands, mut events) = open(&broker).await;
+        assert_eq!(next(&mut events).await.deliveries[0].attempt, 1);
+        drop(commands);
+        // The session ends (its sender is dropped) after releasing.
+        assert!(events.recv().await.is_none());
+        // Far sooner than the 60 s lease; a broken stream counts an attempt.
+        let (_commands, mut events) = open(&broker).await;
+        assert_eq!(next(&mut events).await.deliveries[0].attempt, 2);
+        store.close().await;
+    }
+}
