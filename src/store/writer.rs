@@ -484,6 +484,7 @@ impl<B: Backend> Writer<B> {
         sub: NewSubscription,
         now: Micros,
     ) -> Result<Subscription> {
+        sub.settings.validate()?;
         let topic = self.topic(&sub.topic).await?;
         self.check_dead_letter_topic(&sub.topic, sub.settings.dead_letter_topic.as_deref())
             .await?;
@@ -532,12 +533,9 @@ impl<B: Backend> Writer<B> {
         if let Some(v) = patch.ordered {
             s.ordered = v;
         }
-        if s.min_backoff > s.max_backoff {
-            return Err(Error::InvalidArgument(format!(
-                "min_backoff ({:?}) is longer than max_backoff ({:?})",
-                s.min_backoff, s.max_backoff
-            )));
-        }
+        // The merged settings obey the one rule, checked here, in the
+        // transaction, against the row as it is now.
+        s.validate()?;
         self.check_dead_letter_topic(&row.topic, s.dead_letter_topic.as_deref())
             .await?;
         B::set_sub_settings(self.c(), row.id, &s).await?;
