@@ -39,6 +39,21 @@ impl Default for Backoff {
     }
 }
 
+impl Backoff {
+    /// Checks the delays; `what` names the setting in the error.
+    ///
+    /// Fails with `InvalidArgument` for a delay longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self, what: &str) -> crate::Result<()> {
+        crate::config::check_duration(&format!("{what} backoff min"), self.min)?;
+        crate::config::check_duration(&format!("{what} backoff max"), self.max)?;
+        if let Some(d) = self.give_up_after {
+            crate::config::check_duration(&format!("{what} give_up_after"), d)?;
+        }
+        Ok(())
+    }
+}
+
 /// True for failures that a retry may cure: the broker restarting, draining,
 /// or unreachable.
 pub fn is_retryable(status: &Status) -> bool {

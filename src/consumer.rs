@@ -29,6 +29,7 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::client::{Admin, Backoff, Event, FlowControl, Subscriber};
+use crate::config;
 use crate::error::{Error, Result};
 use crate::inbox::{Inbox, InboxDatabase, Recorded};
 use crate::model::{AckId, Delivery, Micros, StoredMessage, now_micros};
@@ -130,6 +131,32 @@ impl Default for ConsumerConfig {
             fallback_retention: None,
             reconnect: Backoff::default(),
         }
+    }
+}
+
+impl ConsumerConfig {
+    /// Checks the settings before a consumer runs with them.
+    ///
+    /// Fails with `InvalidArgument` for a concurrency of zero, a zero prune
+    /// interval or lease extension, or a duration longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self) -> Result<()> {
+        if self.concurrency == 0 {
+            return Err(Error::InvalidArgument(
+                "consumer concurrency must be at least 1".into(),
+            ));
+        }
+        if let Some(d) = self.prune_interval {
+            config::check_interval("consumer prune_interval", d)?;
+        }
+        if let Some(d) = self.lease_extension {
+            config::check_interval("consumer lease_extension", d)?;
+        }
+        if let Some(d) = self.fallback_retention {
+            config::check_duration("consumer fallback_retention", d)?;
+        }
+        config::check_duration("consumer shutdown_timeout", self.shutdown_timeout)?;
+        self.reconnect.check("consumer reconnect")
     }
 }
 
@@ -359,16 +386,12 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
     /// stream, so the broker releases the messages it still leased to this
     /// consumer. Returns the final stats.
     ///
-    /// Fails with `InvalidArgument` for a concurrency of zero, or with the
-    /// broker's error if the subscription cannot be consumed (it does not
+    /// Fails with `InvalidArgument` for a configuration that
+    /// [`ConsumerConfig::check`] refuses, or with the broker's error if the subscription cannot be consumed (it does not
     /// exist, say). A broker restart or outage is not an error: the stream
     /// reconnects.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ConsumerStats> {
-        if self.config.concurrency == 0 {
-            return Err(Error::InvalidArgument(
-                "consumer concurrency must be at least 1".into(),
-            ));
-        }
+        self.config.check()?;
         let window = self.config.concurrency + self.config.prefetch;
         let flow = FlowControl {
             max_messages: i32::try_from(window).unwrap_or(i32::MAX),

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod broker;
 pub mod client;
+pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod inbox;

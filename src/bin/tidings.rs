@@ -104,7 +104,7 @@ struct RelayArgs {
     batch_size: usize,
     /// How often to look for rows without a wake-up; on PostgreSQL also how
     /// often a standby relay tries to take over.
-    #[arg(long, env = "TIDINGS_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_RELAY_POLL_INTERVAL", default_value = "250ms", value_parser = parse_interval)]
     poll_interval: Duration,
     /// Wake on the outbox trigger's NOTIFY (PostgreSQL); `false` polls only.
     #[arg(long, env = "TIDINGS_RELAY_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
@@ -121,11 +121,11 @@ struct RelayArgs {
     #[arg(long, env = "TIDINGS_RELAY_HOLD_MAX", default_value = "5m", value_parser = parse_duration)]
     hold_max: Duration,
     /// How often the relay writes its row in `tidings_outbox_relays`.
-    #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_interval)]
     heartbeat_interval: Duration,
     /// How often the relay logs outbox depth, oldest pending age and last
     /// publish.
-    #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value = "60s", value_parser = parse_interval)]
     report_interval: Duration,
     /// Create the outbox tables and triggers if missing.
     #[arg(long, env = "TIDINGS_RELAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -164,16 +164,16 @@ struct ServeArgs {
     #[arg(long, env = "TIDINGS_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     max_concurrent_streams: u32,
     /// HTTP/2 keepalive ping interval.
-    #[arg(long, env = "TIDINGS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_interval)]
     keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered.
-    #[arg(long, env = "TIDINGS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_interval)]
     keepalive_timeout: Duration,
     /// How often acked and expired messages are removed and leases swept.
-    #[arg(long, env = "TIDINGS_MAINTENANCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_MAINTENANCE_INTERVAL", default_value = "1s", value_parser = parse_interval)]
     maintenance_interval: Duration,
     /// How often an idle subscriber stream looks for work it was not woken for.
-    #[arg(long, env = "TIDINGS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", default_value = "1s", value_parser = parse_interval)]
     poll_interval: Duration,
     /// How long draining waits for clients' calls to finish on shutdown
     /// before closing the remaining connections.
@@ -400,30 +400,14 @@ struct BenchArgs {
     window: i32,
 }
 
-/// Parses `500ms`, `30s`, `5m`, `2h`, `7d` or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
-    let scale = match unit {
-        "" | "s" => 1.0,
-        "ms" => 0.001,
-        "us" | "µs" => 0.000_001,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    Ok(Duration::from_secs_f64(value * scale))
+/// Parses a duration flag with the library's one parser.
+fn parse_duration(s: &str) -> Result<Duration, tidings::Error> {
+    tidings::config::parse_duration(s)
+}
+
+/// Parses a flag that sets how often something repeats (zero refused).
+fn parse_interval(s: &str) -> Result<Duration, tidings::Error> {
+    tidings::config::parse_interval(s)
 }
 
 fn show_duration(d: Option<&prost_types::Duration>) -> String {
@@ -654,10 +638,6 @@ async fn outbox_stats(url: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     let mut config = ServerConfig::new(&args.data_dir);
     config.store.fsync = args.fsync;
     config.store.database_url = args.database_url;
@@ -670,6 +650,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_concurrent_streams = args.max_concurrent_streams;
     config.keepalive_interval = args.keepalive_interval;
     config.keepalive_timeout = args.keepalive_timeout;
+    config.drain_timeout = args.shutdown_timeout;
+    // Before anything starts: a bad duration is refused here, not by a
+    // panicking background task.
+    tidings::config::check_server_config(&config)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
     match &config.store.database_url {
         Some(url) => {
             tracing::info!(database = %tidings::store::redact(url), "starting tidings on PostgreSQL")
@@ -681,7 +669,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     // Scripts and tests read the bound address from this line.
     println!("tidings listening on {addr}");
-    config.drain_timeout = args.shutdown_timeout;
     server::run(listener, config, stop).await?;
     Ok(())
 }

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use super::{Backend, Outbox, Row, postgres};
 use crate::client::{self, Backoff, PublishSession, Publisher};
+use crate::config;
 use crate::error::{Error, Result};
 use crate::proto::{self, publisher_service_client::PublisherServiceClient};
 
@@ -84,6 +85,22 @@ impl RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// Checks the settings before a relay runs with them.
+    ///
+    /// Fails with `InvalidArgument` for a zero poll, heartbeat or report
+    /// interval, or a duration longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self) -> Result<()> {
+        config::check_interval("relay poll_interval", self.poll_interval)?;
+        config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
+        config::check_interval("relay report_interval", self.report_interval)?;
+        config::check_duration("relay hold_min", self.hold_min)?;
+        config::check_duration("relay hold_max", self.hold_max)?;
+        self.retry.check("relay retry")
+    }
+}
+
 /// What a relay has done, as of now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RelayStatus {
@@ -115,10 +132,12 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying the outbox to the broker.
     ///
-    /// Fails with `InvalidArgument` for a bad broker URL, or a storage error
+    /// Fails with `InvalidArgument` for a bad broker URL or a configuration
+    /// [`RelayConfig::check`] refuses, or a storage error
     /// if the migration or LISTEN fails. The broker being down is not an
     /// error: the relay retries until it answers.
     pub async fn start(outbox: Outbox, config: RelayConfig) -> Result<Relay> {
+        config.check()?;
         let channel = client::channel(&config.broker)
             .map_err(|s| Error::InvalidArgument(s.message().to_owned()))?;
         if config.migrate {
