@@ -16,6 +16,7 @@ pub mod model;
 pub mod outbox;
 pub mod server;
 pub mod store;
+pub mod wire;
 
 /// Generated protobuf and gRPC code for `tidings.v1`.
 #[allow(

@@ -163,6 +163,93 @@ pub struct NackItem {
     pub reason: String,
 }
 
+/// Which request an [`AckOutcome`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckOperation {
+    /// An ack.
+    Ack,
+    /// A nack.
+    Nack,
+    /// A lease extension.
+    Extend,
+}
+
+/// The answer to one ack, nack or extension, keyed by the ack id as the
+/// client sent it (a malformed id is answered too, as `Unknown`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// The ack id as sent.
+    pub ack_id: String,
+    /// What was asked.
+    pub operation: AckOperation,
+    /// What became of it.
+    pub status: AckStatus,
+}
+
+/// A nack as a client sends it: the ack id is still text, so a malformed
+/// one can be answered rather than fail its whole request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nack {
+    /// The lease's ack id.
+    pub ack_id: String,
+    /// Redeliver no sooner than this; `None` uses the backoff.
+    pub delay: Option<Duration>,
+    /// Why processing failed.
+    pub reason: String,
+}
+
+/// A lease extension as a client sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseExtension {
+    /// The lease's ack id.
+    pub ack_id: String,
+    /// How long from now the lease should last.
+    pub extension: Duration,
+}
+
+/// Flow control of a Subscribe stream, as the client asks for it; zero
+/// keeps the current value (the default on the first request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowControl {
+    /// Most messages leased to the stream at once.
+    pub max_outstanding_messages: i32,
+    /// Most payload bytes leased to the stream at once.
+    pub max_outstanding_bytes: i64,
+}
+
+/// One request on a Subscribe stream: flow control and what to do with
+/// leases the stream holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionCommand {
+    /// Flow control.
+    pub flow: FlowControl,
+    /// Ack ids to ack.
+    pub acks: Vec<String>,
+    /// Nacks.
+    pub nacks: Vec<Nack>,
+    /// Lease extensions.
+    pub extensions: Vec<LeaseExtension>,
+}
+
+/// What a Subscribe stream sends: new deliveries, or outcomes of one
+/// command.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionEvent {
+    /// Messages leased to the stream.
+    pub deliveries: Vec<Delivery>,
+    /// Answers to a command's acks, nacks and extensions, in its order.
+    pub outcomes: Vec<AckOutcome>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Token of the next page; empty on the last one.
+    pub next_page_token: String,
+}
+
 /// Topic settings a user can choose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TopicSettings {
@@ -239,6 +326,48 @@ impl SubscriptionSettings {
             .unwrap_or(self.max_backoff)
             .min(self.max_backoff)
     }
+}
+
+impl SubscriptionSettings {
+    /// The rule every subscription's settings obey: `ack_deadline` from
+    /// 1 ms to 12 h, `max_attempts` from 1 to 1000, `min_backoff` no longer
+    /// than `max_backoff`, and a valid dead-letter topic name.
+    ///
+    /// Fails with `InvalidArgument` naming the first field out of bounds.
+    pub fn validate(&self) -> Result<()> {
+        if self.ack_deadline < Duration::from_millis(1)
+            || self.ack_deadline > Duration::from_secs(12 * 3600)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "ack_deadline {:?} is out of range (1 ms to 12 h)",
+                self.ack_deadline
+            )));
+        }
+        check_max_attempts(self.max_attempts)?;
+        if self.min_backoff > self.max_backoff {
+            return Err(Error::InvalidArgument(format!(
+                "min_backoff ({:?}) is longer than max_backoff ({:?})",
+                self.min_backoff, self.max_backoff
+            )));
+        }
+        if let Some(dlt) = &self.dead_letter_topic {
+            validate_name("dead-letter topic", dlt)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks `max_attempts` alone (1 to 1000); part of
+/// [`SubscriptionSettings::validate`].
+///
+/// Fails with `InvalidArgument` if it is out of range.
+pub fn check_max_attempts(n: i32) -> Result<()> {
+    if !(1..=1000).contains(&n) {
+        return Err(Error::InvalidArgument(format!(
+            "max_attempts {n} is out of range (1 to 1000)"
+        )));
+    }
+    Ok(())
 }
 
 /// A subscription as stored.

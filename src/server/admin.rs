@@ -3,11 +3,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, invalid, status};
+use super::convert::{invalid, status};
 use crate::broker::Broker;
-use crate::model::{self, SeekTarget};
+use crate::model::{self, SeekTarget, SubscriptionSettings, TopicSettings};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::store::{NewSubscription, SubscriptionPatch, TopicPatch};
+use crate::store::NewSubscription;
+use crate::wire;
 
 /// The admin service.
 #[derive(Debug, Clone)]
@@ -55,14 +56,6 @@ fn name(what: &str, name: &str) -> Result<(), Status> {
     model::validate_name(what, name).map_err(status)
 }
 
-fn mask_paths(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>, Status> {
-    let paths = mask.map(|m| m.paths).unwrap_or_default();
-    if paths.is_empty() {
-        return Err(invalid("update_mask is empty; name the fields to update"));
-    }
-    Ok(paths)
-}
-
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn create_topic(
@@ -74,7 +67,7 @@ impl AdminService for Admin {
             .topic
             .ok_or_else(|| invalid("topic is missing"))?;
         name("topic", &topic.name)?;
-        let settings = convert::topic_settings(&topic)?;
+        let settings = TopicSettings::try_from(&topic).map_err(status)?;
         let created = self
             .broker
             .store()
@@ -83,7 +76,7 @@ impl AdminService for Admin {
             .map_err(status)?;
         tracing::info!(topic = %created.name, "topic created");
         Ok(Response::new(proto::CreateTopicResponse {
-            topic: Some(convert::topic(created)),
+            topic: Some(created.into()),
         }))
     }
 
@@ -100,7 +93,7 @@ impl AdminService for Admin {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::GetTopicResponse {
-            topic: Some(convert::topic(topic)),
+            topic: Some(topic.into()),
         }))
     }
 
@@ -122,7 +115,7 @@ impl AdminService for Admin {
             _ => String::new(),
         };
         Ok(Response::new(proto::ListTopicsResponse {
-            topics: topics.into_iter().map(convert::topic).collect(),
+            topics: topics.into_iter().map(Into::into).collect(),
             next_page_token,
         }))
     }
@@ -131,30 +124,16 @@ impl AdminService for Admin {
         &self,
         request: Request<proto::UpdateTopicRequest>,
     ) -> Result<Response<proto::UpdateTopicResponse>, Status> {
-        let req = request.into_inner();
-        let topic = req.topic.ok_or_else(|| invalid("topic is missing"))?;
-        name("topic", &topic.name)?;
-        let settings = convert::topic_settings(&topic)?;
-        let mut patch = TopicPatch::default();
-        for path in mask_paths(req.update_mask)? {
-            match path.as_str() {
-                "retention" => patch.retention = Some(settings.retention),
-                "max_age" => patch.max_age = Some(settings.max_age),
-                other => {
-                    return Err(invalid(format!(
-                        "field {other:?} of a topic cannot be updated"
-                    )));
-                }
-            }
-        }
+        let (topic, patch) = wire::topic_update(request.into_inner()).map_err(status)?;
+        name("topic", &topic)?;
         let topic = self
             .broker
             .store()
-            .update_topic(&topic.name, patch)
+            .update_topic(&topic, patch)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::UpdateTopicResponse {
-            topic: Some(convert::topic(topic)),
+            topic: Some(topic.into()),
         }))
     }
 
@@ -182,12 +161,8 @@ impl AdminService for Admin {
             .ok_or_else(|| invalid("subscription is missing"))?;
         name("subscription", &sub.name)?;
         name("topic", &sub.topic)?;
-        let new = NewSubscription {
-            name: sub.name.clone(),
-            topic: sub.topic.clone(),
-            settings: convert::subscription_settings(&sub)?,
-            start: convert::start_position(&sub)?,
-        };
+        let new = NewSubscription::try_from(sub).map_err(status)?;
+        new.settings.validate().map_err(status)?;
         let created = self
             .broker
             .store()
@@ -196,7 +171,7 @@ impl AdminService for Admin {
             .map_err(status)?;
         tracing::info!(subscription = %created.name, topic = %created.topic, "subscription created");
         Ok(Response::new(proto::CreateSubscriptionResponse {
-            subscription: Some(convert::subscription(created)),
+            subscription: Some(created.into()),
         }))
     }
 
@@ -213,7 +188,7 @@ impl AdminService for Admin {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::GetSubscriptionResponse {
-            subscription: Some(convert::subscription(sub)),
+            subscription: Some(sub.into()),
         }))
     }
 
@@ -239,7 +214,7 @@ impl AdminService for Admin {
             _ => String::new(),
         };
         Ok(Response::new(proto::ListSubscriptionsResponse {
-            subscriptions: subs.into_iter().map(convert::subscription).collect(),
+            subscriptions: subs.into_iter().map(Into::into).collect(),
             next_page_token,
         }))
     }
@@ -249,51 +224,34 @@ impl AdminService for Admin {
         request: Request<proto::UpdateSubscriptionRequest>,
     ) -> Result<Response<proto::UpdateSubscriptionResponse>, Status> {
         let req = request.into_inner();
-        let sub = req
-            .subscription
-            .ok_or_else(|| invalid("subscription is missing"))?;
-        name("subscription", &sub.name)?;
+        let (sub_name, given) = wire::subscription_update(req).map_err(status)?;
+        name("subscription", &sub_name)?;
         let store = self.broker.store();
-        let current = store.get_subscription(&sub.name).await.map_err(status)?;
-        let given = |v: &Option<prost_types::Duration>, field: &str| {
-            v.as_ref()
-                .map(|d| convert::std_duration(d, field))
-                .transpose()?
-                .ok_or_else(|| invalid(format!("{field} is in the update mask but not set")))
+        let current = store.get_subscription(&sub_name).await.map_err(status)?;
+        let c = current.settings;
+        let next = SubscriptionSettings {
+            ack_deadline: given.ack_deadline.unwrap_or(c.ack_deadline),
+            max_attempts: given.max_attempts.unwrap_or(c.max_attempts),
+            min_backoff: given.min_backoff.unwrap_or(c.min_backoff),
+            max_backoff: given.max_backoff.unwrap_or(c.max_backoff),
+            dead_letter_topic: given.dead_letter_topic.unwrap_or(c.dead_letter_topic),
+            ordered: given.ordered.unwrap_or(c.ordered),
         };
-        let mut patch = SubscriptionPatch::default();
-        let mut next = current.settings.clone();
-        for path in mask_paths(req.update_mask)? {
-            match path.as_str() {
-                "ack_deadline" => next.ack_deadline = given(&sub.ack_deadline, "ack_deadline")?,
-                "max_attempts" => next.max_attempts = sub.max_attempts,
-                "min_backoff" => next.min_backoff = given(&sub.min_backoff, "min_backoff")?,
-                "max_backoff" => next.max_backoff = given(&sub.max_backoff, "max_backoff")?,
-                "dead_letter_topic" => {
-                    next.dead_letter_topic =
-                        (!sub.dead_letter_topic.is_empty()).then(|| sub.dead_letter_topic.clone())
-                }
-                "ordered" => next.ordered = sub.ordered,
-                other => {
-                    return Err(invalid(format!(
-                        "field {other:?} of a subscription cannot be updated"
-                    )));
-                }
-            }
-        }
-        convert::check_settings(&next)?;
-        patch.ack_deadline = Some(next.ack_deadline);
-        patch.max_attempts = Some(next.max_attempts);
-        patch.min_backoff = Some(next.min_backoff);
-        patch.max_backoff = Some(next.max_backoff);
-        patch.dead_letter_topic = Some(next.dead_letter_topic);
-        patch.ordered = Some(next.ordered);
+        next.validate().map_err(status)?;
+        let patch = crate::store::SubscriptionPatch {
+            ack_deadline: Some(next.ack_deadline),
+            max_attempts: Some(next.max_attempts),
+            min_backoff: Some(next.min_backoff),
+            max_backoff: Some(next.max_backoff),
+            dead_letter_topic: Some(next.dead_letter_topic),
+            ordered: Some(next.ordered),
+        };
         let updated = store
-            .update_subscription(&sub.name, patch)
+            .update_subscription(&sub_name, patch)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::UpdateSubscriptionResponse {
-            subscription: Some(convert::subscription(updated)),
+            subscription: Some(updated.into()),
         }))
     }
 
@@ -324,7 +282,7 @@ impl AdminService for Admin {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::GetSubscriptionStatsResponse {
-            stats: Some(convert::stats(req.subscription, stats)),
+            stats: Some((req.subscription, stats).into()),
         }))
     }
 
@@ -334,11 +292,7 @@ impl AdminService for Admin {
     ) -> Result<Response<proto::SeekResponse>, Status> {
         let req = request.into_inner();
         name("subscription", &req.subscription)?;
-        let target = match req.target {
-            Some(proto::seek_request::Target::Time(t)) => SeekTarget::Time(convert::micros_of(&t)),
-            Some(proto::seek_request::Target::Sequence(s)) => SeekTarget::Sequence(s),
-            None => return Err(invalid("seek needs a time or a sequence")),
-        };
+        let target = SeekTarget::try_from(req.target).map_err(status)?;
         let next = self
             .broker
             .store()
@@ -374,7 +328,7 @@ impl AdminService for Admin {
             _ => String::new(),
         };
         Ok(Response::new(proto::ListDeadLettersResponse {
-            dead_letters: letters.into_iter().map(convert::dead_letter).collect(),
+            dead_letters: letters.into_iter().map(Into::into).collect(),
             next_page_token,
             total_size: total,
         }))

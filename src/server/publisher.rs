@@ -7,13 +7,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{self, status};
+use super::convert::status;
 use crate::broker::Broker;
 use crate::model::PublishOutcome;
 use crate::proto::{
     self, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse,
     publisher_service_server::PublisherService,
 };
+use crate::wire;
 
 /// Requests of one PublishStream that may await their commit at once.
 const MAX_PIPELINE: usize = 256;
@@ -25,14 +26,7 @@ pub(crate) struct Publisher {
 }
 
 fn results(outcomes: Vec<PublishOutcome>) -> Vec<proto::PublishResult> {
-    outcomes
-        .into_iter()
-        .map(|o| proto::PublishResult {
-            id: o.id.to_string(),
-            sequence: o.sequence,
-            duplicate: o.duplicate,
-        })
-        .collect()
+    outcomes.into_iter().map(Into::into).collect()
 }
 
 type PublishFuture =
@@ -44,7 +38,7 @@ impl PublisherService for Publisher {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let messages = convert::new_messages(request.into_inner().messages)?;
+        let messages = wire::new_messages(request.into_inner().messages).map_err(status)?;
         let outcomes = self.broker.publish(messages).await.map_err(status)?;
         Ok(Response::new(PublishResponse {
             results: results(outcomes),
@@ -101,9 +95,9 @@ impl PublisherService for Publisher {
                                 let in_request = move |s: Status| {
                                     Status::new(s.code(), format!("request {at}: {}", s.message()))
                                 };
-                                let queued = match convert::new_messages(req.messages) {
+                                let queued = match wire::new_messages(req.messages) {
                                     Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
-                                    Err(s) => Err(s),
+                                    Err(e) => Err(status(e)),
                                 };
                                 match queued {
                                     Ok(done) => pending.push_back(Box::pin(async move {

@@ -10,15 +10,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::convert::{self, invalid, status};
+use super::convert::{invalid, status};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::model::{self, AckId, AckStatus, Micros, NackItem, now_micros};
 use crate::proto::{
-    self, AckOperation, AckRequest, AckResponse, ExtendLeaseRequest, ExtendLeaseResponse,
-    NackRequest, NackResponse, PullRequest, PullResponse, SubscribeRequest, SubscribeResponse,
+    self, AckRequest, AckResponse, ExtendLeaseRequest, ExtendLeaseResponse, NackRequest,
+    NackResponse, PullRequest, PullResponse, SubscribeRequest, SubscribeResponse,
     subscriber_service_server::SubscriberService,
 };
+use crate::wire;
 
 /// Default flow control of a Subscribe stream.
 const DEFAULT_MAX_MESSAGES: usize = 1000;
@@ -61,7 +62,7 @@ fn merge(
 
 fn extension(d: Option<&prost_types::Duration>) -> Result<Duration, Status> {
     let d = d.ok_or_else(|| invalid("lease extension needs a duration"))?;
-    let d = convert::std_duration(d, "extension")?;
+    let d = wire::std_duration(d, "extension").map_err(status)?;
     if d.is_zero() || d > Duration::from_secs(12 * 3600) {
         return Err(invalid(format!(
             "extension {d:?} is out of range (1 µs to 12 h)"
@@ -71,8 +72,7 @@ fn extension(d: Option<&prost_types::Duration>) -> Result<Duration, Status> {
 }
 
 fn nack_delay(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, Status> {
-    d.map(|d| convert::std_duration(d, "nack delay"))
-        .transpose()
+    wire::opt_duration(d, "nack delay").map_err(status)
 }
 
 impl Subscriber {
@@ -139,12 +139,19 @@ impl Subscriber {
 
 fn outcomes(
     ids: impl IntoIterator<Item = String>,
-    operation: AckOperation,
+    operation: model::AckOperation,
     statuses: Vec<AckStatus>,
 ) -> Vec<proto::AckOutcome> {
     ids.into_iter()
         .zip(statuses)
-        .map(|(id, s)| convert::outcome(id, operation, s))
+        .map(|(ack_id, status)| {
+            model::AckOutcome {
+                ack_id,
+                operation,
+                status,
+            }
+            .into()
+        })
         .collect()
 }
 
@@ -235,8 +242,9 @@ impl SubscriberService for Subscriber {
         let wait = req
             .max_wait
             .as_ref()
-            .map(|d| convert::std_duration(d, "max_wait"))
-            .transpose()?
+            .map(|d| wire::std_duration(d, "max_wait"))
+            .transpose()
+            .map_err(status)?
             .unwrap_or_default()
             .min(MAX_PULL_WAIT);
         let store = self.broker.store();
@@ -255,11 +263,7 @@ impl SubscriberService for Subscriber {
                 .await
                 .map_err(status)?;
             if !batch.deliveries.is_empty() || Instant::now() >= give_up {
-                let messages = batch
-                    .deliveries
-                    .into_iter()
-                    .map(convert::received)
-                    .collect();
+                let messages = batch.deliveries.into_iter().map(Into::into).collect();
                 return Ok(Response::new(PullResponse { messages }));
             }
             let wake = batch
@@ -283,7 +287,7 @@ impl SubscriberService for Subscriber {
             .acks(&req.subscription, &req.ack_ids)
             .await
             .map_err(status)?;
-        let outcomes = unary_outcomes(outcomes(req.ack_ids, AckOperation::Ack, statuses))?;
+        let outcomes = unary_outcomes(outcomes(req.ack_ids, model::AckOperation::Ack, statuses))?;
         Ok(Response::new(AckResponse { outcomes }))
     }
 
@@ -295,7 +299,7 @@ impl SubscriberService for Subscriber {
         }
         let statuses = self.nacks(&req.subscription, &req.nacks).await?;
         let ids = req.nacks.into_iter().map(|n| n.ack_id);
-        let outcomes = unary_outcomes(outcomes(ids, AckOperation::Nack, statuses))?;
+        let outcomes = unary_outcomes(outcomes(ids, model::AckOperation::Nack, statuses))?;
         Ok(Response::new(NackResponse { outcomes }))
     }
 
@@ -310,7 +314,7 @@ impl SubscriberService for Subscriber {
         }
         let statuses = self.extensions(&req.subscription, &req.extensions).await?;
         let ids = req.extensions.into_iter().map(|e| e.ack_id);
-        let outcomes = unary_outcomes(outcomes(ids, AckOperation::Extend, statuses))?;
+        let outcomes = unary_outcomes(outcomes(ids, model::AckOperation::Extend, statuses))?;
         Ok(Response::new(ExtendLeaseResponse { outcomes }))
     }
 }
@@ -405,7 +409,7 @@ impl Session {
             match self.service.acks(&sub, &req.ack_ids).await {
                 Ok(statuses) => out.extend(outcomes(
                     req.ack_ids.iter().cloned(),
-                    AckOperation::Ack,
+                    model::AckOperation::Ack,
                     statuses,
                 )),
                 Err(e) => return self.fail(status(e)).await,
@@ -418,7 +422,7 @@ impl Session {
             match self.service.nacks(&sub, &req.nacks).await {
                 Ok(statuses) => out.extend(outcomes(
                     req.nacks.iter().map(|n| n.ack_id.clone()),
-                    AckOperation::Nack,
+                    model::AckOperation::Nack,
                     statuses,
                 )),
                 Err(s) => return self.fail(s).await,
@@ -440,7 +444,7 @@ impl Session {
                     }
                     out.extend(outcomes(
                         req.extensions.iter().map(|e| e.ack_id.clone()),
-                        AckOperation::Extend,
+                        model::AckOperation::Extend,
                         statuses,
                     ));
                 }
@@ -518,11 +522,7 @@ impl Session {
                                 self.earliest_deadline =
                                     self.earliest_deadline.min(d.lease_deadline);
                             }
-                            let messages = batch
-                                .deliveries
-                                .into_iter()
-                                .map(convert::received)
-                                .collect();
+                            let messages = batch.deliveries.into_iter().map(Into::into).collect();
                             if !self
                                 .send(Ok(SubscribeResponse {
                                     messages,
