@@ -6,21 +6,33 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-/// Runs `tidings serve` with `args` on a temporary data directory and port
-/// 0, giving it 20 seconds to exit (a broker that started would not).
-async fn serve(args: &[&str]) -> Output {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// Runs `tidings` with `args` and `env`, giving it 20 seconds to exit (a
+/// command that started would not).
+async fn tidings(args: &[&str], env: &[(&str, &str)]) -> Output {
     let run = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
         .args(args)
         .env_remove("TIDINGS_DATABASE_URL")
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(20), run)
         .await
-        .expect("tidings serve exited instead of running")
+        .expect("tidings exited instead of running")
         .expect("run tidings")
+}
+
+/// Runs `tidings serve` with `args` on a temporary data directory and port
+/// 0, with `env` set.
+async fn serve_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().to_str().expect("a UTF-8 temp dir");
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir];
+    all.extend_from_slice(args);
+    tidings(&all, env).await
+}
+
+async fn serve(args: &[&str]) -> Output {
+    serve_with(args, &[]).await
 }
 
 /// Checks that the run failed, said `expected` on stderr, and did not panic.
@@ -55,17 +67,7 @@ async fn serve_refuses_an_absurd_duration() {
 
 #[tokio::test]
 async fn serve_refuses_a_zero_interval_from_the_environment() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("TIDINGS_KEEPALIVE_INTERVAL", "0s")
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(20), output)
-        .await
-        .expect("tidings serve exited")
-        .expect("run tidings");
+    let output = serve_with(&[], &[("TIDINGS_KEEPALIVE_INTERVAL", "0s")]).await;
     refused(&output, "an interval must be longer than zero");
 }
 
@@ -73,13 +75,7 @@ async fn serve_refuses_a_zero_interval_from_the_environment() {
 async fn relay_refuses_a_zero_poll_interval() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("app.db").display());
-    let output = Command::new(env!("CARGO_BIN_EXE_tidings"))
-        .args(["relay", "--database-url", &url, "--poll-interval", "0ms"])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(20), output)
-        .await
-        .expect("tidings relay exited")
-        .expect("run tidings");
+    let args = ["relay", "--database-url", &url, "--poll-interval", "0ms"];
+    let output = tidings(&args, &[]).await;
     refused(&output, "an interval must be longer than zero");
 }
