@@ -21,18 +21,18 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sqlx::{Pool, Postgres, Sqlite, Transaction};
-use tidings::client::{self, Admin};
+use tidings::Error;
+use tidings::client::{self, Admin, Connection};
 use tidings::consumer::{Consumer, ConsumerConfig, Handler};
 use tidings::inbox::{Inbox, InboxDatabase};
-use tidings::model::Delivery;
-use tidings::proto;
-use tonic::Code;
+use tidings::model::{Delivery, StartPosition, SubscriptionSettings};
+use tidings::store::NewSubscription;
 
 #[derive(Debug, Parser)]
 #[command(about = "Ships orders from the `orders` topic, once each, through the inbox")]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "TIDINGS_BROKER", default_value = "http://127.0.0.1:50051")]
+    #[arg(long, env = "TIDINGS_BROKER", default_value = tidings::config::DEFAULT_BROKER)]
     broker: String,
     /// The shipping service's own database: sqlite://PATH or postgres://...
     #[arg(long, env = "SHIPPING_DATABASE_URL", hide_env_values = true)]
@@ -59,13 +59,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let channel = client::channel(&args.broker)?;
-    ensure_subscription(&Admin::new(channel.clone()), &args.subscription).await?;
+    let connection = client::connect(&args.broker)?;
+    ensure_subscription(&Admin::new(&connection), &args.subscription).await?;
     let url = args.database_url.clone();
     if url.starts_with("sqlite:") {
-        run::<Sqlite>(args, channel).await
+        run::<Sqlite>(args, connection).await
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        run::<Postgres>(args, channel).await
+        run::<Postgres>(args, connection).await
     } else {
         anyhow::bail!("--database-url must start with sqlite: or postgres:")
     }
@@ -78,38 +78,35 @@ async fn ensure_subscription(admin: &Admin, subscription: &str) -> anyhow::Resul
     for _ in 0..20 {
         let topic = admin.create_topic("orders").await;
         let result = match topic {
-            Err(s) if s.code() != Code::AlreadyExists => Err(s),
+            Err(e) if !matches!(e, Error::AlreadyExists(_)) => Err(e),
             _ => admin
-                .create_subscription(proto::Subscription {
+                .create_subscription(NewSubscription {
                     name: subscription.to_owned(),
                     topic: "orders".into(),
-                    ordered: true,
-                    start: Some(proto::subscription::Start::StartPosition(
-                        proto::StartPosition::Earliest as i32,
-                    )),
-                    ..Default::default()
+                    settings: SubscriptionSettings {
+                        ordered: true,
+                        ..Default::default()
+                    },
+                    start: StartPosition::Earliest,
                 })
                 .await
                 .map(|_| ()),
         };
         match result {
             Ok(()) => return Ok(()),
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
-            Err(s) if client::is_retryable(&s) => {
-                tracing::info!(status = %s, "broker not reachable yet; retrying");
+            Err(Error::AlreadyExists(_)) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::info!(error = %e, "broker not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(s) => return Err(s).context("creating topic orders and the subscription"),
+            Err(e) => return Err(e).context("creating topic orders and the subscription"),
         }
     }
     anyhow::bail!("broker unreachable")
 }
 
-async fn run<DB: ShippingDatabase>(
-    args: Args,
-    channel: tonic::transport::Channel,
-) -> anyhow::Result<()>
+async fn run<DB: ShippingDatabase>(args: Args, connection: Connection) -> anyhow::Result<()>
 where
     Shipping: Handler<DB>,
 {
@@ -125,7 +122,7 @@ where
         prune_interval: Some(Duration::from_millis(args.prune_interval_ms.max(1))),
         ..ConsumerConfig::default()
     };
-    let consumer = Consumer::new(channel, &args.subscription, inbox, Shipping, config);
+    let consumer = Consumer::new(&connection, &args.subscription, inbox, Shipping, config);
     println!(
         "shipping: consuming {} with concurrency {}",
         args.subscription, args.concurrency

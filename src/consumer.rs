@@ -20,19 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::client::{Admin, Backoff, Connection, Event, FlowControl, Subscriber};
+use crate::config;
+use crate::error::{Error, Result};
+use crate::inbox::{Inbox, InboxDatabase, Recorded};
+use crate::model::{AckOperation, AckOutcome, AckStatus, Delivery, Micros, now_micros};
 use sqlx::Transaction;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
-use uuid::Uuid;
-
-use crate::client::{Admin, Backoff, Event, FlowControl, Subscriber};
-use crate::error::{Error, Result};
-use crate::inbox::{Inbox, InboxDatabase, Recorded};
-use crate::model::{AckId, Delivery, Micros, StoredMessage, now_micros};
-use crate::proto;
 
 /// The user's code for one message. It runs inside the inbox transaction:
 /// write through `tx` (`sqlx::query(...).execute(&mut **tx)`) and the writes
@@ -130,6 +126,32 @@ impl Default for ConsumerConfig {
             fallback_retention: None,
             reconnect: Backoff::default(),
         }
+    }
+}
+
+impl ConsumerConfig {
+    /// Checks the settings before a consumer runs with them.
+    ///
+    /// Fails with `InvalidArgument` for a concurrency of zero, a zero prune
+    /// interval or lease extension, or a duration longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self) -> Result<()> {
+        if self.concurrency == 0 {
+            return Err(Error::InvalidArgument(
+                "consumer concurrency must be at least 1".into(),
+            ));
+        }
+        if let Some(d) = self.prune_interval {
+            config::check_interval("consumer prune_interval", d)?;
+        }
+        if let Some(d) = self.lease_extension {
+            config::check_interval("consumer lease_extension", d)?;
+        }
+        if let Some(d) = self.fallback_retention {
+            config::check_duration("consumer fallback_retention", d)?;
+        }
+        config::check_duration("consumer shutdown_timeout", self.shutdown_timeout)?;
+        self.reconnect.check("consumer reconnect")
     }
 }
 
@@ -249,7 +271,7 @@ impl Monitor {
 
 /// Runs a handler for every message of one subscription, through the inbox.
 pub struct Consumer<DB: InboxDatabase, H: Handler<DB>> {
-    channel: Channel,
+    connection: Connection,
     subscription: String,
     inbox: Inbox<DB>,
     handler: Arc<H>,
@@ -326,19 +348,19 @@ fn flush(
 const UNCONFIRMED_TTL: Duration = Duration::from_secs(60);
 
 impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
-    /// A consumer of `subscription` on the broker behind `channel`, recording
+    /// A consumer of `subscription` on the broker behind `connection`, recording
     /// ids in `inbox` and running `handler`. Nothing happens until [`run`].
     ///
     /// [`run`]: Consumer::run
     pub fn new(
-        channel: Channel,
+        connection: &Connection,
         subscription: impl Into<String>,
         inbox: Inbox<DB>,
         handler: H,
         config: ConsumerConfig,
     ) -> Self {
         Consumer {
-            channel,
+            connection: connection.clone(),
             subscription: subscription.into(),
             inbox,
             handler: Arc::new(handler),
@@ -359,22 +381,18 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
     /// stream, so the broker releases the messages it still leased to this
     /// consumer. Returns the final stats.
     ///
-    /// Fails with `InvalidArgument` for a concurrency of zero, or with the
-    /// broker's error if the subscription cannot be consumed (it does not
+    /// Fails with `InvalidArgument` for a configuration that
+    /// [`ConsumerConfig::check`] refuses, or with the broker's error if the subscription cannot be consumed (it does not
     /// exist, say). A broker restart or outage is not an error: the stream
     /// reconnects.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ConsumerStats> {
-        if self.config.concurrency == 0 {
-            return Err(Error::InvalidArgument(
-                "consumer concurrency must be at least 1".into(),
-            ));
-        }
+        self.config.check()?;
         let window = self.config.concurrency + self.config.prefetch;
         let flow = FlowControl {
             max_messages: i32::try_from(window).unwrap_or(i32::MAX),
             ..FlowControl::default()
         };
-        let mut sub = Subscriber::new(self.channel.clone(), self.config.reconnect)
+        let mut sub = Subscriber::new(&self.connection, self.config.reconnect)
             .subscribe(&self.subscription, flow);
         let shared = Arc::new(Shared {
             inbox: self.inbox.clone(),
@@ -382,7 +400,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             subscription: self.subscription.clone(),
             permits: Semaphore::new(self.config.concurrency),
         });
-        let admin = Admin::new(self.channel.clone());
+        let admin = Admin::new(&self.connection);
         let counters = self.counters.clone();
         tracing::info!(subscription = %self.subscription, concurrency = self.config.concurrency, "consumer started");
 
@@ -463,39 +481,39 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                     flush_at = None;
                 }
                 event = sub.next() => match event {
-                    Some(Ok(Event::Message(m))) => {
+                    Some(Ok(Event::Message(delivery))) => {
                         if drain_until.is_some() {
                             // Released with the stream's other leases.
                             continue;
                         }
                         counters.add(&counters.received, 1);
-                        let ack_id = m.ack_id.clone();
-                        match delivery_of(m) {
-                            Ok(delivery) => {
-                                let now = now_micros();
-                                let span = (delivery.lease_deadline - now).max(1_000);
-                                let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
-                                held.insert(ack_id.clone(), Held {
-                                    deadline: deadline.clone(),
-                                    span,
-                                    extend_at: Some(now + span / 2),
-                                });
-                                // Start only with a tenth of the lease (at
-                                // most a second) left: room for clock skew
-                                // between broker and consumer.
-                                let margin = (span / 10).min(1_000_000);
-                                let task = workers.spawn(process(shared.clone(), delivery, deadline, margin));
-                                tasks.insert(task.id(), ack_id);
-                            }
-                            Err(reason) => {
-                                tracing::warn!(%ack_id, %reason, "malformed delivery; nacking it");
-                                counters.add(&counters.errors, 1);
-                                sub.nack(ack_id, None, reason);
-                            }
+                        let ack_id = delivery.ack_id.to_string();
+                        let now = now_micros();
+                        let span = (delivery.lease_deadline - now).max(1_000);
+                        let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
+                        held.insert(ack_id.clone(), Held {
+                            deadline: deadline.clone(),
+                            span,
+                            extend_at: Some(now + span / 2),
+                        });
+                        // Start only with a tenth of the lease (at most a
+                        // second) left: room for clock skew between broker
+                        // and consumer.
+                        let margin = (span / 10).min(1_000_000);
+                        let task = workers.spawn(process(shared.clone(), delivery, deadline, margin));
+                        tasks.insert(task.id(), ack_id);
+                    }
+                    Some(Ok(Event::Malformed { ack_id, reason })) => {
+                        if drain_until.is_some() {
+                            continue;
                         }
+                        counters.add(&counters.received, 1);
+                        tracing::warn!(%ack_id, %reason, "malformed delivery; nacking it");
+                        counters.add(&counters.errors, 1);
+                        sub.nack(ack_id, None, reason);
                     }
                     Some(Ok(Event::Outcome(o))) => self.outcome(o, &mut held, &mut unconfirmed),
-                    Some(Err(status)) => break Err(error_of(status)),
+                    Some(Err(e)) => break Err(e),
                     None => break Err(Error::Unavailable("the subscription stream ended".into())),
                 },
                 () = sleep_until_opt(next_extension.map(instant_of)), if next_extension.is_some() => {
@@ -588,35 +606,38 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
     /// Books the broker's answer to an ack, nack or extension.
     fn outcome(
         &self,
-        o: proto::AckOutcome,
+        o: AckOutcome,
         held: &mut HashMap<String, Held>,
         unconfirmed: &mut HashMap<String, Instant>,
     ) {
-        let ok = o.result == proto::AckResult::Ok as i32;
         let c = &self.counters;
-        match proto::AckOperation::try_from(o.operation) {
-            Ok(proto::AckOperation::Ack) => {
+        let (deadline, detail) = match &o.status {
+            AckStatus::Ok(deadline) => (*deadline, ""),
+            AckStatus::Stale(d) | AckStatus::Unknown(d) => (None, d.as_str()),
+        };
+        let ok = matches!(o.status, AckStatus::Ok(_));
+        match o.operation {
+            AckOperation::Ack => {
                 unconfirmed.remove(&o.ack_id);
                 if ok {
                     c.add(&c.acked, 1);
                 } else {
                     c.add(&c.ack_refused, 1);
-                    tracing::debug!(ack_id = %o.ack_id, detail = %o.detail, "ack refused; the message will come again and be skipped as a duplicate");
+                    tracing::debug!(ack_id = %o.ack_id, %detail, "ack refused; the message will come again and be skipped as a duplicate");
                 }
             }
-            Ok(proto::AckOperation::Nack) => {
+            AckOperation::Nack => {
                 unconfirmed.remove(&o.ack_id);
                 if !ok {
-                    tracing::debug!(ack_id = %o.ack_id, detail = %o.detail, "nack refused");
+                    tracing::debug!(ack_id = %o.ack_id, %detail, "nack refused");
                 }
             }
-            Ok(proto::AckOperation::Extend) => {
+            AckOperation::Extend => {
                 let Some(h) = held.get_mut(&o.ack_id) else {
                     return;
                 };
-                match o.lease_deadline.as_ref().filter(|_| ok) {
+                match deadline {
                     Some(deadline) => {
-                        let deadline = micros_of(deadline);
                         h.deadline.store(deadline, Ordering::Relaxed);
                         let now = now_micros();
                         h.extend_at = Some(now + (deadline - now).max(0) / 2);
@@ -626,11 +647,10 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         // commit, but its ack will be refused and the
                         // redelivery skipped as a duplicate.
                         h.extend_at = None;
-                        tracing::warn!(ack_id = %o.ack_id, detail = %o.detail, "lease extension refused: the lease was lost");
+                        tracing::warn!(ack_id = %o.ack_id, %detail, "lease extension refused: the lease was lost");
                     }
                 }
             }
-            _ => {}
         }
     }
 }
@@ -708,19 +728,19 @@ async fn prune<DB: InboxDatabase>(
                 .prune_through(&subscription, stats.ack_watermark)
                 .await
         }
-        Err(s) if matches!(s.code(), Code::PermissionDenied | Code::Unimplemented) => {
-            match fallback_retention {
-                Some(age) => inbox.prune_older_than(&subscription, age).await,
-                None => {
-                    tracing::warn!(%subscription, status = %s, "cannot read the ack watermark and no fallback retention is set; the inbox is not pruned");
-                    return;
-                }
+        // The broker refuses to tell (no admin permission, or it predates
+        // the watermark).
+        Err(e @ Error::FailedPrecondition(_)) => match fallback_retention {
+            Some(age) => inbox.prune_older_than(&subscription, age).await,
+            None => {
+                tracing::warn!(%subscription, error = %e, "cannot read the ack watermark and no fallback retention is set; the inbox is not pruned");
+                return;
             }
-        }
-        Err(s) => {
+        },
+        Err(e) => {
             // The broker is unreachable: nothing is delivered meanwhile
             // either, so the inbox does not grow; try again next round.
-            tracing::debug!(%subscription, status = %s, "ack watermark unavailable; pruning skipped this round");
+            tracing::debug!(%subscription, error = %e, "ack watermark unavailable; pruning skipped this round");
             return;
         }
     };
@@ -734,44 +754,6 @@ async fn prune<DB: InboxDatabase>(
         }
         Err(e) => tracing::warn!(%subscription, error = %e, "inbox pruning failed"),
     }
-}
-
-/// The domain form of a delivery.
-fn delivery_of(m: proto::ReceivedMessage) -> Result<Delivery, String> {
-    let message = m
-        .message
-        .ok_or_else(|| "delivery without a message".to_owned())?;
-    let id = Uuid::parse_str(&message.id)
-        .map_err(|e| format!("message id {:?} is not a UUID: {e}", message.id))?;
-    let ack_id: AckId = m.ack_id.parse().map_err(|e: Error| e.to_string())?;
-    let lease_deadline = m
-        .lease_deadline
-        .as_ref()
-        .map(micros_of)
-        .ok_or_else(|| "delivery without a lease deadline".to_owned())?;
-    let mut attributes: Vec<(String, String)> = message.attributes.into_iter().collect();
-    attributes.sort();
-    Ok(Delivery {
-        message: StoredMessage {
-            id,
-            topic: message.topic,
-            key: Some(message.key).filter(|k| !k.is_empty()),
-            payload: message.payload,
-            attributes,
-            created_at: message.create_time.as_ref().map(micros_of),
-            sequence: message.sequence,
-            published_at: message.publish_time.as_ref().map_or(0, micros_of),
-        },
-        ack_id,
-        attempt: m.attempt,
-        lease_deadline,
-    })
-}
-
-fn micros_of(t: &prost_types::Timestamp) -> Micros {
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos) / 1000)
 }
 
 /// The monotonic instant of a Unix-µs wall-clock time.
@@ -802,76 +784,5 @@ async fn wait_opt(task: &mut Option<JoinHandle<()>>) {
             let _ = t.await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// The crate's error for a status that ended a subscription.
-fn error_of(s: Status) -> Error {
-    let message = format!("subscription failed: {}", s.message());
-    match s.code() {
-        Code::NotFound => Error::NotFound(message),
-        Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
-        Code::FailedPrecondition => Error::FailedPrecondition(message),
-        Code::ResourceExhausted => Error::ResourceExhausted(message),
-        Code::Unavailable | Code::Cancelled | Code::Aborted | Code::DeadlineExceeded => {
-            Error::Unavailable(message)
-        }
-        _ => Error::Storage(format!("{message} ({:?})", s.code())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_delivery_converts_to_the_domain_form() {
-        let id = Uuid::now_v7();
-        let received = proto::ReceivedMessage {
-            message: Some(proto::Message {
-                id: id.to_string(),
-                topic: "orders".into(),
-                key: "".into(),
-                payload: b"x".to_vec(),
-                attributes: [
-                    ("b".to_owned(), "2".to_owned()),
-                    ("a".to_owned(), "1".to_owned()),
-                ]
-                .into(),
-                sequence: 7,
-                ..Default::default()
-            }),
-            ack_id: "1-7-2a".into(),
-            attempt: 2,
-            lease_deadline: Some(prost_types::Timestamp {
-                seconds: 3,
-                nanos: 5_000,
-            }),
-        };
-        let d = delivery_of(received).expect("valid");
-        assert_eq!(d.message.id, id);
-        assert_eq!(d.message.key, None);
-        assert_eq!(d.message.sequence, 7);
-        assert_eq!(
-            d.message.attributes,
-            vec![("a".into(), "1".into()), ("b".into(), "2".into())]
-        );
-        assert_eq!(d.attempt, 2);
-        assert_eq!(d.lease_deadline, 3_000_005);
-        assert_eq!(d.ack_id.sequence, 7);
-    }
-
-    #[test]
-    fn a_delivery_with_a_bad_id_is_refused() {
-        let received = proto::ReceivedMessage {
-            message: Some(proto::Message {
-                id: "nope".into(),
-                ..Default::default()
-            }),
-            ack_id: "1-7-2a".into(),
-            lease_deadline: Some(prost_types::Timestamp::default()),
-            ..Default::default()
-        };
-        assert!(delivery_of(received).is_err());
     }
 }

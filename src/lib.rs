@@ -1,13 +1,14 @@
 //! tidings: reliable notifications between services. A durable gRPC broker
 //! (`tidings serve`); on the producer side the outbox and its relay
 //! (`tidings relay`); on the consumer side the inbox and the consumer
-//! runtime; the Rust client, the bench and the CLI's commands.
+//! runtime; the Rust client. The `tidings` binary (with its bench) parses
+//! flags and calls this library.
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
-pub mod bench;
 pub mod broker;
 pub mod client;
+pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod inbox;

@@ -374,6 +374,18 @@ impl From<Topic> for proto::Topic {
     }
 }
 
+impl From<(String, TopicSettings)> for proto::Topic {
+    /// A topic to create: its name and settings.
+    fn from((name, s): (String, TopicSettings)) -> Self {
+        proto::Topic {
+            name,
+            retention: Some(duration(s.retention)),
+            max_age: Some(duration(s.max_age)),
+            ..Default::default()
+        }
+    }
+}
+
 impl TryFrom<&proto::Topic> for TopicSettings {
     type Error = Error;
 

@@ -7,7 +7,6 @@
 //! a transaction that rolls back never does. The outbox never commits on its
 //! own: the caller's transaction decides.
 
-pub mod bench;
 mod postgres;
 mod relay;
 mod sqlite;
@@ -293,6 +292,24 @@ impl Outbox {
         Outbox {
             backend: Backend::Sqlite(pool),
             committed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The PostgreSQL pool, if the outbox is in PostgreSQL: for the
+    /// application's own transactions (`enqueue` into them).
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.backend {
+            Backend::Postgres(pool) => Some(pool),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite pool, if the outbox is in SQLite; see
+    /// [`Outbox::postgres_pool`].
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.backend {
+            Backend::Sqlite(pool) => Some(pool),
+            Backend::Postgres(_) => None,
         }
     }
 

@@ -21,14 +21,13 @@ use std::time::{Duration, Instant, SystemTime};
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
-use tonic::{Code, Status};
 use uuid::Uuid;
 
 use super::{Backend, Outbox, Row, postgres};
-use crate::client::{self, Backoff, PublishSession, Publisher};
+use crate::client::{self, Backoff, Outgoing, PublishSession, Publisher};
+use crate::config;
 use crate::error::{Error, Result};
-use crate::proto::{self, publisher_service_client::PublisherServiceClient};
+use crate::model::{self, PublishOutcome};
 
 /// How a relay runs. Every duration is a parameter so that tests stay fast.
 #[derive(Debug, Clone)]
@@ -84,6 +83,22 @@ impl RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// Checks the settings before a relay runs with them.
+    ///
+    /// Fails with `InvalidArgument` for a zero poll, heartbeat or report
+    /// interval, or a duration longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self) -> Result<()> {
+        config::check_interval("relay poll_interval", self.poll_interval)?;
+        config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
+        config::check_interval("relay report_interval", self.report_interval)?;
+        config::check_duration("relay hold_min", self.hold_min)?;
+        config::check_duration("relay hold_max", self.hold_max)?;
+        self.retry.check("relay retry")
+    }
+}
+
 /// What a relay has done, as of now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RelayStatus {
@@ -115,12 +130,13 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying the outbox to the broker.
     ///
-    /// Fails with `InvalidArgument` for a bad broker URL, or a storage error
+    /// Fails with `InvalidArgument` for a bad broker URL or a configuration
+    /// [`RelayConfig::check`] refuses, or a storage error
     /// if the migration or LISTEN fails. The broker being down is not an
     /// error: the relay retries until it answers.
     pub async fn start(outbox: Outbox, config: RelayConfig) -> Result<Relay> {
-        let channel = client::channel(&config.broker)
-            .map_err(|s| Error::InvalidArgument(s.message().to_owned()))?;
+        config.check()?;
+        let connection = client::connect(&config.broker)?;
         if config.migrate {
             outbox.migrate().await?;
         }
@@ -148,10 +164,7 @@ impl Relay {
                 Backend::Sqlite(_) => None,
             },
             outbox,
-            publisher: Publisher::new(channel.clone(), config.retry),
-            unary: PublisherServiceClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+            publisher: Publisher::new(&connection, config.retry),
             session: None,
             cursor: 0,
             config,
@@ -256,7 +269,7 @@ impl Wake {
 /// Why a pass stopped early.
 enum Failure {
     /// The broker is unreachable or failed: retry the same rows later.
-    Broker(Status),
+    Broker(Error),
     /// The outbox database failed.
     Database(Error),
 }
@@ -264,7 +277,7 @@ enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Broker(s) => write!(f, "broker: {}: {}", s.code(), s.message()),
+            Failure::Broker(e) => write!(f, "broker: {e}"),
             Failure::Database(e) => write!(f, "outbox database: {e}"),
         }
     }
@@ -278,14 +291,10 @@ impl From<Error> for Failure {
 
 /// True when the broker refused the message itself (bad input, unknown
 /// topic) rather than failing: resending it unchanged will not help soon.
-fn refused(status: &Status) -> bool {
+fn refused(e: &Error) -> bool {
     matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-            | Code::PermissionDenied
+        e,
+        Error::InvalidArgument(_) | Error::NotFound(_) | Error::FailedPrecondition(_)
     )
 }
 
@@ -306,7 +315,6 @@ struct Runner {
     wake: Wake,
     leadership: Option<postgres::Leadership>,
     publisher: Publisher,
-    unary: PublisherServiceClient<Channel>,
     session: Option<PublishSession>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
@@ -438,8 +446,8 @@ impl Runner {
             Ok(results) => {
                 self.done(&rows, &results).await?;
             }
-            Err(s) if refused(&s) => self.one_by_one(&rows).await?,
-            Err(s) => return Err(Failure::Broker(s)),
+            Err(e) if refused(&e) => self.one_by_one(&rows).await?,
+            Err(e) => return Err(Failure::Broker(e)),
         }
         // Caught up: the next sweep starts from the lowest pending row, which
         // finds rows that committed late with lower numbers.
@@ -448,16 +456,13 @@ impl Runner {
     }
 
     /// Publishes one batch on the stream and waits for its durable ack.
-    async fn publish(&mut self, rows: &[Row]) -> Result<Vec<proto::PublishResult>, Status> {
-        let messages = rows
-            .iter()
-            .map(to_proto)
-            .collect::<Result<Vec<_>, Status>>()?;
+    async fn publish(&mut self, rows: &[Row]) -> Result<Vec<PublishOutcome>> {
+        let messages = rows.iter().map(outgoing).collect::<Result<Vec<_>>>()?;
         if self.session.is_none() {
             self.session = Some(self.publisher.stream(1).await?);
         }
         let Some(session) = &mut self.session else {
-            return Err(Status::internal("no publish stream"));
+            return Err(Error::Unavailable("no publish stream".into()));
         };
         let answer = match session.send(messages).await {
             Ok(()) => session.next().await,
@@ -467,7 +472,7 @@ impl Runner {
             Ok(Some(results)) if results.len() == rows.len() => Ok(results),
             Ok(Some(results)) => {
                 self.session = None;
-                Err(Status::internal(format!(
+                Err(Error::Storage(format!(
                     "broker answered {} results for {} messages",
                     results.len(),
                     rows.len()
@@ -475,7 +480,7 @@ impl Runner {
             }
             Ok(None) => {
                 self.session = None;
-                Err(Status::unavailable("publish stream ended"))
+                Err(Error::Unavailable("publish stream ended".into()))
             }
             Err(s) => {
                 // A failed request ends the stream; open a new one next time.
@@ -498,18 +503,14 @@ impl Runner {
             {
                 continue;
             }
-            let result = match to_proto(row) {
-                Ok(m) => self
-                    .unary
-                    .publish(proto::PublishRequest { messages: vec![m] })
-                    .await
-                    .map(|r| r.into_inner().results),
-                Err(s) => Err(s),
+            let result = match outgoing(row) {
+                Ok(m) => self.publisher.publish_once(&[m]).await,
+                Err(e) => Err(e),
             };
             match result {
                 Ok(results) => self.done(std::slice::from_ref(row), &results).await?,
-                Err(s) if refused(&s) => {
-                    let whole_topic = s.code() == Code::NotFound;
+                Err(e) if refused(&e) => {
+                    let whole_topic = matches!(e, Error::NotFound(_));
                     let wait = self
                         .config
                         .hold_min
@@ -517,12 +518,12 @@ impl Runner {
                         .min(self.config.hold_max);
                     tracing::warn!(
                         id = %row.id, topic = %row.topic, key = %row.key,
-                        error = %s.message(), retry_in = ?wait, whole_topic,
+                        error = %e, retry_in = ?wait, whole_topic,
                         "the broker refused an outbox message; it waits in the outbox, and so do \
                          the later messages of its key"
                     );
                     self.outbox
-                        .hold(row, s.message(), wait, whole_topic)
+                        .hold(row, &e.to_string(), wait, whole_topic)
                         .await?;
                     self.status.send_modify(|st| st.held += 1);
                     if whole_topic {
@@ -531,14 +532,14 @@ impl Runner {
                         held_keys.insert((row.topic.clone(), row.key.clone()));
                     }
                 }
-                Err(s) => return Err(Failure::Broker(s)),
+                Err(e) => return Err(Failure::Broker(e)),
             }
         }
         Ok(())
     }
 
     /// The broker acked `rows`: delete them, count, tell listeners.
-    async fn done(&mut self, rows: &[Row], results: &[proto::PublishResult]) -> Result<(), Error> {
+    async fn done(&mut self, rows: &[Row], results: &[PublishOutcome]) -> Result<(), Error> {
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         // If this fails the rows stay and are sent again: the broker answers
         // them as duplicates.
@@ -556,10 +557,7 @@ impl Runner {
             s.last_publish = Some(SystemTime::now());
         });
         if self.acked.receiver_count() > 0 {
-            let ids: Arc<[Uuid]> = results
-                .iter()
-                .filter_map(|r| Uuid::parse_str(&r.id).ok())
-                .collect();
+            let ids: Arc<[Uuid]> = results.iter().map(|r| r.id).collect();
             let _ = self.acked.send(ids);
         }
         Ok(())
@@ -635,15 +633,16 @@ impl Runner {
     }
 }
 
-fn to_proto(row: &Row) -> Result<proto::Message, Status> {
+/// The message a row holds. A row the broker would refuse as malformed (a
+/// bad id, undecodable attributes) is refused here the same way.
+fn outgoing(row: &Row) -> Result<Outgoing> {
     let attributes = super::decode_attributes(row.seq, row.attributes.as_deref())
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(proto::Message {
-        id: row.id.clone(),
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok(Outgoing {
+        id: model::parse_message_id(&row.id)?,
         topic: row.topic.clone(),
-        key: row.key.clone(),
+        key: (!row.key.is_empty()).then(|| row.key.clone()),
         payload: row.payload.clone(),
         attributes,
-        ..Default::default()
     })
 }

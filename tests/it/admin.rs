@@ -5,13 +5,14 @@ use std::time::Duration;
 use tidings::proto::{self, subscription::Start};
 use tonic::Code;
 
+use crate::harness::{Coded, new_sub};
 use crate::harness::{TestBroker, backend_test, ms, payload, pb};
 
 backend_test! {
     async fn topics_and_subscriptions_are_created_listed_paged_and_deleted(backend) {
         let b = TestBroker::start(backend).await;
         let admin = b.admin();
-        let mut raw = admin.raw();
+        let mut raw = b.raw_admin();
         for i in 0..5 {
             admin.create_topic(&format!("topic-{i}")).await.unwrap();
         }
@@ -62,21 +63,21 @@ backend_test! {
         assert!(err.message().contains("sub-0"), "{}", err.message());
 
         let err = admin
-            .create_subscription(proto::Subscription {
+            .create_subscription(new_sub(proto::Subscription {
                 name: "orphan".into(),
                 topic: "nope".into(),
                 ..Default::default()
-            })
+            }))
             .await
             .expect_err("unknown topic");
         assert_eq!(err.code(), Code::NotFound);
         let err = admin
-            .create_subscription(proto::Subscription {
+            .create_subscription(new_sub(proto::Subscription {
                 name: "bad".into(),
                 topic: "topic-1".into(),
                 max_attempts: -1,
                 ..Default::default()
-            })
+            }))
             .await
             .expect_err("bad setting");
         assert_eq!(err.code(), Code::InvalidArgument);
@@ -131,12 +132,12 @@ backend_test! {
         b.topic_and_sub("t", "early", |_| {}).await;
         b.publish("t", &["old1", "old2"]).await;
         b.admin()
-            .create_subscription(proto::Subscription {
+            .create_subscription(new_sub(proto::Subscription {
                 name: "late".into(),
                 topic: "t".into(),
                 start: Some(Start::StartPosition(proto::StartPosition::Latest as i32)),
                 ..Default::default()
-            })
+            }))
             .await
             .unwrap();
         b.publish("t", &["new"]).await;
@@ -153,8 +154,7 @@ backend_test! {
 
         // "early" keeps the old messages stored, so "late" can seek back to them.
         let next = b
-            .admin()
-            .raw()
+            .raw_admin()
             .seek(proto::SeekRequest {
                 subscription: "late".into(),
                 target: Some(proto::seek_request::Target::Sequence(2)),
@@ -184,7 +184,7 @@ backend_test! {
         assert_eq!(stats.backlog, 3);
         assert_eq!(stats.in_flight, 1);
         let age = stats.oldest_unacked_age.unwrap();
-        assert!(age.seconds > 0 || age.nanos >= 100_000_000, "{age:?}");
+        assert!(age >= Duration::from_millis(100), "{age:?}");
         b.ack("s", leased.iter().map(|m| m.ack_id.clone()).collect())
             .await
             .unwrap();
@@ -203,8 +203,7 @@ backend_test! {
             max_age: Some(pb(ms(200))),
             ..Default::default()
         };
-        b.admin()
-            .raw()
+        b.raw_admin()
             .create_topic(proto::CreateTopicRequest { topic: Some(topic) })
             .await
             .unwrap();
@@ -214,8 +213,7 @@ backend_test! {
         for _ in 0..100 {
             tokio::time::sleep(ms(20)).await;
             let t = b
-                .admin()
-                .raw()
+                .raw_admin()
                 .get_topic(proto::GetTopicRequest { name: "t".into() })
                 .await
                 .unwrap()

@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::harness::new_sub;
 use crate::harness::{Backend, Rng, drop_database, fresh_database, ms};
 
 /// A `tidings serve` child process.
@@ -99,18 +100,19 @@ async fn sigkill_cycles(database_url: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let any_port = "127.0.0.1:0";
     let mut broker = spawn_broker_with(dir.path(), database_url, any_port).await;
-    let channel = client::channel(&broker.url).unwrap();
-    let admin = client::Admin::new(channel.clone());
+    let connection = client::connect(&broker.url).unwrap();
+    let channel = connection.channel();
+    let admin = client::Admin::new(&connection);
     admin.create_topic("load").await.unwrap();
     admin
-        .create_subscription(proto::Subscription {
+        .create_subscription(new_sub(proto::Subscription {
             name: "drain".into(),
             topic: "load".into(),
             start: Some(proto::subscription::Start::StartPosition(
                 proto::StartPosition::Earliest as i32,
             )),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap();
 
@@ -153,7 +155,7 @@ async fn sigkill_cycles(database_url: Option<&str>) {
         broker.child.kill().await.expect("SIGKILL");
         kills += 1;
         broker = spawn_broker_with(dir.path(), database_url, any_port).await;
-        *current.lock().unwrap() = client::channel(&broker.url).unwrap();
+        *current.lock().unwrap() = client::connect(&broker.url).unwrap().channel();
     }
     tokio::time::sleep(ms(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -172,7 +174,7 @@ async fn sigkill_cycles(database_url: Option<&str>) {
     // Drain after a final restart.
     broker.child.kill().await.expect("SIGKILL");
     let broker = spawn_broker_with(dir.path(), database_url, any_port).await;
-    let channel = client::channel(&broker.url).unwrap();
+    let channel = client::connect(&broker.url).unwrap().channel();
     let mut sub = proto::subscriber_service_client::SubscriberServiceClient::new(channel);
     let mut delivered = HashSet::new();
     loop {
@@ -230,11 +232,13 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
         brokers.push(spawn_broker_with(dir.path(), Some(&url), "127.0.0.1:0").await);
     }
     let urls: Vec<String> = brokers.iter().map(|b| b.url.clone()).collect();
-    let channels: Vec<Channel> = urls.iter().map(|u| client::channel(u).unwrap()).collect();
-    let admin = client::Admin::new(channels[0].clone());
+    let connections: Vec<client::Connection> =
+        urls.iter().map(|u| client::connect(u).unwrap()).collect();
+    let channels: Vec<Channel> = connections.iter().map(|c| c.channel()).collect();
+    let admin = client::Admin::new(&connections[0]);
     admin.create_topic("load").await.unwrap();
     admin
-        .create_subscription(proto::Subscription {
+        .create_subscription(new_sub(proto::Subscription {
             name: "work".into(),
             topic: "load".into(),
             ack_deadline: Some(prost_types::Duration {
@@ -245,7 +249,7 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
                 proto::StartPosition::Earliest as i32,
             )),
             ..Default::default()
-        })
+        }))
         .await
         .unwrap();
 
@@ -257,8 +261,8 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
 
     // A consumer on each instance; each acks what it gets at once.
     let mut consumers = Vec::new();
-    for channel in &channels {
-        let subscriber = client::Subscriber::new(channel.clone(), client::Backoff::default());
+    for connection in &connections {
+        let subscriber = client::Subscriber::new(connection, client::Backoff::default());
         let mut sub = subscriber.subscribe(
             "work",
             client::FlowControl {
@@ -272,18 +276,19 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
             while let Some(event) = sub.next().await {
                 match event {
                     Ok(client::Event::Message(m)) => {
-                        let id = m.message.as_ref().unwrap().id.clone();
+                        let id = m.message.id.to_string();
                         seen.lock().unwrap().entry(id.clone()).or_default().0 += 1;
-                        leases.insert(m.ack_id.clone(), id);
-                        sub.ack(vec![m.ack_id]);
+                        leases.insert(m.ack_id.to_string(), id);
+                        sub.ack(vec![m.ack_id.to_string()]);
                     }
                     Ok(client::Event::Outcome(o)) => {
+                        let o = proto::AckOutcome::from(o);
                         let id = leases.remove(&o.ack_id);
                         if let Some(id) = id.filter(|_| o.result == proto::AckResult::Ok as i32) {
                             seen.lock().unwrap().entry(id).or_default().1 += 1;
                         }
                     }
-                    Err(_) => {}
+                    Ok(client::Event::Malformed { .. }) | Err(_) => {}
                 }
             }
         }));

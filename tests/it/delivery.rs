@@ -67,6 +67,7 @@ backend_test! {
         sub.ack(vec![first.ack_id.clone()]);
         match sub.next().await {
             Some(Ok(Event::Outcome(o))) => {
+let o = proto::AckOutcome::from(o);
                 assert_eq!(o.result, proto::AckResult::Stale as i32);
                 assert_eq!(o.ack_id, first.ack_id);
                 assert!(o.detail.contains("leased again"), "{}", o.detail);
@@ -159,7 +160,7 @@ backend_test! {
                     .await
                     .unwrap();
                 } else {
-                    b.ack("s", vec![m.ack_id]).await.unwrap();
+                    b.ack("s", vec![m.ack_id.to_string()]).await.unwrap();
                 }
             }
         }
@@ -172,8 +173,7 @@ backend_test! {
         assert_eq!(stats.backlog, 0);
 
         let list = b
-            .admin()
-            .raw()
+            .raw_admin()
             .list_dead_letters(proto::ListDeadLettersRequest {
                 subscription: "s".into(),
                 page_size: 10,
@@ -199,8 +199,7 @@ backend_test! {
         assert_eq!(attrs["tidings.dead_letter.reason"], "cannot parse (try 2)");
 
         let redriven = b
-            .admin()
-            .raw()
+            .raw_admin()
             .redrive_dead_letters(proto::RedriveDeadLettersRequest {
                 subscription: "s".into(),
                 sequences: vec![],
@@ -241,8 +240,7 @@ backend_test! {
             "expired lease on the last attempt is dead-lettered"
         );
         let err = b
-            .admin()
-            .raw()
+            .raw_admin()
             .purge_dead_letters(proto::PurgeDeadLettersRequest {
                 subscription: "s".into(),
                 sequences: vec![],
@@ -252,8 +250,7 @@ backend_test! {
             .expect_err("purge needs an explicit choice");
         assert_eq!(err.code(), Code::InvalidArgument);
         let purged = b
-            .admin()
-            .raw()
+            .raw_admin()
             .purge_dead_letters(proto::PurgeDeadLettersRequest {
                 subscription: "s".into(),
                 sequences: vec![],
@@ -292,7 +289,7 @@ backend_test! {
             b.pull("s", 1, ms(500)).await.is_empty(),
             "still leased after the first deadline"
         );
-        b.ack("s", vec![m.ack_id])
+        b.ack("s", vec![m.ack_id.to_string()])
             .await
             .expect("extended lease acks");
         b.stop().await;
@@ -325,7 +322,7 @@ backend_test! {
                             seen.push(seq(&m));
                             // Hold it a little so that both consumers hold leases.
                             tokio::time::sleep(ms(1)).await;
-                            sub.ack(vec![m.ack_id]);
+                            sub.ack(vec![m.ack_id.to_string()]);
                         }
                         Ok(other) => panic!("subscription failed: {other:?}"),
                         Err(_) => return seen,

@@ -4,12 +4,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempfile::TempDir;
-use tidings::client::{self, Admin, Backoff, FlowControl, Publisher, Subscriber, Subscription};
+use tidings::client::{
+    self, Admin, Backoff, Connection, FlowControl, Publisher, Subscriber, Subscription,
+};
+use tidings::model::Delivery;
 use tidings::proto::{
     self, publisher_service_client::PublisherServiceClient,
     subscriber_service_client::SubscriberServiceClient,
 };
 use tidings::server::{self, ServerConfig};
+use tidings::store::NewSubscription;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -120,6 +124,7 @@ pub(crate) async fn drop_database(admin_url: &str, name: &str) {
 pub(crate) struct TestBroker {
     #[allow(dead_code)]
     pub(crate) url: String,
+    pub(crate) connection: Connection,
     pub(crate) channel: Channel,
     data: PathBuf,
     database: Option<(String, String, String)>,
@@ -190,10 +195,11 @@ impl TestBroker {
             let _ = stopped.await;
         }));
         let url = format!("http://{addr}");
-        let channel = client::channel(&url).expect("channel");
+        let connection = client::connect(&url).expect("connection");
         TestBroker {
             url,
-            channel,
+            channel: connection.channel(),
+            connection,
             data: data.to_path_buf(),
             database,
             _dir: None,
@@ -254,11 +260,11 @@ impl TestBroker {
     }
 
     pub(crate) fn admin(&self) -> Admin {
-        Admin::new(self.channel.clone())
+        Admin::new(&self.connection)
     }
 
     pub(crate) fn publisher(&self) -> Publisher {
-        Publisher::new(self.channel.clone(), Backoff::default())
+        Publisher::new(&self.connection, Backoff::default())
     }
 
     pub(crate) fn raw_publisher(&self) -> PublisherServiceClient<Channel> {
@@ -270,12 +276,12 @@ impl TestBroker {
     }
 
     pub(crate) fn subscribe(&self, subscription: &str) -> Subscription {
-        Subscriber::new(self.channel.clone(), Backoff::default())
+        Subscriber::new(&self.connection, Backoff::default())
             .subscribe(subscription, FlowControl::default())
     }
 
     pub(crate) fn subscribe_with(&self, subscription: &str, flow: FlowControl) -> Subscription {
-        Subscriber::new(self.channel.clone(), Backoff::default()).subscribe(subscription, flow)
+        Subscriber::new(&self.connection, Backoff::default()).subscribe(subscription, flow)
     }
 
     /// Creates a topic and a subscription on it (from the earliest message)
@@ -287,8 +293,8 @@ impl TestBroker {
         tune: impl FnOnce(&mut proto::Subscription),
     ) {
         let admin = self.admin();
-        if let Err(s) = admin.create_topic(topic).await {
-            assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s}");
+        if let Err(e) = admin.create_topic(topic).await {
+            assert!(matches!(e, tidings::Error::AlreadyExists(_)), "{e}");
         }
         let mut s = proto::Subscription {
             name: sub.into(),
@@ -299,6 +305,7 @@ impl TestBroker {
             ..Default::default()
         };
         tune(&mut s);
+        let s = NewSubscription::try_from(s).expect("a subscription in its wire form");
         admin
             .create_subscription(s)
             .await
@@ -373,7 +380,7 @@ impl TestBroker {
             .map(|r| r.into_inner())
     }
 
-    pub(crate) async fn stats(&self, sub: &str) -> proto::SubscriptionStats {
+    pub(crate) async fn stats(&self, sub: &str) -> tidings::model::SubscriptionStats {
         self.admin().stats(sub).await.expect("stats")
     }
 }
@@ -414,12 +421,55 @@ pub(crate) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-pub(crate) fn payload(m: &proto::ReceivedMessage) -> String {
-    String::from_utf8_lossy(&m.message.as_ref().expect("message").payload).into_owned()
+/// A delivery as the streaming client (domain) or unary Pull (wire) gives it.
+pub(crate) trait Received {
+    /// The payload as text.
+    fn text(&self) -> String;
+    /// The message's sequence number.
+    fn sequence(&self) -> i64;
 }
 
-pub(crate) fn seq(m: &proto::ReceivedMessage) -> i64 {
-    m.message.as_ref().expect("message").sequence
+impl Received for proto::ReceivedMessage {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.message.as_ref().expect("message").payload).into_owned()
+    }
+
+    fn sequence(&self) -> i64 {
+        self.message.as_ref().expect("message").sequence
+    }
+}
+
+impl Received for Delivery {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.message.payload).into_owned()
+    }
+
+    fn sequence(&self) -> i64 {
+        self.message.sequence
+    }
+}
+
+impl<T: Received> Received for &T {
+    fn text(&self) -> String {
+        (*self).text()
+    }
+
+    fn sequence(&self) -> i64 {
+        (*self).sequence()
+    }
+}
+
+pub(crate) fn payload(m: &impl Received) -> String {
+    m.text()
+}
+
+pub(crate) fn seq(m: &impl Received) -> i64 {
+    m.sequence()
+}
+
+/// The wire form of a message to publish, for tests of the wire API.
+pub(crate) fn wire(m: client::Outgoing) -> proto::Message {
+    proto::Message::from(tidings::model::NewMessage::from(m))
 }
 
 /// A small deterministic pseudo-random generator for load tests.
@@ -435,5 +485,48 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n.max(1)
+    }
+}
+
+/// A subscription to create, written in its wire form (unset fields take the
+/// broker's defaults, as they would over the wire).
+pub(crate) fn new_sub(s: proto::Subscription) -> NewSubscription {
+    NewSubscription::try_from(s).expect("a subscription in its wire form")
+}
+
+/// The gRPC code and message of a client error, for assertions written
+/// against the wire API's codes.
+pub(crate) trait Coded {
+    /// The code the broker answered with.
+    fn code(&self) -> tonic::Code;
+    /// The message.
+    fn message(&self) -> String;
+}
+
+impl Coded for tidings::Error {
+    fn code(&self) -> tonic::Code {
+        use tidings::Error;
+        match self {
+            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Storage(_) => tonic::Code::Internal,
+        }
+    }
+
+    fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl TestBroker {
+    /// The generated admin client, for tests of the wire API itself.
+    pub(crate) fn raw_admin(
+        &self,
+    ) -> tidings::proto::admin_service_client::AdminServiceClient<Channel> {
+        tidings::proto::admin_service_client::AdminServiceClient::new(self.channel.clone())
     }
 }

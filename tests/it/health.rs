@@ -190,7 +190,9 @@ async fn health_turns_not_serving_and_publish_unavailable_when_storage_fails() {
     let err = b
         .raw_publisher()
         .publish(proto::PublishRequest {
-            messages: vec![tidings::client::Outgoing::new("t", "x").to_proto()],
+            messages: vec![crate::harness::wire(tidings::client::Outgoing::new(
+                "t", "x",
+            ))],
         })
         .await
         .expect_err("storage is gone");

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::harness::new_sub;
 use crate::harness::{
     Backend, Rng, TestBroker, backend_test, drop_database, fresh_database, ms, pb,
 };
@@ -400,7 +401,7 @@ fn start<DB: TestDb>(
     tune: impl FnOnce(&mut ConsumerConfig),
 ) -> Running {
     let consumer = Consumer::new(
-        broker.channel.clone(),
+        &broker.connection,
         subscription,
         db.inbox.clone(),
         handler.clone(),
@@ -587,8 +588,7 @@ async fn redrive_case<DB: TestDb>(backend: Backend) {
     assert!(db.inbox.contains("s", id).await.expect("contains"));
 
     let redriven = broker
-        .admin()
-        .raw()
+        .raw_admin()
         .redrive_dead_letters(proto::RedriveDeadLettersRequest {
             subscription: "s".into(),
             sequences: vec![seq],
@@ -673,8 +673,7 @@ async fn handler_error_case<DB: TestDb>(backend: Backend) {
         later[1].at - later[0].at
     );
     let dead = broker
-        .admin()
-        .raw()
+        .raw_admin()
         .list_dead_letters(proto::ListDeadLettersRequest {
             subscription: "s".into(),
             ..Default::default()
@@ -963,8 +962,7 @@ async fn replay_case<DB: TestDb>(backend: Backend) {
     let (broker, db) = setup::<DB>(&backend).await;
     // Acked messages stay for replay only with a retention.
     broker
-        .admin()
-        .raw()
+        .raw_admin()
         .create_topic(proto::CreateTopicRequest {
             topic: Some(proto::Topic {
                 name: "t".into(),
@@ -982,7 +980,7 @@ async fn replay_case<DB: TestDb>(backend: Backend) {
     // As if the last pruning round had seen a watermark of 2.
     db.inbox.prune_through("s", seqs[1]).await.expect("prune");
     let seek = |to: i64| {
-        let admin = broker.admin().raw();
+        let admin = broker.raw_admin();
         async move {
             let mut admin = admin;
             admin
@@ -1133,13 +1131,13 @@ async fn sigkill_case<DB: TestDb>(backend: Backend) {
         "127.0.0.1:0",
     )
     .await;
-    let channel = client::channel(&broker.url).expect("channel");
-    let admin = client::Admin::new(channel.clone());
+    let connection = client::connect(&broker.url).expect("connection");
+    let admin = client::Admin::new(&connection);
     admin.create_topic("orders").await.expect("topic");
     // Shipping's subscription, made here first with short leases so that a
     // test's redeliveries come quickly.
     admin
-        .create_subscription(proto::Subscription {
+        .create_subscription(new_sub(proto::Subscription {
             name: "shipping".into(),
             topic: "orders".into(),
             ordered: true,
@@ -1151,14 +1149,14 @@ async fn sigkill_case<DB: TestDb>(backend: Backend) {
                 proto::StartPosition::Earliest as i32,
             )),
             ..Default::default()
-        })
+        }))
         .await
         .expect("subscription");
     let consumer_db = ConsumerDb::create(&backend).await;
 
     // Orders arrive while the consumer is killed and restarted: one round
     // (an order for every customer) every 30 ms.
-    let publisher = client::Publisher::new(channel.clone(), Backoff::default());
+    let publisher = client::Publisher::new(&connection, Backoff::default());
     let producing = tokio::spawn(async move {
         for n in 1..=ROUNDS {
             let round: Vec<client::Outgoing> = (0..CUSTOMERS)

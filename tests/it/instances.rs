@@ -114,7 +114,7 @@ async fn a_publish_on_one_instance_wakes_a_subscriber_on_another() {
             .unwrap();
         latencies.push(sent.elapsed());
         assert_eq!(payload(&m), format!("m{i}"));
-        sub.ack(vec![m.ack_id]);
+        sub.ack(vec![m.ack_id.to_string()]);
     }
     latencies.sort();
     eprintln!(
@@ -155,7 +155,7 @@ async fn consumers_on_different_instances_never_hold_the_same_message() {
                     match tokio::time::timeout(ms(2000), sub.next_message()).await {
                         Ok(Some(Ok(m))) => {
                             seen.push(payload(&m));
-                            sub.ack(vec![m.ack_id]);
+                            sub.ack(vec![m.ack_id.to_string()]);
                         }
                         Ok(other) => panic!("subscription failed: {other:?}"),
                         Err(_) => return seen,

@@ -55,7 +55,7 @@ backend_test! {
                 let p = payload(&m);
                 assert!(p.starts_with('b'), "key a is held back, got {p}");
                 b_seen.push(p);
-                b.ack("s", vec![m.ack_id]).await.unwrap();
+                b.ack("s", vec![m.ack_id.to_string()]).await.unwrap();
             }
         }
         assert_eq!(b_seen, vec!["b2", "b3"]);
@@ -128,7 +128,7 @@ backend_test! {
             assert_eq!(i, next[k], "key {k} in order");
             next[k] += 1;
             got += 1;
-            sub.ack(vec![m.ack_id]);
+            sub.ack(vec![m.ack_id.to_string()]);
         }
         drop(sub);
         b.stop().await;

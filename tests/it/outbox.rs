@@ -256,7 +256,7 @@ pub(crate) fn relay_config(broker: &TestBroker) -> RelayConfig {
 pub(crate) async fn receive(
     sub: &mut tidings::client::Subscription,
     n: usize,
-) -> Vec<proto::ReceivedMessage> {
+) -> Vec<tidings::model::Delivery> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     while out.len() < n {
@@ -265,8 +265,8 @@ pub(crate) async fn receive(
             .expect("messages arrive in time")
             .expect("subscription open")
             .expect("no error");
-        sub.ack(vec![m.ack_id.clone()]);
-        let id = m.message.as_ref().expect("message").id.clone();
+        sub.ack(vec![m.ack_id.to_string()]);
+        let id = m.message.id;
         if seen.insert(id) {
             out.push(m);
         }
@@ -274,15 +274,14 @@ pub(crate) async fn receive(
     out
 }
 
-fn id_of(m: &proto::ReceivedMessage) -> Uuid {
-    Uuid::parse_str(&m.message.as_ref().expect("message").id).expect("uuid")
+fn id_of(m: &tidings::model::Delivery) -> Uuid {
+    m.message.id
 }
 
 /// The topic's last sequence number: how many messages the broker stored.
 pub(crate) async fn stored(broker: &TestBroker, topic: &str) -> i64 {
     broker
-        .admin()
-        .raw()
+        .raw_admin()
         .get_topic(proto::GetTopicRequest { name: topic.into() })
         .await
         .expect("get topic")
@@ -492,10 +491,10 @@ backend_test! {
         let got = receive(&mut sub, total).await;
         let mut last: HashMap<String, i64> = HashMap::new();
         for m in &got {
-            let msg = m.message.as_ref().expect("message");
+            let key = m.message.key.clone().unwrap_or_default();
             let n: i64 = payload(m).parse().expect("number");
-            let prev = last.insert(msg.key.clone(), n).unwrap_or(0);
-            assert_eq!(n, prev + 1, "key {} out of order: {} after {}", msg.key, n, prev);
+            let prev = last.insert(key.clone(), n).unwrap_or(0);
+            assert_eq!(n, prev + 1, "key {} out of order: {} after {}", key, n, prev);
         }
         assert_eq!(stored(&broker, "orders").await, total as i64, "each message stored once");
         second.stop().await;
@@ -530,10 +529,10 @@ backend_test! {
         let got = receive(&mut sub, 3).await;
         let payloads: Vec<String> = got.iter().map(payload).collect();
         assert_eq!(payloads, vec!["created", "no key", "paid"]);
-        let first = got[0].message.as_ref().expect("message");
+        let first = proto::Message::from(got[0].message.clone());
         assert_eq!(first.key, "customer-7");
         assert_eq!(Uuid::parse_str(&first.id).expect("uuid").get_version_num(), 7, "default ids are UUID v7");
-        let second = got[1].message.as_ref().expect("message");
+        let second = proto::Message::from(got[1].message.clone());
         assert_eq!(second.key, "");
         assert_eq!(second.attributes.get("source").map(String::as_str), Some("script"));
         assert_eq!(second.attributes.get("n").map(String::as_str), Some("3"));

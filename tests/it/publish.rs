@@ -7,6 +7,7 @@ use tidings::proto;
 use tonic::Code;
 use uuid::Uuid;
 
+use crate::harness::Coded;
 use crate::harness::{TestBroker, backend_test, payload, seq};
 
 backend_test! {
@@ -22,12 +23,13 @@ backend_test! {
             let m = sub.next_message().await.expect("open").expect("message");
             assert_eq!(m.attempt, 1);
             got.push((seq(&m), payload(&m)));
-            sub.ack(vec![m.ack_id]);
+            sub.ack(vec![m.ack_id.to_string()]);
         }
         assert_eq!(got, vec![(1, "one".into()), (2, "two".into())]);
         let mut acked = 0;
         while acked < 2 {
             if let Some(Ok(Event::Outcome(o))) = sub.next().await {
+                let o = proto::AckOutcome::from(o);
                 assert_eq!(o.result, proto::AckResult::Ok as i32, "{}", o.detail);
                 acked += 1;
             }
@@ -65,8 +67,7 @@ backend_test! {
             assert_eq!(r.sequence, first[0].sequence);
         }
         let topic = b
-            .admin()
-            .raw()
+            .raw_admin()
             .get_topic(proto::GetTopicRequest {
                 name: "orders".into(),
             })
@@ -99,7 +100,7 @@ backend_test! {
         // nothing once it is gone. The dedup entry must outlive it.
         let mut gone = false;
         for _ in 0..100 {
-            let mut admin = b.admin().raw();
+            let mut admin = b.raw_admin();
             admin
                 .seek(proto::SeekRequest {
                     subscription: "billing".into(),
@@ -139,9 +140,7 @@ backend_test! {
         for i in 0..50 {
             let messages = (0..10)
                 .map(|j| {
-                    Outgoing::new("orders", format!("{i}-{j}"))
-                        .with_key("k")
-                        .to_proto()
+                    Outgoing::new("orders", format!("{i}-{j}")).with_key("k")
                 })
                 .collect();
             session.send(messages).await.unwrap();
@@ -180,7 +179,7 @@ backend_test! {
     async fn bad_input_gets_the_right_status_and_stores_nothing(backend) {
         let b = TestBroker::start_with(backend, |c| c.limits.max_message_bytes = 1024).await;
         b.topic_and_sub("orders", "billing", |_| {}).await;
-        let good = || Outgoing::new("orders", "x").to_proto();
+        let good = || crate::harness::wire(Outgoing::new("orders", "x"));
 
         let mut m = good();
         m.id = String::new();

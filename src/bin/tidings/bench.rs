@@ -13,50 +13,52 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::client::{self, Admin, Backoff, Event, FlowControl, Publisher, Subscriber};
-use crate::consumer::{Consumer, ConsumerConfig, Handler, Monitor};
-use crate::inbox::{Inbox, InboxDatabase};
-use crate::model::Delivery;
-use crate::proto;
-use crate::server::{self, ServerConfig};
+use tidings::client::{
+    self, Admin, Backoff, Connection, Event, FlowControl, Outgoing, Publisher, Subscriber,
+};
+use tidings::consumer::{Consumer, ConsumerConfig, Handler, Monitor};
+use tidings::inbox::{Inbox, InboxDatabase};
+use tidings::model::{AckStatus, Delivery, StartPosition, SubscriptionSettings};
+use tidings::server::{self, ServerConfig};
+use tidings::store::NewSubscription;
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct BenchConfig {
+pub(crate) struct BenchConfig {
     /// Broker URLs, comma-separated (several instances on one database:
     /// publisher `i` uses URL `i`, subscriber `j` URL `j + 1`, round robin,
     /// so that deliveries cross instances); `None` starts an embedded broker.
-    pub broker: Option<String>,
+    pub(crate) broker: Option<String>,
     /// Publishing tasks, each with its own stream.
-    pub publishers: usize,
+    pub(crate) publishers: usize,
     /// Consuming tasks, all on one subscription.
-    pub subscribers: usize,
+    pub(crate) subscribers: usize,
     /// Messages in all.
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Payload size in bytes.
-    pub payload_size: usize,
+    pub(crate) payload_size: usize,
     /// Messages per publish request.
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Requests each publisher keeps in flight.
-    pub pipeline: usize,
+    pub(crate) pipeline: usize,
     /// Total publish rate in messages per second (`None`: as fast as it goes).
-    pub rate: Option<u64>,
+    pub(crate) rate: Option<u64>,
     /// Fsync every commit on the embedded broker.
-    pub fsync: bool,
+    pub(crate) fsync: bool,
     /// Consume through the inbox of this database (`sqlite://PATH` or
     /// `postgres://...`): each subscriber is a [`Consumer`] with a trivial
     /// handler. `None`: plain subscribers that ack at once.
-    pub inbox_url: Option<String>,
+    pub(crate) inbox_url: Option<String>,
     /// Handlers running at once in each inbox consumer.
-    pub inbox_concurrency: usize,
+    pub(crate) inbox_concurrency: usize,
     /// Deliveries each inbox consumer holds beyond those being handled.
-    pub inbox_prefetch: usize,
+    pub(crate) inbox_prefetch: usize,
     /// Ordering keys the messages cycle through (0: no keys).
-    pub keys: usize,
+    pub(crate) keys: usize,
     /// Make the subscription ordered (one message in flight per key).
-    pub ordered: bool,
+    pub(crate) ordered: bool,
     /// Most unacked messages each plain subscriber holds (its flow control).
-    pub window: i32,
+    pub(crate) window: i32,
 }
 
 impl Default for BenchConfig {
@@ -83,29 +85,29 @@ impl Default for BenchConfig {
 
 /// What was measured.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     /// Messages published.
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Publish throughput (messages acked by the broker per second).
-    pub publish_msgs_per_sec: f64,
+    pub(crate) publish_msgs_per_sec: f64,
     /// End-to-end throughput (published, delivered and acked per second);
     /// zero without subscribers.
-    pub e2e_msgs_per_sec: f64,
+    pub(crate) e2e_msgs_per_sec: f64,
     /// Publish→broker-ack latency, median, ms.
-    pub publish_ack_p50_ms: f64,
+    pub(crate) publish_ack_p50_ms: f64,
     /// Publish→broker-ack latency, 99th percentile, ms.
-    pub publish_ack_p99_ms: f64,
+    pub(crate) publish_ack_p99_ms: f64,
     /// Publish→delivery latency, median, ms.
-    pub e2e_p50_ms: f64,
+    pub(crate) e2e_p50_ms: f64,
     /// Publish→delivery latency, 99th percentile, ms.
-    pub e2e_p99_ms: f64,
+    pub(crate) e2e_p99_ms: f64,
     /// Deliveries beyond the first per message (redeliveries).
-    pub redelivered: u64,
+    pub(crate) redelivered: u64,
 }
 
 impl BenchReport {
     /// One JSON object.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         format!(
             "{{\"messages\":{},\"publish_msgs_per_sec\":{:.0},\"e2e_msgs_per_sec\":{:.0},\
              \"publish_ack_p50_ms\":{:.3},\"publish_ack_p99_ms\":{:.3},\"e2e_p50_ms\":{:.3},\
@@ -164,7 +166,7 @@ pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 ///
 /// Fails if the embedded broker cannot start, or a publish or the
 /// subscription fails for good.
-pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
+pub(crate) async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(config.publishers > 0, "--publishers must be at least 1");
     anyhow::ensure!(config.batch_size > 0, "--batch-size must be at least 1");
     let mut embedded = None;
@@ -177,28 +179,28 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             url
         }
     };
-    let channels = url
+    let connections = url
         .split(',')
-        .map(|u| client::channel(u.trim()))
+        .map(|u| client::connect(u.trim()))
         .collect::<Result<Vec<_>, _>>()?;
-    let admin = Admin::new(channels[0].clone());
+    let admin = Admin::new(&connections[0]);
     let name = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
     admin.create_topic(&name).await?;
     if config.subscribers > 0 {
         admin
-            .create_subscription(proto::Subscription {
+            .create_subscription(NewSubscription {
                 name: name.clone(),
                 topic: name.clone(),
-                ordered: config.ordered,
-                start: Some(proto::subscription::Start::StartPosition(
-                    proto::StartPosition::Earliest as i32,
-                )),
-                ..Default::default()
+                settings: SubscriptionSettings {
+                    ordered: config.ordered,
+                    ..Default::default()
+                },
+                start: StartPosition::Earliest,
             })
             .await?;
     }
     let origin = Instant::now();
-    let report = measure(&config, &channels, &name, origin).await;
+    let report = measure(&config, &connections, &name, origin).await;
     if let Some(broker) = embedded {
         broker.stop().await;
     }
@@ -210,7 +212,7 @@ pub(crate) struct Embedded {
     pub(crate) url: String,
     dir: tempfile::TempDir,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<crate::Result<()>>,
+    task: tokio::task::JoinHandle<tidings::Result<()>>,
 }
 
 impl Embedded {
@@ -243,7 +245,7 @@ impl Embedded {
 
 async fn measure(
     config: &BenchConfig,
-    channels: &[tonic::transport::Channel],
+    connections: &[Connection],
     name: &str,
     origin: Instant,
 ) -> anyhow::Result<BenchReport> {
@@ -254,10 +256,10 @@ async fn measure(
     let mut consumers = Vec::new();
     let inbox_consumers = match &config.inbox_url {
         Some(url) if config.subscribers > 0 => Some(if url.starts_with("sqlite:") {
-            inbox_consumers::<sqlx::Sqlite>(config, url, channels, name, origin, e2e.clone())
+            inbox_consumers::<sqlx::Sqlite>(config, url, connections, name, origin, e2e.clone())
                 .await?
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            inbox_consumers::<sqlx::Postgres>(config, url, channels, name, origin, e2e.clone())
+            inbox_consumers::<sqlx::Postgres>(config, url, connections, name, origin, e2e.clone())
                 .await?
         } else {
             anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
@@ -270,8 +272,8 @@ async fn measure(
         config.subscribers
     };
     for s in 0..plain_subscribers {
-        let channel = channels[(s + 1) % channels.len()].clone();
-        let subscriber = Subscriber::new(channel, Backoff::default());
+        let connection = &connections[(s + 1) % connections.len()];
+        let subscriber = Subscriber::new(connection, Backoff::default());
         let name = name.to_owned();
         let window = config.window;
         let (e2e, acked, redelivered) = (e2e.clone(), acked.clone(), redelivered.clone());
@@ -296,7 +298,7 @@ async fn measure(
     for p in 0..config.publishers {
         let share = total / config.publishers as u64
             + u64::from((p as u64) < total % config.publishers as u64);
-        let publisher = Publisher::new(channels[p % channels.len()].clone(), Backoff::default());
+        let publisher = Publisher::new(&connections[p % connections.len()], Backoff::default());
         let config = config.clone();
         let name = name.to_owned();
         let hist = publish_hist.clone();
@@ -352,10 +354,10 @@ async fn produce(
         let mut local = histogram();
         while let Some((sent, n)) = sent_rx.recv().await {
             let results = responses
-                .message()
+                .next()
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("publish stream ended early"))?;
-            anyhow::ensure!(results.results.len() == n, "short publish answer");
+            anyhow::ensure!(results.len() == n, "short publish answer");
             let us = sent.elapsed().as_micros() as u64;
             local.record_n(us.max(1), n as u64)?;
         }
@@ -375,20 +377,17 @@ async fn produce(
         let mut payload = vec![0u8; config.payload_size];
         let len = stamp.len().min(payload.len());
         payload[..len].copy_from_slice(&stamp[..len]);
-        let messages: Vec<proto::Message> = (0..n)
-            .map(|i| proto::Message {
-                id: Uuid::now_v7().to_string(),
-                topic: topic.to_owned(),
-                key: match config.keys {
-                    0 => String::new(),
-                    keys => format!("k{}", (sent as usize + i) % keys),
-                },
-                payload: payload.clone(),
-                ..Default::default()
+        let messages: Vec<Outgoing> = (0..n)
+            .map(|i| {
+                let m = Outgoing::new(topic, payload.clone());
+                match config.keys {
+                    0 => m,
+                    keys => m.with_key(format!("k{}", (sent as usize + i) % keys)),
+                }
             })
             .collect();
         sent_tx.send((Instant::now(), n)).await?;
-        tx.send(proto::PublishStreamRequest { messages }).await?;
+        tx.send(messages).await?;
         sent += n as u64;
     }
     drop(sent_tx);
@@ -425,20 +424,23 @@ async fn consume(
                     if m.attempt > 1 {
                         redelivered.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(msg) = m.message.as_ref().filter(|m| m.payload.len() >= 8) {
+                    if let Some(bytes) = m.message.payload.get(..8) {
                         let mut stamp = [0u8; 8];
-                        stamp.copy_from_slice(&msg.payload[..8]);
+                        stamp.copy_from_slice(bytes);
                         let sent = u64::from_le_bytes(stamp);
                         let now = origin.elapsed().as_nanos() as u64;
                         local.record((now.saturating_sub(sent) / 1000).max(1))?;
                     }
-                    pending.push(m.ack_id);
+                    pending.push(m.ack_id.to_string());
                     if pending.len() >= 500 {
                         sub.ack(std::mem::take(&mut pending));
                     }
                 }
+                Some(Ok(Event::Malformed { ack_id, reason })) => {
+                    sub.nack(ack_id, None, reason);
+                }
                 Some(Ok(Event::Outcome(o))) => {
-                    if o.result == proto::AckResult::Ok as i32 {
+                    if matches!(o.status, AckStatus::Ok(_)) {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -463,7 +465,7 @@ async fn consume(
 struct InboxConsumers {
     monitors: Vec<Monitor>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<crate::Result<crate::consumer::ConsumerStats>>>,
+    tasks: Vec<tokio::task::JoinHandle<tidings::Result<tidings::consumer::ConsumerStats>>>,
 }
 
 impl InboxConsumers {
@@ -528,7 +530,7 @@ impl<DB: InboxDatabase> Handler<DB> for Trivial {
 async fn inbox_consumers<DB: InboxDatabase>(
     config: &BenchConfig,
     url: &str,
-    channels: &[tonic::transport::Channel],
+    connections: &[Connection],
     name: &str,
     origin: Instant,
     e2e: Arc<Mutex<Histogram<u64>>>,
@@ -542,7 +544,7 @@ async fn inbox_consumers<DB: InboxDatabase>(
     };
     for s in 0..config.subscribers {
         let consumer = Consumer::new(
-            channels[(s + 1) % channels.len()].clone(),
+            &connections[(s + 1) % connections.len()],
             name,
             inbox.clone(),
             Trivial {

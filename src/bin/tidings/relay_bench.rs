@@ -16,58 +16,59 @@ use sqlx::Pool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Message, Outbox, OutboxDatabase, Relay, RelayConfig};
+use tidings::client::{self, Admin};
+use tidings::outbox::{self, Message, Outbox, OutboxDatabase, Relay, RelayConfig};
+
 use crate::bench::{Embedded, histogram, ms};
-use crate::client::{self, Admin};
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct RelayBenchConfig {
+pub(crate) struct RelayBenchConfig {
     /// Broker URL; `None` starts an embedded one.
-    pub broker: Option<String>,
+    pub(crate) broker: Option<String>,
     /// The application database for the outbox (it must hold no pending
     /// rows).
-    pub outbox_url: String,
+    pub(crate) outbox_url: String,
     /// Writer tasks, each committing its own transactions.
-    pub writers: usize,
+    pub(crate) writers: usize,
     /// Messages in all.
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Payload size in bytes.
-    pub payload_size: usize,
+    pub(crate) payload_size: usize,
     /// Messages per transaction.
-    pub per_commit: usize,
+    pub(crate) per_commit: usize,
     /// Commits per second in all; `None` measures throughput instead.
-    pub rate: Option<u64>,
+    pub(crate) rate: Option<u64>,
     /// Wake the relay with NOTIFY (PostgreSQL); `false` polls only.
-    pub listen: bool,
+    pub(crate) listen: bool,
     /// The relay's poll interval.
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// The relay's batch size.
-    pub relay_batch: usize,
+    pub(crate) relay_batch: usize,
     /// Fsync every commit on the embedded broker.
-    pub fsync: bool,
+    pub(crate) fsync: bool,
 }
 
 /// What was measured.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RelayBenchReport {
+pub(crate) struct RelayBenchReport {
     /// Messages relayed.
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Rows per second the writers committed.
-    pub commit_msgs_per_sec: f64,
+    pub(crate) commit_msgs_per_sec: f64,
     /// Rows per second from the outbox to the broker's ack.
-    pub relay_msgs_per_sec: f64,
+    pub(crate) relay_msgs_per_sec: f64,
     /// Commit→broker-ack latency, median, ms (only with a rate).
-    pub commit_ack_p50_ms: f64,
+    pub(crate) commit_ack_p50_ms: f64,
     /// Commit→broker-ack latency, 99th percentile, ms (only with a rate).
-    pub commit_ack_p99_ms: f64,
+    pub(crate) commit_ack_p99_ms: f64,
     /// Commit→broker-ack latency, maximum, ms (only with a rate).
-    pub commit_ack_max_ms: f64,
+    pub(crate) commit_ack_max_ms: f64,
 }
 
 impl RelayBenchReport {
     /// One JSON object.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         format!(
             "{{\"messages\":{},\"commit_msgs_per_sec\":{:.0},\"relay_msgs_per_sec\":{:.0},\
              \"commit_ack_p50_ms\":{:.3},\"commit_ack_p99_ms\":{:.3},\"commit_ack_max_ms\":{:.3}}}",
@@ -117,20 +118,18 @@ struct Times {
 ///
 /// Fails if the broker or the database cannot be reached, or the outbox is
 /// not empty.
-pub async fn run(config: RelayBenchConfig) -> anyhow::Result<RelayBenchReport> {
+pub(crate) async fn run(config: RelayBenchConfig) -> anyhow::Result<RelayBenchReport> {
     anyhow::ensure!(config.writers > 0, "--publishers must be at least 1");
     anyhow::ensure!(config.per_commit > 0, "--batch-size must be at least 1");
-    let embedded = match &config.broker {
-        Some(_) => None,
-        None => Some(Embedded::start(config.fsync).await?),
-    };
-    let url = match (&config.broker, &embedded) {
-        (Some(url), _) => url.clone(),
-        (None, Some(e)) => e.url.clone(),
-        (None, None) => unreachable!("an embedded broker is started without a URL"),
+    let (url, embedded) = match &config.broker {
+        Some(url) => (url.clone(), None),
+        None => {
+            let embedded = Embedded::start(config.fsync).await?;
+            (embedded.url.clone(), Some(embedded))
+        }
     };
     let topic = format!("relay-bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-    Admin::new(client::channel(&url)?)
+    Admin::new(&client::connect(&url)?)
         .create_topic(&topic)
         .await?;
     let outbox = Outbox::connect(&config.outbox_url).await?;
@@ -140,9 +139,10 @@ pub async fn run(config: RelayBenchConfig) -> anyhow::Result<RelayBenchReport> {
         pending == 0,
         "the outbox holds {pending} rows; the bench needs an empty one"
     );
-    let report = match outbox.backend.clone() {
-        super::Backend::Postgres(pool) => measure(&config, &url, &topic, outbox, pool).await,
-        super::Backend::Sqlite(pool) => measure(&config, &url, &topic, outbox, pool).await,
+    let report = match (outbox.postgres_pool(), outbox.sqlite_pool()) {
+        (Some(pool), _) => measure(&config, &url, &topic, pool.clone(), outbox).await,
+        (None, Some(pool)) => measure(&config, &url, &topic, pool.clone(), outbox).await,
+        (None, None) => Err(anyhow::anyhow!("the outbox has no database pool")),
     };
     if let Some(e) = embedded {
         e.stop().await;
@@ -154,8 +154,8 @@ async fn measure<DB: OutboxDatabase>(
     config: &RelayBenchConfig,
     url: &str,
     topic: &str,
-    outbox: Outbox,
     pool: Pool<DB>,
+    outbox: Outbox,
 ) -> anyhow::Result<RelayBenchReport> {
     let mut relay_config = RelayConfig::new(url);
     relay_config.listen = config.listen;
@@ -268,12 +268,12 @@ async fn write<DB: OutboxDatabase>(
             .map(|_| Message::new(topic, payload.clone()))
             .collect();
         let mut tx = pool.begin().await?;
-        super::enqueue_all(&mut tx, &messages).await?;
+        outbox::enqueue_all(&mut tx, &messages).await?;
         tx.commit().await?;
         let now = Instant::now();
         // Wakes an in-process relay on SQLite; PostgreSQL's is woken by
         // NOTIFY (or polls, when that is what is measured).
-        if matches!(outbox.backend, super::Backend::Sqlite(_)) {
+        if outbox.sqlite_pool().is_some() {
             outbox.committed();
         }
         if let Some(times) = &times {

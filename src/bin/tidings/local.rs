@@ -1,0 +1,365 @@
+//! The commands that run something here rather than talk to a broker:
+//! `serve`, `relay`, `migrate` and `bench`. Every default is the library's.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
+use tidings::outbox::{Outbox, Relay, RelayConfig};
+use tidings::server::{self, ServerConfig};
+
+use crate::bench::{self, BenchConfig};
+use crate::relay_bench::{self, RelayBenchConfig};
+use crate::{duration, interval, shutdown_signal};
+
+/// The server's defaults, which the flags show and fall back to.
+fn served() -> ServerConfig {
+    ServerConfig::new(DEFAULT_DATA_DIR)
+}
+
+/// The relay's defaults.
+fn relayed() -> RelayConfig {
+    RelayConfig::new(DEFAULT_BROKER)
+}
+
+/// The bench's defaults.
+fn benched() -> BenchConfig {
+    BenchConfig::default()
+}
+
+/// Commands that run here.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Local {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Move committed outbox rows from an application's database to the
+    /// broker (`--broker`), deleting each after the broker's durable ack.
+    Relay(RelayArgs),
+    /// Measure throughput and latency.
+    Bench(BenchArgs),
+    /// Apply the broker's PostgreSQL migrations and exit (serve does it too).
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (use port 0 for any free port).
+    #[arg(long, env = "TIDINGS_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Folder of the embedded SQLite database.
+    #[arg(long, env = "TIDINGS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Use PostgreSQL at this URL (postgres://...) instead of SQLite; several
+    /// instances may share one database.
+    #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Fsync every commit. `false` survives a broker crash but may lose the
+    /// last commits on power loss.
+    #[arg(long, env = "TIDINGS_FSYNC", default_value_t = served().store.fsync, action = clap::ArgAction::Set)]
+    fsync: bool,
+    /// How long published ids are remembered for deduplication.
+    #[arg(long, env = "TIDINGS_DEDUP_WINDOW", default_value_t = HumanDuration(served().store.dedup_window), value_parser = duration)]
+    dedup_window: HumanDuration,
+    /// Most messages' and acks' weight in one group commit.
+    #[arg(long, env = "TIDINGS_MAX_COMMIT_BATCH", default_value_t = served().store.max_batch)]
+    max_commit_batch: usize,
+    /// Largest message payload, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_MESSAGE_BYTES", default_value_t = served().limits.max_message_bytes)]
+    max_message_bytes: usize,
+    /// Most messages in one publish request.
+    #[arg(long, env = "TIDINGS_MAX_BATCH_MESSAGES", default_value_t = served().limits.max_batch_messages)]
+    max_batch_messages: usize,
+    /// Largest ordering key, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_KEY_BYTES", default_value_t = served().limits.max_key_bytes)]
+    max_key_bytes: usize,
+    /// Most attributes on one message.
+    #[arg(long, env = "TIDINGS_MAX_ATTRIBUTES", default_value_t = served().limits.max_attributes)]
+    max_attributes: usize,
+    /// Most messages leased to one Subscribe stream at once.
+    #[arg(long, env = "TIDINGS_MAX_OUTSTANDING_MESSAGES", default_value_t = served().limits.max_outstanding_messages)]
+    max_outstanding_messages: usize,
+    /// Largest gRPC request, in bytes.
+    #[arg(long, env = "TIDINGS_MAX_REQUEST_BYTES", default_value_t = served().max_request_bytes)]
+    max_request_bytes: usize,
+    /// Most HTTP/2 streams open at once on one connection.
+    #[arg(long, env = "TIDINGS_MAX_CONCURRENT_STREAMS", default_value_t = served().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+    /// Streams a client may reset before its connection is refused (a guard
+    /// against rapid-reset floods).
+    #[arg(long, env = "TIDINGS_MAX_PENDING_RESET_STREAMS", default_value_t = served().max_pending_reset_streams)]
+    max_pending_reset_streams: usize,
+    /// HTTP/2 keepalive ping interval.
+    #[arg(long, env = "TIDINGS_KEEPALIVE_INTERVAL", default_value_t = HumanDuration(served().keepalive_interval), value_parser = interval)]
+    keepalive_interval: HumanDuration,
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "TIDINGS_KEEPALIVE_TIMEOUT", default_value_t = HumanDuration(served().keepalive_timeout), value_parser = interval)]
+    keepalive_timeout: HumanDuration,
+    /// How often acked and expired messages are removed and leases swept.
+    #[arg(long, env = "TIDINGS_MAINTENANCE_INTERVAL", default_value_t = HumanDuration(served().store.maintenance_interval), value_parser = interval)]
+    maintenance_interval: HumanDuration,
+    /// How often an idle subscriber stream looks for work it was not woken for.
+    #[arg(long, env = "TIDINGS_POLL_INTERVAL", default_value_t = HumanDuration(served().limits.poll_interval), value_parser = interval)]
+    poll_interval: HumanDuration,
+    /// How long draining waits for clients' calls to finish on shutdown
+    /// before closing the remaining connections.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(served().drain_timeout), value_parser = duration)]
+    shutdown_timeout: HumanDuration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// The application's database holding `tidings_outbox`
+    /// (postgres://... or sqlite://PATH).
+    #[arg(long, env = "TIDINGS_OUTBOX_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Most rows per publish request (at most 1000).
+    #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = relayed().batch_size)]
+    batch_size: usize,
+    /// Most payload bytes per publish request (at least one row is sent).
+    #[arg(long, env = "TIDINGS_RELAY_MAX_BATCH_BYTES", default_value_t = relayed().max_batch_bytes)]
+    max_batch_bytes: usize,
+    /// How often to look for rows without a wake-up; on PostgreSQL also how
+    /// often a standby relay tries to take over.
+    #[arg(long, env = "TIDINGS_RELAY_POLL_INTERVAL", default_value_t = HumanDuration(relayed().poll_interval), value_parser = interval)]
+    poll_interval: HumanDuration,
+    /// Wake on the outbox trigger's NOTIFY (PostgreSQL); `false` polls only.
+    #[arg(long, env = "TIDINGS_RELAY_LISTEN", default_value_t = relayed().listen, action = clap::ArgAction::Set)]
+    listen: bool,
+    /// First delay before retrying while the broker or the database is
+    /// unreachable; doubles up to `--retry-max`.
+    #[arg(long, env = "TIDINGS_RELAY_RETRY_MIN", default_value_t = HumanDuration(relayed().retry.min), value_parser = duration)]
+    retry_min: HumanDuration,
+    /// Longest delay between attempts while the broker or the database is
+    /// unreachable.
+    #[arg(long, env = "TIDINGS_RELAY_RETRY_MAX", default_value_t = HumanDuration(relayed().retry.max), value_parser = duration)]
+    retry_max: HumanDuration,
+    /// First delay before retrying a message the broker refused (unknown
+    /// topic, over a limit); doubles at each refusal.
+    #[arg(long, env = "TIDINGS_RELAY_HOLD_MIN", default_value_t = HumanDuration(relayed().hold_min), value_parser = duration)]
+    hold_min: HumanDuration,
+    /// Longest delay before retrying a refused message.
+    #[arg(long, env = "TIDINGS_RELAY_HOLD_MAX", default_value_t = HumanDuration(relayed().hold_max), value_parser = duration)]
+    hold_max: HumanDuration,
+    /// How often the relay writes its row in `tidings_outbox_relays`.
+    #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(relayed().heartbeat_interval), value_parser = interval)]
+    heartbeat_interval: HumanDuration,
+    /// How often the relay logs outbox depth, oldest pending age and last
+    /// publish.
+    #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value_t = HumanDuration(relayed().report_interval), value_parser = interval)]
+    report_interval: HumanDuration,
+    /// Create the outbox tables and triggers if missing.
+    #[arg(long, env = "TIDINGS_RELAY_MIGRATE", default_value_t = relayed().migrate, action = clap::ArgAction::Set)]
+    migrate: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Publishing tasks.
+    #[arg(long, default_value_t = benched().publishers)]
+    publishers: usize,
+    /// Consuming tasks (on one subscription).
+    #[arg(long, default_value_t = benched().subscribers)]
+    subscribers: usize,
+    /// Messages in all.
+    #[arg(long, default_value_t = benched().messages)]
+    messages: u64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = benched().payload_size)]
+    payload_size: usize,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = benched().batch_size)]
+    batch_size: usize,
+    /// Requests in flight per publisher.
+    #[arg(long, default_value_t = benched().pipeline)]
+    pipeline: usize,
+    /// Total publish rate, messages per second (default: unlimited).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Fsync each commit on the embedded broker.
+    #[arg(long, default_value_t = benched().fsync, action = clap::ArgAction::Set)]
+    fsync: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Measure the outbox and relay instead: writers commit messages into
+    /// the outbox of this database (postgres://... or sqlite://PATH; it must
+    /// hold no pending rows), `--publishers` of them, `--batch-size` messages
+    /// per transaction, `--rate` transactions per second. Without `--rate`
+    /// the outbox is filled first and then drained by a relay (throughput);
+    /// with it, each message's commit→broker-ack latency is measured.
+    #[arg(long)]
+    outbox_url: Option<String>,
+    /// With `--outbox-url`: wake the relay with NOTIFY (PostgreSQL); `false`
+    /// measures polling.
+    #[arg(long, default_value_t = relayed().listen, action = clap::ArgAction::Set)]
+    relay_listen: bool,
+    /// With `--outbox-url`: the relay's poll interval.
+    #[arg(long, default_value_t = HumanDuration(relayed().poll_interval), value_parser = interval)]
+    relay_poll_interval: HumanDuration,
+    /// With `--outbox-url`: rows per relay publish request.
+    #[arg(long, default_value_t = relayed().batch_size)]
+    relay_batch_size: usize,
+    /// Consume through the inbox of this database (sqlite://PATH or
+    /// postgres://...): each subscriber runs the consumer runtime with a
+    /// trivial handler.
+    #[arg(long, env = "TIDINGS_BENCH_INBOX_URL", hide_env_values = true)]
+    inbox_url: Option<String>,
+    /// Handlers running at once in each inbox consumer.
+    #[arg(long, default_value_t = benched().inbox_concurrency)]
+    inbox_concurrency: usize,
+    /// Deliveries each inbox consumer holds beyond those being handled.
+    #[arg(long, default_value_t = benched().inbox_prefetch)]
+    inbox_prefetch: usize,
+    /// Ordering keys the published messages cycle through (0: none).
+    #[arg(long, default_value_t = benched().keys)]
+    keys: usize,
+    /// Make the subscription ordered (one message in flight per key).
+    #[arg(long)]
+    ordered: bool,
+    /// Most unacked messages each plain subscriber holds.
+    #[arg(long, default_value_t = benched().window)]
+    window: i32,
+}
+
+/// Runs a local command; `broker` is the global `--broker`.
+pub(crate) async fn run(command: Local, broker: Option<String>) -> anyhow::Result<()> {
+    match command {
+        Local::Serve(args) => serve(args).await,
+        Local::Relay(args) => relay(args, broker.unwrap_or_else(|| DEFAULT_BROKER.into())).await,
+        Local::Bench(args) => run_bench(args, broker).await,
+        Local::Migrate { database_url } => {
+            tidings::store::migrate_postgres(&database_url).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = ServerConfig::new(&args.data_dir);
+    config.store.fsync = args.fsync;
+    config.store.database_url = args.database_url;
+    config.store.dedup_window = args.dedup_window.into();
+    config.store.maintenance_interval = args.maintenance_interval.into();
+    config.store.max_batch = args.max_commit_batch;
+    config.limits.max_message_bytes = args.max_message_bytes;
+    config.limits.max_batch_messages = args.max_batch_messages;
+    config.limits.max_key_bytes = args.max_key_bytes;
+    config.limits.max_attributes = args.max_attributes;
+    config.limits.max_outstanding_messages = args.max_outstanding_messages;
+    config.limits.poll_interval = args.poll_interval.into();
+    config.max_request_bytes = args.max_request_bytes;
+    config.max_concurrent_streams = args.max_concurrent_streams;
+    config.max_pending_reset_streams = args.max_pending_reset_streams;
+    config.keepalive_interval = args.keepalive_interval.into();
+    config.keepalive_timeout = args.keepalive_timeout.into();
+    config.drain_timeout = args.shutdown_timeout.into();
+    // Before anything starts: a bad duration is refused here, not by a
+    // panicking background task.
+    config::check_server_config(&config)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    match &config.store.database_url {
+        Some(url) => {
+            tracing::info!(database = %tidings::store::redact(url), "starting tidings on PostgreSQL")
+        }
+        None => {
+            tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings on SQLite")
+        }
+    }
+    let stop = shutdown_signal();
+    // Scripts and tests read the bound address from this line.
+    println!("tidings listening on {addr}");
+    server::run(listener, config, stop).await?;
+    Ok(())
+}
+
+async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    let mut config = RelayConfig::new(broker);
+    config.batch_size = args.batch_size;
+    config.max_batch_bytes = args.max_batch_bytes;
+    config.poll_interval = args.poll_interval.into();
+    config.listen = args.listen;
+    config.retry.min = args.retry_min.into();
+    config.retry.max = args.retry_max.into();
+    config.hold_min = args.hold_min.into();
+    config.hold_max = args.hold_max.into();
+    config.heartbeat_interval = args.heartbeat_interval.into();
+    config.report_interval = args.report_interval.into();
+    config.migrate = args.migrate;
+    config.check()?;
+    let outbox = Outbox::connect(&args.database_url).await?;
+    let mut relay = Relay::start(outbox, config).await?;
+    // Scripts and tests wait for this line.
+    println!("tidings relay started");
+    tokio::select! {
+        _ = stop => {
+            tracing::info!("stopping the relay after the batch in flight");
+            relay.stop().await;
+            Ok(())
+        }
+        _ = relay.finished() => bail!("the relay task ended unexpectedly"),
+    }
+}
+
+async fn run_bench(args: BenchArgs, broker: Option<String>) -> anyhow::Result<()> {
+    match args.outbox_url {
+        Some(outbox_url) => {
+            let report = relay_bench::run(RelayBenchConfig {
+                broker,
+                outbox_url,
+                writers: args.publishers,
+                messages: args.messages,
+                payload_size: args.payload_size,
+                per_commit: args.batch_size,
+                rate: args.rate,
+                listen: args.relay_listen,
+                poll_interval: args.relay_poll_interval.into(),
+                relay_batch: args.relay_batch_size,
+                fsync: args.fsync,
+            })
+            .await?;
+            print_report(args.json, &report, report.to_json());
+        }
+        None => {
+            let report = bench::run(BenchConfig {
+                broker,
+                publishers: args.publishers,
+                subscribers: args.subscribers,
+                messages: args.messages,
+                payload_size: args.payload_size,
+                batch_size: args.batch_size,
+                pipeline: args.pipeline,
+                rate: args.rate,
+                fsync: args.fsync,
+                inbox_url: args.inbox_url,
+                inbox_concurrency: args.inbox_concurrency,
+                inbox_prefetch: args.inbox_prefetch,
+                keys: args.keys,
+                ordered: args.ordered,
+                window: args.window,
+            })
+            .await?;
+            print_report(args.json, &report, report.to_json());
+        }
+    }
+    Ok(())
+}
+
+/// Prints a bench report as text, or as one JSON object.
+fn print_report(json: bool, report: &impl std::fmt::Display, as_json: String) {
+    if json {
+        println!("{as_json}");
+    } else {
+        print!("{report}");
+    }
+}

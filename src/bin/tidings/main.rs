@@ -1,0 +1,126 @@
+//! The `tidings` command: parses flags (each also a `TIDINGS_*` environment
+//! variable) and calls the library. Local commands (`local.rs`) run
+//! something here; remote ones (`remote.rs`) talk to a broker.
+
+mod bench;
+mod local;
+mod relay_bench;
+mod remote;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tidings::config::{self, DEFAULT_BROKER, HumanDuration};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Reliable notifications between services"
+)]
+struct Cli {
+    /// Broker URL for client commands [default: http://127.0.0.1:50051].
+    /// `bench` starts an embedded broker unless this is given, and accepts
+    /// several comma-separated URLs of instances on one database.
+    #[arg(long, global = true, env = "TIDINGS_BROKER")]
+    broker: Option<String>,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Local(local::Local),
+    #[command(flatten)]
+    Remote(remote::Remote),
+}
+
+/// Parses a duration flag with the library's one parser.
+fn duration(s: &str) -> Result<HumanDuration, tidings::Error> {
+    config::parse_duration(s).map(HumanDuration)
+}
+
+/// Parses a flag that sets how often something repeats (zero refused).
+fn interval(s: &str) -> Result<HumanDuration, tidings::Error> {
+    config::parse_interval(s).map(HumanDuration)
+}
+
+/// Logs to standard error, as text or JSON, at `default` unless `RUST_LOG`
+/// says otherwise.
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
+/// called, not when it is first polled, so a signal that arrives while the
+/// broker is still opening its storage drains it instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch signals; only Ctrl-C stops the broker");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match &cli.command {
+        Command::Local(local::Local::Serve(_) | local::Local::Relay(_)) => "info",
+        _ => "warn",
+    };
+    init_logs(cli.log_format, default_level);
+    let result = match cli.command {
+        Command::Local(command) => local::run(command, cli.broker).await,
+        Command::Remote(command) => {
+            remote::run(command, cli.broker.as_deref().unwrap_or(DEFAULT_BROKER)).await
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The Rust client: `Publisher`, `Subscriber` and `Admin` handles over one
+//! lazily connected gRPC [`Connection`] that reconnects by itself. They speak
+//! domain types ([`crate::model`]) and fail with the crate's [`Error`]; the
+//! wire types stay inside this module, converted by [`crate::wire`].
+//! Publishing retries retryable failures with exponential backoff (safe: ids
+//! make it idempotent); a subscription reconnects its stream after a broker
+//! restart.
+
+mod admin;
+mod publisher;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::model::NewMessage;
+
+pub use admin::{Admin, DEFAULT_PAGE_SIZE, Pages, Serving};
+pub use publisher::{PublishReceiver, PublishSender, PublishSession, Publisher};
+pub use subscriber::{Event, FlowControl, Subscriber, Subscription};
+
+/// Exponential backoff between retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub min: Duration,
+    /// Longest delay.
+    pub max: Duration,
+    /// Give up after retrying this long (`None`: never).
+    pub give_up_after: Option<Duration>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+            give_up_after: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl Backoff {
+    /// Checks the delays; `what` names the setting in the error.
+    ///
+    /// Fails with `InvalidArgument` for a delay longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    pub fn check(&self, what: &str) -> Result<()> {
+        crate::config::check_duration(&format!("{what} backoff min"), self.min)?;
+        crate::config::check_duration(&format!("{what} backoff max"), self.max)?;
+        if let Some(d) = self.give_up_after {
+            crate::config::check_duration(&format!("{what} give_up_after"), d)?;
+        }
+        Ok(())
+    }
+}
+
+/// A lazily made, self-healing connection to one broker. Cheap to clone;
+/// every handle made from it shares the connection.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    channel: Channel,
+    url: Arc<str>,
+}
+
+/// Opens a connection to `url` (like `http://127.0.0.1:50051`). The
+/// connection is made on first use and remade after failures.
+///
+/// Fails with `InvalidArgument` if the URL is malformed.
+pub fn connect(url: &str) -> Result<Connection> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::InvalidArgument(format!("bad broker URL {url:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    Ok(Connection {
+        channel: endpoint.connect_lazy(),
+        url: url.into(),
+    })
+}
+
+impl Connection {
+    /// The broker's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying gRPC channel, for generated clients of services this
+    /// client does not wrap.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The crate's error for a status this broker answered: the code picks
+    /// the variant, the message is kept. This is the one mapping from gRPC
+    /// statuses to [`Error`].
+    fn error(&self, status: Status) -> Error {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
+            Code::NotFound => Error::NotFound(message),
+            Code::AlreadyExists => Error::AlreadyExists(message),
+            Code::FailedPrecondition => Error::FailedPrecondition(message),
+            // No variant of their own: the request is refused as the
+            // broker is set up (no permission, an older broker).
+            Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented => {
+                Error::FailedPrecondition(format!("{:?}: {message}", status.code()))
+            }
+            Code::ResourceExhausted => Error::ResourceExhausted(message),
+            // Retryable: the broker restarting, draining or unreachable (a
+            // failed connect arrives as UNAVAILABLE, so it names the address).
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::DeadlineExceeded => {
+                Error::Unavailable(format!("broker at {} unavailable: {message}", self.url))
+            }
+            Code::Internal | Code::DataLoss | Code::Ok => {
+                Error::Storage(format!("broker at {}: {message}", self.url))
+            }
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Idempotency key; a fresh UUID v7 by default.
+    pub id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Attributes.
+    pub attributes: HashMap<String, String>,
+}
+
+impl Outgoing {
+    /// A message with a fresh UUID v7 id.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Outgoing {
+            id: Uuid::now_v7(),
+            topic: topic.into(),
+            key: None,
+            payload: payload.into(),
+            attributes: HashMap::new(),
+        }
+    }
+
+    /// Sets the ordering key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the id.
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+}
+
+impl From<Outgoing> for NewMessage {
+    fn from(m: Outgoing) -> NewMessage {
+        let mut attributes: Vec<(String, String)> = m.attributes.into_iter().collect();
+        attributes.sort();
+        NewMessage {
+            id: m.id,
+            topic: m.topic,
+            key: m.key,
+            payload: m.payload,
+            attributes,
+            created_at: None,
+        }
+    }
+}
+
+/// Calls `call` until it succeeds, fails for good, or `backoff` gives up.
+async fn retry<T, F, Fut>(backoff: Backoff, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = backoff.min;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                if backoff
+                    .give_up_after
+                    .is_some_and(|limit| started.elapsed() >= limit)
+                {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, ?delay, "retrying after a retryable failure");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(backoff.max);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn statuses_map_to_the_crate_error_keeping_their_message() {
+        let c = connect("http://127.0.0.1:1").unwrap();
+        let e = c.error(Status::not_found("no topic t"));
+        assert!(
+            matches!(&e, Error::NotFound(m) if m == "no topic t"),
+            "{e:?}"
+        );
+        let e = c.error(Status::unavailable("connection refused"));
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+        assert!(matches!(
+            c.error(Status::failed_precondition("stale")),
+            Error::FailedPrecondition(_)
+        ));
+        assert!(matches!(
+            c.error(Status::internal("boom")),
+            Error::Storage(_)
+        ));
+    }
+
+    #[test]
+    fn a_malformed_url_is_an_invalid_argument() {
+        assert!(matches!(
+            connect("not a url"),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

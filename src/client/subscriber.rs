@@ -1,0 +1,330 @@
+//! Subscribing: a streaming subscription that reconnects by itself, and the
+//! unary Pull, Ack, Nack and ExtendLease for scripts and simple clients.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+
+use super::{Backoff, Connection};
+use crate::error::{Error, Result};
+use crate::model::{self, AckOutcome, Delivery, LeaseExtension, Nack, SessionCommand};
+use crate::proto::{self, subscriber_service_client::SubscriberServiceClient};
+use crate::wire;
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A leased message.
+    Message(Delivery),
+    /// The outcome of an ack, nack or extension sent on the stream.
+    Outcome(AckOutcome),
+    /// A delivery the client could not read (a broker bug): its lease, and
+    /// what was wrong. Nack it so that it is dead-lettered in the end.
+    Malformed {
+        /// The lease's ack id, as sent.
+        ack_id: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Flow control of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowControl {
+    /// Most unacked messages held at once.
+    pub max_messages: i32,
+    /// Most unacked payload bytes held at once.
+    pub max_bytes: i64,
+}
+
+impl Default for FlowControl {
+    fn default() -> Self {
+        FlowControl {
+            max_messages: 1000,
+            max_bytes: 100 * 1024 * 1024,
+        }
+    }
+}
+
+impl From<FlowControl> for model::FlowControl {
+    fn from(f: FlowControl) -> model::FlowControl {
+        model::FlowControl {
+            max_outstanding_messages: f.max_messages,
+            max_outstanding_bytes: f.max_bytes,
+        }
+    }
+}
+
+/// Opens subscriptions and makes unary calls.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    connection: Connection,
+    client: SubscriberServiceClient<Channel>,
+    backoff: Backoff,
+}
+
+impl Subscriber {
+    /// A subscriber on `connection`; `backoff` paces reconnections.
+    pub fn new(connection: &Connection, backoff: Backoff) -> Self {
+        let client = SubscriberServiceClient::new(connection.channel())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        Subscriber {
+            connection: connection.clone(),
+            client,
+            backoff,
+        }
+    }
+
+    /// Opens a streaming subscription that reconnects after retryable
+    /// failures and after the broker's internal errors. Leases held when a
+    /// stream breaks are lost (their acks become stale); the broker
+    /// redelivers those messages.
+    pub fn subscribe(&self, subscription: &str, flow: FlowControl) -> Subscription {
+        let (events_tx, events) = mpsc::channel(1024);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let mut first = proto::SubscribeRequest::from(SessionCommand {
+            flow: flow.into(),
+            ..Default::default()
+        });
+        first.subscription = subscription.to_owned();
+        let task = tokio::spawn(run_subscription(
+            self.clone(),
+            first,
+            commands_rx,
+            events_tx,
+        ));
+        Subscription {
+            events,
+            commands,
+            task,
+        }
+    }
+
+    /// Leases up to `max` messages, waiting up to `wait` for the first.
+    ///
+    /// Fails with the broker's error (`NotFound` for an unknown
+    /// subscription).
+    pub async fn pull(
+        &self,
+        subscription: &str,
+        max: i32,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let request = proto::PullRequest {
+            subscription: subscription.to_owned(),
+            max_messages: max,
+            max_wait: Some(wire::duration(wait)),
+        };
+        let response = self.client.clone().pull(request).await;
+        wire::all(self.answer(response)?.messages)
+    }
+
+    /// Acknowledges leases; one outcome per ack id, in order.
+    ///
+    /// Fails with the broker's error (`NotFound` for an unknown
+    /// subscription); a stale or unknown lease is an outcome, not an error.
+    pub async fn ack(&self, subscription: &str, ack_ids: Vec<String>) -> Result<Vec<AckOutcome>> {
+        let request = proto::AckRequest {
+            subscription: subscription.to_owned(),
+            ack_ids,
+        };
+        let response = self.client.clone().ack(request).await;
+        wire::all(self.answer(response)?.outcomes)
+    }
+
+    /// Negatively acknowledges leases; one outcome per nack, in order.
+    ///
+    /// Fails as [`Subscriber::ack`] does.
+    pub async fn nack(&self, subscription: &str, nacks: Vec<Nack>) -> Result<Vec<AckOutcome>> {
+        let request = proto::NackRequest {
+            subscription: subscription.to_owned(),
+            nacks: nacks.into_iter().map(Into::into).collect(),
+        };
+        let response = self.client.clone().nack(request).await;
+        wire::all(self.answer(response)?.outcomes)
+    }
+
+    /// Extends leases, each to now + its extension; one outcome per
+    /// extension, in order, with the new deadline.
+    ///
+    /// Fails as [`Subscriber::ack`] does.
+    pub async fn extend(
+        &self,
+        subscription: &str,
+        extensions: Vec<LeaseExtension>,
+    ) -> Result<Vec<AckOutcome>> {
+        let request = proto::ExtendLeaseRequest {
+            subscription: subscription.to_owned(),
+            extensions: extensions.into_iter().map(Into::into).collect(),
+        };
+        let response = self.client.clone().extend_lease(request).await;
+        wire::all(self.answer(response)?.outcomes)
+    }
+
+    fn answer<T>(&self, response: Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
+        response
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.connection.error(s))
+    }
+}
+
+/// A live subscription. Dropping it ends the stream.
+#[derive(Debug)]
+pub struct Subscription {
+    events: mpsc::Receiver<Result<Event>>,
+    commands: mpsc::UnboundedSender<SessionCommand>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscription {
+    /// The next message or outcome; `None` once the subscription ended.
+    ///
+    /// Fails with an error that cannot be retried (unknown subscription,
+    /// say), after which the subscription has ended.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.events.recv().await
+    }
+
+    /// The next message, skipping outcomes and malformed deliveries.
+    ///
+    /// Fails as [`Subscription::next`] does.
+    pub async fn next_message(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            match self.next().await? {
+                Ok(Event::Message(m)) => return Some(Ok(m)),
+                Ok(Event::Outcome(_) | Event::Malformed { .. }) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    fn command(&self, command: SessionCommand) {
+        // The task ends only with the subscription; a send error means it
+        // ended and the caller learns so from `next`.
+        let _ = self.commands.send(command);
+    }
+
+    /// Acknowledges messages; outcomes arrive as events.
+    pub fn ack(&self, ack_ids: Vec<String>) {
+        self.command(SessionCommand {
+            acks: ack_ids,
+            ..Default::default()
+        });
+    }
+
+    /// Negatively acknowledges a message.
+    pub fn nack(&self, ack_id: String, delay: Option<Duration>, reason: impl Into<String>) {
+        self.command(SessionCommand {
+            nacks: vec![Nack {
+                ack_id,
+                delay,
+                reason: reason.into(),
+            }],
+            ..Default::default()
+        });
+    }
+
+    /// Extends a lease to now + `extension`.
+    pub fn extend(&self, ack_id: String, extension: Duration) {
+        self.extend_all(vec![(ack_id, extension)]);
+    }
+
+    /// Extends several leases in one request (the broker commits them
+    /// together), each to now + its extension.
+    pub fn extend_all(&self, extensions: Vec<(String, Duration)>) {
+        let extensions = extensions
+            .into_iter()
+            .map(|(ack_id, extension)| LeaseExtension { ack_id, extension })
+            .collect();
+        self.command(SessionCommand {
+            extensions,
+            ..Default::default()
+        });
+    }
+}
+
+/// The events of one response: each delivery and outcome on its own, so that
+/// one the client cannot read does not hide the others.
+fn events(response: proto::SubscribeResponse) -> Vec<Event> {
+    let deliveries = response.messages.into_iter().map(|m| {
+        let ack_id = m.ack_id.clone();
+        match Delivery::try_from(m) {
+            Ok(d) => Event::Message(d),
+            Err(e) => Event::Malformed {
+                ack_id,
+                reason: e.to_string(),
+            },
+        }
+    });
+    let outcomes = response
+        .outcomes
+        .into_iter()
+        .filter_map(|o| match AckOutcome::try_from(o) {
+            Ok(o) => Some(Event::Outcome(o)),
+            Err(e) => {
+                tracing::debug!(error = %e, "ignoring an ack outcome this client cannot read");
+                None
+            }
+        });
+    deliveries.chain(outcomes).collect()
+}
+
+async fn run_subscription(
+    subscriber: Subscriber,
+    first: proto::SubscribeRequest,
+    mut commands: mpsc::UnboundedReceiver<SessionCommand>,
+    events_tx: mpsc::Sender<Result<Event>>,
+) {
+    let backoff = subscriber.backoff;
+    let mut client = subscriber.client.clone();
+    let mut delay = backoff.min;
+    loop {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(first.clone());
+        let broke = match client.subscribe(UnboundedReceiverStream::new(rx)).await {
+            Ok(response) => {
+                delay = backoff.min;
+                let mut inbound = response.into_inner();
+                loop {
+                    tokio::select! {
+                        command = commands.recv() => match command {
+                            Some(c) => { let _ = tx.send(c.into()); }
+                            None => return,
+                        },
+                        message = inbound.message() => match message {
+                            Ok(Some(r)) => {
+                                for event in events(r) {
+                                    if events_tx.send(Ok(event)).await.is_err() { return; }
+                                }
+                            }
+                            Ok(None) => break Error::Unavailable(format!(
+                                "broker at {} ended the subscription stream",
+                                subscriber.connection.url()
+                            )),
+                            Err(s) => break subscriber.connection.error(s),
+                        },
+                    }
+                }
+            }
+            Err(s) => subscriber.connection.error(s),
+        };
+        // A subscription lives long: besides the retryable errors it also
+        // outlasts a broker's internal (storage) errors, with backoff.
+        if !broke.is_retryable() && !matches!(broke, Error::Storage(_)) {
+            let _ = events_tx.send(Err(broke)).await;
+            return;
+        }
+        tracing::debug!(error = %broke, ?delay, "subscription stream broke; reconnecting");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(backoff.max);
+    }
+}

@@ -1,0 +1,262 @@
+//! Configuration shared by the command line and the library's entry points:
+//! the one duration parser, the checks that keep a configured duration from
+//! panicking a background task later, and the defaults the CLI shows.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::server::ServerConfig;
+use crate::store::StoreConfig;
+
+/// The address `tidings serve` listens on unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// The broker the client commands talk to unless told otherwise.
+pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
+
+/// The folder of the embedded SQLite database unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "./tidings-data";
+
+/// The longest duration any setting accepts: 100 years. Longer ones would
+/// overflow an `Instant` or a count of microseconds somewhere; no setting
+/// needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `7d`, `250us` or plain seconds
+/// (fractions allowed: `1.5s`).
+///
+/// Fails with `InvalidArgument` for anything else, a negative value, or a
+/// duration longer than [`MAX_DURATION`].
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let s = text.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let not_a_duration =
+        || Error::InvalidArgument(format!("{text:?} is not a duration like 30s, 500ms or 7d"));
+    let nanos_per_unit: u128 = match unit {
+        "" | "s" => 1_000_000_000,
+        "ms" => 1_000_000,
+        "us" | "µs" => 1_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown unit {unit:?} in {text:?}; use us, ms, s, m, h or d"
+            )));
+        }
+    };
+    let too_long = || {
+        Error::InvalidArgument(format!(
+            "{text:?} is too long; the longest accepted duration is {}",
+            format_duration(MAX_DURATION)
+        ))
+    };
+    // Whole and fractional parts in integers, so that `0.1s` is exactly
+    // 100ms and an absurd number is refused instead of overflowing.
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+        return Err(not_a_duration());
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| too_long())?
+    };
+    let mut nanos = whole.checked_mul(nanos_per_unit).ok_or_else(too_long)?;
+    let mut place = nanos_per_unit;
+    for digit in fraction.bytes().take(30) {
+        place /= 10;
+        nanos += u128::from(digit - b'0') * place;
+    }
+    let max = MAX_DURATION.as_nanos();
+    if nanos > max {
+        return Err(too_long());
+    }
+    // At most MAX_DURATION, so the seconds fit in a u64.
+    let d = Duration::new(
+        (nanos / 1_000_000_000) as u64,
+        (nanos % 1_000_000_000) as u32,
+    );
+    Ok(d)
+}
+
+/// Parses the period of something repeated, as [`parse_duration`] does.
+///
+/// Fails with `InvalidArgument` as [`parse_duration`] does, and for zero.
+pub fn parse_interval(text: &str) -> Result<Duration> {
+    let d = parse_duration(text)?;
+    if d.is_zero() {
+        return Err(Error::InvalidArgument(format!(
+            "{text:?}: an interval must be longer than zero"
+        )));
+    }
+    Ok(d)
+}
+
+/// Writes a duration in the largest unit that keeps it whole (`7d`, `250ms`),
+/// in a form [`parse_duration`] reads back.
+pub fn format_duration(d: Duration) -> String {
+    const UNITS: [(&str, u128); 5] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+    ];
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".into();
+    }
+    for (unit, size) in UNITS {
+        if nanos.is_multiple_of(size) {
+            return format!("{}{unit}", nanos / size);
+        }
+    }
+    format!("{}us", d.as_secs_f64() * 1e6)
+}
+
+/// A duration read and shown as text (`30s`), for flags whose default is a
+/// library constant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+impl From<HumanDuration> for Duration {
+    fn from(d: HumanDuration) -> Duration {
+        d.0
+    }
+}
+
+/// Checks a duration setting named `what`.
+///
+/// Fails with `InvalidArgument` if it is longer than [`MAX_DURATION`].
+pub fn check_duration(what: &str, d: Duration) -> Result<()> {
+    if d > MAX_DURATION {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {d:?}; the longest accepted is {}",
+            format_duration(MAX_DURATION)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the period of something repeated, named `what`.
+///
+/// Fails with `InvalidArgument` if it is zero (a timer that fires
+/// continuously, which `tokio::time::interval` refuses with a panic) or
+/// longer than [`MAX_DURATION`].
+pub fn check_interval(what: &str, d: Duration) -> Result<()> {
+    if d.is_zero() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} must be longer than zero"
+        )));
+    }
+    check_duration(what, d)
+}
+
+/// Checks the durations of a store's configuration before it is opened.
+///
+/// Fails with `InvalidArgument` naming the first bad setting.
+pub fn check_store_config(config: &StoreConfig) -> Result<()> {
+    check_interval("maintenance_interval", config.maintenance_interval)?;
+    check_duration("dedup_window", config.dedup_window)
+}
+
+/// Checks the durations of a server's configuration, its store's included,
+/// before the server starts.
+///
+/// Fails with `InvalidArgument` naming the first bad setting.
+pub fn check_server_config(config: &ServerConfig) -> Result<()> {
+    check_store_config(&config.store)?;
+    check_interval("poll_interval", config.limits.poll_interval)?;
+    check_interval("keepalive_interval", config.keepalive_interval)?;
+    check_interval("keepalive_timeout", config.keepalive_timeout)?;
+    check_duration("shutdown_timeout", config.drain_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit() {
+        let cases = [
+            ("250us", Duration::from_micros(250)),
+            ("500ms", Duration::from_millis(500)),
+            ("30s", Duration::from_secs(30)),
+            ("30", Duration::from_secs(30)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("5m", Duration::from_secs(300)),
+            ("2h", Duration::from_secs(7200)),
+            ("7d", Duration::from_secs(7 * 86_400)),
+            (" 0 ", Duration::ZERO),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_duration(text).unwrap(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_negative_and_absurd_durations() {
+        for text in ["", "s", "-1s", "1e3s", "5 parsecs", "1.2.3s", "inf", "NaN"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+        let err = parse_duration("99999999999999999999999s").unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+        assert!(parse_duration("36501d").is_err());
+        assert_eq!(parse_duration("36500d").unwrap(), MAX_DURATION);
+    }
+
+    #[test]
+    fn formats_in_the_largest_whole_unit_and_reads_back() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_micros(1500), "1500us"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn intervals_must_be_positive_and_bounded() {
+        assert!(check_interval("x", Duration::ZERO).is_err());
+        assert!(check_interval("x", MAX_DURATION + Duration::from_secs(1)).is_err());
+        assert!(check_interval("x", Duration::from_millis(1)).is_ok());
+        assert!(check_duration("x", Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn server_config_with_a_zero_maintenance_interval_is_refused() {
+        let mut config = ServerConfig::new("unused");
+        assert!(check_server_config(&config).is_ok());
+        config.store.maintenance_interval = Duration::ZERO;
+        let err = check_server_config(&config).unwrap_err();
+        assert!(err.to_string().contains("maintenance_interval"), "{err}");
+        let mut config = ServerConfig::new("unused");
+        config.store.dedup_window = Duration::MAX;
+        assert!(check_server_config(&config).is_err());
+    }
+}
