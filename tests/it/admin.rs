@@ -266,7 +266,7 @@ backend_test! {
         for trial in 0..5u64 {
             let deadline = |round: u64| Duration::from_secs(100 * trial + round);
             let attempts = |round: u64| (100 * trial + round) as i32;
-            let raw = b.admin().raw();
+            let raw = b.raw_admin();
             let deadlines = update_repeatedly(raw.clone(), "s", "ack_deadline", ROUNDS, |r| {
                 proto::Subscription { ack_deadline: Some(pb(deadline(r))), ..Default::default() }
             });
@@ -277,7 +277,7 @@ backend_test! {
                 proto::Subscription { ordered: r % 2 == 0, ..Default::default() }
             });
             tokio::join!(deadlines, maxes, others);
-            let sub = b.admin().raw()
+            let sub = b.raw_admin()
                 .get_subscription(proto::GetSubscriptionRequest { name: "s".into() })
                 .await
                 .unwrap()
