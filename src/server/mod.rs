@@ -80,12 +80,14 @@ async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
 /// drains: health turns NOT_SERVING, streams end with UNAVAILABLE, pending
 /// commits finish, and the store closes.
 ///
-/// Fails if the store cannot be opened or the server fails.
+/// Fails with `InvalidArgument` for a setting out of range (checked before
+/// anything starts), or if the store cannot be opened or the server fails.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    crate::config::check_server_config(&config)?;
     let store = Store::open(config.store.clone()).await?;
     let result = serve(listener, store.clone(), &config, shutdown).await;
     store.close().await;

@@ -64,36 +64,19 @@ impl StoreConfig {
     }
 }
 
-/// The longest interval or window a store accepts: beyond a century a
-/// duration is a typo, and microsecond arithmetic on it could overflow.
-const MAX_STORE_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
 impl StoreConfig {
     /// Checks the settings before anything starts, so that a bad value is a
     /// clear error at open rather than a panic in a background task.
     ///
     /// Fails with `InvalidArgument` naming the setting: a zero
-    /// `maintenance_interval` or `max_batch`, or a duration over a century.
+    /// `maintenance_interval` or `max_batch`, or a duration over
+    /// [`crate::config::MAX_DURATION`].
     pub fn check(&self) -> Result<()> {
-        if self.maintenance_interval.is_zero() {
-            return Err(Error::InvalidArgument(
-                "maintenance interval must be longer than zero".into(),
-            ));
-        }
+        crate::config::check_store_config(self)?;
         if self.max_batch == 0 {
             return Err(Error::InvalidArgument(
-                "the group commit's batch limit must be at least 1".into(),
+                "max_batch (the group commit's limit) must be at least 1".into(),
             ));
-        }
-        for (name, d) in [
-            ("maintenance interval", self.maintenance_interval),
-            ("dedup window", self.dedup_window),
-        ] {
-            if d > MAX_STORE_DURATION {
-                return Err(Error::InvalidArgument(format!(
-                    "{name} of {d:?} is longer than the limit of 100 years"
-                )));
-            }
         }
         Ok(())
     }
@@ -670,14 +653,14 @@ mod tests {
         zero.maintenance_interval = Duration::ZERO;
         let err = Store::open(zero).await.expect_err("zero interval");
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("maintenance interval")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("maintenance_interval")),
             "{err}"
         );
         let mut huge = StoreConfig::new(dir.path());
         huge.dedup_window = Duration::from_secs(u64::MAX);
         let err = Store::open(huge).await.expect_err("absurd window");
         assert!(
-            matches!(&err, Error::InvalidArgument(m) if m.contains("dedup window")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("dedup_window")),
             "{err}"
         );
         let store = Store::open(StoreConfig::new(dir.path()))
