@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use crate::server::ServerConfig;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use crate::store::StoreConfig;
 
 /// The address `tidings serve` listens on unless told otherwise.
@@ -175,6 +177,7 @@ pub fn check_interval(what: &str, d: Duration) -> Result<()> {
 /// Checks the durations of a store's configuration before it is opened.
 ///
 /// Fails with `InvalidArgument` naming the first bad setting.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub fn check_store_config(config: &StoreConfig) -> Result<()> {
     check_interval("maintenance_interval", config.maintenance_interval)?;
     check_duration("dedup_window", config.dedup_window)
@@ -184,6 +187,7 @@ pub fn check_store_config(config: &StoreConfig) -> Result<()> {
 /// before the server starts.
 ///
 /// Fails with `InvalidArgument` naming the first bad setting.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub fn check_server_config(config: &ServerConfig) -> Result<()> {
     check_store_config(&config.store)?;
     check_interval("poll_interval", config.limits.poll_interval)?;
@@ -248,6 +252,7 @@ mod tests {
         assert!(check_duration("x", Duration::ZERO).is_ok());
     }
 
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     #[test]
     fn server_config_with_a_zero_maintenance_interval_is_refused() {
         let mut config = ServerConfig::new("unused");

@@ -6,16 +6,26 @@
 //!
 //! See `ARCHITECTURE.md` for the map of the code.
 
+// The client, the domain and the wire conversions build without any
+// storage; the broker needs a store backend (`sqlite` and/or `postgres`);
+// the outbox, the inbox and the consumer runtime take both for now.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod broker;
 pub mod client;
 pub mod config;
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
 pub mod consumer;
 pub mod error;
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
 pub mod inbox;
 pub mod model;
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
 pub mod outbox;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod server;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod session;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod store;
 pub mod wire;
 

@@ -510,3 +510,42 @@ mod tests {
         assert!(validate_name("topic", &"a".repeat(256)).is_err());
     }
 }
+
+/// Changes to a subscription's settings; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionPatch {
+    /// New lease length.
+    pub ack_deadline: Option<Duration>,
+    /// New max attempts.
+    pub max_attempts: Option<i32>,
+    /// New first backoff.
+    pub min_backoff: Option<Duration>,
+    /// New longest backoff.
+    pub max_backoff: Option<Duration>,
+    /// New dead-letter topic (`Some(None)` removes it).
+    pub dead_letter_topic: Option<Option<String>>,
+    /// New ordering.
+    pub ordered: Option<bool>,
+}
+
+/// Changes to a topic's settings; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicPatch {
+    /// New retention.
+    pub retention: Option<Duration>,
+    /// New max age.
+    pub max_age: Option<Duration>,
+}
+
+/// A subscription to create.
+#[derive(Debug, Clone)]
+pub struct NewSubscription {
+    /// Name.
+    pub name: String,
+    /// Topic name.
+    pub topic: String,
+    /// Settings.
+    pub settings: SubscriptionSettings,
+    /// Where it starts.
+    pub start: StartPosition,
+}

@@ -12,8 +12,8 @@ use crate::model::{
     SessionEvent, StartPosition, StoredMessage, Subscription, SubscriptionSettings,
     SubscriptionStats, Topic, TopicSettings,
 };
+use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 use crate::proto;
-use crate::store::{NewSubscription, SubscriptionPatch, TopicPatch};
 
 pub use crate::proto::duration;
 

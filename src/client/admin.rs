@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::model::{
     DeadLetter, Page, SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
 };
+use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 use crate::proto::{self, admin_service_client::AdminServiceClient};
-use crate::store::{NewSubscription, SubscriptionPatch, TopicPatch};
 use crate::wire;
 
 /// Items per page when a listing is read whole.

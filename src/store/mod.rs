@@ -12,8 +12,10 @@ mod statements;
 mod backend;
 mod common;
 mod plan;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod reader;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 mod writer;
 
@@ -27,20 +29,39 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{Error, Result};
 use crate::model::{
     AckId, AckStatus, DeadLetter, Delivery, Micros, NackItem, NewMessage, PublishOutcome,
-    SeekTarget, StartPosition, Subscription, SubscriptionSettings, SubscriptionStats, Topic,
-    TopicSettings,
+    SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
 };
+pub use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
+
+/// Where the broker keeps its data: one choice, so that a URL can never
+/// silently override a folder.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// The embedded default: SQLite in this folder (created if missing),
+    /// owned by one broker.
+    Sqlite(PathBuf),
+    /// PostgreSQL at this `postgres://` URL, shared by several broker
+    /// instances.
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Sqlite(dir) => f.debug_tuple("Sqlite").field(dir).finish(),
+            // The URL may carry a password.
+            Storage::Postgres(url) => f.debug_tuple("Postgres").field(&redact(url)).finish(),
+        }
+    }
+}
 
 /// How the store keeps its data.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Folder of the SQLite database (created if missing); unused with
-    /// PostgreSQL.
-    pub data_dir: PathBuf,
-    /// A `postgres://` URL selects PostgreSQL instead of the embedded SQLite.
-    pub database_url: Option<String>,
-    /// Fsync every commit (`synchronous=FULL`). Turning it off keeps the
-    /// database consistent but may lose the last commits on power loss.
+    /// The database.
+    pub storage: Storage,
+    /// Fsync every commit (SQLite's `synchronous=FULL`). Turning it off keeps
+    /// the database consistent but may lose the last commits on power loss.
     pub fsync: bool,
     /// How long a published id is remembered for deduplication.
     pub dedup_window: Duration,
@@ -50,16 +71,32 @@ pub struct StoreConfig {
     pub max_batch: usize,
 }
 
+/// Default of [`StoreConfig::dedup_window`]: 7 days.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default of [`StoreConfig::maintenance_interval`].
+pub const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default of [`StoreConfig::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 20_000;
+
 impl StoreConfig {
-    /// Defaults for a data directory.
+    /// Defaults for SQLite in a data directory.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StoreConfig::on(Storage::Sqlite(data_dir.into()))
+    }
+
+    /// Defaults for PostgreSQL at `url`.
+    pub fn postgres(url: impl Into<String>) -> Self {
+        StoreConfig::on(Storage::Postgres(url.into()))
+    }
+
+    /// Defaults for `storage`.
+    pub fn on(storage: Storage) -> Self {
         StoreConfig {
-            data_dir: data_dir.into(),
-            database_url: None,
+            storage,
             fsync: true,
-            dedup_window: Duration::from_secs(7 * 24 * 3600),
-            maintenance_interval: Duration::from_secs(1),
-            max_batch: 20_000,
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            maintenance_interval: DEFAULT_MAINTENANCE_INTERVAL,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -82,23 +119,6 @@ impl StoreConfig {
     }
 }
 
-impl std::fmt::Debug for StoreConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may carry a password.
-        f.debug_struct("StoreConfig")
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &self.database_url.as_ref().map(|u| redact(u)),
-            )
-            .field("fsync", &self.fsync)
-            .field("dedup_window", &self.dedup_window)
-            .field("maintenance_interval", &self.maintenance_interval)
-            .field("max_batch", &self.max_batch)
-            .finish()
-    }
-}
-
 /// A database URL with its password replaced by `***`.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -116,32 +136,6 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// Changes to a subscription's settings; `None` leaves a field alone.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SubscriptionPatch {
-    /// New lease length.
-    pub ack_deadline: Option<Duration>,
-    /// New max attempts.
-    pub max_attempts: Option<i32>,
-    /// New first backoff.
-    pub min_backoff: Option<Duration>,
-    /// New longest backoff.
-    pub max_backoff: Option<Duration>,
-    /// New dead-letter topic (`Some(None)` removes it).
-    pub dead_letter_topic: Option<Option<String>>,
-    /// New ordering.
-    pub ordered: Option<bool>,
-}
-
-/// Changes to a topic's settings; `None` leaves a field alone.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TopicPatch {
-    /// New retention.
-    pub retention: Option<Duration>,
-    /// New max age.
-    pub max_age: Option<Duration>,
 }
 
 /// Messages leased by one call, and when to look again.
@@ -208,19 +202,6 @@ impl Op {
     }
 }
 
-/// A subscription to create.
-#[derive(Debug, Clone)]
-pub struct NewSubscription {
-    /// Name.
-    pub name: String,
-    /// Topic name.
-    pub topic: String,
-    /// Settings.
-    pub settings: SubscriptionSettings,
-    /// Where it starts.
-    pub start: StartPosition,
-}
-
 #[derive(Debug, Clone)]
 struct LeaseRequest {
     subscription: String,
@@ -245,6 +226,7 @@ impl Notifier {
 
     /// Wakes the waiters of a key as written by [`Notifier::key`] (a
     /// notification from another broker instance).
+    #[cfg(feature = "postgres")]
     fn notify_raw(&self, key: &str) {
         self.notify_key(key);
     }
@@ -296,9 +278,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens the store: PostgreSQL if `config.database_url` is set,
-    /// otherwise SQLite in `config.data_dir` (created if needed). Applies
-    /// migrations and starts the writer and maintenance tasks.
+    /// Opens the store on `config.storage` (a SQLite folder is created if
+    /// needed), applies migrations and starts the writer and maintenance
+    /// tasks.
     ///
     /// Fails if the database cannot be reached, opened or migrated.
     pub async fn open(config: StoreConfig) -> Result<Store> {
@@ -308,20 +290,29 @@ impl Store {
         let (ops, rx) = mpsc::channel(4096);
         let weak = ops.downgrade();
         let alive = move || weak.upgrade().is_some_and(|ops| !ops.is_closed());
-        let reader = match &config.database_url {
-            None => {
+        let reader = match &config.storage {
+            #[cfg(feature = "sqlite")]
+            Storage::Sqlite(dir) => {
                 let (writer, reader, checkpointer) =
-                    sqlite::open(&config, notifier.clone(), healthy_tx).await?;
+                    sqlite::open(dir, &config, notifier.clone(), healthy_tx).await?;
                 tokio::spawn(writer.run(rx, config.max_batch));
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
                 Reader::Sqlite(reader)
             }
-            Some(url) => {
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(url) => {
                 let (writer, reader, listener) =
                     postgres::open(url, &config, notifier.clone(), healthy_tx).await?;
                 tokio::spawn(writer.run(rx, config.max_batch));
                 tokio::spawn(listener.run(alive));
                 Reader::Postgres(reader)
+            }
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "this build of tidings has no support for {other:?}; \
+                     build it with the sqlite and postgres features"
+                )));
             }
         };
         let store = Store {
@@ -543,6 +534,7 @@ impl Store {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// Applies pending migrations to the PostgreSQL database at `url` and
 /// returns (what `tidings migrate` does; `Store::open` does it too).
 ///
@@ -558,7 +550,9 @@ pub async fn migrate_postgres(url: &str) -> Result<()> {
 /// The read side of either backend.
 #[derive(Debug, Clone)]
 enum Reader {
+    #[cfg(feature = "sqlite")]
     Sqlite(reader::Reader<sqlite::Sqlite>),
+    #[cfg(feature = "postgres")]
     Postgres(reader::Reader<postgres::Postgres>),
 }
 
@@ -566,7 +560,9 @@ enum Reader {
 macro_rules! read {
     ($self:expr, $method:ident($($arg:expr),*)) => {
         match $self {
+            #[cfg(feature = "sqlite")]
             Reader::Sqlite(r) => r.$method($($arg),*).await,
+            #[cfg(feature = "postgres")]
             Reader::Postgres(r) => r.$method($($arg),*).await,
         }
     };

@@ -5,6 +5,7 @@
 //! "locks" are plain reads here.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -49,19 +50,18 @@ pub(super) struct Sqlite {
 /// Opens the database, migrates it, and returns the writer (to be run as a
 /// task), the reader and the checkpointer.
 pub(super) async fn open(
+    data_dir: &Path,
     config: &StoreConfig,
     notifier: Notifier,
     healthy: watch::Sender<bool>,
 ) -> Result<(Writer<Sqlite>, Reader<Sqlite>, Checkpointer)> {
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot create data directory {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
-    let path = config.data_dir.join("tidings.db");
+    tokio::fs::create_dir_all(&data_dir).await.map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot create data directory {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let path = data_dir.join("tidings.db");
     let options = SqliteConnectOptions::new()
         .filename(&path)
         .create_if_missing(true)

@@ -79,3 +79,12 @@ async fn relay_refuses_a_zero_poll_interval() {
     let output = tidings(&args, &[]).await;
     refused(&output, "an interval must be longer than zero");
 }
+
+/// Issue 10: a database URL silently overrode a data directory. The storage
+/// is one choice now, and both together are refused at start.
+#[tokio::test]
+async fn serve_refuses_a_data_dir_and_a_database_url_together() {
+    let output = serve(&["--database-url", "postgres://postgres@127.0.0.1:1/none"]).await;
+    refused(&output, "--database-url");
+    refused(&output, "--data-dir");
+}

@@ -32,12 +32,12 @@ pub(crate) async fn spawn_broker_with(
     listen: &str,
 ) -> Broker {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    command
-        .args(["serve", "--listen", listen, "--data-dir"])
-        .arg(dir);
-    if let Some(url) = database_url {
-        command.args(["--database-url", url]);
-    }
+    command.args(["serve", "--listen", listen]);
+    // The storage is one choice: a folder or a database URL.
+    match database_url {
+        Some(url) => command.args(["--database-url", url]),
+        None => command.arg("--data-dir").arg(dir),
+    };
     let mut child = command
         .args([
             "--maintenance-interval",

@@ -188,7 +188,9 @@ impl TestBroker {
         let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = test_config(data);
-        config.store.database_url = database.as_ref().map(|(_, url, _)| url.clone());
+        if let Some((_, url, _)) = &database {
+            config.store.storage = tidings::store::Storage::Postgres(url.clone());
+        }
         tune(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async move {

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
 use tidings::outbox::{Outbox, Relay, RelayConfig};
 use tidings::server::{self, ServerConfig};
+use tidings::store::Storage;
 
 use crate::bench::{self, BenchConfig};
 use crate::relay_bench::{self, RelayBenchConfig};
@@ -52,12 +53,18 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (use port 0 for any free port).
     #[arg(long, env = "TIDINGS_LISTEN", default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Folder of the embedded SQLite database.
+    /// Folder of the embedded SQLite database (the default storage).
     #[arg(long, env = "TIDINGS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// Use PostgreSQL at this URL (postgres://...) instead of SQLite; several
-    /// instances may share one database.
-    #[arg(long, env = "TIDINGS_DATABASE_URL", hide_env_values = true)]
+    /// instances may share one database. Refused together with an explicit
+    /// --data-dir: the storage is one choice.
+    #[arg(
+        long,
+        env = "TIDINGS_DATABASE_URL",
+        hide_env_values = true,
+        conflicts_with = "data_dir"
+    )]
     database_url: Option<String>,
     /// Fsync every commit. `false` survives a broker crash but may lose the
     /// last commits on power loss.
@@ -243,8 +250,10 @@ pub(crate) async fn run(command: Local, broker: Option<String>) -> anyhow::Resul
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
+    if let Some(url) = &args.database_url {
+        config.store.storage = Storage::Postgres(url.clone());
+    }
     config.store.fsync = args.fsync;
-    config.store.database_url = args.database_url;
     config.store.dedup_window = args.dedup_window.into();
     config.store.maintenance_interval = args.maintenance_interval.into();
     config.store.max_batch = args.max_commit_batch;
@@ -267,12 +276,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    match &config.store.database_url {
-        Some(url) => {
+    match &config.store.storage {
+        Storage::Postgres(url) => {
             tracing::info!(database = %tidings::store::redact(url), "starting tidings on PostgreSQL")
         }
-        None => {
-            tracing::info!(data_dir = %args.data_dir.display(), fsync = args.fsync, "starting tidings on SQLite")
+        Storage::Sqlite(dir) => {
+            tracing::info!(data_dir = %dir.display(), fsync = args.fsync, "starting tidings on SQLite")
         }
     }
     let stop = shutdown_signal();
