@@ -7,19 +7,20 @@
 //! See `ARCHITECTURE.md` for the map of the code.
 
 // The client, the domain and the wire conversions build without any
-// storage; the broker needs a store backend (`sqlite` and/or `postgres`);
-// the outbox, the inbox and the consumer runtime take both for now.
+// database; the broker, the outbox, the inbox and the consumer runtime need
+// at least one of the `sqlite` and `postgres` features, and support the
+// databases whose features are on.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod broker;
 pub mod client;
 pub mod config;
-#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod consumer;
 pub mod error;
-#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod inbox;
 pub mod model;
-#[cfg(all(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod outbox;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod server;

@@ -11,12 +11,18 @@
 //! The SQL of each backend is in `postgres.rs` and `sqlite.rs`, beside the
 //! plain migrations in `migrations/inbox/`.
 
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 use std::time::Duration;
 
-use sqlx::{Pool, Postgres, Sqlite, Transaction};
+#[cfg(feature = "postgres")]
+use sqlx::Postgres;
+#[cfg(feature = "sqlite")]
+use sqlx::Sqlite;
+use sqlx::{Pool, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -85,7 +91,9 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
 
 mod sealed {
     pub trait Sealed {}
+    #[cfg(feature = "postgres")]
     impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
     impl Sealed for sqlx::Sqlite {}
 }
 
@@ -189,7 +197,9 @@ macro_rules! inbox_database {
     };
 }
 
+#[cfg(feature = "postgres")]
 inbox_database!(Postgres, postgres);
+#[cfg(feature = "sqlite")]
 inbox_database!(Sqlite, sqlite);
 
 /// The inbox of one consumer database: a connection pool to it.

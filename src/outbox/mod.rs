@@ -7,15 +7,21 @@
 //! a transaction that rolls back never does. The outbox never commits on its
 //! own: the caller's transaction decides.
 
+#[cfg(feature = "postgres")]
 mod postgres;
 mod relay;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::{PgPool, Postgres, Sqlite, SqlitePool, Transaction};
+use sqlx::Transaction;
+#[cfg(feature = "postgres")]
+use sqlx::{PgPool, Postgres};
+#[cfg(feature = "sqlite")]
+use sqlx::{Sqlite, SqlitePool};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -77,10 +83,13 @@ pub trait OutboxDatabase: sqlx::Database + sealed::Sealed {
 
 mod sealed {
     pub trait Sealed {}
+    #[cfg(feature = "postgres")]
     impl Sealed for sqlx::Postgres {}
+    #[cfg(feature = "sqlite")]
     impl Sealed for sqlx::Sqlite {}
 }
 
+#[cfg(feature = "postgres")]
 impl OutboxDatabase for Postgres {
     fn insert(
         tx: &mut Transaction<'_, Self>,
@@ -90,6 +99,7 @@ impl OutboxDatabase for Postgres {
     }
 }
 
+#[cfg(feature = "sqlite")]
 impl OutboxDatabase for Sqlite {
     fn insert(
         tx: &mut Transaction<'_, Self>,
@@ -274,12 +284,27 @@ pub struct Outbox {
 
 #[derive(Debug, Clone)]
 enum Backend {
+    #[cfg(feature = "postgres")]
     Postgres(PgPool),
+    #[cfg(feature = "sqlite")]
     Sqlite(SqlitePool),
+}
+
+/// Calls the same statement function of whichever backend the outbox is in.
+macro_rules! on_backend {
+    ($self:expr, $f:ident($($arg:expr),*)) => {
+        match &$self.backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pool) => postgres::$f(pool, $($arg),*).await,
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(pool) => sqlite::$f(pool, $($arg),*).await,
+        }
+    };
 }
 
 impl Outbox {
     /// The outbox in a PostgreSQL database, over the application's pool.
+    #[cfg(feature = "postgres")]
     pub fn postgres(pool: PgPool) -> Outbox {
         Outbox {
             backend: Backend::Postgres(pool),
@@ -288,6 +313,7 @@ impl Outbox {
     }
 
     /// The outbox in a SQLite database, over the application's pool.
+    #[cfg(feature = "sqlite")]
     pub fn sqlite(pool: SqlitePool) -> Outbox {
         Outbox {
             backend: Backend::Sqlite(pool),
@@ -297,19 +323,23 @@ impl Outbox {
 
     /// The PostgreSQL pool, if the outbox is in PostgreSQL: for the
     /// application's own transactions (`enqueue` into them).
+    #[cfg(feature = "postgres")]
     pub fn postgres_pool(&self) -> Option<&PgPool> {
         match &self.backend {
             Backend::Postgres(pool) => Some(pool),
-            Backend::Sqlite(_) => None,
+            #[allow(unreachable_patterns)]
+            _ => None,
         }
     }
 
     /// The SQLite pool, if the outbox is in SQLite; see
     /// [`Outbox::postgres_pool`].
+    #[cfg(feature = "sqlite")]
     pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
         match &self.backend {
             Backend::Sqlite(pool) => Some(pool),
-            Backend::Postgres(_) => None,
+            #[allow(unreachable_patterns)]
+            _ => None,
         }
     }
 
@@ -319,25 +349,32 @@ impl Outbox {
     /// if the database cannot be reached.
     pub async fn connect(url: &str) -> Result<Outbox> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Outbox::postgres(postgres::connect(url).await?))
-        } else if url.starts_with("sqlite:") {
-            Ok(Outbox::sqlite(sqlite::connect(url).await?))
-        } else {
-            Err(Error::InvalidArgument(format!(
-                "outbox database URL must start with postgres://, postgresql:// or sqlite: (got {})",
-                crate::store::redact(url)
-            )))
+            #[cfg(feature = "postgres")]
+            return Ok(Outbox::postgres(postgres::connect(url).await?));
+            #[cfg(not(feature = "postgres"))]
+            return Err(Error::InvalidArgument(
+                "this build of tidings has no PostgreSQL support (the postgres feature)".into(),
+            ));
         }
+        if url.starts_with("sqlite:") {
+            #[cfg(feature = "sqlite")]
+            return Ok(Outbox::sqlite(sqlite::connect(url).await?));
+            #[cfg(not(feature = "sqlite"))]
+            return Err(Error::InvalidArgument(
+                "this build of tidings has no SQLite support (the sqlite feature)".into(),
+            ));
+        }
+        Err(Error::InvalidArgument(format!(
+            "outbox database URL must start with postgres://, postgresql:// or sqlite: (got {})",
+            crate::store::redact(url)
+        )))
     }
 
     /// Creates the outbox tables, indexes and triggers if they are missing.
     ///
     /// Fails with a storage error.
     pub async fn migrate(&self) -> Result<()> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::migrate(pool).await,
-            Backend::Sqlite(pool) => sqlite::migrate(pool).await,
-        }
+        on_backend!(self, migrate())
     }
 
     /// Wakes a [`Relay`] of this handle (or its clones) at once. Call it after
@@ -361,47 +398,29 @@ impl Outbox {
     ///
     /// Fails with a storage error.
     pub async fn stats(&self) -> Result<OutboxStats> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::stats(pool).await,
-            Backend::Sqlite(pool) => sqlite::stats(pool).await,
-        }
+        on_backend!(self, stats())
     }
 
     async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::fetch(pool, after, limit).await,
-            Backend::Sqlite(pool) => sqlite::fetch(pool, after, limit).await,
-        }
+        on_backend!(self, fetch(after, limit))
     }
 
     async fn delete(&self, seqs: &[i64]) -> Result<()> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::delete(pool, seqs).await,
-            Backend::Sqlite(pool) => sqlite::delete(pool, seqs).await,
-        }
+        on_backend!(self, delete(seqs))
     }
 
     /// Holds a refused row (and with it the later rows of its key) for
     /// `wait`; with `whole_topic`, every waiting row of its topic.
     async fn hold(&self, row: &Row, error: &str, wait: Duration, whole_topic: bool) -> Result<()> {
         let wait = crate::model::micros(wait);
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::hold(pool, row, error, wait, whole_topic).await,
-            Backend::Sqlite(pool) => sqlite::hold(pool, row, error, wait, whole_topic).await,
-        }
+        on_backend!(self, hold(row, error, wait, whole_topic))
     }
 
     async fn report(&self, relay: &str, status: &RelayStatus, started: SystemTime) -> Result<()> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::report(pool, relay, status, started).await,
-            Backend::Sqlite(pool) => sqlite::report(pool, relay, status, started).await,
-        }
+        on_backend!(self, report(relay, status, started))
     }
 
     async fn retire(&self, relay: &str) -> Result<()> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::retire(pool, relay).await,
-            Backend::Sqlite(pool) => sqlite::retire(pool, relay).await,
-        }
+        on_backend!(self, retire(relay))
     }
 }

@@ -105,10 +105,14 @@ pub(super) async fn fetch(pool: &PgPool, after: i64, limit: usize) -> Result<Vec
 }
 
 pub(super) async fn delete(pool: &PgPool, seqs: &[i64]) -> Result<()> {
-    sqlx::query("DELETE FROM tidings_outbox WHERE seq = ANY($1)")
-        .bind(seqs)
-        .execute(pool)
-        .await?;
+    // Joined through unnest, like every id list (see ARCHITECTURE.md).
+    sqlx::query(
+        "DELETE FROM tidings_outbox o USING unnest($1::BIGINT[]) AS u(seq) WHERE o.seq = u.seq",
+    )
+    .persistent(false)
+    .bind(seqs)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

@@ -18,12 +18,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::{Backend, Outbox, Row, postgres};
+#[cfg(feature = "postgres")]
+use super::Backend;
+#[cfg(feature = "postgres")]
+use super::postgres::Leadership;
+use super::{Outbox, Row};
 use crate::client::{self, Backoff, Outgoing, PublishSession, Publisher};
 use crate::config;
 use crate::error::{Error, Result};
@@ -141,7 +144,8 @@ impl Relay {
             outbox.migrate().await?;
         }
         let listener = match (&outbox.backend, config.listen) {
-            (Backend::Postgres(pool), true) => Some(postgres::listen(pool).await?),
+            #[cfg(feature = "postgres")]
+            (Backend::Postgres(pool), true) => Some(super::postgres::listen(pool).await?),
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -159,9 +163,11 @@ impl Relay {
                 local: outbox.committed.clone(),
                 listener_failed: false,
             },
+            #[cfg(feature = "postgres")]
             leadership: match outbox.backend {
-                Backend::Postgres(_) => Some(postgres::Leadership::default()),
-                Backend::Sqlite(_) => None,
+                Backend::Postgres(_) => Some(Leadership::default()),
+                #[allow(unreachable_patterns)]
+                _ => None,
             },
             outbox,
             publisher: Publisher::new(&connection, config.retry),
@@ -225,8 +231,27 @@ fn hostname() -> String {
 
 /// What wakes an idle relay: NOTIFY on PostgreSQL, [`Outbox::committed`] in
 /// process, or the poll interval.
+#[cfg(feature = "postgres")]
+type Listener = sqlx::postgres::PgListener;
+
+/// Without PostgreSQL nothing sends NOTIFY, so this type has no values: the
+/// field holding it is always `None`.
+#[cfg(not(feature = "postgres"))]
+enum Listener {}
+
+#[cfg(not(feature = "postgres"))]
+impl Listener {
+    async fn recv(&mut self) -> std::result::Result<(), sqlx::Error> {
+        match *self {}
+    }
+
+    fn next_buffered(&mut self) -> Option<()> {
+        match *self {}
+    }
+}
+
 struct Wake {
-    listener: Option<PgListener>,
+    listener: Option<Listener>,
     local: Arc<Notify>,
     listener_failed: bool,
 }
@@ -313,7 +338,9 @@ struct Runner {
     outbox: Outbox,
     config: RelayConfig,
     wake: Wake,
-    leadership: Option<postgres::Leadership>,
+    /// PostgreSQL: the leader lock (`None` for SQLite).
+    #[cfg(feature = "postgres")]
+    leadership: Option<Leadership>,
     publisher: Publisher,
     session: Option<PublishSession>,
     /// Where the current sweep continues; 0 starts from the lowest row.
@@ -390,33 +417,36 @@ impl Runner {
 
     /// On PostgreSQL, whether this relay holds the leader lock (checked at
     /// each heartbeat while leading, each poll while standing by).
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     async fn lead(&mut self, heartbeat: &mut Instant) -> bool {
-        let (Some(leadership), Backend::Postgres(pool)) =
+        #[cfg(feature = "postgres")]
+        if let (Some(leadership), Backend::Postgres(pool)) =
             (&mut self.leadership, &self.outbox.backend)
-        else {
-            self.status
-                .send_if_modified(|s| !std::mem::replace(&mut s.leader, true));
-            return true;
-        };
-        let was = self.status.borrow().leader;
-        if was && heartbeat.elapsed() < self.config.heartbeat_interval {
-            return true;
-        }
-        let now = leadership.check(pool).await;
-        if now != was {
-            self.status.send_modify(|s| s.leader = now);
-            if now {
-                tracing::info!(relay = %self.name, "this relay now publishes the outbox");
-                // Start from the lowest row: the previous leader may have
-                // left anything.
-                self.cursor = 0;
-            } else {
-                tracing::info!(relay = %self.name, "another relay publishes the outbox; standing by");
+        {
+            let was = self.status.borrow().leader;
+            if was && heartbeat.elapsed() < self.config.heartbeat_interval {
+                return true;
             }
-            *heartbeat = Instant::now();
-            self.heartbeat().await;
+            let now = leadership.check(pool).await;
+            if now != was {
+                self.status.send_modify(|s| s.leader = now);
+                if now {
+                    tracing::info!(relay = %self.name, "this relay now publishes the outbox");
+                    // Start from the lowest row: the previous leader may have
+                    // left anything.
+                    self.cursor = 0;
+                } else {
+                    tracing::info!(relay = %self.name, "another relay publishes the outbox; standing by");
+                }
+                *heartbeat = Instant::now();
+                self.heartbeat().await;
+            }
+            return now;
         }
-        now
+        // SQLite: no leader lock; every relay publishes.
+        self.status
+            .send_if_modified(|s| !std::mem::replace(&mut s.leader, true));
+        true
     }
 
     /// One batch: read, publish, delete. `Ok(true)` if there may be more to
