@@ -272,6 +272,21 @@ pub(super) trait Backend: Send + 'static {
         reason: Option<&str>,
     ) -> Result<()>;
 
+    /// For each of the rows `seqs` (a message of its key that is done or
+    /// dead), makes the next message of its key due at `now` if it was held
+    /// back (`HELD`).
+    async fn promote_next(c: &mut Conn<Self>, sub_id: i64, seqs: &[i64], now: Micros)
+    -> Result<()>;
+
+    /// Makes every held-back message of the subscription due at `now` (it
+    /// is no longer ordered).
+    async fn release_held(c: &mut Conn<Self>, sub_id: i64, now: Micros) -> Result<()>;
+
+    /// Makes due at `now` the held-back messages of the topic's
+    /// subscriptions that no earlier message of their key holds back any
+    /// more (after messages were removed by max age).
+    async fn heal_held(c: &mut Conn<Self>, topic_id: i64, now: Micros) -> Result<()>;
+
     /// Makes rows due now again (released leases), reasons kept.
     async fn release(c: &mut Conn<Self>, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()>;
 

@@ -95,6 +95,13 @@ where
     })
 }
 
+/// The `available_at` of a message of an ordered subscription held back by
+/// an earlier message of its key: never due by itself. When the key's
+/// message in progress is acked or dead-lettered, the writer makes the next
+/// one due (`Backend::promote_next`), so finding due redeliveries never
+/// walks the held messages, however many wait.
+pub(super) const HELD: Micros = i64::MAX;
+
 /// Delivery states, as stored.
 pub(super) const WAITING: i64 = 0;
 pub(super) const LEASED: i64 = 1;
@@ -181,6 +188,15 @@ pub(super) fn finish<T: Send + 'static>(
 }
 
 impl Op {
+    /// True for operations that settle leases (ack, nack, extend, release):
+    /// a group runs them before anything that may expire a lease.
+    pub(super) fn settles(&self) -> bool {
+        matches!(
+            self,
+            Op::Ack(..) | Op::Nack(..) | Op::Extend(..) | Op::Release(..)
+        )
+    }
+
     /// Answers the operation without running it.
     pub(super) fn refuse(self, reason: &str) {
         let e = || Error::Unavailable(reason.to_owned());
@@ -351,21 +367,30 @@ pub(super) fn ack_watermark(cursor: i64, first_any: Option<i64>) -> i64 {
 }
 
 /// Judges acks (or nacks, extensions, releases) against the stored rows of
-/// subscription `sub_id`: `rows` maps a sequence to (state, lease token,
-/// available_at, attempt).
+/// subscription `sub`: `rows` maps a sequence to (state, lease token,
+/// available_at, attempt). `at` is when the request reached the broker: a
+/// lease whose deadline is later counts, however long the request queued.
+///
+/// What an ack with an old lease gets: `STALE` with the reason when the
+/// row's token differs (leased again), the row is no longer leased (nacked,
+/// released, expired, dead-lettered) or its deadline passed before `at`;
+/// also `STALE` when no row is left but the message was delivered (at or
+/// below the cursor: acked under a later lease, or removed). `UNKNOWN` only
+/// for ids of another subscription, repeated in one request, or of messages
+/// never delivered.
 pub(super) fn classify(
-    sub_name: &str,
-    sub_id: i64,
+    sub: &SubRow,
     ids: &[AckId],
     rows: &HashMap<i64, (i64, i64, i64, i32)>,
-    now: Micros,
+    at: Micros,
 ) -> Vec<Check> {
     let mut seen = HashSet::new();
     ids.iter()
         .map(|id| {
-            if id.subscription != sub_id {
+            if id.subscription != sub.id {
                 return Check::Refused(AckStatus::Unknown(format!(
-                    "ack id {id} does not belong to subscription {sub_name:?}"
+                    "ack id {id} does not belong to subscription {:?}",
+                    sub.name
                 )));
             }
             if !seen.insert(id.sequence) {
@@ -374,8 +399,14 @@ pub(super) fn classify(
                 )));
             }
             match rows.get(&id.sequence) {
+                None if id.sequence <= sub.cursor && id.sequence > 0 => {
+                    Check::Refused(AckStatus::Stale(format!(
+                        "lease {id} is stale: the message was acked (under this or a later \
+                         lease) or removed since"
+                    )))
+                }
                 None => Check::Refused(AckStatus::Unknown(format!(
-                    "no delivery for ack id {id}: already acked, purged, or never delivered"
+                    "no delivery for ack id {id}: the message was never delivered"
                 ))),
                 Some(&(_, lease, _, _)) if lease != id.token => Check::Refused(AckStatus::Stale(
                     format!("lease {id} is stale: the message was leased again since"),
@@ -386,10 +417,10 @@ pub(super) fn classify(
                 Some(&(state, _, _, _)) if state != LEASED => Check::Refused(AckStatus::Stale(
                     format!("lease {id} is stale: it ended (nacked, released or expired)"),
                 )),
-                Some(&(_, _, deadline, _)) if deadline <= now => {
+                Some(&(_, _, deadline, _)) if deadline <= at => {
                     Check::Refused(AckStatus::Stale(format!(
-                        "lease {id} is stale: it expired {} ms ago",
-                        (now - deadline) / 1000
+                        "lease {id} is stale: it expired {} ms before the request arrived",
+                        (at - deadline) / 1000
                     )))
                 }
                 Some(&(_, _, _, attempt)) => Check::Current {

@@ -188,6 +188,30 @@ enum Op {
     Close(Reply<()>),
 }
 
+/// An operation and the instant it reached the store. Acks, nacks and
+/// extensions are judged by that instant, not by when the writer gets to
+/// them: an ack that arrived before its lease's deadline counts however long
+/// it queued. And no group expires a lease whose deadline is later than the
+/// arrival of its newest operation, so an ack still queued behind the group
+/// (it arrived later, the queue being first in, first out) finds its lease
+/// as it left it. A broker that falls behind never turns its own delay into
+/// redeliveries and dead letters.
+#[derive(Debug)]
+struct Queued {
+    op: Op,
+    at: Micros,
+}
+
+impl Queued {
+    /// `op`, arriving now.
+    fn now(op: Op) -> Queued {
+        Queued {
+            op,
+            at: crate::model::now_micros(),
+        }
+    }
+}
+
 impl Op {
     /// How much of a batch this operation fills.
     fn weight(&self) -> usize {
@@ -271,7 +295,7 @@ impl Notifier {
 /// the last clone is dropped or [`Store::close`] is called.
 #[derive(Debug, Clone)]
 pub struct Store {
-    ops: mpsc::Sender<Op>,
+    ops: mpsc::Sender<Queued>,
     reader: Reader,
     notifier: Notifier,
     healthy: watch::Receiver<bool>,
@@ -345,7 +369,7 @@ impl Store {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.ops
-            .send(make(tx))
+            .send(Queued::now(make(tx)))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         rx.await
@@ -373,7 +397,7 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         self.ops
-            .send(Op::Publish(messages, tx))
+            .send(Queued::now(Op::Publish(messages, tx)))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         Ok(async move {
@@ -609,14 +633,14 @@ impl Reader {
 }
 
 /// Runs maintenance rounds until the store's writer is gone.
-async fn maintain(ops: mpsc::WeakSender<Op>, interval: Duration) {
+async fn maintain(ops: mpsc::WeakSender<Queued>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(ops) = ops.upgrade() else { return };
         let (tx, rx) = oneshot::channel();
-        if ops.send(Op::Maintain(tx)).await.is_err() {
+        if ops.send(Queued::now(Op::Maintain(tx))).await.is_err() {
             return;
         }
         drop(ops);

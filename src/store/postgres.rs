@@ -333,6 +333,14 @@ mod sql {
          SET cursor = greatest(cursor, $1) WHERE topic_id = $2 RETURNING name";
     pub(super) const COUNT_EXPIRED: &str =
         "UPDATE topics SET expired_count = expired_count + $1 WHERE id = $2";
+    // 9223372036854775807 is `HELD`.
+    pub(super) const RELEASE_HELD: &str = "UPDATE deliveries SET available_at = $1 \
+         WHERE sub_id = $2 AND available_at = 9223372036854775807";
+    pub(super) const HEAL_HELD: &str = "UPDATE deliveries h SET available_at = $1 \
+         WHERE h.available_at = 9223372036854775807 \
+         AND h.sub_id IN (SELECT id FROM subscriptions WHERE topic_id = $2) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.sub_id = h.sub_id \
+         AND e.key = h.key AND e.seq < h.seq AND e.state IN (0, 1))";
     pub(super) const PRUNE_DEDUP: &str = "DELETE FROM dedup WHERE (topic_id, id) IN \
          (SELECT topic_id, id FROM dedup WHERE published_at < $1 LIMIT $2)";
 }
@@ -535,9 +543,11 @@ impl Backend for Postgres {
         if keys.is_empty() {
             return Ok(HashSet::new());
         }
+        // One probe per key that stops at its first row in progress, so
+        // the cost does not grow with the messages a key holds back.
         let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT d.key FROM unnest($2::TEXT[]) AS u(key) \
-             JOIN deliveries d ON d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1)",
+            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) WHERE EXISTS (SELECT 1 \
+             FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1))",
         )
         .persistent(false)
         .bind(sub_id)
@@ -569,6 +579,24 @@ impl Backend for Postgres {
             }
         }
         Ok(rows)
+    }
+
+    async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
+        sqlx::query(
+            "UPDATE deliveries h SET available_at = $3 FROM (SELECT (SELECT e.seq \
+             FROM deliveries e WHERE e.sub_id = $1 AND e.key = d.key AND e.seq > d.seq \
+             AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) AS next \
+             FROM unnest($2::BIGINT[]) AS u(seq) \
+             JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq WHERE d.key IS NOT NULL) n \
+             WHERE h.sub_id = $1 AND h.seq = n.next AND h.available_at = 9223372036854775807",
+        )
+        .persistent(false)
+        .bind(sub_id)
+        .bind(seqs)
+        .bind(now)
+        .execute(c)
+        .await?;
+        Ok(())
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

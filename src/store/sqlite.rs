@@ -267,14 +267,17 @@ mod sql {
     pub(super) const COUNTERS: &str = "SELECT s.delivered, s.acked, s.redelivered, t.last_seq FROM subscriptions s \
          JOIN topics t ON t.id = s.topic_id WHERE s.id = ?";
     pub(super) const DUE_ORDERED: &str = concat!(
+        // The planner, left to itself, walks the subscription's rows in
+        // sequence order, held messages included; the due index looks only
+        // at what is due (held messages are never due, see `HELD`).
         "SELECT d.attempt, ",
         message_columns!(),
-        " FROM deliveries d \
+        " FROM deliveries d INDEXED BY deliveries_due \
          JOIN messages m ON m.topic_id = ?3 AND m.seq = d.seq \
          WHERE d.sub_id = ?1 AND d.state = 0 AND d.available_at <= ?2 \
          AND (d.key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
-           WHERE e.sub_id = d.sub_id AND e.key = d.key AND e.seq < d.seq \
-           AND e.state IN (0, 1))) \
+           INDEXED BY deliveries_by_key WHERE e.sub_id = d.sub_id AND e.key IS NOT NULL \
+           AND e.key = d.key AND e.seq < d.seq AND e.state IN (0, 1))) \
          ORDER BY d.seq LIMIT ?4"
     );
     pub(super) const DUE: &str = concat!(
@@ -331,6 +334,15 @@ mod sql {
         "UPDATE subscriptions SET cursor = max(cursor, ?) WHERE topic_id = ? RETURNING name";
     pub(super) const COUNT_EXPIRED: &str =
         "UPDATE topics SET expired_count = expired_count + ? WHERE id = ?";
+    // 9223372036854775807 is `HELD`.
+    pub(super) const RELEASE_HELD: &str = "UPDATE deliveries SET available_at = ? \
+         WHERE sub_id = ? AND available_at = 9223372036854775807";
+    pub(super) const HEAL_HELD: &str = "UPDATE deliveries SET available_at = ?1 \
+         WHERE available_at = 9223372036854775807 \
+         AND sub_id IN (SELECT id FROM subscriptions WHERE topic_id = ?2) \
+         AND NOT EXISTS (SELECT 1 FROM deliveries e INDEXED BY deliveries_by_key \
+         WHERE e.sub_id = deliveries.sub_id AND e.key IS NOT NULL AND e.key = deliveries.key \
+         AND e.seq < deliveries.seq AND e.state IN (0, 1))";
     pub(super) const PRUNE_DEDUP: &str = "DELETE FROM dedup WHERE (topic_id, id) IN \
          (SELECT topic_id, id FROM dedup WHERE published_at < ? LIMIT ?)";
 }
@@ -466,10 +478,14 @@ impl Backend for Sqlite {
     ) -> Result<HashSet<String>> {
         let mut blocked = HashSet::new();
         for chunk in keys.chunks(CHUNK) {
+            // One probe per key that stops at its first row in progress, so
+            // the cost does not grow with the messages a key holds back.
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 2)).collect();
             let sql = format!(
-                "SELECT DISTINCT key FROM deliveries WHERE sub_id = ? AND state IN (0, 1) \
-                 AND key IN ({})",
-                placeholders(chunk.len())
+                "SELECT column1 FROM (VALUES {}) WHERE EXISTS (SELECT 1 FROM deliveries d \
+                 INDEXED BY deliveries_by_key WHERE d.sub_id = ?1 AND d.key IS NOT NULL \
+                 AND d.key = column1 AND d.state IN (0, 1))",
+                list.join(",")
             );
             let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).bind(sub_id);
             for k in chunk {
@@ -502,6 +518,29 @@ impl Backend for Sqlite {
             }
         }
         Ok(rows)
+    }
+
+    async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
+        for chunk in seqs.chunks(CHUNK) {
+            // Numbered placeholders throughout: sqlx binds a bare `?` from
+            // the first argument on, whatever numbered ones came before.
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 3)).collect();
+            let sql = format!(
+                "UPDATE deliveries SET available_at = ?1 WHERE sub_id = ?2 \
+                 AND available_at = 9223372036854775807 AND seq IN (SELECT (SELECT e.seq \
+                 FROM deliveries e INDEXED BY deliveries_by_key WHERE e.sub_id = d.sub_id \
+                 AND e.key IS NOT NULL AND e.key = d.key AND e.seq > d.seq \
+                 AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) FROM deliveries d \
+                 WHERE d.sub_id = ?2 AND d.key IS NOT NULL AND d.seq IN ({}))",
+                list.join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(sub_id);
+            for seq in chunk {
+                q = q.bind(*seq);
+            }
+            q.execute(&mut *c).await?;
+        }
+        Ok(())
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

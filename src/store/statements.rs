@@ -486,6 +486,18 @@ macro_rules! shared_statements {
             Ok(names)
         }
 
+        async fn release_held(c: &mut Conn, sub_id: i64, now: Micros) -> Result<()> {
+            let q = sqlx::query(sql::RELEASE_HELD).bind(now).bind(sub_id);
+            q.execute(c).await?;
+            Ok(())
+        }
+
+        async fn heal_held(c: &mut Conn, topic_id: i64, now: Micros) -> Result<()> {
+            let q = sqlx::query(sql::HEAL_HELD).bind(now).bind(topic_id);
+            q.execute(c).await?;
+            Ok(())
+        }
+
         async fn prune_dedup(c: &mut Conn, before: Micros, limit: i64) -> Result<u64> {
             let q = sqlx::query(sql::PRUNE_DEDUP).bind(before).bind(limit);
             Ok(q.execute(c).await?.rows_affected())

@@ -13,13 +13,13 @@ use uuid::Uuid;
 
 use super::backend::{Backend, Conn};
 use super::common::{
-    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, LEASED, SubRow, TopicRow, Touched,
-    WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
+    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, HELD, LEASED, SubRow, TopicRow,
+    Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
 };
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::{
-    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, SubscriptionPatch,
-    TopicPatch,
+    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, Queued,
+    SubscriptionPatch, TopicPatch,
 };
 use crate::error::{Error, Result};
 use crate::model::{
@@ -57,6 +57,10 @@ pub(super) struct Writer<B: Backend> {
     /// Shared backends only: when this instance last swept each subscription
     /// for expired leases.
     swept: HashMap<i64, Micros>,
+    /// Leases whose deadline is before this instant may be expired in the
+    /// current group: the arrival of the group's newest operation (or the
+    /// group's clock, if earlier). See [`Queued`].
+    expire_before: Micros,
     /// Per topic, a sequence below which every message is deleted already,
     /// so deletion does not walk the index through rows it removed before
     /// (on PostgreSQL they stay as dead index entries until VACUUM).
@@ -80,6 +84,7 @@ impl<B: Backend> Writer<B> {
             topics: HashMap::new(),
             subs: HashMap::new(),
             swept: HashMap::new(),
+            expire_before: i64::MIN,
             deleted_below: HashMap::new(),
         }
     }
@@ -90,32 +95,32 @@ impl<B: Backend> Writer<B> {
 
     /// Commits queued operations in groups until the store is closed or every
     /// handle is gone.
-    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Queued>, max_batch: usize) {
         while let Some(first) = rx.recv().await {
-            let mut weight = first.weight();
+            let mut weight = first.op.weight();
             let mut ops = vec![first];
             while weight < max_batch {
                 match rx.try_recv() {
-                    Ok(op) => {
-                        weight += op.weight();
-                        ops.push(op);
+                    Ok(queued) => {
+                        weight += queued.op.weight();
+                        ops.push(queued);
                     }
                     Err(_) => break,
                 }
             }
-            if let Some(at) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
+            if let Some(at) = ops.iter().position(|q| matches!(q.op, Op::Close(_))) {
                 let mut rest = ops.split_off(at);
                 self.execute(ops).await;
                 let close = rest.remove(0);
-                for op in rest {
-                    op.refuse("storage is closed");
+                for queued in rest {
+                    queued.op.refuse("storage is closed");
                 }
                 rx.close();
-                while let Ok(op) = rx.try_recv() {
-                    op.refuse("storage is closed");
+                while let Ok(queued) = rx.try_recv() {
+                    queued.op.refuse("storage is closed");
                 }
                 self.db.close().await;
-                if let Op::Close(reply) = close {
+                if let Op::Close(reply) = close.op {
                     let _ = reply.send(Ok(()));
                 }
                 return;
@@ -126,19 +131,22 @@ impl<B: Backend> Writer<B> {
 
     /// Runs one group in one transaction and answers its callers.
     #[tracing::instrument(name = "group_commit", level = "debug", skip_all, fields(ops = ops.len()))]
-    async fn execute(&mut self, ops: Vec<Op>) {
+    async fn execute(&mut self, ops: Vec<Queued>) {
         let started = Instant::now();
         let size = ops.len();
         let now = self.clock.tick();
+        let newest = ops.iter().map(|q| q.at).max().unwrap_or(now);
+        self.expire_before = newest.min(now);
         let mut touched = Touched::default();
         let mut dones: Vec<Done> = Vec::with_capacity(ops.len());
         let mut failure = self.db.begin().await.err().map(|e| e.to_string());
         // Publishes of the whole group are stored together: a handful of
         // multi-row statements however many requests there are.
-        let (publishes, mut ops): (Vec<Op>, Vec<Op>) = ops
+        let (publishes, mut ops): (Vec<Queued>, Vec<Queued>) = ops
             .into_iter()
-            .partition(|op| matches!(op, Op::Publish(..)));
+            .partition(|q| matches!(q.op, Op::Publish(..)));
         if failure.is_none() && !publishes.is_empty() {
+            let publishes = publishes.into_iter().map(|q| q.op).collect();
             for (done, fatal) in self.publish_group(publishes, now, &mut touched).await {
                 dones.push(done);
                 failure = failure.or(fatal);
@@ -146,13 +154,17 @@ impl<B: Backend> Writer<B> {
         } else {
             ops.extend(publishes);
         }
-        for op in ops {
+        // Acks, nacks, extensions and releases go before the group's leases
+        // and maintenance, which may expire leases: an ack that came in
+        // time ends its lease before any sweep of this group looks at it.
+        ops.sort_by_key(|q| !q.op.settles());
+        for Queued { op, at } in ops {
             if let Some(reason) = &failure {
                 let reason = reason.clone();
                 dones.push(Box::new(move |_| op.refuse(&reason)));
                 continue;
             }
-            let (done, fatal) = self.apply(op, now, &mut touched).await;
+            let (done, fatal) = self.apply(op, at, now, &mut touched).await;
             dones.push(done);
             failure = fatal;
         }
@@ -199,7 +211,14 @@ impl<B: Backend> Writer<B> {
         }
     }
 
-    async fn apply(&mut self, op: Op, now: Micros, t: &mut Touched) -> (Done, Option<String>) {
+    /// Runs one operation that arrived at `at`.
+    async fn apply(
+        &mut self,
+        op: Op,
+        at: Micros,
+        now: Micros,
+        t: &mut Touched,
+    ) -> (Done, Option<String>) {
         match op {
             Op::Publish(messages, r) => finish(r, self.publish(messages, now, t).await),
             Op::CreateTopic(name, settings, r) => {
@@ -213,10 +232,10 @@ impl<B: Backend> Writer<B> {
             }
             Op::DeleteSubscription(name, r) => finish(r, self.delete_subscription(&name, t).await),
             Op::Lease(req, r) => finish(r, self.lease(req, now, t).await),
-            Op::Ack(sub, ids, r) => finish(r, self.ack(&sub, ids, now, t).await),
-            Op::Nack(sub, items, r) => finish(r, self.nack(&sub, items, now, t).await),
-            Op::Extend(sub, items, r) => finish(r, self.extend(&sub, items, now).await),
-            Op::Release(sub, ids, r) => finish(r, self.release(&sub, ids, now, t).await),
+            Op::Ack(sub, ids, r) => finish(r, self.ack(&sub, ids, at, t).await),
+            Op::Nack(sub, items, r) => finish(r, self.nack(&sub, items, at, now, t).await),
+            Op::Extend(sub, items, r) => finish(r, self.extend(&sub, items, at, now).await),
+            Op::Release(sub, ids, r) => finish(r, self.release(&sub, ids, at, now, t).await),
             Op::Seek(sub, target, r) => finish(r, self.seek(&sub, target, t).await),
             Op::Redrive(sub, seqs, r) => finish(r, self.redrive(&sub, seqs, now, t).await),
             Op::Purge(sub, seqs, r) => finish(r, self.purge(&sub, seqs).await),
@@ -539,6 +558,11 @@ impl<B: Backend> Writer<B> {
         self.check_dead_letter_topic(&row.topic, s.dead_letter_topic.as_deref())
             .await?;
         B::set_sub_settings(self.c(), row.id, &s).await?;
+        if row.settings.ordered && !s.ordered {
+            // Unordered, nothing holds a message back any more.
+            let now = self.clock.tick();
+            B::release_held(self.c(), row.id, now).await?;
+        }
         self.subs.remove(name);
         t.subs.insert(name.to_owned());
         Ok(self.sub(name).await?.to_subscription())
@@ -670,7 +694,7 @@ impl<B: Backend> Writer<B> {
                 cursor = message.sequence;
                 let key = if ordered { message.key.clone() } else { None };
                 if take == Take::Hold {
-                    rows.push((message.sequence, WAITING, 0, 0, 0, None, key));
+                    rows.push((message.sequence, WAITING, 0, HELD, 0, None, key));
                     continue;
                 }
                 let token = self.clock.token();
@@ -742,8 +766,12 @@ impl<B: Backend> Writer<B> {
             let all_taken = expired < EXPIRE_LIMIT
                 && due_found < req.max_messages
                 && batch.deliveries.len() == due_found;
+            // Leases due by `now` but not before `expire_before` were left
+            // for a later group, so the next look is at the earliest row
+            // after `expire_before`.
+            let after = self.expire_before.min(now);
             check_at = if all_taken {
-                B::next_due(self.c(), sub.id, now)
+                B::next_due(self.c(), sub.id, after)
                     .await?
                     .unwrap_or(i64::MAX)
             } else {
@@ -769,7 +797,8 @@ impl<B: Backend> Writer<B> {
     /// deadline is stale ([`classify`]), and this sweep (run by leases and
     /// by each maintenance round) applies [`after_attempt`] to it.
     async fn expire(&mut self, sub: &SubRow, now: Micros, t: &mut Touched) -> Result<u64> {
-        let rows = B::expired_leases(self.c(), sub.id, now, EXPIRE_LIMIT as i64).await?;
+        let before = self.expire_before;
+        let rows = B::expired_leases(self.c(), sub.id, before, EXPIRE_LIMIT as i64).await?;
         let expired = rows.len() as u64;
         for (seq, attempt, deadline) in rows {
             match after_attempt(&sub.settings, attempt, deadline, None) {
@@ -797,6 +826,10 @@ impl<B: Backend> Writer<B> {
         t: &mut Touched,
     ) -> Result<()> {
         B::set_dead(self.c(), sub.id, seq, now, reason).await?;
+        if sub.settings.ordered {
+            // A dead letter no longer holds its key back.
+            B::promote_next(self.c(), sub.id, &[seq], now).await?;
+        }
         tracing::info!(subscription = %sub.name, sequence = seq, reason, "message dead-lettered");
         let Some(dlt) = sub.settings.dead_letter_topic.clone() else {
             return Ok(());
@@ -837,14 +870,14 @@ impl<B: Backend> Writer<B> {
 
     /// Checks leases against the stored deliveries (locking their rows on a
     /// shared database); [`classify`] is the one judge.
-    async fn check(&mut self, sub: &SubRow, ids: &[AckId], now: Micros) -> Result<Vec<Check>> {
+    async fn check(&mut self, sub: &SubRow, ids: &[AckId], at: Micros) -> Result<Vec<Check>> {
         let ours: Vec<i64> = ids
             .iter()
             .filter(|id| id.subscription == sub.id)
             .map(|id| id.sequence)
             .collect();
         let rows = B::deliveries(self.c(), sub.id, &ours).await?;
-        Ok(classify(&sub.name, sub.id, ids, &rows, now))
+        Ok(classify(sub, ids, &rows, at))
     }
 
     /// The subscription, the verdict on each id, and the sequences whose
@@ -853,10 +886,10 @@ impl<B: Backend> Writer<B> {
         &mut self,
         sub: &str,
         ids: &[AckId],
-        now: Micros,
+        at: Micros,
     ) -> Result<(SubRow, Vec<Check>, Vec<i64>)> {
         let sub = self.sub(sub).await?;
-        let checks = self.check(&sub, ids, now).await?;
+        let checks = self.check(&sub, ids, at).await?;
         let current = current_seqs(&checks);
         Ok((sub, checks, current))
     }
@@ -865,11 +898,15 @@ impl<B: Backend> Writer<B> {
         &mut self,
         sub: &str,
         ids: Vec<AckId>,
-        now: Micros,
+        at: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let (sub, checks, current) = self.current(sub, &ids, now).await?;
+        let (sub, checks, current) = self.current(sub, &ids, at).await?;
         if !current.is_empty() {
+            if sub.settings.ordered {
+                // The next message of each acked key may go.
+                B::promote_next(self.c(), sub.id, &current, at).await?;
+            }
             B::delete_deliveries(self.c(), sub.id, &current).await?;
             B::add_acked(self.c(), sub.id, current.len() as i64).await?;
             // An ack unblocks the next message of its key.
@@ -884,12 +921,13 @@ impl<B: Backend> Writer<B> {
         &mut self,
         sub: &str,
         items: Vec<NackItem>,
+        at: Micros,
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
         let sub = self.sub(sub).await?;
         let ids: Vec<AckId> = items.iter().map(|n| n.ack_id).collect();
-        let checks = self.check(&sub, &ids, now).await?;
+        let checks = self.check(&sub, &ids, at).await?;
         for (check, item) in checks.iter().zip(&items) {
             let Check::Current { seq, attempt } = *check else {
                 continue;
@@ -917,11 +955,12 @@ impl<B: Backend> Writer<B> {
         &mut self,
         sub: &str,
         items: Vec<(AckId, Duration)>,
+        at: Micros,
         now: Micros,
     ) -> Result<Vec<AckStatus>> {
         let sub = self.sub(sub).await?;
         let ids: Vec<AckId> = items.iter().map(|(id, _)| *id).collect();
-        let checks = self.check(&sub, &ids, now).await?;
+        let checks = self.check(&sub, &ids, at).await?;
         let mut out = Vec::with_capacity(checks.len());
         for (check, (_, extension)) in checks.into_iter().zip(&items) {
             let Check::Current { seq, .. } = check else {
@@ -939,10 +978,11 @@ impl<B: Backend> Writer<B> {
         &mut self,
         sub: &str,
         ids: Vec<AckId>,
+        at: Micros,
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let (sub, checks, current) = self.current(sub, &ids, now).await?;
+        let (sub, checks, current) = self.current(sub, &ids, at).await?;
         if !current.is_empty() {
             B::release(self.c(), sub.id, &current, now).await?;
             self.due_at(&sub.name, now);
@@ -1100,6 +1140,9 @@ impl<B: Backend> Writer<B> {
             return Ok(0);
         }
         let affected = B::expire_through(self.c(), topic.id, last, unacked as i64).await?;
+        // Keys whose message in progress expired let their next one go.
+        let now = self.clock.tick();
+        B::heal_held(self.c(), topic.id, now).await?;
         self.topics.remove(&topic.name);
         for name in affected {
             self.subs.remove(&name);

@@ -246,6 +246,11 @@ impl TestBroker {
         next
     }
 
+    /// The folder of this broker's SQLite database (unused on PostgreSQL).
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     /// The URL of this broker's PostgreSQL database, if it has one.
     pub(crate) fn database_url(&self) -> Option<&str> {
         self.database.as_ref().map(|(_, url, _)| url.as_str())

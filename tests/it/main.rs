@@ -12,5 +12,6 @@ mod inbox;
 mod instances;
 mod ordering;
 mod outbox;
+mod overload;
 mod publish;
 mod relay;
