@@ -180,6 +180,9 @@ pub fn check_interval(what: &str, d: Duration) -> Result<()> {
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub fn check_store_config(config: &StoreConfig) -> Result<()> {
     check_interval("maintenance_interval", config.maintenance_interval)?;
+    check_interval("statement_timeout", config.statement_timeout)?;
+    check_interval("commit_timeout", config.commit_timeout)?;
+    check_interval("connect_timeout", config.connect_timeout)?;
     check_duration("dedup_window", config.dedup_window)
 }
 

@@ -12,5 +12,7 @@ mod inbox;
 mod instances;
 mod ordering;
 mod outbox;
+mod partition;
+mod proxy;
 mod publish;
 mod relay;
