@@ -58,7 +58,14 @@ impl From<sqlx::Error> for Error {
                     // shutdown, starting up, a statement or lock wait
                     // cancelled by its timeout. SQLite: busy, locked.
                     Some(
-                        "40001" | "40P01" | "57P01" | "57P03" | "57014" | "55P03" | "5" | "6"
+                        "40001"
+                            | "40P01"
+                            | "57P01"
+                            | "57P03"
+                            | "57014"
+                            | "55P03"
+                            | "5"
+                            | "6"
                             | "517"
                     )
                 ) =>

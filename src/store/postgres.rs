@@ -76,7 +76,10 @@ pub(super) async fn open(
             ("enable_mergejoin", "off"),
             ("random_page_cost", "1.1"),
         ])
-        .options(session_bounds(config));
+        .options(crate::config::postgres_session_bounds(
+            config.statement_timeout,
+            config.commit_timeout,
+        ));
     let connect_timeout = config.connect_timeout;
     let mut conn = connect(&options, connect_timeout).await?;
     migrate(&mut conn).await?;
@@ -115,37 +118,6 @@ pub(super) async fn open(
             own_pid: pid,
         },
     ))
-}
-
-/// The server-side bounds of every connection of the broker, as startup
-/// options: a statement or a lock wait past `statement_timeout` is
-/// cancelled, a session idle inside a transaction for `commit_timeout` is
-/// ended (the writer has given up on such a group and replaced its
-/// connection, so the server must release the group's row locks), and the
-/// server probes an idle client's TCP link, so that a vanished broker's
-/// session does not linger. sqlx 0.9 offers no client-side TCP keepalive;
-/// the writer's commit deadline and the readers' bound notice a dead link
-/// on this side.
-pub(super) fn session_bounds(config: &StoreConfig) -> [(&'static str, String); 6] {
-    [
-        ("statement_timeout", millis(config.statement_timeout)),
-        ("lock_timeout", millis(config.statement_timeout)),
-        (
-            "idle_in_transaction_session_timeout",
-            millis(config.commit_timeout),
-        ),
-        ("tcp_keepalives_idle", "10".into()),
-        ("tcp_keepalives_interval", "5".into()),
-        ("tcp_keepalives_count", "3".into()),
-    ]
-}
-
-/// A duration as PostgreSQL's milliseconds: rounded up, so that a short
-/// bound never becomes 0 (which means none), and at most what the server
-/// accepts.
-fn millis(d: Duration) -> String {
-    let ms = d.as_nanos().div_ceil(1_000_000).clamp(1, i32::MAX as u128);
-    ms.to_string()
 }
 
 /// Connects within `timeout`.

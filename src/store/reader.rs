@@ -108,7 +108,8 @@ impl<B: Backend> Reader<B> {
         limit: usize,
     ) -> Result<Vec<Topic>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = bounded!(self, |c| B::list_topics(c, after.unwrap_or(""), limit).await)?;
+        let rows = bounded!(self, |c| B::list_topics(c, after.unwrap_or(""), limit)
+            .await)?;
         Ok(rows.iter().map(|r| r.to_topic()).collect())
     }
 
@@ -123,8 +124,8 @@ impl<B: Backend> Reader<B> {
         limit: usize,
     ) -> Result<Vec<Subscription>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows =
-            bounded!(self, |c| B::list_subs(c, topic, after.unwrap_or(""), limit).await)?;
+        let rows = bounded!(self, |c| B::list_subs(c, topic, after.unwrap_or(""), limit)
+            .await)?;
         Ok(rows.iter().map(|r| r.to_subscription()).collect())
     }
 
@@ -146,7 +147,15 @@ impl<B: Backend> Reader<B> {
                 } else {
                     (0, Vec::new())
                 };
-                Ok((delivered, acked, redelivered, last_seq, counts, oldest, blocked))
+                Ok((
+                    delivered,
+                    acked,
+                    redelivered,
+                    last_seq,
+                    counts,
+                    oldest,
+                    blocked,
+                ))
             })?;
         let (blocked_keys, blocked_key_sample) = blocked;
         Ok(SubscriptionStats {

@@ -102,7 +102,10 @@ async fn health_becomes(b: &TestBroker, want: Serving) {
         }
     })
     .await;
-    assert!(waited.is_ok(), "health did not become {want:?} in {PATIENCE:?}");
+    assert!(
+        waited.is_ok(),
+        "health did not become {want:?} in {PATIENCE:?}"
+    );
 }
 
 /// Every acked payload can be pulled from subscription `s`.
@@ -133,14 +136,20 @@ async fn a_black_holed_database_fails_publishes_fast_and_health_returns_when_hea
     publish_ok(&b, "before", 5, &mut acked).await;
 
     proxy.black_hole();
-    let err = publish(&b, "during").await.expect_err("no commit on a dead link");
+    let err = publish(&b, "during")
+        .await
+        .expect_err("no commit on a dead link");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
     health_becomes(&b, Serving::NotServing).await;
     // While the link stays dead, each publish fails within the bounds
     // rather than waiting for the link.
     let err = publish(&b, "during-2").await.expect_err("still dead");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
-    let err = b.admin().get_topic("t").await.expect_err("no read on a dead link");
+    let err = b
+        .admin()
+        .get_topic("t")
+        .await
+        .expect_err("no read on a dead link");
     assert!(err.is_retryable(), "{err}");
 
     proxy.heal();
@@ -177,8 +186,85 @@ async fn a_frozen_database_link_is_detected_and_replaced() {
     let give_up = tokio::time::Instant::now() + PATIENCE;
     // The read pool drops its frozen connections one read at a time.
     while b.admin().get_topic("t").await.is_err() {
-        assert!(tokio::time::Instant::now() < give_up, "reads never recovered");
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "reads never recovered"
+        );
     }
     nothing_acked_is_lost(&b, &acked).await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_survives_a_black_holed_outbox_database_and_relays_each_row_once() {
+    use crate::outbox::{AppDb, receive, relay_config, stored};
+    use tidings::config::DatabaseTimeouts;
+    use tidings::outbox::{Message, Outbox, Relay};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    // The application writes directly; only the relay goes through the
+    // proxy.
+    let app = AppDb::create(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let timeouts = DatabaseTimeouts {
+        statement: BOUND,
+        operation: BOUND,
+        connect: BOUND,
+    };
+    let outbox = Outbox::connect_with(&through(app.url(), proxy.addr()), timeouts)
+        .await
+        .expect("outbox through the proxy");
+    let relay = Relay::start(outbox, relay_config(&broker))
+        .await
+        .expect("relay");
+    let mut status = relay.watch();
+    let before: Vec<Message> = (0..20)
+        .map(|i| Message::new("orders", format!("a{i}")))
+        .collect();
+    app.enqueue(&before, true).await;
+    let waited = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.published >= 20))
+        .await
+        .is_ok();
+    assert!(waited, "relay publishes on a healthy link");
+
+    proxy.black_hole();
+    let during: Vec<Message> = (0..30)
+        .map(|i| Message::new("orders", format!("b{i}")))
+        .collect();
+    app.enqueue(&during, true).await;
+    // The relay notices: its work fails (or it loses the lead) within the
+    // bound instead of waiting on the dead link for ever.
+    let noticed = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.last_error.is_some() || !s.leader),
+    )
+    .await
+    .is_ok();
+    assert!(noticed, "the relay hangs on a black-holed database");
+
+    proxy.heal();
+    let waited = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.published >= 50 && s.leader && s.last_error.is_none()),
+    )
+    .await
+    .is_ok();
+    assert!(waited, "the relay did not recover: {:?}", relay.status());
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, 50).await;
+    let ids: Vec<_> = got.iter().map(|m| m.message.id).collect();
+    let want: Vec<_> = before.iter().chain(&during).map(|m| m.id).collect();
+    assert_eq!(ids, want, "every row once, in order");
+    assert_eq!(stored(&broker, "orders").await, 50, "nothing stored twice");
+    relay.stop().await;
+    assert_eq!(app.depth().await, 0, "acked rows are deleted");
+    app.drop().await;
+    broker.stop().await;
 }

@@ -127,7 +127,12 @@ async fn carry(client: TcpStream, upstream: SocketAddr, number: u64, cut: watch:
 }
 
 /// Copies one direction, holding bytes while the link is cut.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, number: u64, mut cut: watch::Receiver<Cut>) {
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    number: u64,
+    mut cut: watch::Receiver<Cut>,
+) {
     let reset = |c: &Cut| number < c.reset_below;
     let passes = |c: &Cut| reset(c) || (!c.black_hole && number >= c.frozen_below);
     let mut buf = vec![0u8; 16 * 1024];
@@ -172,7 +177,9 @@ pub(crate) fn upstream_of(url: &str) -> SocketAddr {
 /// reached through a proxy.
 pub(crate) fn through(url: &str, addr: SocketAddr) -> String {
     let start = url.find("://").expect("a URL with a scheme") + 3;
-    let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
     let authority = &url[start..end];
     let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
     format!("{}{userinfo}{addr}{}", &url[..start], &url[end..])
