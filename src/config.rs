@@ -174,12 +174,96 @@ pub fn check_interval(what: &str, d: Duration) -> Result<()> {
     check_duration(what, d)
 }
 
+/// How long a client of a database (the relay on its outbox, the consumer
+/// on its inbox) waits on it, so that a dead link fails its work with a
+/// retryable error instead of hanging it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatabaseTimeouts {
+    /// PostgreSQL cancels a statement running, or waiting for a lock,
+    /// longer than this; a session idle in a transaction for `operation`
+    /// is ended (its locks released).
+    pub statement: Duration,
+    /// Longest one operation (a fetch, a delete, a begin, a commit) may take
+    /// on this side before it fails with `Unavailable`: what notices a link
+    /// that drops packets and never resets.
+    pub operation: Duration,
+    /// Longest a new or pooled connection may take to be had.
+    pub connect: Duration,
+}
+
+impl Default for DatabaseTimeouts {
+    /// 5 s per statement, 10 s per operation, 5 s to connect: the broker's
+    /// own defaults.
+    fn default() -> Self {
+        DatabaseTimeouts {
+            statement: Duration::from_secs(5),
+            operation: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+        }
+    }
+}
+
+impl DatabaseTimeouts {
+    /// Checks the bounds before a pool is opened with them.
+    ///
+    /// Fails with `InvalidArgument` for a zero or absurd bound.
+    pub fn check(&self) -> Result<()> {
+        check_interval("statement_timeout", self.statement)?;
+        check_interval("operation timeout", self.operation)?;
+        check_interval("connect_timeout", self.connect)
+    }
+
+    /// PostgreSQL's startup options for these bounds; see
+    /// [`postgres_session_bounds`].
+    #[cfg(feature = "postgres")]
+    pub(crate) fn postgres_options(&self) -> [(&'static str, String); 6] {
+        postgres_session_bounds(self.statement, self.operation)
+    }
+}
+
+/// The server-side bounds of a PostgreSQL session, as startup options: a
+/// statement or a lock wait past `statement` is cancelled, a session idle
+/// inside a transaction for `idle_in_transaction` is ended (its client has
+/// given up on it, and its row locks must not outlive that), and the server
+/// probes an idle client's TCP link so that a vanished client's session
+/// does not linger. (sqlx 0.9 offers no client-side TCP keepalive; the
+/// callers' own deadlines notice a dead link on that side.)
+#[cfg(feature = "postgres")]
+pub(crate) fn postgres_session_bounds(
+    statement: Duration,
+    idle_in_transaction: Duration,
+) -> [(&'static str, String); 6] {
+    [
+        ("statement_timeout", pg_millis(statement)),
+        ("lock_timeout", pg_millis(statement)),
+        (
+            "idle_in_transaction_session_timeout",
+            pg_millis(idle_in_transaction),
+        ),
+        ("tcp_keepalives_idle", "10".into()),
+        ("tcp_keepalives_interval", "5".into()),
+        ("tcp_keepalives_count", "3".into()),
+    ]
+}
+
+/// A duration as PostgreSQL's milliseconds: rounded up, so that a short
+/// bound never becomes 0 (which means none), and at most what the server
+/// accepts.
+#[cfg(feature = "postgres")]
+fn pg_millis(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000).clamp(1, i32::MAX as u128);
+    ms.to_string()
+}
+
 /// Checks the durations of a store's configuration before it is opened.
 ///
 /// Fails with `InvalidArgument` naming the first bad setting.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub fn check_store_config(config: &StoreConfig) -> Result<()> {
     check_interval("maintenance_interval", config.maintenance_interval)?;
+    check_interval("statement_timeout", config.statement_timeout)?;
+    check_interval("commit_timeout", config.commit_timeout)?;
+    check_interval("connect_timeout", config.connect_timeout)?;
     check_duration("dedup_window", config.dedup_window)
 }
 
@@ -242,6 +326,15 @@ mod tests {
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(text).unwrap(), d);
         }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_bounds_never_round_to_zero_or_overflow() {
+        let bounds = postgres_session_bounds(Duration::from_micros(10), Duration::MAX);
+        assert_eq!(bounds[0], ("statement_timeout", "1".to_owned()));
+        assert_eq!(bounds[2].1, i32::MAX.to_string());
+        assert!(DatabaseTimeouts::default().check().is_ok());
     }
 
     #[test]

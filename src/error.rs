@@ -43,7 +43,7 @@ impl Error {
 
 impl From<sqlx::Error> for Error {
     /// Maps a database error: lost connections, serialization failures,
-    /// deadlocks, a busy SQLite file and a server shutting down are
+    /// deadlocks, timeouts, a busy SQLite file and a server shutting down are
     /// retryable (`Unavailable`); anything else is a `Storage` error.
     fn from(e: sqlx::Error) -> Error {
         match &e {
@@ -55,8 +55,19 @@ impl From<sqlx::Error> for Error {
                 if matches!(
                     d.code().as_deref(),
                     // PostgreSQL: serialization failure, deadlock, admin
-                    // shutdown, starting up. SQLite: busy, locked.
-                    Some("40001" | "40P01" | "57P01" | "57P03" | "5" | "6" | "517")
+                    // shutdown, starting up, a statement or lock wait
+                    // cancelled by its timeout. SQLite: busy, locked.
+                    Some(
+                        "40001"
+                            | "40P01"
+                            | "57P01"
+                            | "57P03"
+                            | "57014"
+                            | "55P03"
+                            | "5"
+                            | "6"
+                            | "517"
+                    )
                 ) =>
             {
                 Error::Unavailable(format!("storage conflict, retry: {e}"))

@@ -4,6 +4,7 @@
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::POSTGRES_MIGRATION;
+use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 
 /// Records an id; the conflict target names the primary key, so only a
@@ -33,12 +34,24 @@ pub(super) const CONTAINS: &str =
 /// unique index. (Any constant works; this one spells "tidinbox".)
 const MIGRATION_LOCK: i64 = 0x7469_6469_6e62_6f78;
 
+/// Opens the inbox's pool: a transaction waits at most the default connect
+/// bound for a connection, and the server probes the link of an idle
+/// session. Statement, lock and idle-in-transaction times are left to the
+/// application: its handlers run their own work in the inbox transaction
+/// (and may wait, by design, for another consumer's hold on an id).
 pub(super) async fn connect(url: &str) -> Result<PgPool> {
+    let timeouts = DatabaseTimeouts::default();
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e| Error::InvalidArgument(format!("bad database URL: {e}")))?;
+    let keepalives = timeouts
+        .postgres_options()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("tcp_"));
+    let options = options.options(keepalives);
     PgPoolOptions::new()
         .max_connections(16)
+        .acquire_timeout(timeouts.connect)
         .connect_with(options)
         .await
         .map_err(Error::from)

@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use crate::client::Outgoing as Message;
+use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::validate_name;
 pub use relay::{Relay, RelayConfig, RelayStatus};
@@ -280,6 +281,7 @@ pub struct RelayReport {
 pub struct Outbox {
     backend: Backend,
     committed: Arc<Notify>,
+    timeouts: DatabaseTimeouts,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +304,21 @@ macro_rules! on_backend {
     };
 }
 
+/// [`on_backend!`] within the outbox's operation timeout, so that a dead
+/// link fails the relay's work with `Unavailable` (which it retries)
+/// instead of hanging it.
+macro_rules! bounded {
+    ($self:expr, $f:ident($($arg:expr),*)) => {{
+        let limit = $self.timeouts.operation;
+        match tokio::time::timeout(limit, async { on_backend!($self, $f($($arg),*)) }).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the outbox database did not answer within {limit:?}"
+            ))),
+        }
+    }};
+}
+
 impl Outbox {
     /// The outbox in a PostgreSQL database, over the application's pool.
     #[cfg(feature = "postgres")]
@@ -309,6 +326,7 @@ impl Outbox {
         Outbox {
             backend: Backend::Postgres(pool),
             committed: Arc::new(Notify::new()),
+            timeouts: DatabaseTimeouts::default(),
         }
     }
 
@@ -318,6 +336,7 @@ impl Outbox {
         Outbox {
             backend: Backend::Sqlite(pool),
             committed: Arc::new(Notify::new()),
+            timeouts: DatabaseTimeouts::default(),
         }
     }
 
@@ -343,14 +362,39 @@ impl Outbox {
         }
     }
 
-    /// Opens its own pool on `url` (`postgres://...` or `sqlite://PATH`).
+    /// The same outbox with the relay's database work bounded by `timeouts`
+    /// (the operation bound; the statement and connect bounds apply to
+    /// pools that [`Outbox::connect_with`] opens).
+    pub fn with_timeouts(mut self, timeouts: DatabaseTimeouts) -> Outbox {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Opens its own pool on `url` (`postgres://...` or `sqlite://PATH`),
+    /// with the default [`DatabaseTimeouts`].
     ///
     /// Fails with `InvalidArgument` for a URL of another kind, `Unavailable`
     /// if the database cannot be reached.
     pub async fn connect(url: &str) -> Result<Outbox> {
+        Outbox::connect_with(url, DatabaseTimeouts::default()).await
+    }
+
+    /// Opens its own pool on `url` with these bounds: on PostgreSQL each
+    /// connection's statement, lock and idle-in-transaction times, the wait
+    /// for a connection, and each operation of the relay.
+    ///
+    /// Fails as [`Outbox::connect`] does, or with `InvalidArgument` for a
+    /// zero bound.
+    pub async fn connect_with(url: &str, timeouts: DatabaseTimeouts) -> Result<Outbox> {
+        timeouts.check()?;
+        Ok(Outbox::open(url, &timeouts).await?.with_timeouts(timeouts))
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    async fn open(url: &str, timeouts: &DatabaseTimeouts) -> Result<Outbox> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             #[cfg(feature = "postgres")]
-            return Ok(Outbox::postgres(postgres::connect(url).await?));
+            return Ok(Outbox::postgres(postgres::connect(url, timeouts).await?));
             #[cfg(not(feature = "postgres"))]
             return Err(Error::InvalidArgument(
                 "this build of tidings has no PostgreSQL support (the postgres feature)".into(),
@@ -398,29 +442,29 @@ impl Outbox {
     ///
     /// Fails with a storage error.
     pub async fn stats(&self) -> Result<OutboxStats> {
-        on_backend!(self, stats())
+        bounded!(self, stats())
     }
 
     async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>> {
-        on_backend!(self, fetch(after, limit))
+        bounded!(self, fetch(after, limit))
     }
 
     async fn delete(&self, seqs: &[i64]) -> Result<()> {
-        on_backend!(self, delete(seqs))
+        bounded!(self, delete(seqs))
     }
 
     /// Holds a refused row (and with it the later rows of its key) for
     /// `wait`; with `whole_topic`, every waiting row of its topic.
     async fn hold(&self, row: &Row, error: &str, wait: Duration, whole_topic: bool) -> Result<()> {
         let wait = crate::model::micros(wait);
-        on_backend!(self, hold(row, error, wait, whole_topic))
+        bounded!(self, hold(row, error, wait, whole_topic))
     }
 
     async fn report(&self, relay: &str, status: &RelayStatus, started: SystemTime) -> Result<()> {
-        on_backend!(self, report(relay, status, started))
+        bounded!(self, report(relay, status, started))
     }
 
     async fn retire(&self, relay: &str) -> Result<()> {
-        on_backend!(self, retire(relay))
+        bounded!(self, retire(relay))
     }
 }

@@ -6,6 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{Postgres, Transaction};
 
 use super::{NewRow, OutboxStats, RelayStatus, Row};
+use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::time_micros;
 
@@ -20,15 +21,17 @@ const LOCK_CLASS: i32 = 1_953_066_082;
 const LEADER: i32 = 0;
 const MIGRATING: i32 = -1;
 
-pub(super) async fn connect(url: &str) -> Result<PgPool> {
+pub(super) async fn connect(url: &str, timeouts: &DatabaseTimeouts) -> Result<PgPool> {
     let options: PgConnectOptions = url.parse().map_err(|e| {
         Error::InvalidArgument(format!(
             "bad outbox database URL {}: {e}",
             crate::store::redact(url)
         ))
     })?;
+    let options = options.options(timeouts.postgres_options());
     PgPoolOptions::new()
         .max_connections(4)
+        .acquire_timeout(timeouts.connect)
         .connect_with(options)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot connect to the outbox database: {e}")))
@@ -210,9 +213,17 @@ pub(super) struct Leadership {
 
 impl Leadership {
     /// Whether this relay holds the lock now: checks a held lock's connection
-    /// is alive, or tries to take the lock.
-    pub(super) async fn check(&mut self, pool: &PgPool) -> bool {
-        match self.try_check(pool).await {
+    /// is alive, or tries to take the lock, within `timeout`: a connection
+    /// that does not answer in time is dropped, so a dead link costs the
+    /// lead rather than hanging the relay.
+    pub(super) async fn check(&mut self, pool: &PgPool, timeout: std::time::Duration) -> bool {
+        let checked = match tokio::time::timeout(timeout, self.try_check(pool)).await {
+            Ok(checked) => checked,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the leader lock's connection did not answer within {timeout:?}"
+            ))),
+        };
+        match checked {
             Ok(leading) => self.leading = leading,
             Err(e) => {
                 if self.leading {

@@ -427,7 +427,7 @@ impl Runner {
             if was && heartbeat.elapsed() < self.config.heartbeat_interval {
                 return true;
             }
-            let now = leadership.check(pool).await;
+            let now = leadership.check(pool, self.outbox.timeouts.operation).await;
             if now != was {
                 self.status.send_modify(|s| s.leader = now);
                 if now {

@@ -19,7 +19,8 @@
 //! - Transactions: [`Backend::begin`] (`BEGIN IMMEDIATE` on SQLite),
 //!   [`Backend::commit`] (PostgreSQL first notifies other instances of what
 //!   the group touched), [`Backend::recover`] after a failed group
-//!   (PostgreSQL reconnects a broken connection).
+//!   (PostgreSQL reconnects a broken connection, or one
+//!   [`Backend::distrust`] marked after a group ran past its deadline).
 //! - [`Backend::try_maintenance_lock`]: one instance at a time maintains a
 //!   shared database.
 
@@ -58,6 +59,12 @@ pub(super) trait Backend: Send + 'static {
 
     /// Commits a group's transaction; `touched` is what it changed.
     async fn commit(&mut self, touched: &Touched) -> Result<()>;
+
+    /// Marks the writer's connection as untrustworthy: a group on it ran
+    /// past its deadline and was abandoned mid-statement, so `recover` must
+    /// not wait on it again. PostgreSQL replaces it; SQLite's connection is
+    /// a local file, which a rollback puts right.
+    fn distrust(&mut self) {}
 
     /// Cleans up after a failed group. Returns true if storage itself is
     /// failing (health turns NOT_SERVING until a commit succeeds).

@@ -162,7 +162,7 @@ pub(super) struct Touched {
 }
 
 /// Sends an operation's reply once the batch's fate is known: the argument
-/// is the reason the batch failed, if it did.
+/// is what to tell its caller when the batch failed.
 pub(super) type Done = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// Wraps an operation's result; the second value is set when the error
@@ -177,9 +177,7 @@ pub(super) fn finish<T: Send + 'static>(
     };
     let done: Done = Box::new(move |failed| {
         let result = match failed {
-            Some(reason) => Err(Error::Unavailable(format!(
-                "storage failed and nothing of this request was committed; retry: {reason}"
-            ))),
+            Some(reason) => Err(Error::Unavailable(reason.to_owned())),
             None => result,
         };
         let _ = reply.send(result);

@@ -33,6 +33,12 @@ use crate::model::{
 };
 pub use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 
+/// What a caller hears when the writer dropped its request unanswered: its
+/// group ran past the commit timeout while running it, or the writer
+/// stopped. A publish is safe to retry (ids deduplicate).
+const UNCONFIRMED: &str = "storage did not confirm the request (the database stopped \
+     answering, or the writer stopped); it may or may not have been committed; retry";
+
 /// Where the broker keeps its data: one choice, so that a URL can never
 /// silently override a folder.
 #[derive(Clone, PartialEq, Eq)]
@@ -69,6 +75,20 @@ pub struct StoreConfig {
     pub maintenance_interval: Duration,
     /// Most operations' weight (messages, acks) in one group commit.
     pub max_batch: usize,
+    /// PostgreSQL: the server cancels a statement that runs longer
+    /// (`statement_timeout`) or waits longer for a lock (`lock_timeout`).
+    pub statement_timeout: Duration,
+    /// Longest a group commit (BEGIN to COMMIT) or one read may take. Past
+    /// it the writer fails the group's callers with `Unavailable`, turns
+    /// health NOT_SERVING and replaces its connection, which it no longer
+    /// trusts; on PostgreSQL a session idle in a transaction for this long
+    /// is ended by the server (`idle_in_transaction_session_timeout`), so
+    /// the locks of an abandoned group are released. This is what notices a
+    /// silently dead link, where nothing ever answers or resets.
+    pub commit_timeout: Duration,
+    /// PostgreSQL: longest a new connection, or a pooled read connection,
+    /// may take to be had.
+    pub connect_timeout: Duration,
 }
 
 /// Default of [`StoreConfig::dedup_window`]: 7 days.
@@ -77,6 +97,12 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default of [`StoreConfig::max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 20_000;
+/// Default of [`StoreConfig::statement_timeout`].
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`StoreConfig::commit_timeout`].
+pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`StoreConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StoreConfig {
     /// Defaults for SQLite in a data directory.
@@ -97,6 +123,9 @@ impl StoreConfig {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             maintenance_interval: DEFAULT_MAINTENANCE_INTERVAL,
             max_batch: DEFAULT_MAX_BATCH,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            commit_timeout: DEFAULT_COMMIT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -106,7 +135,8 @@ impl StoreConfig {
     /// clear error at open rather than a panic in a background task.
     ///
     /// Fails with `InvalidArgument` naming the setting: a zero
-    /// `maintenance_interval` or `max_batch`, or a duration over
+    /// `maintenance_interval`, `max_batch`, `statement_timeout`,
+    /// `commit_timeout` or `connect_timeout`, or a duration over
     /// [`crate::config::MAX_DURATION`].
     pub fn check(&self) -> Result<()> {
         crate::config::check_store_config(self)?;
@@ -319,7 +349,11 @@ impl Store {
             Storage::Sqlite(dir) => {
                 let (writer, reader, checkpointer) =
                     sqlite::open(dir, &config, notifier.clone(), healthy_tx).await?;
-                tokio::spawn(writer.run(rx, config.max_batch));
+                tokio::spawn(
+                    writer
+                        .with_commit_timeout(config.commit_timeout)
+                        .run(rx, config.max_batch),
+                );
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
                 Reader::Sqlite(reader)
             }
@@ -327,7 +361,11 @@ impl Store {
             Storage::Postgres(url) => {
                 let (writer, reader, listener) =
                     postgres::open(url, &config, notifier.clone(), healthy_tx).await?;
-                tokio::spawn(writer.run(rx, config.max_batch));
+                tokio::spawn(
+                    writer
+                        .with_commit_timeout(config.commit_timeout)
+                        .run(rx, config.max_batch),
+                );
                 tokio::spawn(listener.run(alive));
                 Reader::Postgres(reader)
             }
@@ -373,7 +411,7 @@ impl Store {
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         rx.await
-            .map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+            .map_err(|_| Error::Unavailable(UNCONFIRMED.into()))?
     }
 
     /// Publishes validated messages durably; answers after the commit.
@@ -402,7 +440,7 @@ impl Store {
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         Ok(async move {
             rx.await
-                .map_err(|_| Error::Unavailable("storage writer stopped".into()))?
+                .map_err(|_| Error::Unavailable(UNCONFIRMED.into()))?
         })
     }
 
@@ -655,6 +693,10 @@ async fn maintain(ops: mpsc::WeakSender<Queued>, interval: Duration) {
                 if report.more {
                     tick.reset_immediately();
                 }
+            }
+            // The writer logs storage outages itself, at a bounded rate.
+            Ok(Err(e)) if e.is_retryable() => {
+                tracing::debug!(error = %e, "maintenance round failed")
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "maintenance round failed"),
             Err(_) => return,

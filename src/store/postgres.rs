@@ -69,41 +69,72 @@ pub(super) async fn open(
     // this and keeping list lookups unprepared are needed: with either one
     // alone, tidings bench on a fresh database fell to 12,000 msgs/s or
     // less (a generic plan made on the empty table took seconds a query).
-    let options = options.statement_cache_capacity(1024).options([
-        ("enable_hashjoin", "off"),
-        ("enable_mergejoin", "off"),
-        ("random_page_cost", "1.1"),
-    ]);
-    let mut conn = PgConnection::connect_with(&options)
-        .await
-        .map_err(|e| Error::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+    let options = options
+        .statement_cache_capacity(1024)
+        .options([
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+            ("random_page_cost", "1.1"),
+        ])
+        .options(crate::config::postgres_session_bounds(
+            config.statement_timeout,
+            config.commit_timeout,
+        ));
+    let connect_timeout = config.connect_timeout;
+    let mut conn = connect(&options, connect_timeout).await?;
     migrate(&mut conn).await?;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut conn)
         .await
         .map_err(db_err)?;
+    // A read waits at most this long for a connection, so a dead link fails
+    // reads with `Unavailable` instead of hanging them.
     let pool = PgPoolOptions::new()
         .max_connections(4)
+        .acquire_timeout(connect_timeout)
         .connect_with(options.clone())
         .await
         .map_err(db_err)?;
     let mut listener = PgListener::connect_with(&pool).await.map_err(db_err)?;
     listener.listen(CHANNEL).await.map_err(db_err)?;
     let writer = Writer::new(
-        Postgres { conn, options, pid },
+        Postgres {
+            conn,
+            options,
+            pid,
+            broken: false,
+            connect_timeout,
+        },
         config.dedup_window,
         notifier.clone(),
         healthy,
     );
     Ok((
         writer,
-        Reader::new(pool),
+        Reader::new(pool, config.commit_timeout),
         Listener {
             listener,
             notifier,
             own_pid: pid,
         },
     ))
+}
+
+/// Connects within `timeout`.
+///
+/// Fails with `Unavailable` if the server refuses, fails or does not answer
+/// in time (a link that drops packets never answers at all).
+async fn connect(options: &PgConnectOptions, timeout: Duration) -> Result<PgConnection> {
+    match tokio::time::timeout(timeout, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(Error::Unavailable(format!(
+            "cannot connect to PostgreSQL: {e}"
+        ))),
+        Err(_) => Err(Error::Unavailable(format!(
+            "cannot connect to PostgreSQL: no answer within {:?} (connect_timeout)",
+            timeout
+        ))),
+    }
 }
 
 /// Applies pending migrations under an advisory lock, so that instances
@@ -350,24 +381,36 @@ pub(super) struct Postgres {
     conn: PgConnection,
     options: PgConnectOptions,
     pid: i32,
+    /// The connection cannot be trusted (a group on it timed out or failed
+    /// and it could not be rolled back): the next group reconnects first.
+    broken: bool,
+    connect_timeout: Duration,
 }
 
 impl Postgres {
-    /// Replaces a broken connection.
-    async fn reconnect(&mut self) {
-        match PgConnection::connect_with(&self.options).await {
-            Ok(mut conn) => {
-                if let Ok(pid) = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
-                    .fetch_one(&mut conn)
-                    .await
-                {
-                    self.pid = pid;
-                }
-                self.conn = conn;
-                tracing::info!(pid = self.pid, "reconnected to PostgreSQL");
-            }
-            Err(e) => tracing::warn!(error = %e, "PostgreSQL is unreachable"),
-        }
+    /// Replaces the connection, within the connect timeout.
+    ///
+    /// Fails with `Unavailable` if PostgreSQL cannot be reached; the old
+    /// connection stays marked broken.
+    async fn reconnect(&mut self) -> Result<()> {
+        let mut conn = connect(&self.options, self.connect_timeout).await?;
+        let pid = tokio::time::timeout(
+            self.connect_timeout,
+            sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&mut conn),
+        )
+        .await;
+        let Ok(Ok(pid)) = pid else {
+            return Err(Error::Unavailable(
+                "PostgreSQL accepted a connection but did not answer on it".into(),
+            ));
+        };
+        // Dropping the old connection only closes its socket: nothing waits
+        // on a link that may be dead.
+        self.conn = conn;
+        self.pid = pid;
+        self.broken = false;
+        tracing::info!(pid, "reconnected to PostgreSQL");
+        Ok(())
     }
 }
 
@@ -383,6 +426,9 @@ impl Backend for Postgres {
     }
 
     async fn begin(&mut self) -> Result<()> {
+        if self.broken {
+            self.reconnect().await?;
+        }
         sqlx::query("BEGIN").execute(&mut self.conn).await?;
         Ok(())
     }
@@ -408,15 +454,26 @@ impl Backend for Postgres {
         Ok(())
     }
 
+    fn distrust(&mut self) {
+        self.broken = true;
+    }
+
     async fn recover(&mut self) -> bool {
-        if sqlx::query("ROLLBACK")
-            .execute(&mut self.conn)
-            .await
-            .is_ok()
-        {
-            return false;
+        if !self.broken {
+            // A statement failed on a connection that still answers: roll
+            // back and keep it, unless even that does not answer in time.
+            let rollback = sqlx::query("ROLLBACK").execute(&mut self.conn);
+            if let Ok(Ok(_)) = tokio::time::timeout(self.connect_timeout, rollback).await {
+                return false;
+            }
+            self.broken = true;
         }
-        self.reconnect().await;
+        // A connection that timed out may be mid-statement on a dead link:
+        // never wait on it again. If PostgreSQL cannot be reached now, the
+        // next group tries again.
+        if let Err(e) = self.reconnect().await {
+            tracing::debug!(error = %e, "PostgreSQL is unreachable");
+        }
         true
     }
 

@@ -1,7 +1,11 @@
 //! The read side, written once over the [`Backend`] trait: admin queries and
-//! stats on a small pool of read connections, off the writer's path.
+//! stats on a small pool of read connections, off the writer's path. Every
+//! read is bounded in time: a dead link fails it with `Unavailable`.
 
 use std::fmt;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
 
 use super::backend::Backend;
 use super::common::{SubRow, ack_watermark, duration_from, oldest_unacked};
@@ -14,14 +18,38 @@ const BLOCKED_KEY_SAMPLE: i64 = 20;
 /// A pool of read connections of one backend.
 pub(super) struct Reader<B: Backend> {
     pool: sqlx::Pool<B::Db>,
+    /// Longest one read may take, the wait for a connection included.
+    timeout: Duration,
 }
 
 impl<B: Backend> Clone for Reader<B> {
     fn clone(&self) -> Self {
         Reader {
             pool: self.pool.clone(),
+            timeout: self.timeout,
         }
     }
+}
+
+/// Runs `$body` (which reads on `$c`, a pooled connection) within the
+/// reader's bound. A read that runs out of time leaves its connection
+/// mid-statement, maybe on a dead link: it is closed rather than returned
+/// to the pool, where the pool's check on return would wait on it.
+macro_rules! bounded {
+    ($self:ident, |$c:ident| $body:expr) => {{
+        let mut conn = $self.conn().await?;
+        let result = {
+            let $c = &mut *conn;
+            tokio::time::timeout($self.timeout, async { $body }).await
+        };
+        match result {
+            Ok(r) => r,
+            Err(_) => {
+                conn.close_on_drop();
+                Err($self.timed_out())
+            }
+        }
+    }};
 }
 
 impl<B: Backend> fmt::Debug for Reader<B> {
@@ -31,28 +59,45 @@ impl<B: Backend> fmt::Debug for Reader<B> {
 }
 
 impl<B: Backend> Reader<B> {
-    /// A reader over `pool`.
-    pub(super) fn new(pool: sqlx::Pool<B::Db>) -> Self {
-        Reader { pool }
+    /// A reader over `pool`, each read bounded by `timeout` (the pool's
+    /// own acquire timeout bounds the wait for a connection).
+    pub(super) fn new(pool: sqlx::Pool<B::Db>, timeout: Duration) -> Self {
+        Reader { pool, timeout }
     }
 
-    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<B::Db>> {
-        self.pool.acquire().await.map_err(Error::from)
+    async fn conn(&self) -> Result<PoolConnection<B::Db>> {
+        match tokio::time::timeout(self.timeout, self.pool.acquire()).await {
+            Ok(conn) => conn.map_err(Error::from),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
+    fn timed_out(&self) -> Error {
+        Error::Unavailable(format!(
+            "storage did not answer a read within {:?} (commit_timeout)",
+            self.timeout
+        ))
+    }
+
+    /// Closes the pool, waiting at most the read bound: a connection stuck
+    /// on a dead link (the PostgreSQL listener's, say) is never given back,
+    /// and shutdown must not wait for it.
     pub(super) async fn close(&self) {
-        self.pool.close().await;
+        if tokio::time::timeout(self.timeout, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the read connections took too long; left them behind");
+        }
     }
 
     async fn sub_row(&self, name: &str) -> Result<SubRow> {
-        B::sub(&mut *self.conn().await?, name)
-            .await?
+        bounded!(self, |c| B::sub(c, name).await)?
             .ok_or_else(|| Error::NotFound(format!("subscription {name:?} does not exist")))
     }
 
     pub(super) async fn get_topic(&self, name: &str) -> Result<Topic> {
-        let row = B::topic(&mut *self.conn().await?, name)
-            .await?
+        let row = bounded!(self, |c| B::topic(c, name).await)?
             .ok_or_else(|| Error::NotFound(format!("topic {name:?} does not exist")))?;
         Ok(row.to_topic())
     }
@@ -63,7 +108,8 @@ impl<B: Backend> Reader<B> {
         limit: usize,
     ) -> Result<Vec<Topic>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = B::list_topics(&mut *self.conn().await?, after.unwrap_or(""), limit).await?;
+        let rows = bounded!(self, |c| B::list_topics(c, after.unwrap_or(""), limit)
+            .await)?;
         Ok(rows.iter().map(|r| r.to_topic()).collect())
     }
 
@@ -78,28 +124,40 @@ impl<B: Backend> Reader<B> {
         limit: usize,
     ) -> Result<Vec<Subscription>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut c = self.conn().await?;
-        let rows = B::list_subs(&mut c, topic, after.unwrap_or(""), limit).await?;
+        let rows = bounded!(self, |c| B::list_subs(c, topic, after.unwrap_or(""), limit)
+            .await)?;
         Ok(rows.iter().map(|r| r.to_subscription()).collect())
     }
 
     pub(super) async fn stats(&self, name: &str) -> Result<SubscriptionStats> {
         let sub = self.sub_row(name).await?;
         let now = now_micros();
-        let mut c = self.conn().await?;
-        let (delivered, acked, redelivered, last_seq) = B::counters(&mut c, sub.id).await?;
-        let counts = B::delivery_counts(&mut c, sub.id, now).await?;
-        let oldest_unacked_age = match oldest_unacked(sub.cursor, last_seq, counts.first_undone) {
-            Some(seq) => B::published_at(&mut c, sub.topic_id, seq)
-                .await?
-                .map(|at| duration_from(now - at)),
-            None => None,
-        };
-        let (blocked_keys, blocked_key_sample) = if sub.settings.ordered {
-            B::blocked_keys(&mut c, sub.id, BLOCKED_KEY_SAMPLE).await?
-        } else {
-            (0, Vec::new())
-        };
+        let (delivered, acked, redelivered, last_seq, counts, oldest_unacked_age, blocked) =
+            bounded!(self, |c| {
+                let (delivered, acked, redelivered, last_seq) = B::counters(c, sub.id).await?;
+                let counts = B::delivery_counts(c, sub.id, now).await?;
+                let oldest = match oldest_unacked(sub.cursor, last_seq, counts.first_undone) {
+                    Some(seq) => B::published_at(c, sub.topic_id, seq)
+                        .await?
+                        .map(|at| duration_from(now - at)),
+                    None => None,
+                };
+                let blocked = if sub.settings.ordered {
+                    B::blocked_keys(c, sub.id, BLOCKED_KEY_SAMPLE).await?
+                } else {
+                    (0, Vec::new())
+                };
+                Ok((
+                    delivered,
+                    acked,
+                    redelivered,
+                    last_seq,
+                    counts,
+                    oldest,
+                    blocked,
+                ))
+            })?;
+        let (blocked_keys, blocked_key_sample) = blocked;
         Ok(SubscriptionStats {
             backlog: (last_seq - sub.cursor).max(0) + counts.undone,
             in_flight: counts.in_flight,
@@ -122,9 +180,10 @@ impl<B: Backend> Reader<B> {
     ) -> Result<(Vec<DeadLetter>, i64)> {
         let sub = self.sub_row(name).await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut c = self.conn().await?;
-        let letters = B::dead_letters(&mut c, &sub, after, limit).await?;
-        let total = B::dead_count(&mut c, sub.id).await?;
-        Ok((letters, total))
+        bounded!(self, |c| {
+            let letters = B::dead_letters(c, &sub, after, limit).await?;
+            let total = B::dead_count(c, sub.id).await?;
+            Ok((letters, total))
+        })
     }
 }

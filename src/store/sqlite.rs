@@ -91,7 +91,7 @@ pub(super) async fn open(
     let writer = Writer::new(Sqlite { conn }, config.dedup_window, notifier, healthy);
     Ok((
         writer,
-        Reader::new(pool),
+        Reader::new(pool, config.commit_timeout),
         Checkpointer { conn: checkpointer },
     ))
 }

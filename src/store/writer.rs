@@ -5,7 +5,7 @@
 //! redrive, purge and maintenance are decided here; the backends only run
 //! the statements.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -65,7 +65,22 @@ pub(super) struct Writer<B: Backend> {
     /// so deletion does not walk the index through rows it removed before
     /// (on PostgreSQL they stay as dead index entries until VACUUM).
     deleted_below: HashMap<i64, i64>,
+    /// Longest a group may take from BEGIN to COMMIT.
+    commit_timeout: Duration,
+    /// Groups failing since the last commit, for a log that says when
+    /// storage broke and when it works again without a line per group.
+    outage: Option<Outage>,
 }
+
+/// Failed groups since the last commit.
+struct Outage {
+    since: Instant,
+    failed: u64,
+    logged: Instant,
+}
+
+/// How often a continuing storage failure is logged again.
+const LOG_AGAIN: Duration = Duration::from_secs(5);
 
 impl<B: Backend> Writer<B> {
     /// A writer over `db`'s connection.
@@ -86,7 +101,15 @@ impl<B: Backend> Writer<B> {
             swept: HashMap::new(),
             expire_before: i64::MIN,
             deleted_below: HashMap::new(),
+            commit_timeout: super::DEFAULT_COMMIT_TIMEOUT,
+            outage: None,
         }
+    }
+
+    /// Bounds each group, BEGIN to COMMIT, by `timeout`.
+    pub(super) fn with_commit_timeout(mut self, timeout: Duration) -> Self {
+        self.commit_timeout = timeout;
+        self
     }
 
     fn c(&mut self) -> &mut Conn<B> {
@@ -130,6 +153,12 @@ impl<B: Backend> Writer<B> {
     }
 
     /// Runs one group in one transaction and answers its callers.
+    ///
+    /// The group is bounded by the commit timeout: a database that stops
+    /// answering (a link that drops packets and never resets) fails the
+    /// group's callers with `Unavailable`, turns health NOT_SERVING and has
+    /// the connection replaced, rather than holding every caller until the
+    /// operating system gives up on the socket.
     #[tracing::instrument(name = "group_commit", level = "debug", skip_all, fields(ops = ops.len()))]
     async fn execute(&mut self, ops: Vec<Queued>) {
         let started = Instant::now();
@@ -139,42 +168,35 @@ impl<B: Backend> Writer<B> {
         self.expire_before = newest.min(now);
         let mut touched = Touched::default();
         let mut dones: Vec<Done> = Vec::with_capacity(ops.len());
-        let mut failure = self.db.begin().await.err().map(|e| e.to_string());
-        // Publishes of the whole group are stored together: a handful of
-        // multi-row statements however many requests there are.
-        let (publishes, mut ops): (Vec<Queued>, Vec<Queued>) = ops
-            .into_iter()
-            .partition(|q| matches!(q.op, Op::Publish(..)));
-        if failure.is_none() && !publishes.is_empty() {
-            let publishes = publishes.into_iter().map(|q| q.op).collect();
-            for (done, fatal) in self.publish_group(publishes, now, &mut touched).await {
-                dones.push(done);
-                failure = failure.or(fatal);
+        // Operations wait here until their turn, so that those not yet
+        // started when the deadline passes are refused with its reason.
+        // (Those already running are dropped with the group's future: their
+        // callers learn that storage did not confirm them.)
+        let mut queue = VecDeque::from(ops);
+        let deadline = self.commit_timeout;
+        let group = self.group(&mut queue, now, &mut touched, &mut dones);
+        let (failure, timed_out) = match tokio::time::timeout(deadline, group).await {
+            Ok(failure) => (failure, false),
+            Err(_) => {
+                // The connection is mid-statement, maybe on a dead link:
+                // never wait on it again.
+                self.db.distrust();
+                let reason = format!(
+                    "the database did not complete a group commit within {deadline:?} \
+                     (commit_timeout); reconnecting"
+                );
+                (Some(reason), true)
             }
-        } else {
-            ops.extend(publishes);
-        }
-        // Acks, nacks, extensions and releases go before the group's leases
-        // and maintenance, which may expire leases: an ack that came in
-        // time ends its lease before any sweep of this group looks at it.
-        ops.sort_by_key(|q| !q.op.settles());
-        for Queued { op, at } in ops {
-            if let Some(reason) = &failure {
-                let reason = reason.clone();
-                dones.push(Box::new(move |_| op.refuse(&reason)));
-                continue;
-            }
-            let (done, fatal) = self.apply(op, at, now, &mut touched).await;
-            dones.push(done);
-            failure = fatal;
-        }
-        if failure.is_none()
-            && let Err(e) = self.db.commit(&touched).await
-        {
-            failure = Some(e.to_string());
-        }
+        };
         match failure {
             None => {
+                if let Some(outage) = self.outage.take() {
+                    tracing::info!(
+                        failed_groups = outage.failed,
+                        after_ms = outage.since.elapsed().as_millis() as u64,
+                        "storage works again: a group committed"
+                    );
+                }
                 self.healthy
                     .send_if_modified(|h| !std::mem::replace(h, true));
                 for done in dones {
@@ -193,19 +215,116 @@ impl<B: Backend> Writer<B> {
                 );
             }
             Some(reason) => {
-                tracing::error!(
-                    ops = size,
-                    error = %reason,
-                    "group commit failed; every request in it was refused"
-                );
-                if self.db.recover().await {
-                    self.healthy
-                        .send_if_modified(|h| std::mem::replace(h, false));
+                self.log_failure(size, &reason);
+                for queued in queue.drain(..) {
+                    queued.op.refuse(&format!(
+                        "storage failed and nothing of this request was committed; retry: {reason}"
+                    ));
+                }
+                // Callers are answered before the reconnect, which may take
+                // up to the connect timeout on a dead link. A group cut off
+                // by the deadline may have committed (the COMMIT may have
+                // reached the database): its callers are told so, and a
+                // retry is safe (publishes deduplicate by id; a repeated ack
+                // answers STALE).
+                let told = if timed_out {
+                    format!(
+                        "storage did not confirm this request in time; it may or may not \
+                         have been committed; retry: {reason}"
+                    )
+                } else {
+                    format!(
+                        "storage failed and nothing of this request was committed; retry: {reason}"
+                    )
+                };
+                for done in dones {
+                    done(Some(&told));
                 }
                 self.topics.clear();
                 self.subs.clear();
-                for done in dones {
-                    done(Some(&reason));
+                if self.db.recover().await || timed_out {
+                    self.healthy
+                        .send_if_modified(|h| std::mem::replace(h, false));
+                }
+            }
+        }
+    }
+
+    /// BEGIN, the group's operations (publishes first, together), COMMIT;
+    /// returns why the group failed, if it did.
+    async fn group(
+        &mut self,
+        queue: &mut VecDeque<Queued>,
+        now: Micros,
+        touched: &mut Touched,
+        dones: &mut Vec<Done>,
+    ) -> Option<String> {
+        if let Err(e) = self.db.begin().await {
+            return Some(e.to_string());
+        }
+        // Publishes of the whole group are stored together: a handful of
+        // multi-row statements however many requests there are.
+        let mut failure = None;
+        let (publishes, mut rest): (Vec<Queued>, Vec<Queued>) = queue
+            .drain(..)
+            .partition(|q| matches!(q.op, Op::Publish(..)));
+        // Acks, nacks, extensions and releases go before the group's leases
+        // and maintenance, which may expire leases: an ack that came in
+        // time ends its lease before any sweep of this group looks at it.
+        rest.sort_by_key(|q| !q.op.settles());
+        queue.extend(rest);
+        if !publishes.is_empty() {
+            let publishes = publishes.into_iter().map(|q| q.op).collect();
+            for (done, fatal) in self.publish_group(publishes, now, touched).await {
+                dones.push(done);
+                failure = failure.or(fatal);
+            }
+        }
+        while let Some(Queued { op, at }) = queue.pop_front() {
+            if let Some(reason) = &failure {
+                let reason = reason.clone();
+                dones.push(Box::new(move |_| op.refuse(&reason)));
+                continue;
+            }
+            let (done, fatal) = self.apply(op, at, now, touched).await;
+            dones.push(done);
+            failure = fatal;
+        }
+        if failure.is_none()
+            && let Err(e) = self.db.commit(touched).await
+        {
+            failure = Some(e.to_string());
+        }
+        failure
+    }
+
+    /// Logs a failed group: the first of an outage at once, then at most
+    /// every [`LOG_AGAIN`] with the count since.
+    fn log_failure(&mut self, ops: usize, reason: &str) {
+        let now = Instant::now();
+        match &mut self.outage {
+            None => {
+                tracing::error!(
+                    ops,
+                    error = %reason,
+                    "group commit failed; every request in it was refused"
+                );
+                self.outage = Some(Outage {
+                    since: now,
+                    failed: 1,
+                    logged: now,
+                });
+            }
+            Some(outage) => {
+                outage.failed += 1;
+                if now.duration_since(outage.logged) >= LOG_AGAIN {
+                    outage.logged = now;
+                    tracing::error!(
+                        failed_groups = outage.failed,
+                        for_ms = now.duration_since(outage.since).as_millis() as u64,
+                        error = %reason,
+                        "group commits still failing"
+                    );
                 }
             }
         }

@@ -13,5 +13,7 @@ mod instances;
 mod ordering;
 mod outbox;
 mod overload;
+mod partition;
+mod proxy;
 mod publish;
 mod relay;

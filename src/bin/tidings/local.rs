@@ -117,6 +117,17 @@ pub(crate) struct ServeArgs {
     /// before closing the remaining connections.
     #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT", default_value_t = HumanDuration(served().drain_timeout), value_parser = duration)]
     shutdown_timeout: HumanDuration,
+    /// PostgreSQL: longest a statement may run or wait for a lock.
+    #[arg(long, env = "TIDINGS_STATEMENT_TIMEOUT", default_value_t = HumanDuration(served().store.statement_timeout), value_parser = interval)]
+    statement_timeout: HumanDuration,
+    /// Longest a group commit (or a read) may take before storage counts as
+    /// failing: callers get UNAVAILABLE, health turns NOT_SERVING and the
+    /// database connection is replaced.
+    #[arg(long, env = "TIDINGS_COMMIT_TIMEOUT", default_value_t = HumanDuration(served().store.commit_timeout), value_parser = interval)]
+    commit_timeout: HumanDuration,
+    /// PostgreSQL: longest a new or pooled database connection may take.
+    #[arg(long, env = "TIDINGS_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(served().store.connect_timeout), value_parser = interval)]
+    database_connect_timeout: HumanDuration,
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +268,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.store.dedup_window = args.dedup_window.into();
     config.store.maintenance_interval = args.maintenance_interval.into();
     config.store.max_batch = args.max_commit_batch;
+    config.store.statement_timeout = args.statement_timeout.into();
+    config.store.commit_timeout = args.commit_timeout.into();
+    config.store.connect_timeout = args.database_connect_timeout.into();
     config.limits.max_message_bytes = args.max_message_bytes;
     config.limits.max_batch_messages = args.max_batch_messages;
     config.limits.max_key_bytes = args.max_key_bytes;

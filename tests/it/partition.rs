@@ -1,0 +1,270 @@
+//! Partitions between a broker and its PostgreSQL database (issue 16): a
+//! black-holed or frozen link fails publishes with UNAVAILABLE within the
+//! configured bound and turns health NOT_SERVING; healed or replaced, it
+//! serves again by itself, and nothing acked is lost.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tidings::client::Serving;
+use tidings::proto;
+use tidings::server::ServerConfig;
+use tidings::store::Storage;
+
+use crate::harness::{Backend, TestBroker, payload};
+use crate::proxy::{Proxy, through, upstream_of};
+
+/// The statement, commit and connect bounds of these tests.
+const BOUND: Duration = Duration::from_secs(1);
+
+/// How long a test waits for anything before it declares it hung: far
+/// above [`BOUND`], so that only a hang fails it.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Routes the broker's database through `proxy`, with short bounds.
+fn via(proxy: &Proxy) -> impl FnOnce(&mut ServerConfig) + '_ {
+    move |config| {
+        if let Storage::Postgres(url) = &config.store.storage {
+            config.store.storage = Storage::Postgres(through(url, proxy.addr()));
+        }
+        config.store.statement_timeout = BOUND;
+        config.store.commit_timeout = BOUND;
+        config.store.connect_timeout = BOUND;
+    }
+}
+
+/// A broker on a fresh PostgreSQL database reached through a proxy, with
+/// topic `t` and subscription `s`; `None` without PostgreSQL.
+async fn broker_behind_proxy() -> Option<(Proxy, TestBroker)> {
+    let Some(Backend::Postgres(admin)) = Backend::postgres() else {
+        return None;
+    };
+    let proxy = Proxy::start(upstream_of(&admin)).await;
+    let b = TestBroker::start_with(Backend::Postgres(admin), via(&proxy)).await;
+    b.topic_and_sub("t", "s", |_| {}).await;
+    Some((proxy, b))
+}
+
+/// Publishes payload `text` to `t`, failing the test if no answer comes.
+async fn publish(b: &TestBroker, text: &str) -> Result<(), tonic::Status> {
+    let message = crate::harness::wire(tidings::client::Outgoing::new("t", text.as_bytes()));
+    let request = proto::PublishRequest {
+        messages: vec![message],
+    };
+    match tokio::time::timeout(PATIENCE, b.raw_publisher().publish(request)).await {
+        Ok(answer) => answer.map(|_| ()),
+        Err(_) => panic!("a publish got no answer in {PATIENCE:?}: the broker hangs"),
+    }
+}
+
+/// Publishes payloads `prefix-0`, `prefix-1`, ... that must succeed.
+async fn publish_ok(b: &TestBroker, prefix: &str, n: usize, acked: &mut HashSet<String>) {
+    for i in 0..n {
+        let text = format!("{prefix}-{i}");
+        publish(b, &text).await.expect("publish on a healthy link");
+        acked.insert(text);
+    }
+}
+
+/// Publishes until one is acked, as a client retrying UNAVAILABLE would;
+/// returns how many were refused first.
+async fn publish_until_acked(b: &TestBroker, text: &str, acked: &mut HashSet<String>) -> u32 {
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    let mut refused = 0;
+    loop {
+        match publish(b, text).await {
+            Ok(()) => {
+                acked.insert(text.to_owned());
+                return refused;
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => refused += 1,
+            Err(s) => panic!("a publish failed with {:?}: {}", s.code(), s.message()),
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "publishes still refused after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the broker's health reads `want`.
+async fn health_becomes(b: &TestBroker, want: Serving) {
+    let admin = b.admin();
+    let waited = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(now) = admin.health("").await
+                && now == want
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "health did not become {want:?} in {PATIENCE:?}"
+    );
+}
+
+/// Every acked payload can be pulled from subscription `s`.
+async fn nothing_acked_is_lost(b: &TestBroker, acked: &HashSet<String>) {
+    let mut seen = HashSet::new();
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    while !acked.is_subset(&seen) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "acked but never delivered: {:?}",
+            acked.difference(&seen).collect::<Vec<_>>()
+        );
+        let got = b.pull("s", 1000, Duration::from_millis(200)).await;
+        let ids = got.iter().map(|m| m.ack_id.clone()).collect::<Vec<_>>();
+        seen.extend(got.iter().map(|m| payload(&m)));
+        if !ids.is_empty() {
+            b.ack("s", ids).await.expect("ack");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_black_holed_database_fails_publishes_fast_and_health_returns_when_healed() {
+    let Some((proxy, b)) = broker_behind_proxy().await else {
+        return;
+    };
+    let mut acked = HashSet::new();
+    publish_ok(&b, "before", 5, &mut acked).await;
+
+    proxy.black_hole();
+    let err = publish(&b, "during")
+        .await
+        .expect_err("no commit on a dead link");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    health_becomes(&b, Serving::NotServing).await;
+    // While the link stays dead, each publish fails within the bounds
+    // rather than waiting for the link.
+    let err = publish(&b, "during-2").await.expect_err("still dead");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+    let err = b
+        .admin()
+        .get_topic("t")
+        .await
+        .expect_err("no read on a dead link");
+    assert!(err.is_retryable(), "{err}");
+
+    proxy.heal();
+    // The maintenance rounds commit by themselves: health returns without
+    // any request.
+    health_becomes(&b, Serving::Serving).await;
+    publish_until_acked(&b, "after-heal", &mut acked).await;
+    publish_ok(&b, "after", 5, &mut acked).await;
+    b.admin().get_topic("t").await.expect("reads work again");
+    nothing_acked_is_lost(&b, &acked).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_frozen_database_link_is_detected_and_replaced() {
+    let Some((proxy, b)) = broker_behind_proxy().await else {
+        return;
+    };
+    let mut acked = HashSet::new();
+    publish_ok(&b, "before", 5, &mut acked).await;
+    let connections = proxy.accepted();
+
+    // Every connection open now never carries a byte again, and is never
+    // closed; new ones pass. Only noticing the silence and reconnecting
+    // gets the broker going.
+    proxy.freeze();
+    publish_until_acked(&b, "after-freeze", &mut acked).await;
+    assert!(
+        proxy.accepted() > connections,
+        "the broker committed without a new connection"
+    );
+    health_becomes(&b, Serving::Serving).await;
+    publish_ok(&b, "after", 5, &mut acked).await;
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    // The read pool drops its frozen connections one read at a time.
+    while b.admin().get_topic("t").await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "reads never recovered"
+        );
+    }
+    nothing_acked_is_lost(&b, &acked).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_survives_a_black_holed_outbox_database_and_relays_each_row_once() {
+    use crate::outbox::{AppDb, receive, relay_config, stored};
+    use tidings::config::DatabaseTimeouts;
+    use tidings::outbox::{Message, Outbox, Relay};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    // The application writes directly; only the relay goes through the
+    // proxy.
+    let app = AppDb::create(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let timeouts = DatabaseTimeouts {
+        statement: BOUND,
+        operation: BOUND,
+        connect: BOUND,
+    };
+    let outbox = Outbox::connect_with(&through(app.url(), proxy.addr()), timeouts)
+        .await
+        .expect("outbox through the proxy");
+    let relay = Relay::start(outbox, relay_config(&broker))
+        .await
+        .expect("relay");
+    let mut status = relay.watch();
+    let before: Vec<Message> = (0..20)
+        .map(|i| Message::new("orders", format!("a{i}")))
+        .collect();
+    app.enqueue(&before, true).await;
+    let waited = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.published >= 20))
+        .await
+        .is_ok();
+    assert!(waited, "relay publishes on a healthy link");
+
+    proxy.black_hole();
+    let during: Vec<Message> = (0..30)
+        .map(|i| Message::new("orders", format!("b{i}")))
+        .collect();
+    app.enqueue(&during, true).await;
+    // The relay notices: its work fails (or it loses the lead) within the
+    // bound instead of waiting on the dead link for ever.
+    let noticed = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.last_error.is_some() || !s.leader),
+    )
+    .await
+    .is_ok();
+    assert!(noticed, "the relay hangs on a black-holed database");
+
+    proxy.heal();
+    let waited = tokio::time::timeout(
+        PATIENCE,
+        status.wait_for(|s| s.published >= 50 && s.leader && s.last_error.is_none()),
+    )
+    .await
+    .is_ok();
+    assert!(waited, "the relay did not recover: {:?}", relay.status());
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, 50).await;
+    let ids: Vec<_> = got.iter().map(|m| m.message.id).collect();
+    let want: Vec<_> = before.iter().chain(&during).map(|m| m.id).collect();
+    assert_eq!(ids, want, "every row once, in order");
+    assert_eq!(stored(&broker, "orders").await, 50, "nothing stored twice");
+    relay.stop().await;
+    assert_eq!(app.depth().await, 0, "acked rows are deleted");
+    app.drop().await;
+    broker.stop().await;
+}
