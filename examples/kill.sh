@@ -51,7 +51,7 @@ start_broker() {
   echo "broker did not start"; cat "$WORK/broker.log"; exit 1
 }
 start_relay() {
-  "$TIDINGS_BIN" relay --database-url "sqlite://$WORK/a.db" --poll-interval 50ms \
+  "$TIDINGS_BIN" relay --database-url "sqlite://$WORK/a.db" --create-if-missing --poll-interval 50ms \
     --retry-max 500ms >>"$WORK/relay.out" 2>>"$WORK/relay.log" &
   RELAY=$!
   PIDS+=("$RELAY")

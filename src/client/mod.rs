@@ -69,21 +69,101 @@ pub struct Connection {
     url: Arc<str>,
 }
 
-/// Opens a connection to `url` (like `http://127.0.0.1:50051`). The
-/// connection is made on first use and remade after failures.
+/// How long a connection attempt may take unless told otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// How long one TCP and HTTP/2 connection attempt may take before it
+    /// fails as `Unavailable`.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// The broker URL `url` stands for: `http://` is added to an address
+/// without a scheme (`127.0.0.1:50051`, `localhost:50051`).
 ///
-/// Fails with `InvalidArgument` if the URL is malformed.
+/// Fails with `InvalidArgument` for `https://` (TLS is not supported yet:
+/// sending plain text to a TLS port would fail obscurely, and silently
+/// dropping TLS would be worse) and for any scheme but `http`, naming the
+/// fix.
+pub fn broker_url(url: &str) -> Result<String> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        if url.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the broker address is empty; give one like http://127.0.0.1:50051".into(),
+            ));
+        }
+        return Ok(format!("http://{url}"));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "http" => Ok(url.to_owned()),
+        "https" => Err(Error::InvalidArgument(format!(
+            "broker URL {url}: TLS (https://) is not supported yet; use http://{rest} on a trusted network"
+        ))),
+        _ => Err(Error::InvalidArgument(format!(
+            "broker URL {url}: unknown scheme {scheme}://; use http://{rest}"
+        ))),
+    }
+}
+
+/// Opens a connection to `url` (like `http://127.0.0.1:50051`, or
+/// `127.0.0.1:50051`) with default options. The connection is made on first
+/// use and remade after failures.
+///
+/// Fails with `InvalidArgument` if the URL is malformed or not `http`.
 pub fn connect(url: &str) -> Result<Connection> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    connect_with(url, ConnectOptions::default())
+}
+
+/// Opens a connection to `url` as [`connect`] does, with `options`.
+///
+/// Fails with `InvalidArgument` if the URL is malformed or not `http`, or
+/// the connect timeout is zero or absurd.
+pub fn connect_with(url: &str, options: ConnectOptions) -> Result<Connection> {
+    crate::config::check_duration("connect timeout", options.connect_timeout)?;
+    if options.connect_timeout.is_zero() {
+        return Err(Error::InvalidArgument(
+            "the connect timeout must be longer than zero".into(),
+        ));
+    }
+    let url = broker_url(url)?;
+    let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Error::InvalidArgument(format!("bad broker URL {url:?}: {e}")))?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(options.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     Ok(Connection {
         channel: endpoint.connect_lazy(),
         url: url.into(),
     })
+}
+
+/// `status`'s message followed by the causes tonic keeps apart from it
+/// (`tcp connect error: Connection refused (os error 111)`), which say why
+/// a broker could not be reached.
+fn with_causes(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl Connection {
@@ -102,7 +182,7 @@ impl Connection {
     /// the variant, the message is kept. This is the one mapping from gRPC
     /// statuses to [`Error`].
     fn error(&self, status: Status) -> Error {
-        let message = status.message().to_owned();
+        let message = with_causes(&status);
         match status.code() {
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
             Code::NotFound => Error::NotFound(message),
@@ -111,7 +191,7 @@ impl Connection {
             // No variant of their own: the request is refused as the
             // broker is set up (no permission, an older broker).
             Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented => {
-                Error::FailedPrecondition(format!("{:?}: {message}", status.code()))
+                Error::FailedPrecondition(format!("{}: {message}", code_name(status.code())))
             }
             Code::ResourceExhausted => Error::ResourceExhausted(message),
             // Retryable: the broker restarting, draining or unreachable (a
@@ -127,6 +207,29 @@ impl Connection {
                 Error::Storage(format!("broker at {}: {message}", self.url))
             }
         }
+    }
+}
+
+/// The name gRPC gives a status code, as the README writes it (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -235,6 +338,28 @@ mod tests {
             c.error(Status::internal("boom")),
             Error::Storage(_)
         ));
+    }
+
+    #[test]
+    fn broker_urls_get_a_scheme_and_refuse_what_they_cannot_speak() {
+        assert_eq!(
+            broker_url("127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(broker_url("http://h:1").unwrap(), "http://h:1");
+        let e = broker_url("https://h:1").unwrap_err().to_string();
+        assert!(e.contains("TLS") && e.contains("http://h:1"), "{e}");
+        let e = broker_url("grpc://h:1").unwrap_err().to_string();
+        assert!(e.contains("use http://h:1"), "{e}");
+        assert!(
+            connect_with(
+                "h:1",
+                ConnectOptions {
+                    connect_timeout: Duration::ZERO
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]

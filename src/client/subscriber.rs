@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
@@ -85,6 +85,7 @@ impl Subscriber {
     pub fn subscribe(&self, subscription: &str, flow: FlowControl) -> Subscription {
         let (events_tx, events) = mpsc::channel(1024);
         let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (down_tx, down) = watch::channel(None);
         let mut first = proto::SubscribeRequest::from(SessionCommand {
             flow: flow.into(),
             ..Default::default()
@@ -95,10 +96,12 @@ impl Subscriber {
             first,
             commands_rx,
             events_tx,
+            down_tx,
         ));
         Subscription {
             events,
             commands,
+            down,
             task,
         }
     }
@@ -176,6 +179,7 @@ impl Subscriber {
 pub struct Subscription {
     events: mpsc::Receiver<Result<Event>>,
     commands: mpsc::UnboundedSender<SessionCommand>,
+    down: watch::Receiver<Option<Error>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -205,6 +209,15 @@ impl Subscription {
                 Err(e) => return Some(Err(e)),
             }
         }
+    }
+
+    /// Whether the stream is down: `Some(why)` while the subscription waits
+    /// to reconnect after a failure (the broker unreachable, restarting),
+    /// `None` while the stream is up (and before the first attempt ends).
+    /// For showing a "reconnecting" line; the subscription reconnects by
+    /// itself either way.
+    pub fn down(&self) -> watch::Receiver<Option<Error>> {
+        self.down.clone()
     }
 
     fn command(&self, command: SessionCommand) {
@@ -283,6 +296,7 @@ async fn run_subscription(
     first: proto::SubscribeRequest,
     mut commands: mpsc::UnboundedReceiver<SessionCommand>,
     events_tx: mpsc::Sender<Result<Event>>,
+    down: watch::Sender<Option<Error>>,
 ) {
     let backoff = subscriber.backoff;
     let mut client = subscriber.client.clone();
@@ -293,6 +307,7 @@ async fn run_subscription(
         let broke = match client.subscribe(UnboundedReceiverStream::new(rx)).await {
             Ok(response) => {
                 delay = backoff.min;
+                down.send_replace(None);
                 let mut inbound = response.into_inner();
                 loop {
                     tokio::select! {
@@ -324,6 +339,7 @@ async fn run_subscription(
             return;
         }
         tracing::debug!(error = %broke, ?delay, "subscription stream broke; reconnecting");
+        down.send_replace(Some(broke));
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(backoff.max);
     }

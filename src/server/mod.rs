@@ -87,9 +87,23 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    run_with_ready(listener, config, shutdown, |_| {}).await
+}
+
+/// Runs the broker as [`run`] does, calling `ready` with the listening
+/// address once the store is open and the services are about to be served
+/// (never if opening fails): the moment to tell scripts the broker is up.
+///
+/// Fails as [`run`] does.
+pub async fn run_with_ready(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
+) -> Result<()> {
     crate::config::check_server_config(&config)?;
     let store = Store::open(config.store.clone()).await?;
-    let result = serve(listener, store.clone(), &config, shutdown).await;
+    let result = serve_with_ready(listener, store.clone(), &config, shutdown, ready).await;
     store.close().await;
     tracing::info!("broker stopped");
     result
@@ -103,6 +117,16 @@ pub async fn serve(
     store: Store,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    serve_with_ready(listener, store, config, shutdown, |_| {}).await
+}
+
+async fn serve_with_ready(
+    listener: TcpListener,
+    store: Store,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
     let broker = Broker::new(store.clone(), config.limits, drain_rx.clone());
@@ -167,8 +191,13 @@ pub async fn serve(
         tracing::info!("draining: health NOT_SERVING, ending streams, finishing commits");
         let _ = drain_tx.send(true);
     };
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving gRPC");
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Unavailable(format!("the listener has no address: {e}")))?;
+    tracing::info!(%addr, "serving gRPC");
+    // The listener is bound and the store open: connections made from now
+    // on are served, so this is when the broker is up.
+    ready(addr);
     // Socket options must be set on the incoming stream: the builder's TCP
     // settings apply only to listeners tonic binds itself. Without
     // TCP_NODELAY, small responses wait for delayed ACKs (about 40 ms).

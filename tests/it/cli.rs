@@ -1,10 +1,15 @@
-//! The real `tidings` binary given bad configuration: it must refuse it at
-//! start with a clear message, never panic in a background task later.
+//! The real `tidings` binary: bad configuration is refused at start with a
+//! clear message (never a panic in a background task later), and the client
+//! commands behave as a new user needs (issue 15): no silent waits, JSON
+//! output, every API verb.
 
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
+
+use crate::harness::{Backend, TestBroker};
 
 /// Runs `tidings` with `args` and `env`, giving it 20 seconds to exit (a
 /// command that started would not).
@@ -12,6 +17,9 @@ async fn tidings(args: &[&str], env: &[(&str, &str)]) -> Output {
     let run = Command::new(env!("CARGO_BIN_EXE_tidings"))
         .args(args)
         .env_remove("TIDINGS_DATABASE_URL")
+        .env_remove("TIDINGS_BROKER")
+        .env_remove("TIDINGS_OUTPUT")
+        .env_remove("TIDINGS_CONNECT_TIMEOUT")
         .envs(env.iter().copied())
         .kill_on_drop(true)
         .output();
@@ -87,4 +95,376 @@ async fn serve_refuses_a_data_dir_and_a_database_url_together() {
     let output = serve(&["--database-url", "postgres://postgres@127.0.0.1:1/none"]).await;
     refused(&output, "--database-url");
     refused(&output, "--data-dir");
+}
+
+/// Issue 15: a data directory that cannot be created must fail the start
+/// before `listening` is printed (scripts wait for that line), and logs to a
+/// pipe carry no colour codes.
+#[tokio::test]
+async fn serve_on_an_unusable_data_dir_never_says_listening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a folder").expect("write a file");
+    let data_dir = file.join("data");
+    let data_dir = data_dir.to_str().expect("a UTF-8 temp dir");
+    let output = tidings(
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
+        &[],
+    )
+    .await;
+    refused(&output, data_dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in a pipe: {stderr:?}"
+    );
+}
+
+/// Starts `tidings` with `args` and returns the first line it prints on
+/// `stdout` (or `stderr`) that contains `wanted`, within 20 seconds; the
+/// child is killed when the returned handle drops.
+async fn first_line(
+    args: &[&str],
+    from_stderr: bool,
+    wanted: &str,
+) -> (tokio::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(args)
+        .env_remove("TIDINGS_DATABASE_URL")
+        .env_remove("TIDINGS_BROKER")
+        .env_remove("TIDINGS_OUTPUT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tidings");
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if from_stderr {
+        Box::new(child.stderr.take().expect("stderr"))
+    } else {
+        Box::new(child.stdout.take().expect("stdout"))
+    };
+    let mut lines = BufReader::new(reader).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("read the output") {
+            if line.contains(wanted) {
+                return line;
+            }
+        }
+        panic!("tidings ended without printing {wanted:?}");
+    })
+    .await
+    .expect("tidings did not print it in time");
+    (child, line)
+}
+
+#[tokio::test]
+async fn serve_listens_on_a_host_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().to_str().expect("a UTF-8 temp dir");
+    let args = ["serve", "--listen", "localhost:0", "--data-dir", data_dir];
+    let (mut child, line) = first_line(&args, false, "tidings listening on").await;
+    assert!(line.contains(":"), "{line}");
+    child.kill().await.expect("kill serve");
+}
+
+/// An address nobody listens on: a port bound and released.
+fn unused_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr.to_string()
+}
+
+/// Issue 15: commands against a missing broker used to wait a minute, or
+/// forever, and then not say where they had tried.
+#[tokio::test]
+async fn a_missing_broker_is_reported_within_the_timeout_with_its_address() {
+    let addr = unused_address();
+    let url = format!("http://{addr}");
+    for command in [
+        vec!["publish", "--topic", "orders", "hi"],
+        vec!["health"],
+        vec!["topics", "list"],
+    ] {
+        let mut args = vec!["--broker", &addr, "--connect-timeout", "2s"];
+        args.extend(command.iter().copied());
+        let output = tidings(&args, &[]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command:?} succeeded");
+        assert!(stderr.contains(&url), "{command:?}: no {url} in {stderr}");
+        assert!(
+            stderr.contains("tidings serve"),
+            "{command:?}: no hint in {stderr}"
+        );
+    }
+    // A subscription keeps trying, but says so.
+    let args = [
+        "--broker",
+        &url,
+        "--connect-timeout",
+        "2s",
+        "subscribe",
+        "s",
+    ];
+    let (mut child, line) = first_line(&args, true, "reconnecting to").await;
+    assert!(line.contains(&url), "{line}");
+    child.kill().await.expect("kill subscribe");
+}
+
+#[tokio::test]
+async fn broker_urls_without_a_scheme_work_and_tls_ones_are_refused() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let bare = broker.url.trim_start_matches("http://").to_owned();
+    let output = tidings(&["--broker", &bare, "health"], &[]).await;
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    let https = format!("https://{bare}");
+    let output = tidings(&["--broker", &https, "health"], &[]).await;
+    refused(&output, "TLS");
+    let grpc = format!("grpc://{bare}");
+    let output = tidings(&["--broker", &grpc, "health"], &[]).await;
+    refused(&output, &format!("use http://{bare}"));
+    broker.stop().await;
+}
+
+/// Runs a client command against `broker`, expecting success; returns its
+/// standard output.
+async fn ok(broker: &TestBroker, args: &[&str]) -> String {
+    let mut all = vec!["--broker", broker.url.as_str()];
+    all.extend_from_slice(args);
+    let output = tidings(&all, &[]).await;
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a client command with `--output json` and parses each line.
+async fn json(broker: &TestBroker, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let stdout = ok(broker, &all).await;
+    let values: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{args:?}: {e}: {line:?}"))
+        })
+        .collect();
+    assert!(!values.is_empty(), "{args:?} printed nothing");
+    values
+}
+
+#[tokio::test]
+async fn every_printing_command_prints_json() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    let t = &json(b, &["topics", "create", "orders", "--retention", "10m"]).await[0];
+    assert_eq!(t["name"], "orders");
+    assert_eq!(t["retention"], "600s");
+    assert!(
+        t["createTime"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{t}"
+    );
+    let s = &json(
+        b,
+        &[
+            "subscriptions",
+            "create",
+            "billing",
+            "--topic",
+            "orders",
+            "--start",
+            "earliest",
+        ],
+    )
+    .await[0];
+    assert_eq!(s["ackDeadline"], "30s");
+    assert_eq!(s["maxAttempts"], 10);
+    let r = &json(
+        b,
+        &[
+            "publish",
+            "--topic",
+            "orders",
+            "--key",
+            "k1",
+            "--attribute",
+            "a=1",
+            "--attribute",
+            "b=x=y",
+            "hello",
+        ],
+    )
+    .await[0];
+    assert_eq!(r["results"][0]["sequence"], 1);
+    let m = &json(b, &["subscribe", "billing", "--max", "1", "--no-ack"]).await[0];
+    assert_eq!(m["message"]["payloadText"], "hello");
+    assert_eq!(m["message"]["payload"], "aGVsbG8=");
+    assert_eq!(m["message"]["key"], "k1");
+    assert_eq!(m["message"]["attributes"]["a"], "1");
+    assert_eq!(m["message"]["attributes"]["b"], "x=y");
+    assert_eq!(m["attempt"], 1);
+    json(b, &["topics", "list"]).await;
+    json(b, &["topics", "get", "orders"]).await;
+    json(b, &["subscriptions", "list"]).await;
+    json(b, &["subscriptions", "get", "billing"]).await;
+    let st = &json(b, &["stats", "billing"]).await[0];
+    assert_eq!(st["subscription"], "billing");
+    json(b, &["subscriptions", "stats", "billing"]).await;
+    let d = &json(b, &["dead-letters", "list", "billing"]).await[0];
+    assert_eq!(d["deadLetters"], serde_json::json!([]));
+    json(b, &["dead-letters", "redrive", "billing"]).await;
+    json(b, &["dead-letters", "purge", "billing", "--all"]).await;
+    let h = &json(b, &["health"]).await[0];
+    assert_eq!(h["status"], "SERVING");
+    let seek = &json(b, &["subscriptions", "seek", "billing", "--sequence", "1"]).await[0];
+    assert_eq!(seek["nextSequence"], 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn create_if_not_exists_succeeds_twice() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    for _ in 0..2 {
+        ok(b, &["topics", "create", "orders", "--if-not-exists"]).await;
+        let args = [
+            "subscriptions",
+            "create",
+            "billing",
+            "--topic",
+            "orders",
+            "--if-not-exists",
+        ];
+        ok(b, &args).await;
+    }
+    let output = tidings(
+        &["--broker", &broker.url, "topics", "create", "orders"],
+        &[],
+    )
+    .await;
+    refused(&output, "orders");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn updates_change_only_the_settings_given() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    ok(b, &["topics", "create", "orders"]).await;
+    ok(b, &["topics", "create", "dead"]).await;
+    let t = &json(b, &["topics", "update", "orders", "--max-age", "2h"]).await[0];
+    assert_eq!(t["maxAge"], "7200s");
+    assert_eq!(t["retention"], "0s");
+    let text = ok(b, &["topics", "get", "orders"]).await;
+    assert!(text.contains("max_age: 2h"), "{text}");
+    assert!(text.contains("retention: none"), "{text}");
+    ok(
+        b,
+        &[
+            "subscriptions",
+            "create",
+            "billing",
+            "--topic",
+            "orders",
+            "--ack-deadline",
+            "10m",
+        ],
+    )
+    .await;
+    let s = &json(
+        b,
+        &["subscriptions", "update", "billing", "--max-attempts", "3"],
+    )
+    .await[0];
+    assert_eq!(s["maxAttempts"], 3);
+    assert_eq!(s["ackDeadline"], "600s");
+    let s = &json(
+        b,
+        &[
+            "subscriptions",
+            "update",
+            "billing",
+            "--ordered",
+            "true",
+            "--dead-letter-topic",
+            "dead",
+        ],
+    )
+    .await[0];
+    assert_eq!(s["ordered"], true);
+    assert_eq!(s["deadLetterTopic"], "dead");
+    assert_eq!(s["maxAttempts"], 3);
+    let s = &json(
+        b,
+        &[
+            "subscriptions",
+            "update",
+            "billing",
+            "--no-dead-letter-topic",
+        ],
+    )
+    .await[0];
+    assert_eq!(s["deadLetterTopic"], "");
+    let text = ok(b, &["subscriptions", "get", "billing"]).await;
+    assert!(text.contains("ack_deadline: 10m"), "{text}");
+    // The broker's complaint names the flag, not the API field.
+    let args = [
+        "--broker",
+        &broker.url,
+        "subscriptions",
+        "update",
+        "billing",
+        "--max-attempts",
+        "0",
+    ];
+    refused(&tidings(&args, &[]).await, "--max-attempts");
+    let text = ok(b, &["dead-letters", "list", "billing"]).await;
+    assert_eq!(text.trim(), "no dead letters");
+    let text = ok(
+        b,
+        &[
+            "subscriptions",
+            "seek",
+            "billing",
+            "--time",
+            "2000-01-01T00:00:00Z",
+        ],
+    )
+    .await;
+    assert!(text.contains("delivers from sequence 1"), "{text}");
+    broker.stop().await;
+}
+
+/// Issue 15: a mistyped SQLite path made a new empty database and relayed
+/// nothing, forever.
+#[tokio::test]
+async fn relay_refuses_a_missing_sqlite_file_unless_told_to_create_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("missing.db");
+    let url = format!("sqlite://{}", path.display());
+    let output = tidings(&["relay", "--database-url", &url], &[]).await;
+    refused(&output, &path.display().to_string());
+    refused(&output, "--create-if-missing");
+    assert!(
+        !path.exists(),
+        "the refused relay created {}",
+        path.display()
+    );
+    let output = tidings(&["stats", "--outbox", &url], &[]).await;
+    refused(&output, &path.display().to_string());
+    let args = [
+        "--broker",
+        "127.0.0.1:1",
+        "relay",
+        "--database-url",
+        &url,
+        "--create-if-missing",
+    ];
+    let (mut child, _) = first_line(&args, false, "tidings relay started").await;
+    child.kill().await.expect("kill relay");
+    assert!(path.exists());
 }

@@ -1,18 +1,19 @@
 //! The commands that run something here rather than talk to a broker:
 //! `serve`, `relay`, `migrate` and `bench`. Every default is the library's.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
-use tidings::outbox::{Outbox, Relay, RelayConfig};
+use tidings::outbox::{Relay, RelayConfig};
 use tidings::server::{self, ServerConfig};
 use tidings::store::Storage;
 
 use crate::bench::{self, BenchConfig};
+use crate::output::Format;
 use crate::relay_bench::{self, RelayBenchConfig};
+use crate::remote::{open_outbox, tidy};
 use crate::{duration, interval, shutdown_signal};
 
 /// The server's defaults, which the flags show and fall back to.
@@ -38,7 +39,9 @@ pub(crate) enum Local {
     /// Move committed outbox rows from an application's database to the
     /// broker (`--broker`), deleting each after the broker's durable ack.
     Relay(RelayArgs),
-    /// Measure throughput and latency.
+    /// Measure throughput and latency. Starts an embedded broker unless
+    /// --broker is given; --broker accepts several comma-separated URLs of
+    /// instances on one database.
     Bench(BenchArgs),
     /// Apply the broker's PostgreSQL migrations and exit (serve does it too).
     Migrate {
@@ -50,9 +53,10 @@ pub(crate) enum Local {
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on (use port 0 for any free port).
+    /// Address to listen on, HOST:PORT (a host name is resolved; use port 0
+    /// for any free port).
     #[arg(long, env = "TIDINGS_LISTEN", default_value = DEFAULT_LISTEN)]
-    listen: SocketAddr,
+    listen: String,
     /// Folder of the embedded SQLite database (the default storage).
     #[arg(long, env = "TIDINGS_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -174,6 +178,10 @@ pub(crate) struct RelayArgs {
     /// Create the outbox tables and triggers if missing.
     #[arg(long, env = "TIDINGS_RELAY_MIGRATE", default_value_t = relayed().migrate, action = clap::ArgAction::Set)]
     migrate: bool,
+    /// Create the SQLite database file if it does not exist (without it, a
+    /// missing file is refused: a mistyped path would relay nothing, forever).
+    #[arg(long, env = "TIDINGS_RELAY_CREATE_IF_MISSING")]
+    create_if_missing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -202,7 +210,7 @@ pub(crate) struct BenchArgs {
     /// Fsync each commit on the embedded broker.
     #[arg(long, default_value_t = benched().fsync, action = clap::ArgAction::Set)]
     fsync: bool,
-    /// Print one JSON object.
+    /// Print one JSON object (as `--output json` does).
     #[arg(long)]
     json: bool,
     /// Measure the outbox and relay instead: writers commit messages into
@@ -246,14 +254,32 @@ pub(crate) struct BenchArgs {
 }
 
 /// Runs a local command; `broker` is the global `--broker`.
-pub(crate) async fn run(command: Local, broker: Option<String>) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    command: Local,
+    broker: Option<String>,
+    format: Format,
+) -> anyhow::Result<()> {
     match command {
         Local::Serve(args) => serve(args).await,
         Local::Relay(args) => relay(args, broker.unwrap_or_else(|| DEFAULT_BROKER.into())).await,
-        Local::Bench(args) => run_bench(args, broker).await,
+        Local::Bench(mut args) => {
+            args.json |= format == Format::Json;
+            run_bench(args, broker).await
+        }
         Local::Migrate { database_url } => {
-            tidings::store::migrate_postgres(&database_url).await?;
-            println!("migrations applied");
+            tidings::store::migrate_postgres(&database_url)
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot migrate {}: {}",
+                        tidings::store::redact(&database_url),
+                        tidy(&e.to_string())
+                    )
+                })?;
+            match format {
+                Format::Text => println!("migrations applied"),
+                Format::Json => crate::output::print_json(&serde_json::json!({})),
+            }
             Ok(())
         }
     }
@@ -286,10 +312,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything starts: a bad duration is refused here, not by a
     // panicking background task.
     config::check_server_config(&config)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    // A host name (localhost:50051) is resolved; the first address that
+    // binds is used.
+    let listener = tokio::net::TcpListener::bind(args.listen.as_str())
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     match &config.store.storage {
         Storage::Postgres(url) => {
             tracing::info!(database = %tidings::store::redact(url), "starting tidings on PostgreSQL")
@@ -299,9 +326,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let stop = shutdown_signal();
-    // Scripts and tests read the bound address from this line.
-    println!("tidings listening on {addr}");
-    server::run(listener, config, stop).await?;
+    let storage = match &config.store.storage {
+        Storage::Postgres(url) => tidings::store::redact(url),
+        Storage::Sqlite(dir) => dir.display().to_string(),
+    };
+    // Scripts and tests read the bound address from this line, so it is
+    // printed only once the storage is open and the broker serves.
+    let ready = |addr| println!("tidings listening on {addr}");
+    server::run_with_ready(listener, config, stop, ready)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot run the broker on {storage}: {}",
+                tidy(&e.to_string())
+            )
+        })?;
     Ok(())
 }
 
@@ -320,7 +359,7 @@ async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
     config.report_interval = args.report_interval.into();
     config.migrate = args.migrate;
     config.check()?;
-    let outbox = Outbox::connect(&args.database_url).await?;
+    let outbox = open_outbox(&args.database_url, args.create_if_missing).await?;
     let mut relay = Relay::start(outbox, config).await?;
     // Scripts and tests wait for this line.
     println!("tidings relay started");

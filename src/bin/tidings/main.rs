@@ -4,11 +4,17 @@
 
 mod bench;
 mod local;
+mod output;
 mod relay_bench;
 mod remote;
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand, ValueEnum};
+use tidings::client::DEFAULT_CONNECT_TIMEOUT;
 use tidings::config::{self, DEFAULT_BROKER, HumanDuration};
+
+use crate::output::Format;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,11 +23,24 @@ use tidings::config::{self, DEFAULT_BROKER, HumanDuration};
     about = "Reliable notifications between services"
 )]
 struct Cli {
-    /// Broker URL for client commands [default: http://127.0.0.1:50051].
-    /// `bench` starts an embedded broker unless this is given, and accepts
-    /// several comma-separated URLs of instances on one database.
+    /// Broker address for client commands and the relay
+    /// (http://HOST:PORT, or HOST:PORT) [default: http://127.0.0.1:50051].
     #[arg(long, global = true, env = "TIDINGS_BROKER")]
     broker: Option<String>,
+    /// How long connecting to the broker may take before a client command
+    /// fails (or `subscribe` says it is reconnecting).
+    #[arg(long, global = true, env = "TIDINGS_CONNECT_TIMEOUT", default_value_t = HumanDuration(DEFAULT_CONNECT_TIMEOUT), value_parser = interval)]
+    connect_timeout: HumanDuration,
+    /// What commands print: text for people, or JSON (one object per result,
+    /// field names as in the API's JSON mapping).
+    #[arg(
+        long,
+        global = true,
+        env = "TIDINGS_OUTPUT",
+        value_enum,
+        default_value = "text"
+    )]
+    output: Format,
     /// Log format.
     #[arg(
         long,
@@ -66,6 +85,8 @@ fn init_logs(format: LogFormat, default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -111,9 +132,10 @@ async fn main() -> std::process::ExitCode {
     };
     init_logs(cli.log_format, default_level);
     let result = match cli.command {
-        Command::Local(command) => local::run(command, cli.broker).await,
+        Command::Local(command) => local::run(command, cli.broker, cli.output).await,
         Command::Remote(command) => {
-            remote::run(command, cli.broker.as_deref().unwrap_or(DEFAULT_BROKER)).await
+            let broker = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
+            remote::run(command, broker, cli.connect_timeout.into(), cli.output).await
         }
     };
     match result {

@@ -1,22 +1,27 @@
 //! The commands that talk to a broker through the library's client: topics,
-//! subscriptions, stats, publish, subscribe, health and dead letters.
+//! subscriptions, stats, publish, subscribe, health and dead letters. Each
+//! prints text for people or, with `--output json`, JSON (see `output.rs`).
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
+use serde_json::json;
 use tidings::client::{
-    self, Admin, Backoff, Connection, Event, FlowControl, Outgoing, Publisher, Serving, Subscriber,
+    self, Admin, Backoff, ConnectOptions, Connection, Event, FlowControl, Outgoing, Publisher,
+    Serving, Subscriber,
 };
 use tidings::config::HumanDuration;
 use tidings::model::{
-    AckStatus, PublishOutcome, SeekTarget, StartPosition, SubscriptionSettings, TopicSettings,
-    time_micros,
+    AckStatus, Micros, PublishOutcome, SeekTarget, StartPosition, SubscriptionPatch,
+    SubscriptionSettings, TopicPatch, TopicSettings,
 };
 use tidings::outbox::Outbox;
 use tidings::store::NewSubscription;
 
+use crate::output::{self, Format, human_duration, print_json};
 use crate::{duration, shutdown_signal};
 
 /// Messages per publish request when publishing standard input.
@@ -47,8 +52,9 @@ pub(crate) enum Remote {
     Subscribe(SubscribeArgs),
     /// Check the broker's health; exits non-zero unless SERVING.
     Health {
-        /// A service name (default: the whole server).
-        #[arg(long, default_value = "")]
+        /// A service name, like tidings.v1.PublisherService (default: the
+        /// whole server).
+        #[arg(long, default_value = "", hide_default_value = true)]
         service: String,
     },
     /// Inspect, redrive and purge dead letters.
@@ -62,11 +68,26 @@ pub(crate) enum TopicsCommand {
     Create {
         /// Name.
         name: String,
-        /// Keep acked messages this long for replay.
-        #[arg(long, value_parser = duration)]
+        /// Keep acked messages this long for replay (0: not at all).
+        #[arg(long, value_parser = duration, default_value = "0s")]
+        retention: HumanDuration,
+        /// Expire messages older than this, acked or not (0: never).
+        #[arg(long, value_parser = duration, default_value = "0s")]
+        max_age: HumanDuration,
+        /// Succeed, changing nothing, if the topic exists already.
+        #[arg(long)]
+        if_not_exists: bool,
+    },
+    /// Change a topic's settings; those not given stay as they are.
+    #[command(group(clap::ArgGroup::new("changes").required(true).multiple(true)))]
+    Update {
+        /// Name.
+        name: String,
+        /// Keep acked messages this long for replay (0: not at all).
+        #[arg(long, value_parser = duration, group = "changes")]
         retention: Option<HumanDuration>,
-        /// Expire messages older than this, acked or not.
-        #[arg(long, value_parser = duration)]
+        /// Expire messages older than this, acked or not (0: never).
+        #[arg(long, value_parser = duration, group = "changes")]
         max_age: Option<HumanDuration>,
     },
     /// List topics.
@@ -87,9 +108,11 @@ pub(crate) enum TopicsCommand {
 pub(crate) enum SubscriptionsCommand {
     /// Create a subscription.
     Create(CreateSubscriptionArgs),
+    /// Change a subscription's settings; those not given stay as they are.
+    Update(UpdateSubscriptionArgs),
     /// List subscriptions.
     List {
-        /// Only those of this topic.
+        /// Only those of this topic (default: all).
         #[arg(long)]
         topic: Option<String>,
     },
@@ -115,11 +138,16 @@ pub(crate) enum SubscriptionsCommand {
         /// First sequence number to deliver.
         #[arg(long, required_unless_present = "time", conflicts_with = "time")]
         sequence: Option<i64>,
-        /// Deliver from the first message published at or after this Unix
-        /// time, in seconds.
-        #[arg(long)]
-        time: Option<u64>,
+        /// Deliver from the first message published at or after this time:
+        /// Unix seconds or RFC 3339 (2024-05-01T12:00:00Z).
+        #[arg(long, value_parser = output::parse_time)]
+        time: Option<Micros>,
     },
+}
+
+/// The defaults a new subscription gets, shown in `--help`.
+fn subscribed() -> SubscriptionSettings {
+    SubscriptionSettings::default()
 }
 
 #[derive(Debug, Args)]
@@ -130,26 +158,57 @@ pub(crate) struct CreateSubscriptionArgs {
     #[arg(long)]
     topic: String,
     /// Lease length.
-    #[arg(long, value_parser = duration)]
-    ack_deadline: Option<HumanDuration>,
+    #[arg(long, value_parser = duration, default_value_t = HumanDuration(subscribed().ack_deadline))]
+    ack_deadline: HumanDuration,
     /// Deliveries before dead-lettering.
-    #[arg(long)]
-    max_attempts: Option<i32>,
-    /// First backoff.
-    #[arg(long, value_parser = duration)]
-    min_backoff: Option<HumanDuration>,
+    #[arg(long, default_value_t = subscribed().max_attempts)]
+    max_attempts: i32,
+    /// First backoff before a redelivery (doubles per attempt).
+    #[arg(long, value_parser = duration, default_value_t = HumanDuration(subscribed().min_backoff))]
+    min_backoff: HumanDuration,
     /// Longest backoff.
-    #[arg(long, value_parser = duration)]
-    max_backoff: Option<HumanDuration>,
-    /// Topic that receives a copy of each dead letter.
+    #[arg(long, value_parser = duration, default_value_t = HumanDuration(subscribed().max_backoff))]
+    max_backoff: HumanDuration,
+    /// Topic that receives a copy of each dead letter (default: none).
     #[arg(long)]
     dead_letter_topic: Option<String>,
     /// One message per ordering key at a time, in order.
     #[arg(long)]
     ordered: bool,
-    /// Where to start: earliest, latest, or a Unix time in seconds.
+    /// Where to start: earliest, latest, or a time (Unix seconds or RFC 3339).
     #[arg(long, default_value = "latest", value_parser = start_position)]
     start: StartPosition,
+    /// Succeed, changing nothing, if the subscription exists already.
+    #[arg(long)]
+    if_not_exists: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("changes").required(true).multiple(true)))]
+pub(crate) struct UpdateSubscriptionArgs {
+    /// Name.
+    name: String,
+    /// New lease length.
+    #[arg(long, value_parser = duration, group = "changes")]
+    ack_deadline: Option<HumanDuration>,
+    /// New deliveries before dead-lettering.
+    #[arg(long, group = "changes")]
+    max_attempts: Option<i32>,
+    /// New first backoff.
+    #[arg(long, value_parser = duration, group = "changes")]
+    min_backoff: Option<HumanDuration>,
+    /// New longest backoff.
+    #[arg(long, value_parser = duration, group = "changes")]
+    max_backoff: Option<HumanDuration>,
+    /// New dead-letter topic.
+    #[arg(long, group = "changes", conflicts_with = "no_dead_letter_topic")]
+    dead_letter_topic: Option<String>,
+    /// Stop copying dead letters to a topic.
+    #[arg(long, group = "changes")]
+    no_dead_letter_topic: bool,
+    /// Make the subscription ordered (true) or not (false).
+    #[arg(long, group = "changes", action = clap::ArgAction::Set)]
+    ordered: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -157,9 +216,12 @@ pub(crate) struct PublishArgs {
     /// Topic.
     #[arg(long)]
     topic: String,
-    /// Ordering key.
+    /// Ordering key (default: none).
     #[arg(long)]
     key: Option<String>,
+    /// An attribute NAME=VALUE; repeat for several.
+    #[arg(long = "attribute", value_name = "NAME=VALUE", value_parser = attribute)]
+    attributes: Vec<(String, String)>,
     /// Message id (UUID); only with DATA. Default: a fresh UUID v7.
     #[arg(long, requires = "data")]
     id: Option<uuid::Uuid>,
@@ -171,10 +233,10 @@ pub(crate) struct PublishArgs {
 pub(crate) struct SubscribeArgs {
     /// Subscription name.
     subscription: String,
-    /// Print without acking (messages come back after their lease).
+    /// Print without acking: the messages are delivered again later.
     #[arg(long)]
     no_ack: bool,
-    /// Exit after this many messages.
+    /// Exit after this many messages (default: run until stopped).
     #[arg(long)]
     max: Option<u64>,
 }
@@ -207,136 +269,296 @@ pub(crate) enum DeadLettersCommand {
     },
 }
 
-/// Parses `--start`: earliest, latest, or a Unix time in seconds.
+/// Parses `--start`: earliest, latest, or a time.
 fn start_position(s: &str) -> Result<StartPosition, String> {
     match s {
         "earliest" => Ok(StartPosition::Earliest),
         "latest" => Ok(StartPosition::Latest),
-        secs => secs
-            .parse::<i64>()
-            .map(|secs| StartPosition::Time(secs.saturating_mul(1_000_000)))
-            .map_err(|_| format!("{secs:?}: use earliest, latest or a Unix time in seconds")),
+        time => output::parse_time(time)
+            .map(StartPosition::Time)
+            .map_err(|e| format!("{e}; or earliest, latest")),
+    }
+}
+
+/// Parses `--attribute NAME=VALUE`.
+fn attribute(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?}: write an attribute as NAME=VALUE")),
+    }
+}
+
+/// Rewrites the API's field names in a broker's error into the flags that
+/// set them, for the commands where the CLI knows which flag that is.
+fn name_flags(e: tidings::Error) -> anyhow::Error {
+    let tidings::Error::InvalidArgument(mut text) = e else {
+        return e.into();
+    };
+    for (field, flag) in [
+        ("ack_deadline", "--ack-deadline"),
+        ("max_attempts", "--max-attempts"),
+        ("min_backoff", "--min-backoff"),
+        ("max_backoff", "--max-backoff"),
+        ("dead_letter_topic", "--dead-letter-topic"),
+        ("dead-letter topic", "--dead-letter-topic"),
+        ("max_age", "--max-age"),
+        ("retention", "--retention"),
+    ] {
+        text = text.replace(field, flag);
+    }
+    anyhow!(text)
+}
+
+/// Says what to try when the broker cannot be reached.
+fn explain(e: anyhow::Error, url: &str) -> anyhow::Error {
+    match e.downcast_ref::<tidings::Error>() {
+        Some(tidings::Error::Unavailable(_)) => anyhow!(
+            "{e:#}\n  is `tidings serve` running at {url}, and is --broker (TIDINGS_BROKER) right?"
+        ),
+        _ => e,
     }
 }
 
 /// Runs a command against the broker at `url`.
-pub(crate) async fn run(command: Remote, url: &str) -> anyhow::Result<()> {
-    let connection = client::connect(url)?;
+pub(crate) async fn run(
+    command: Remote,
+    url: &str,
+    connect_timeout: Duration,
+    format: Format,
+) -> anyhow::Result<()> {
+    let options = ConnectOptions { connect_timeout };
+    let connection = client::connect_with(url, options)?;
+    let url = connection.url().to_owned();
+    // Commands give up on an unreachable broker after the connect timeout,
+    // rather than retrying for a minute in silence.
+    let backoff = Backoff {
+        give_up_after: Some(connect_timeout),
+        ..Backoff::default()
+    };
     let admin = Admin::new(&connection);
-    match command {
-        Remote::Topics(c) => topics(&admin, c).await,
-        Remote::Subscriptions(c) => subscriptions(&admin, c).await,
+    let result = match command {
+        Remote::Topics(c) => topics(&admin, c, format).await,
+        Remote::Subscriptions(c) => subscriptions(&admin, c, format).await,
         Remote::Stats {
             subscription,
             outbox,
         } => {
-            if let Some(url) = outbox {
-                outbox_stats(&url).await?;
-                if subscription.is_some() {
+            if let Some(db) = outbox {
+                outbox_stats(&db, format).await?;
+                if subscription.is_some() && format == Format::Text {
                     println!();
                 }
             }
             match subscription {
-                Some(name) => stats(&admin, &name).await,
+                Some(name) => stats(&admin, &name, format).await,
                 None => Ok(()),
             }
         }
-        Remote::Publish(a) => publish(a, &connection).await,
-        Remote::Subscribe(a) => subscribe(a, &connection).await,
-        Remote::Health { service } => {
-            let status = admin.health(&service).await?;
-            println!("{}", status.as_str());
-            if status != Serving::Serving {
-                bail!("broker is {}", status.as_str());
-            }
-            Ok(())
-        }
-        Remote::DeadLetters(c) => dead_letters(&admin, c).await,
+        Remote::Publish(a) => publish(a, &connection, backoff, format).await,
+        Remote::Subscribe(a) => subscribe(a, &connection, format).await,
+        Remote::Health { service } => health(&admin, &service, format).await,
+        Remote::DeadLetters(c) => dead_letters(&admin, c, format).await,
+    };
+    result.map_err(|e| explain(e, &url))
+}
+
+async fn health(admin: &Admin, service: &str, format: Format) -> anyhow::Result<()> {
+    let status = admin.health(service).await?;
+    match format {
+        Format::Text => println!("{}", status.as_str()),
+        Format::Json => print_json(&json!({ "status": status.as_str() })),
+    }
+    if status != Serving::Serving {
+        bail!("broker is {}", status.as_str());
+    }
+    Ok(())
+}
+
+fn print_topic(t: &tidings::model::Topic, format: Format) {
+    match format {
+        Format::Text => println!(
+            "name: {}\nlast_sequence: {}\nretention: {}\nmax_age: {}\nexpired: {}",
+            t.name,
+            t.last_sequence,
+            human_duration(t.settings.retention),
+            human_duration(t.settings.max_age),
+            t.expired_count
+        ),
+        Format::Json => print_json(&output::topic(t)),
     }
 }
 
-async fn topics(admin: &Admin, command: TopicsCommand) -> anyhow::Result<()> {
+async fn topics(admin: &Admin, command: TopicsCommand, format: Format) -> anyhow::Result<()> {
     match command {
         TopicsCommand::Create {
             name,
             retention,
             max_age,
+            if_not_exists,
         } => {
             let settings = TopicSettings {
-                retention: retention.unwrap_or_default().into(),
-                max_age: max_age.unwrap_or_default().into(),
+                retention: retention.into(),
+                max_age: max_age.into(),
             };
-            let t = admin.create_topic_with(&name, settings).await?;
-            println!("created topic {}", t.name);
-        }
-        TopicsCommand::List => {
-            for t in admin.list_topics().await? {
-                println!("{}\tlast_sequence={}", t.name, t.last_sequence);
+            let (t, created) = match admin.create_topic_with(&name, settings).await {
+                Ok(t) => (t, true),
+                Err(tidings::Error::AlreadyExists(_)) if if_not_exists => {
+                    (admin.get_topic(&name).await?, false)
+                }
+                Err(e) => return Err(name_flags(e)),
+            };
+            match format {
+                Format::Text if created => println!("created topic {}", t.name),
+                Format::Text => println!("topic {} exists already", t.name),
+                Format::Json => print_json(&output::topic(&t)),
             }
         }
-        TopicsCommand::Get { name } => {
-            let t = admin.get_topic(&name).await?;
-            println!(
-                "name: {}\nlast_sequence: {}\nretention: {:?}\nmax_age: {:?}\nexpired: {}",
-                t.name, t.last_sequence, t.settings.retention, t.settings.max_age, t.expired_count
-            );
+        TopicsCommand::Update {
+            name,
+            retention,
+            max_age,
+        } => {
+            let patch = TopicPatch {
+                retention: retention.map(Into::into),
+                max_age: max_age.map(Into::into),
+            };
+            let t = admin.update_topic(&name, patch).await.map_err(name_flags)?;
+            print_topic(&t, format);
         }
+        TopicsCommand::List => {
+            let topics = admin.list_topics().await?;
+            match format {
+                Format::Text => {
+                    for t in &topics {
+                        println!("{}\tlast_sequence={}", t.name, t.last_sequence);
+                    }
+                    if topics.is_empty() {
+                        println!("no topics");
+                    }
+                }
+                Format::Json => print_json(
+                    &json!({ "topics": topics.iter().map(output::topic).collect::<Vec<_>>() }),
+                ),
+            }
+        }
+        TopicsCommand::Get { name } => print_topic(&admin.get_topic(&name).await?, format),
         TopicsCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
-            println!("deleted topic {name}");
+            match format {
+                Format::Text => println!("deleted topic {name}"),
+                Format::Json => print_json(&json!({})),
+            }
         }
     }
     Ok(())
 }
 
-async fn subscriptions(admin: &Admin, command: SubscriptionsCommand) -> anyhow::Result<()> {
+fn print_subscription(s: &tidings::model::Subscription, format: Format) {
+    let c = &s.settings;
+    match format {
+        Format::Text => println!(
+            "name: {}\ntopic: {}\nack_deadline: {}\nmax_attempts: {}\nmin_backoff: {}\nmax_backoff: {}\ndead_letter_topic: {}\nordered: {}",
+            s.name,
+            s.topic,
+            human_duration(c.ack_deadline),
+            c.max_attempts,
+            human_duration(c.min_backoff),
+            human_duration(c.max_backoff),
+            c.dead_letter_topic.as_deref().unwrap_or("none"),
+            c.ordered
+        ),
+        Format::Json => print_json(&output::subscription(s)),
+    }
+}
+
+async fn subscriptions(
+    admin: &Admin,
+    command: SubscriptionsCommand,
+    format: Format,
+) -> anyhow::Result<()> {
     match command {
         SubscriptionsCommand::Create(a) => {
-            let d = SubscriptionSettings::default();
+            let name = a.name.clone();
             let new = NewSubscription {
                 name: a.name,
                 topic: a.topic,
                 settings: SubscriptionSettings {
-                    ack_deadline: a.ack_deadline.map_or(d.ack_deadline, Into::into),
-                    max_attempts: a.max_attempts.unwrap_or(d.max_attempts),
-                    min_backoff: a.min_backoff.map_or(d.min_backoff, Into::into),
-                    max_backoff: a.max_backoff.map_or(d.max_backoff, Into::into),
+                    ack_deadline: a.ack_deadline.into(),
+                    max_attempts: a.max_attempts,
+                    min_backoff: a.min_backoff.into(),
+                    max_backoff: a.max_backoff.into(),
                     dead_letter_topic: a.dead_letter_topic,
                     ordered: a.ordered,
                 },
                 start: a.start,
             };
-            let s = admin.create_subscription(new).await?;
-            println!("created subscription {} on topic {}", s.name, s.topic);
+            let (s, created) = match admin.create_subscription(new).await {
+                Ok(s) => (s, true),
+                Err(tidings::Error::AlreadyExists(_)) if a.if_not_exists => {
+                    (admin.get_subscription(&name).await?, false)
+                }
+                Err(e) => return Err(name_flags(e)),
+            };
+            match format {
+                Format::Text if created => {
+                    println!("created subscription {} on topic {}", s.name, s.topic)
+                }
+                Format::Text => println!(
+                    "subscription {} exists already (on topic {})",
+                    s.name, s.topic
+                ),
+                Format::Json => print_json(&output::subscription(&s)),
+            }
+        }
+        SubscriptionsCommand::Update(a) => {
+            let patch = SubscriptionPatch {
+                ack_deadline: a.ack_deadline.map(Into::into),
+                max_attempts: a.max_attempts,
+                min_backoff: a.min_backoff.map(Into::into),
+                max_backoff: a.max_backoff.map(Into::into),
+                dead_letter_topic: match (a.dead_letter_topic, a.no_dead_letter_topic) {
+                    (Some(t), _) => Some(Some(t)),
+                    (None, true) => Some(None),
+                    (None, false) => None,
+                },
+                ordered: a.ordered,
+            };
+            let s = admin
+                .update_subscription(&a.name, patch)
+                .await
+                .map_err(name_flags)?;
+            print_subscription(&s, format);
         }
         SubscriptionsCommand::List { topic } => {
-            for s in admin.list_subscriptions(topic.as_deref()).await? {
-                println!(
-                    "{}\ttopic={}\tordered={}",
-                    s.name, s.topic, s.settings.ordered
-                );
+            let subs = admin.list_subscriptions(topic.as_deref()).await?;
+            match format {
+                Format::Text => {
+                    for s in &subs {
+                        println!(
+                            "{}\ttopic={}\tordered={}",
+                            s.name, s.topic, s.settings.ordered
+                        );
+                    }
+                    if subs.is_empty() {
+                        println!("no subscriptions");
+                    }
+                }
+                Format::Json => print_json(&json!({
+                    "subscriptions": subs.iter().map(output::subscription).collect::<Vec<_>>()
+                })),
             }
         }
         SubscriptionsCommand::Get { name } => {
-            let s = admin.get_subscription(&name).await?;
-            let c = &s.settings;
-            println!(
-                "name: {}\ntopic: {}\nack_deadline: {:?}\nmax_attempts: {}\nmin_backoff: {:?}\nmax_backoff: {:?}\ndead_letter_topic: {}\nordered: {}",
-                s.name,
-                s.topic,
-                c.ack_deadline,
-                c.max_attempts,
-                c.min_backoff,
-                c.max_backoff,
-                c.dead_letter_topic.as_deref().unwrap_or_default(),
-                c.ordered
-            );
+            print_subscription(&admin.get_subscription(&name).await?, format)
         }
         SubscriptionsCommand::Delete { name } => {
             admin.delete_subscription(&name).await?;
-            println!("deleted subscription {name}");
+            match format {
+                Format::Text => println!("deleted subscription {name}"),
+                Format::Json => print_json(&json!({})),
+            }
         }
-        SubscriptionsCommand::Stats { name } => stats(admin, &name).await?,
+        SubscriptionsCommand::Stats { name } => stats(admin, &name, format).await?,
         SubscriptionsCommand::Seek {
             name,
             sequence,
@@ -344,40 +566,67 @@ async fn subscriptions(admin: &Admin, command: SubscriptionsCommand) -> anyhow::
         } => {
             let target = match (sequence, time) {
                 (Some(sequence), _) => SeekTarget::Sequence(sequence),
-                (None, secs) => SeekTarget::Time(time_micros(
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unwrap_or_default()),
-                )),
+                (None, us) => SeekTarget::Time(us.unwrap_or_default()),
             };
-            let next = admin.seek(&name, target).await?;
-            println!("{name} delivers from sequence {next} on");
+            let next = admin.seek(&name, target).await.map_err(|e| match e {
+                tidings::Error::InvalidArgument(m) => anyhow!(
+                    "{}",
+                    m.replace("sequence", "--sequence")
+                        .replace("time", "--time")
+                ),
+                e => e.into(),
+            })?;
+            match format {
+                Format::Text => println!("{name} delivers from sequence {next} on"),
+                Format::Json => print_json(&json!({ "nextSequence": next })),
+            }
         }
     }
     Ok(())
 }
 
-async fn stats(admin: &Admin, name: &str) -> anyhow::Result<()> {
+async fn stats(admin: &Admin, name: &str, format: Format) -> anyhow::Result<()> {
     let s = admin.stats(name).await?;
+    if format == Format::Json {
+        print_json(&output::stats(name, &s));
+        return Ok(());
+    }
+    let blocked = if s.blocked_key_sample.is_empty() {
+        String::new()
+    } else {
+        format!(" (such as {})", s.blocked_key_sample.join(", "))
+    };
     println!(
-        "subscription: {name}\nbacklog: {}\nin_flight: {}\noldest_unacked_age: {}\ndead_lettered: {}\ndelivered: {}\nacked: {}\nredelivered: {}\nblocked_keys: {} {:?}\nack_watermark: {}",
+        "subscription: {name}\nbacklog: {}\nin_flight: {}\noldest_unacked_age: {}\ndead_lettered: {}\ndelivered: {}\nacked: {}\nredelivered: {}\nblocked_keys: {}{blocked}\nack_watermark: {}",
         s.backlog,
         s.in_flight,
         s.oldest_unacked_age
-            .map_or_else(|| "-".into(), |d| format!("{d:?}")),
+            .map_or_else(|| "none".into(), |d| format!("{:.3}s", d.as_secs_f64())),
         s.dead_lettered,
         s.delivered,
         s.acked,
         s.redelivered,
         s.blocked_keys,
-        s.blocked_key_sample,
         s.ack_watermark
     );
     Ok(())
 }
 
-async fn dead_letters(admin: &Admin, command: DeadLettersCommand) -> anyhow::Result<()> {
+async fn dead_letters(
+    admin: &Admin,
+    command: DeadLettersCommand,
+    format: Format,
+) -> anyhow::Result<()> {
     match command {
         DeadLettersCommand::List { subscription } => {
-            for d in admin.list_dead_letters(&subscription).await? {
+            let letters = admin.list_dead_letters(&subscription).await?;
+            if format == Format::Json {
+                print_json(&json!({
+                    "deadLetters": letters.iter().map(output::dead_letter).collect::<Vec<_>>()
+                }));
+                return Ok(());
+            }
+            for d in &letters {
                 let m = &d.message;
                 println!(
                     "seq={}\tid={}\tattempts={}\treason={:?}\tpayload={}",
@@ -388,13 +637,19 @@ async fn dead_letters(admin: &Admin, command: DeadLettersCommand) -> anyhow::Res
                     String::from_utf8_lossy(&m.payload)
                 );
             }
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
         }
         DeadLettersCommand::Redrive {
             subscription,
             sequences,
         } => {
             let n = admin.redrive_dead_letters(&subscription, sequences).await?;
-            println!("redriven: {n}");
+            match format {
+                Format::Text => println!("redriven: {n}"),
+                Format::Json => print_json(&json!({ "redrivenCount": n })),
+            }
         }
         DeadLettersCommand::Purge {
             subscription,
@@ -402,14 +657,33 @@ async fn dead_letters(admin: &Admin, command: DeadLettersCommand) -> anyhow::Res
             all,
         } => {
             let which = (!all).then_some(sequences);
-            let n = admin.purge_dead_letters(&subscription, which).await?;
-            println!("purged: {n}");
+            let n = admin
+                .purge_dead_letters(&subscription, which)
+                .await
+                .map_err(|e| match e {
+                    tidings::Error::InvalidArgument(m) => anyhow!(
+                        "{}",
+                        m.replace("sequences", "--sequence")
+                            .replace(" all", " --all")
+                    ),
+                    e => e.into(),
+                })?;
+            match format {
+                Format::Text => println!("purged: {n}"),
+                Format::Json => print_json(&json!({ "purgedCount": n })),
+            }
         }
     }
     Ok(())
 }
 
-fn print_outcomes(outcomes: &[PublishOutcome]) {
+fn print_outcomes(outcomes: &[PublishOutcome], format: Format) {
+    if format == Format::Json {
+        print_json(&json!({
+            "results": outcomes.iter().map(output::publish_result).collect::<Vec<_>>()
+        }));
+        return;
+    }
     for r in outcomes {
         println!(
             "{}\tsequence={}{}",
@@ -420,11 +694,18 @@ fn print_outcomes(outcomes: &[PublishOutcome]) {
     }
 }
 
-async fn publish(a: PublishArgs, connection: &Connection) -> anyhow::Result<()> {
-    let publisher = Publisher::new(connection, Backoff::default());
+async fn publish(
+    a: PublishArgs,
+    connection: &Connection,
+    backoff: Backoff,
+    format: Format,
+) -> anyhow::Result<()> {
+    let publisher = Publisher::new(connection, backoff);
+    let attributes: HashMap<String, String> = a.attributes.iter().cloned().collect();
     let make = |data: Vec<u8>| {
         let mut m = Outgoing::new(a.topic.clone(), data);
         m.key = a.key.clone();
+        m.attributes = attributes.clone();
         m
     };
     if let Some(data) = &a.data {
@@ -432,7 +713,7 @@ async fn publish(a: PublishArgs, connection: &Connection) -> anyhow::Result<()> 
         if let Some(id) = a.id {
             m.id = id;
         }
-        print_outcomes(&publisher.publish(&[m]).await?);
+        print_outcomes(&publisher.publish(&[m]).await?, format);
         return Ok(());
     }
     let stdin = std::io::stdin();
@@ -445,7 +726,7 @@ async fn publish(a: PublishArgs, connection: &Connection) -> anyhow::Result<()> 
             batch.push(make(line.into_bytes()));
         }
         if batch.len() >= STDIN_BATCH || (done && !batch.is_empty()) {
-            print_outcomes(&publisher.publish(&batch).await?);
+            print_outcomes(&publisher.publish(&batch).await?, format);
             batch.clear();
         }
         if done {
@@ -454,11 +735,18 @@ async fn publish(a: PublishArgs, connection: &Connection) -> anyhow::Result<()> 
     }
 }
 
-async fn subscribe(a: SubscribeArgs, connection: &Connection) -> anyhow::Result<()> {
+async fn subscribe(
+    a: SubscribeArgs,
+    connection: &Connection,
+    format: Format,
+) -> anyhow::Result<()> {
     let subscriber = Subscriber::new(connection, Backoff::default());
     let mut sub = subscriber.subscribe(&a.subscription, FlowControl::default());
+    let mut down = sub.down();
+    let url = connection.url().to_owned();
     let mut seen = 0u64;
     let mut awaiting = 0u64;
+    let mut was_down = false;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -467,20 +755,47 @@ async fn subscribe(a: SubscribeArgs, connection: &Connection) -> anyhow::Result<
         }
         tokio::select! {
             _ = &mut stop => return Ok(()),
+            changed = down.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                // A visible line while the stream is down, and one when it
+                // is back: the subscription retries by itself, silently.
+                let why = down.borrow_and_update().clone();
+                match why {
+                    Some(e) => {
+                        eprintln!("reconnecting to {url}… ({e})");
+                        if !was_down {
+                            eprintln!("  is `tidings serve` running there, and is --broker (TIDINGS_BROKER) right?");
+                        }
+                        was_down = true;
+                    }
+                    None if was_down => {
+                        eprintln!("connected to {url}");
+                        was_down = false;
+                    }
+                    None => {}
+                }
+            }
             event = sub.next() => match event {
                 Some(Ok(Event::Message(d))) => {
                     if a.max.is_some_and(|max| seen >= max) {
                         continue;
                     }
-                    let m = &d.message;
-                    println!(
-                        "seq={}\tid={}\tkey={}\tattempt={}\t{}",
-                        m.sequence,
-                        m.id,
-                        m.key.as_deref().unwrap_or_default(),
-                        d.attempt,
-                        String::from_utf8_lossy(&m.payload)
-                    );
+                    match format {
+                        Format::Json => print_json(&output::delivery(&d)),
+                        Format::Text => {
+                            let m = &d.message;
+                            println!(
+                                "seq={}\tid={}\tkey={}\tattempt={}\t{}",
+                                m.sequence,
+                                m.id,
+                                m.key.as_deref().unwrap_or_default(),
+                                d.attempt,
+                                String::from_utf8_lossy(&m.payload)
+                            );
+                        }
+                    }
                     seen += 1;
                     if !a.no_ack {
                         sub.ack(vec![d.ack_id.to_string()]);
@@ -506,8 +821,90 @@ async fn subscribe(a: SubscribeArgs, connection: &Connection) -> anyhow::Result<
     }
 }
 
-async fn outbox_stats(url: &str) -> anyhow::Result<()> {
-    let s = Outbox::connect(url).await?.stats().await?;
+/// Opens an outbox database for reading, refusing a SQLite file that does
+/// not exist (opening would create an empty one) and naming the database
+/// in every error.
+pub(crate) async fn open_outbox(url: &str, create_if_missing: bool) -> anyhow::Result<Outbox> {
+    if let Some(path) = sqlite_path(url)
+        && !create_if_missing
+        && !std::path::Path::new(&path).exists()
+    {
+        bail!(
+            "the SQLite database {path} does not exist: check --database-url, or pass --create-if-missing to create it"
+        );
+    }
+    let shown = match sqlite_path(url) {
+        Some(path) => path,
+        None => tidings::store::redact(url),
+    };
+    Outbox::connect(url).await.map_err(|e| {
+        anyhow!(
+            "cannot open the outbox database {shown}: {}",
+            tidy(&e.to_string())
+        )
+    })
+}
+
+/// The file a `sqlite:` URL names, or `None` for other URLs and in-memory
+/// databases.
+pub(crate) fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.contains("mode=memory") {
+        return None;
+    }
+    Some(path.to_owned())
+}
+
+/// A database error without PostgreSQL's source position (`at line 948`
+/// of the server's C file), which says nothing to a user.
+pub(crate) fn tidy(text: &str) -> String {
+    let mut out = text.to_owned();
+    while let Some(at) = out.find(" at line ") {
+        let digits = out[at + 9..].bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            break;
+        }
+        let mut end = at + 9 + digits;
+        // "at line 948 in postinit.c": the file goes too.
+        if let Some(file) = out[end..].strip_prefix(" in ") {
+            end += 4 + file
+                .find(|c: char| c.is_whitespace() || c == ')')
+                .unwrap_or(file.len());
+        }
+        out.replace_range(at..end, "");
+    }
+    out
+}
+
+async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
+    let s = open_outbox(url, false).await?.stats().await?;
+    let rfc = |t: SystemTime| output::rfc3339(tidings::model::time_micros(t));
+    if format == Format::Json {
+        let relays: Vec<_> = s
+            .relays
+            .iter()
+            .map(|r| {
+                json!({
+                    "relay": r.relay,
+                    "leader": r.leader,
+                    "published": r.published,
+                    "lastPublishTime": r.last_publish.map(rfc),
+                    "heartbeatTime": rfc(r.heartbeat),
+                    "lastError": r.last_error,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "outboxDepth": s.depth,
+            "held": s.held,
+            "oldestPendingAge": s.oldest_age.map(output::proto_duration),
+            "heldError": s.held_error,
+            "relays": relays,
+        }));
+        return Ok(());
+    }
     let ago = |t: SystemTime| {
         t.elapsed()
             .map(|d| format!("{:.1}s ago", d.as_secs_f64()))
@@ -519,8 +916,8 @@ async fn outbox_stats(url: &str) -> anyhow::Result<()> {
         s.held,
         s.oldest_age
             .map(|d| format!("{:.3}s", d.as_secs_f64()))
-            .unwrap_or_else(|| "-".into()),
-        s.held_error.as_deref().unwrap_or("-"),
+            .unwrap_or_else(|| "none".into()),
+        s.held_error.as_deref().unwrap_or("none"),
     );
     for r in &s.relays {
         println!(
@@ -530,11 +927,38 @@ async fn outbox_stats(url: &str) -> anyhow::Result<()> {
             r.published,
             r.last_publish.map(ago).unwrap_or_else(|| "never".into()),
             ago(r.heartbeat),
-            r.last_error.as_deref().unwrap_or("-"),
+            r.last_error.as_deref().unwrap_or("none"),
         );
     }
     if s.relays.is_empty() {
         println!("relay: none reported");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(sqlite_path("sqlite://app.db").as_deref(), Some("app.db"));
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/a.db?mode=rwc").as_deref(),
+            Some("/tmp/a.db")
+        );
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
+    }
+
+    #[test]
+    fn postgres_source_positions_are_dropped() {
+        assert_eq!(
+            tidy(
+                "error returned from database: database \"x\" does not exist at line 948 in postinit.c"
+            ),
+            "error returned from database: database \"x\" does not exist"
+        );
+        assert_eq!(tidy("no line here"), "no line here");
+    }
 }
