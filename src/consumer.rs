@@ -112,6 +112,12 @@ pub struct ConsumerConfig {
     pub fallback_retention: Option<Duration>,
     /// Reconnection backoff of the subscription stream.
     pub reconnect: Backoff,
+    /// Longest the runtime's own database steps (begin, recording the id,
+    /// commit) may take (default 10 s). A link that drops packets and
+    /// never resets fails the delivery with a retryable error (it is nacked
+    /// and comes back) instead of holding it for good. The handler's own
+    /// work is not bounded here: its lease is extended while it runs.
+    pub database_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -125,6 +131,7 @@ impl Default for ConsumerConfig {
             prune_interval: Some(Duration::from_secs(60)),
             fallback_retention: None,
             reconnect: Backoff::default(),
+            database_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -151,6 +158,7 @@ impl ConsumerConfig {
             config::check_duration("consumer fallback_retention", d)?;
         }
         config::check_duration("consumer shutdown_timeout", self.shutdown_timeout)?;
+        config::check_interval("consumer database_timeout", self.database_timeout)?;
         self.reconnect.check("consumer reconnect")
     }
 }
@@ -321,6 +329,8 @@ struct Shared<DB: InboxDatabase, H> {
     handler: Arc<H>,
     subscription: String,
     permits: Semaphore,
+    /// [`ConsumerConfig::database_timeout`].
+    database_timeout: Duration,
 }
 
 /// Most acks sent in one request.
@@ -399,6 +409,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             handler: self.handler.clone(),
             subscription: self.subscription.clone(),
             permits: Semaphore::new(self.config.concurrency),
+            database_timeout: self.config.database_timeout,
         });
         let admin = Admin::new(&self.connection);
         let counters = self.counters.clone();
@@ -665,19 +676,21 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
     let Ok(_permit) = shared.permits.acquire().await else {
         return Outcome::Released;
     };
-    let mut tx = match shared.inbox.begin().await {
+    let bound = shared.database_timeout;
+    let mut tx = match bounded(bound, "begin", shared.inbox.begin()).await {
         Ok(tx) => tx,
         Err(e) => return Outcome::Error(e.to_string()),
     };
     let message = &delivery.message;
-    match Inbox::<DB>::record(&mut tx, &shared.subscription, message.id, message.sequence).await {
+    let record = Inbox::<DB>::record(&mut tx, &shared.subscription, message.id, message.sequence);
+    match bounded(bound, "recording the message id", record).await {
         Ok(Recorded::New) => {}
         Ok(Recorded::Duplicate) => {
-            rollback(tx).await;
+            rollback(tx, bound).await;
             return Outcome::Duplicate;
         }
         Err(e) => {
-            rollback(tx).await;
+            rollback(tx, bound).await;
             return Outcome::Error(e.to_string());
         }
     }
@@ -686,27 +699,46 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
     // message may have been redelivered, processed, acked and its row
     // pruned already, so running the handler could repeat its effects.
     if now_micros() + margin >= deadline.load(Ordering::Relaxed) {
-        rollback(tx).await;
+        rollback(tx, bound).await;
         return Outcome::Expired;
     }
     match shared.handler.handle(&delivery, &mut tx).await {
-        Ok(()) => match tx.commit().await {
+        Ok(()) => match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
             Ok(()) => Outcome::Processed,
             // Whether it committed is unknown; a redelivery finds out.
             Err(e) => Outcome::Error(format!("inbox commit failed: {e}")),
         },
         Err(e) => {
             let reason = e.to_string();
-            rollback(tx).await;
+            rollback(tx, bound).await;
             Outcome::Failed(reason)
         }
     }
 }
 
-async fn rollback<DB: InboxDatabase>(tx: Transaction<'static, DB>) {
-    if let Err(e) = tx.rollback().await {
+/// Runs one of the runtime's database steps within `bound`; past it the
+/// step fails with `Unavailable` naming it (the connection is dropped with
+/// the future, so it is never waited on again).
+async fn bounded<T>(
+    bound: Duration,
+    step: &str,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(bound, work).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Unavailable(format!(
+            "the inbox database did not complete the {step} within {bound:?} \
+             (database_timeout); the message will be redelivered"
+        ))),
+    }
+}
+
+async fn rollback<DB: InboxDatabase>(tx: Transaction<'static, DB>, bound: Duration) {
+    match tokio::time::timeout(bound, tx.rollback()).await {
+        Ok(Ok(())) => {}
         // The connection is closed then, which ends the transaction too.
-        tracing::debug!(error = %e, "inbox rollback failed");
+        Ok(Err(e)) => tracing::debug!(error = %e, "inbox rollback failed"),
+        Err(_) => tracing::debug!("inbox rollback timed out; the connection is dropped"),
     }
 }
 

@@ -1240,3 +1240,99 @@ async fn sigkill_case<DB: TestDb>(backend: Backend) {
         drop_database(admin_url, &name).await;
     }
 }
+
+// ---- a dead link to the consumer's database ----
+
+/// Issue 16: the consumer runtime's own database steps are bounded. With
+/// its inbox database black-holed (packets dropped, no reset) while a
+/// transaction is open, the commit fails within `database_timeout` and the
+/// delivery is nacked instead of hanging for good; once the link heals
+/// every message is processed, its effect exactly once.
+#[tokio::test]
+async fn a_black_holed_inbox_database_fails_fast_and_every_message_is_processed_once() {
+    use crate::proxy::{Proxy, through, upstream_of};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let db = Db::<Postgres>::open(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let proxied = Inbox::<Postgres>::connect(&through(&db.db.url, proxy.addr()))
+        .await
+        .expect("inbox through the proxy");
+    // The slow message's handler is still running when the link dies, so
+    // its transaction's COMMIT is what meets the dead link.
+    let handler = Recorder::new(|d| Plan {
+        sleep: (d.message.payload == b"slow").then_some(ms(1500)),
+        ..Plan::default()
+    });
+    let consumer = Consumer::new(
+        &broker.connection,
+        "s",
+        proxied,
+        handler.clone(),
+        test_config(|c| c.database_timeout = Duration::from_secs(1)),
+    );
+    let monitor = consumer.monitor();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    let running = Running {
+        monitor,
+        stop,
+        task,
+    };
+
+    let healthy: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    let healthy: Vec<&str> = healthy.iter().map(String::as_str).collect();
+    broker.publish("t", &healthy).await;
+    running
+        .wait_for("the first messages on a healthy link", |s| {
+            s.processed >= 20
+        })
+        .await;
+
+    broker.publish("t", &["slow"]).await;
+    eventually("the slow handler to start", || {
+        let started = handler.calls().iter().any(|c| c.payload == "slow");
+        async move { started }
+    })
+    .await;
+    proxy.black_hole();
+    let noticed = tokio::time::timeout(
+        Duration::from_secs(20),
+        running.monitor.wait_for(|s| s.errors > 0),
+    )
+    .await;
+    assert!(
+        noticed.is_ok(),
+        "the consumer hangs on a black-holed database"
+    );
+    let later: Vec<String> = (0..29).map(|i| format!("b{i}")).collect();
+    let later: Vec<&str> = later.iter().map(String::as_str).collect();
+    broker.publish("t", &later).await;
+
+    proxy.heal();
+    // The slow message's COMMIT may reach the database after the heal:
+    // its redelivery then finds its id and is skipped.
+    let stats = running
+        .wait_for("every message done after the heal", |s| {
+            s.processed + s.duplicates >= 50
+        })
+        .await;
+    let effects = db.effects().await;
+    let mut ids: Vec<String> = effects.iter().map(|e| e.message_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "every message's effect: {stats:?}");
+    assert_eq!(effects.len(), 50, "no effect twice: {stats:?}");
+    running.stop().await;
+    db.close().await;
+    broker.stop().await;
+}
