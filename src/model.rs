@@ -87,9 +87,11 @@ pub struct StoredMessage {
 
 /// Identifies one lease of one message in one subscription.
 ///
-/// Its text form (`<subscription id>-<sequence>-<token>`, hex) is the opaque
-/// `ack_id` clients see. The token changes with every lease, which is what
-/// makes an ack with an old lease recognisable as stale.
+/// Its text form (`<subscription id>-<sequence>-<token>-<deadline>`, hex) is
+/// the opaque `ack_id` clients see. The token changes with every lease,
+/// which is what makes an ack with an old lease recognisable as stale; the
+/// lease's first deadline tells, once the message is done and its row gone,
+/// an ack after the lease ended (stale) from a repeated ack (unknown).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AckId {
     /// Internal id of the subscription.
@@ -98,6 +100,9 @@ pub struct AckId {
     pub sequence: i64,
     /// Lease token.
     pub token: i64,
+    /// The lease's deadline when it was granted (absent in ids of older
+    /// brokers).
+    pub deadline: Option<Micros>,
 }
 
 impl fmt::Display for AckId {
@@ -106,7 +111,11 @@ impl fmt::Display for AckId {
             f,
             "{:x}-{:x}-{:x}",
             self.subscription, self.sequence, self.token as u64
-        )
+        )?;
+        match self.deadline {
+            Some(d) => write!(f, "-{:x}", d as u64),
+            None => Ok(()),
+        }
     }
 }
 
@@ -115,15 +124,20 @@ impl FromStr for AckId {
 
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::InvalidArgument(format!("malformed ack id {s:?}"));
-        let mut parts = s.splitn(3, '-');
+        let mut parts = s.splitn(4, '-');
         let mut next = || parts.next().ok_or_else(bad);
         let subscription = i64::from_str_radix(next()?, 16).map_err(|_| bad())?;
         let sequence = i64::from_str_radix(next()?, 16).map_err(|_| bad())?;
         let token = u64::from_str_radix(next()?, 16).map_err(|_| bad())? as i64;
+        let deadline = match parts.next() {
+            Some(d) => Some(u64::from_str_radix(d, 16).map_err(|_| bad())? as i64),
+            None => None,
+        };
         Ok(AckId {
             subscription,
             sequence,
             token,
+            deadline,
         })
     }
 }
@@ -483,10 +497,18 @@ mod tests {
             subscription: 7,
             sequence: 1234,
             token: -5,
+            deadline: Some(1_700_000_000_000_000),
         };
         assert_eq!(id.to_string().parse::<AckId>().unwrap(), id);
+        // Ids without a deadline (older brokers) still parse.
+        let old = AckId {
+            deadline: None,
+            ..id
+        };
+        assert_eq!(old.to_string().parse::<AckId>().unwrap(), old);
         assert!("7-x-1".parse::<AckId>().is_err());
         assert!("7-1".parse::<AckId>().is_err());
+        assert!("7-1-1-zz".parse::<AckId>().is_err());
     }
 
     #[test]

@@ -802,6 +802,7 @@ mod tests {
                 subscription: 1,
                 sequence: 9,
                 token: -3,
+                deadline: Some(11),
             },
             attempt: 2,
             lease_deadline: 11,

@@ -372,10 +372,11 @@ pub(super) fn ack_watermark(cursor: i64, first_any: Option<i64>) -> i64 {
 /// What an ack with an old lease gets: `STALE` with the reason when the
 /// row's token differs (leased again), the row is no longer leased (nacked,
 /// released, expired, dead-lettered) or its deadline passed before `at`;
-/// also `STALE` when no row is left but the message was delivered (at or
-/// below the cursor: acked under a later lease, or removed). `UNKNOWN` only
-/// for ids of another subscription, repeated in one request, or of messages
-/// never delivered.
+/// also `STALE` when no row is left, the message was delivered (at or
+/// below the cursor) and the lease's deadline (carried by the ack id) passed
+/// before `at`: it was acked under a later lease, or removed. `UNKNOWN` for
+/// a repeated ack within its lease, ids of another subscription, repeated in
+/// one request, or of messages never delivered.
 pub(super) fn classify(
     sub: &SubRow,
     ids: &[AckId],
@@ -397,14 +398,21 @@ pub(super) fn classify(
                 )));
             }
             match rows.get(&id.sequence) {
-                None if id.sequence <= sub.cursor && id.sequence > 0 => {
+                // The message is done and its row gone: an ack that came
+                // after its lease ended is stale (the message was redelivered
+                // and acked, or removed); one within it repeats an ack.
+                None if id.sequence <= sub.cursor
+                    && id.sequence > 0
+                    && id.deadline.is_some_and(|d| d <= at) =>
+                {
                     Check::Refused(AckStatus::Stale(format!(
-                        "lease {id} is stale: the message was acked (under this or a later \
-                         lease) or removed since"
+                        "lease {id} is stale: it ended {} ms before the request arrived, and \
+                         the message was acked or removed since",
+                        (at - id.deadline.unwrap_or(at)) / 1000
                     )))
                 }
                 None => Check::Refused(AckStatus::Unknown(format!(
-                    "no delivery for ack id {id}: the message was never delivered"
+                    "no delivery for ack id {id}: already acked, purged, or never delivered"
                 ))),
                 Some(&(_, lease, _, _)) if lease != id.token => Check::Refused(AckStatus::Stale(
                     format!("lease {id} is stale: the message was leased again since"),
