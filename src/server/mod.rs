@@ -3,6 +3,7 @@
 
 mod admin;
 mod convert;
+mod deadline;
 mod publisher;
 mod subscriber;
 
@@ -206,6 +207,7 @@ async fn serve_with_ready(
         .with_keepalive(Some(config.keepalive_interval));
     let served = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        .layer(deadline::DeadlineLayer)
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

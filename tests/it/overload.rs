@@ -18,6 +18,26 @@ enum Hold {
 }
 
 impl Hold {
+    /// Holds publishing: SQLite's write lock, or PostgreSQL's topics table
+    /// (the writer's per-topic counter lock waits for it).
+    async fn publishing(b: &TestBroker) -> Hold {
+        match b.database_url() {
+            None => Hold::take(b, "").await,
+            Some(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+                sqlx::query("BEGIN")
+                    .execute(&mut conn)
+                    .await
+                    .expect("begin");
+                sqlx::query("LOCK TABLE topics IN EXCLUSIVE MODE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("lock topics");
+                Hold::Postgres(conn)
+            }
+        }
+    }
+
     async fn take(b: &TestBroker, sub: &str) -> Hold {
         match b.database_url() {
             None => {
@@ -150,6 +170,32 @@ backend_test! {
         let err = b.ack("s", vec![second[0].ack_id.clone()]).await.expect_err("again");
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("already acked"), "{}", err.message());
+        b.stop().await;
+    }
+}
+
+backend_test! {
+    /// Issue 16: a call whose client deadline passes while the broker works
+    /// answers DEADLINE_EXCEEDED (tonic's own answer is CANCELLED, which a
+    /// client cannot tell from a call it cancelled).
+    async fn a_call_past_its_deadline_answers_deadline_exceeded(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |_| {}).await;
+        let hold = Hold::publishing(&b).await;
+        let mut publisher = b.raw_publisher();
+        let mut request = tonic::Request::new(tidings::proto::PublishRequest {
+            messages: vec![tidings::proto::Message {
+                id: uuid::Uuid::now_v7().to_string(),
+                topic: "t".into(),
+                payload: b"late".to_vec(),
+                ..Default::default()
+            }],
+        });
+        request.set_timeout(ms(300));
+        let answer = publisher.publish(request).await;
+        hold.release().await;
+        let err = answer.expect_err("the broker was held past the deadline");
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
         b.stop().await;
     }
 }
