@@ -523,7 +523,9 @@ impl Backend for Sqlite {
     async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
         for chunk in seqs.chunks(CHUNK) {
             // Numbered placeholders throughout: sqlx binds a bare `?` from
-            // the first argument on, whatever numbered ones came before.
+            // the first argument on, whatever numbered ones came before. No
+            // `d.key IS NOT NULL` here: SQLite would read it as a range on
+            // the key index and walk every row of the subscription.
             let list: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 3)).collect();
             let sql = format!(
                 "UPDATE deliveries SET available_at = ?1 WHERE sub_id = ?2 \
@@ -531,7 +533,7 @@ impl Backend for Sqlite {
                  FROM deliveries e INDEXED BY deliveries_by_key WHERE e.sub_id = d.sub_id \
                  AND e.key IS NOT NULL AND e.key = d.key AND e.seq > d.seq \
                  AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) FROM deliveries d \
-                 WHERE d.sub_id = ?2 AND d.key IS NOT NULL AND d.seq IN ({}))",
+                 WHERE d.sub_id = ?2 AND d.seq IN ({}))",
                 list.join(",")
             );
             let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now).bind(sub_id);
