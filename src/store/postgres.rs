@@ -639,17 +639,33 @@ impl Backend for Postgres {
     }
 
     async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries h SET available_at = $3 FROM (SELECT (SELECT e.seq \
-             FROM deliveries e WHERE e.sub_id = $1 AND e.key = d.key AND e.seq > d.seq \
-             AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) AS next \
+        // Two statements, each a keyed lookup per element of a short list,
+        // and no condition on `available_at` in the UPDATE: as one UPDATE …
+        // FROM, or with that condition, a planner without statistics yet (a
+        // fresh table) walked every held row of the subscription.
+        let next: Vec<Option<i64>> = sqlx::query_scalar(
+            "SELECT (SELECT CASE WHEN e.available_at = 9223372036854775807 THEN e.seq END \
+             FROM deliveries e WHERE e.sub_id = $1 AND e.key = d.key \
+             AND e.seq > d.seq AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) \
              FROM unnest($2::BIGINT[]) AS u(seq) \
-             JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq WHERE d.key IS NOT NULL) n \
-             WHERE h.sub_id = $1 AND h.seq = n.next AND h.available_at = 9223372036854775807",
+             JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq WHERE d.key IS NOT NULL",
         )
         .persistent(false)
         .bind(sub_id)
         .bind(seqs)
+        .fetch_all(&mut *c)
+        .await?;
+        let next: Vec<i64> = next.into_iter().flatten().collect();
+        if next.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE deliveries d SET available_at = $3 FROM unnest($2::BIGINT[]) AS u(seq) \
+             WHERE d.sub_id = $1 AND d.seq = u.seq",
+        )
+        .persistent(false)
+        .bind(sub_id)
+        .bind(next)
         .bind(now)
         .execute(c)
         .await?;
