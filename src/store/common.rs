@@ -386,6 +386,8 @@ pub(super) fn classify(
     let mut seen = HashSet::new();
     ids.iter()
         .map(|id| {
+            // The lease's first deadline, if the request came after it.
+            let ended = id.deadline.filter(|&d| d <= at);
             if id.subscription != sub.id {
                 return Check::Refused(AckStatus::Unknown(format!(
                     "ack id {id} does not belong to subscription {:?}",
@@ -401,14 +403,11 @@ pub(super) fn classify(
                 // The message is done and its row gone: an ack that came
                 // after its lease ended is stale (the message was redelivered
                 // and acked, or removed); one within it repeats an ack.
-                None if id.sequence <= sub.cursor
-                    && id.sequence > 0
-                    && id.deadline.is_some_and(|d| d <= at) =>
-                {
+                None if id.sequence <= sub.cursor && id.sequence > 0 && ended.is_some() => {
                     Check::Refused(AckStatus::Stale(format!(
                         "lease {id} is stale: it ended {} ms before the request arrived, and \
                          the message was acked or removed since",
-                        (at - id.deadline.unwrap_or(at)) / 1000
+                        (at - ended.unwrap_or(at)) / 1000
                     )))
                 }
                 None => Check::Refused(AckStatus::Unknown(format!(

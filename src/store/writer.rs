@@ -347,7 +347,7 @@ impl<B: Backend> Writer<B> {
             Op::DeleteTopic(name, r) => finish(r, self.delete_topic(&name).await),
             Op::CreateSubscription(sub, r) => finish(r, self.create_subscription(*sub, now).await),
             Op::UpdateSubscription(name, patch, r) => {
-                finish(r, self.update_subscription(&name, *patch, t).await)
+                finish(r, self.update_subscription(&name, *patch, now, t).await)
             }
             Op::DeleteSubscription(name, r) => finish(r, self.delete_subscription(&name, t).await),
             Op::Lease(req, r) => finish(r, self.lease(req, now, t).await),
@@ -644,6 +644,7 @@ impl<B: Backend> Writer<B> {
         &mut self,
         name: &str,
         patch: SubscriptionPatch,
+        now: Micros,
         t: &mut Touched,
     ) -> Result<Subscription> {
         let row = self.sub(name).await?;
@@ -679,7 +680,6 @@ impl<B: Backend> Writer<B> {
         B::set_sub_settings(self.c(), row.id, &s).await?;
         if row.settings.ordered && !s.ordered {
             // Unordered, nothing holds a message back any more.
-            let now = self.clock.tick();
             B::release_held(self.c(), row.id, now).await?;
         }
         self.subs.remove(name);
@@ -1190,7 +1190,7 @@ impl<B: Backend> Writer<B> {
                 .unwrap_or(topic.last_seq + 1);
             if topic.max_age_us > 0 {
                 report.expired += self
-                    .expire_old(&topic, low, now - topic.max_age_us, t)
+                    .expire_old(&topic, low, now - topic.max_age_us, now, t)
                     .await?;
             }
             let (deleted, more) = self
@@ -1243,6 +1243,7 @@ impl<B: Backend> Writer<B> {
         topic: &TopicRow,
         low: i64,
         cutoff: Micros,
+        now: Micros,
         t: &mut Touched,
     ) -> Result<u64> {
         let mut last = None;
@@ -1262,7 +1263,6 @@ impl<B: Backend> Writer<B> {
         }
         let affected = B::expire_through(self.c(), topic.id, last, unacked as i64).await?;
         // Keys whose message in progress expired let their next one go.
-        let now = self.clock.tick();
         B::heal_held(self.c(), topic.id, now).await?;
         self.topics.remove(&topic.name);
         for name in affected {

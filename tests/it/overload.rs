@@ -17,6 +17,16 @@ enum Hold {
     Postgres(sqlx::PgConnection),
 }
 
+/// A connection to `url` with a transaction open.
+async fn pg_transaction(url: &str) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut conn)
+        .await
+        .expect("begin");
+    conn
+}
+
 impl Hold {
     /// Holds publishing: SQLite's write lock, or PostgreSQL's topics table
     /// (the writer's per-topic counter lock waits for it).
@@ -24,11 +34,7 @@ impl Hold {
         match b.database_url() {
             None => Hold::take(b, "").await,
             Some(url) => {
-                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-                sqlx::query("BEGIN")
-                    .execute(&mut conn)
-                    .await
-                    .expect("begin");
+                let mut conn = pg_transaction(url).await;
                 sqlx::query("LOCK TABLE topics IN EXCLUSIVE MODE")
                     .execute(&mut conn)
                     .await
@@ -51,11 +57,7 @@ impl Hold {
                 Hold::Sqlite(conn)
             }
             Some(url) => {
-                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-                sqlx::query("BEGIN")
-                    .execute(&mut conn)
-                    .await
-                    .expect("begin");
+                let mut conn = pg_transaction(url).await;
                 let locked: Vec<i64> = sqlx::query_scalar(
                     "SELECT d.seq FROM deliveries d JOIN subscriptions s ON s.id = d.sub_id \
                      WHERE s.name = $1 FOR UPDATE OF d",
