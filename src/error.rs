@@ -51,6 +51,17 @@ impl From<sqlx::Error> for Error {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Error::Unavailable(format!("storage unavailable: {e}")),
+            // PostgreSQL refusing or dropping connections, out of
+            // resources, or shutting down: the classes of connection
+            // exceptions (08), insufficient resources (53), operator
+            // intervention (57) and system errors (58).
+            sqlx::Error::Database(d)
+                if d.code().is_some_and(|c| {
+                    c.len() == 5 && ["08", "53", "57", "58"].contains(&&c[..2])
+                }) =>
+            {
+                Error::Unavailable(format!("storage unavailable: {e}"))
+            }
             sqlx::Error::Database(d)
                 if matches!(
                     d.code().as_deref(),

@@ -70,6 +70,12 @@ pub(super) trait Backend: Send + 'static {
     /// failing (health turns NOT_SERVING until a commit succeeds).
     async fn recover(&mut self) -> bool;
 
+    /// Rolls back a group after storage refused one of its operations
+    /// (storage itself works), so that the rest can run again. Returns
+    /// false if the connection did not take the rollback; then the group
+    /// fails as in an outage and [`Backend::recover`] runs.
+    async fn rollback(&mut self) -> bool;
+
     /// Closes the writer's connection.
     async fn close(self);
 
@@ -173,6 +179,10 @@ pub(super) trait Backend: Send + 'static {
 
     /// Names of the subscriptions of a topic (all if `None`), in name order.
     async fn sub_names(c: &mut Conn<Self>, topic_id: Option<i64>) -> Result<Vec<String>>;
+
+    /// Up to `limit` subscriptions, in name order, whose dead-letter topic
+    /// is `topic`.
+    async fn dead_letter_users(c: &mut Conn<Self>, topic: &str, limit: i64) -> Result<Vec<String>>;
 
     /// Inserts a subscription; false if the name is taken.
     async fn insert_sub(
@@ -294,7 +304,8 @@ pub(super) trait Backend: Send + 'static {
     /// more (after messages were removed by max age).
     async fn heal_held(c: &mut Conn<Self>, topic_id: i64, now: Micros) -> Result<()>;
 
-    /// Makes rows due now again (released leases), reasons kept.
+    /// Makes rows due now again, reasons kept, and takes back the attempt
+    /// their lease counted (released leases).
     async fn release(c: &mut Conn<Self>, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()>;
 
     /// Sets a leased row's deadline.

@@ -165,14 +165,27 @@ pub(super) struct Touched {
 /// is what to tell its caller when the batch failed.
 pub(super) type Done = Box<dyn FnOnce(Option<&str>) + Send>;
 
+/// An error that leaves the group's transaction unusable: the group rolls
+/// back.
+#[derive(Debug, Clone)]
+pub(super) struct Fatal {
+    pub(super) reason: String,
+    /// Storage refused this operation itself (`Error::Storage`), rather than
+    /// being unavailable: the rest of its group may be retried without it.
+    pub(super) own: bool,
+}
+
 /// Wraps an operation's result; the second value is set when the error
 /// leaves the transaction unusable, so the whole batch must roll back.
 pub(super) fn finish<T: Send + 'static>(
     reply: Reply<T>,
     result: Result<T>,
-) -> (Done, Option<String>) {
+) -> (Done, Option<Fatal>) {
     let fatal = match &result {
-        Err(e @ (Error::Storage(_) | Error::Unavailable(_))) => Some(e.to_string()),
+        Err(e @ (Error::Storage(_) | Error::Unavailable(_))) => Some(Fatal {
+            reason: e.to_string(),
+            own: matches!(e, Error::Storage(_)),
+        }),
         _ => None,
     };
     let done: Done = Box::new(move |failed| {
@@ -180,7 +193,7 @@ pub(super) fn finish<T: Send + 'static>(
             Some(reason) => Err(Error::Unavailable(reason.to_owned())),
             None => result,
         };
-        let _ = reply.send(result);
+        reply.send(result);
     });
     (done, fatal)
 }
@@ -199,20 +212,16 @@ impl Op {
     pub(super) fn refuse(self, reason: &str) {
         let e = || Error::Unavailable(reason.to_owned());
         match self {
-            Op::Publish(_, r) => drop(r.send(Err(e()))),
-            Op::CreateTopic(_, _, r) | Op::UpdateTopic(_, _, r) => drop(r.send(Err(e()))),
-            Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => {
-                drop(r.send(Err(e())))
-            }
-            Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => {
-                drop(r.send(Err(e())))
-            }
-            Op::Lease(_, r) => drop(r.send(Err(e()))),
-            Op::Ack(_, _, r) | Op::Release(_, _, r) => drop(r.send(Err(e()))),
-            Op::Nack(_, _, r) => drop(r.send(Err(e()))),
-            Op::Extend(_, _, r) => drop(r.send(Err(e()))),
-            Op::Seek(_, _, r) | Op::Redrive(_, _, r) | Op::Purge(_, _, r) => drop(r.send(Err(e()))),
-            Op::Maintain(r) => drop(r.send(Err(e()))),
+            Op::Publish(_, r) => r.send(Err(e())),
+            Op::CreateTopic(_, _, r) | Op::UpdateTopic(_, _, r) => r.send(Err(e())),
+            Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => r.send(Err(e())),
+            Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => r.send(Err(e())),
+            Op::Lease(_, r) => r.send(Err(e())),
+            Op::Ack(_, _, r) | Op::Release(_, _, r) => r.send(Err(e())),
+            Op::Nack(_, _, r) => r.send(Err(e())),
+            Op::Extend(_, _, r) => r.send(Err(e())),
+            Op::Seek(_, _, r) | Op::Redrive(_, _, r) | Op::Purge(_, _, r) => r.send(Err(e())),
+            Op::Maintain(r) => r.send(Err(e())),
         }
     }
 }

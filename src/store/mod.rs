@@ -194,10 +194,40 @@ pub struct MaintenanceReport {
     pub more: bool,
 }
 
-type Reply<T> = oneshot::Sender<Result<T>>;
+/// Where an operation's answer goes. Copies of an operation share it, so
+/// that the writer can run a group again without one operation (one that
+/// failed in storage) and answer each caller once: the first answer sent
+/// is the one the caller gets.
+struct Reply<T>(Arc<Mutex<Option<oneshot::Sender<Result<T>>>>>);
+
+impl<T> Reply<T> {
+    fn new(tx: oneshot::Sender<Result<T>>) -> Self {
+        Reply(Arc::new(Mutex::new(Some(tx))))
+    }
+
+    /// Answers the caller, unless a copy of this reply answered already.
+    fn send(self, result: Result<T>) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl<T> Clone for Reply<T> {
+    fn clone(&self) -> Self {
+        Reply(self.0.clone())
+    }
+}
+
+impl<T> std::fmt::Debug for Reply<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
 
 /// One write operation, queued for the writer task.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Op {
     Publish(Vec<NewMessage>, Reply<Vec<PublishOutcome>>),
     CreateTopic(String, TopicSettings, Reply<Topic>),
@@ -226,7 +256,7 @@ enum Op {
 /// (it arrived later, the queue being first in, first out) finds its lease
 /// as it left it. A broker that falls behind never turns its own delay into
 /// redeliveries and dead letters.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Queued {
     op: Op,
     at: Micros,
@@ -407,7 +437,7 @@ impl Store {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.ops
-            .send(Queued::now(make(tx)))
+            .send(Queued::now(make(Reply::new(tx))))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         rx.await
@@ -435,7 +465,7 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         self.ops
-            .send(Queued::now(Op::Publish(messages, tx)))
+            .send(Queued::now(Op::Publish(messages, Reply::new(tx))))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         Ok(async move {
@@ -548,8 +578,9 @@ impl Store {
             .await
     }
 
-    /// Gives leases back for immediate redelivery without a backoff (a
-    /// consumer went away). Fails with `NotFound`.
+    /// Gives leases back for immediate redelivery, without counting their
+    /// attempt: the next delivery carries the same attempt number. Fails
+    /// with `NotFound`.
     pub async fn release(&self, subscription: &str, ids: Vec<AckId>) -> Result<Vec<AckStatus>> {
         self.call(|r| Op::Release(subscription.to_owned(), ids, r))
             .await
@@ -678,7 +709,11 @@ async fn maintain(ops: mpsc::WeakSender<Queued>, interval: Duration) {
         tick.tick().await;
         let Some(ops) = ops.upgrade() else { return };
         let (tx, rx) = oneshot::channel();
-        if ops.send(Queued::now(Op::Maintain(tx))).await.is_err() {
+        if ops
+            .send(Queued::now(Op::Maintain(Reply::new(tx))))
+            .await
+            .is_err()
+        {
             return;
         }
         drop(ops);

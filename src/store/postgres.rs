@@ -275,6 +275,8 @@ mod sql {
     );
     pub(super) const SUB_NAMES: &str = "SELECT name FROM subscriptions \
          WHERE $1::BIGINT IS NULL OR topic_id = $1 ORDER BY name";
+    pub(super) const DEAD_LETTER_USERS: &str = "SELECT name FROM subscriptions \
+         WHERE dead_letter_topic = $1 ORDER BY name LIMIT $2";
     pub(super) const INSERT_SUB: &str = "INSERT INTO subscriptions (name, topic_id, created_at, ack_deadline_us, max_attempts, \
          min_backoff_us, max_backoff_us, dead_letter_topic, ordered, cursor) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING";
@@ -477,6 +479,14 @@ impl Backend for Postgres {
         true
     }
 
+    async fn rollback(&mut self) -> bool {
+        let rollback = sqlx::query("ROLLBACK").execute(&mut self.conn);
+        matches!(
+            tokio::time::timeout(self.connect_timeout, rollback).await,
+            Ok(Ok(_))
+        )
+    }
+
     async fn close(self) {
         if let Err(e) = self.conn.close().await {
             tracing::warn!(error = %e, "closing the database connection failed");
@@ -674,7 +684,7 @@ impl Backend for Postgres {
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
         sqlx::query(
-            "UPDATE deliveries d SET state = 0, available_at = $1 \
+            "UPDATE deliveries d SET state = 0, available_at = $1, attempt = d.attempt - 1 \
              FROM unnest($3::BIGINT[]) AS u(seq) WHERE d.sub_id = $2 AND d.seq = u.seq",
         )
         .persistent(false)

@@ -65,9 +65,16 @@ impl<B: Backend> Reader<B> {
         Reader { pool, timeout }
     }
 
+    /// A read connection. Whatever stops the pool from giving one (the
+    /// database refusing connections, unreachable, out of slots, a bad
+    /// password after a change) is storage being unavailable, not a fault
+    /// of the request: `Unavailable`, so clients retry.
     async fn conn(&self) -> Result<PoolConnection<B::Db>> {
         match tokio::time::timeout(self.timeout, self.pool.acquire()).await {
-            Ok(conn) => conn.map_err(Error::from),
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(Error::Unavailable(format!(
+                "storage refused a read connection: {e}"
+            ))),
             Err(_) => Err(self.timed_out()),
         }
     }

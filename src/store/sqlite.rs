@@ -247,6 +247,8 @@ mod sql {
     );
     pub(super) const SUB_NAMES: &str =
         "SELECT name FROM subscriptions WHERE ?1 IS NULL OR topic_id = ?1 ORDER BY name";
+    pub(super) const DEAD_LETTER_USERS: &str =
+        "SELECT name FROM subscriptions WHERE dead_letter_topic = ?1 ORDER BY name LIMIT ?2";
     pub(super) const INSERT_SUB: &str = "INSERT INTO subscriptions (name, topic_id, created_at, ack_deadline_us, max_attempts, \
          min_backoff_us, max_backoff_us, dead_letter_topic, ordered, cursor) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING";
@@ -371,6 +373,13 @@ impl Backend for Sqlite {
     }
 
     async fn recover(&mut self) -> bool {
+        let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+        true
+    }
+
+    async fn rollback(&mut self) -> bool {
+        // SQLite may have rolled the transaction back itself already; then
+        // ROLLBACK fails with "no transaction is active", which is as good.
         let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
         true
     }
@@ -546,8 +555,8 @@ impl Backend for Sqlite {
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
-        let sql =
-            "UPDATE deliveries SET state = 0, available_at = ? WHERE sub_id = ? AND seq IN ({})";
+        let sql = "UPDATE deliveries SET state = 0, available_at = ?, attempt = attempt - 1 \
+             WHERE sub_id = ? AND seq IN ({})";
         for_seqs(c, sql, Some(now), sub_id, seqs).await?;
         Ok(())
     }

@@ -190,6 +190,13 @@ macro_rules! shared_statements {
             Ok(q.fetch_all(c).await?)
         }
 
+        async fn dead_letter_users(c: &mut Conn, topic: &str, limit: i64) -> Result<Vec<String>> {
+            let q = sqlx::query_scalar(sql::DEAD_LETTER_USERS)
+                .bind(topic)
+                .bind(limit);
+            Ok(q.fetch_all(c).await?)
+        }
+
         async fn insert_sub(
             c: &mut Conn,
             name: &str,

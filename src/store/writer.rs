@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::backend::{Backend, Conn};
 use super::common::{
-    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, HELD, LEASED, SubRow, TopicRow,
-    Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
+    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, Fatal, HELD, LEASED, SubRow,
+    TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
 };
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::{
@@ -78,6 +78,56 @@ struct Outage {
     failed: u64,
     logged: Instant,
 }
+
+/// Most names an error message lists.
+const NAMES_SHOWN: usize = 5;
+
+/// Up to [`NAMES_SHOWN`] names, comma-separated, and how many more.
+fn some_names(names: &[String]) -> String {
+    let shown = names[..names.len().min(NAMES_SHOWN)].join(", ");
+    match names.len().saturating_sub(NAMES_SHOWN) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// An operation and its place in its group.
+type Numbered = (usize, Queued);
+
+/// Why a group failed.
+enum Failure {
+    /// BEGIN or COMMIT failed, or the group ran out of time.
+    Group(String),
+    /// The operation at this index of the group failed.
+    Op(usize, Fatal),
+    /// The group's publishes, stored together, failed.
+    Publishes(Fatal),
+}
+
+impl Failure {
+    fn reason(&self) -> &str {
+        match self {
+            Failure::Group(reason) => reason,
+            Failure::Op(_, fatal) | Failure::Publishes(fatal) => &fatal.reason,
+        }
+    }
+}
+
+/// How a round of a group ended.
+enum Round {
+    /// Every caller was answered.
+    Done,
+    /// Storage refused the operation at this index, which was answered;
+    /// the others were not and run again without it.
+    Refused(usize),
+    /// Storage refused the publishes stored together; nobody was answered
+    /// and they run again one request at a time.
+    PublishesRefused,
+}
+
+/// Most rounds a group runs to find the operations storage refuses: a
+/// group whose operations keep failing after that is refused whole.
+const ISOLATION_ROUNDS: usize = 8;
 
 /// How often a continuing storage failure is logged again.
 const LOG_AGAIN: Duration = Duration::from_secs(5);
@@ -144,7 +194,7 @@ impl<B: Backend> Writer<B> {
                 }
                 self.db.close().await;
                 if let Op::Close(reply) = close.op {
-                    let _ = reply.send(Ok(()));
+                    reply.send(Ok(()));
                 }
                 return;
             }
@@ -152,7 +202,40 @@ impl<B: Backend> Writer<B> {
         }
     }
 
-    /// Runs one group in one transaction and answers its callers.
+    /// Runs one group and answers its callers. If storage refused one of
+    /// its operations itself (not an outage: a value it cannot hold, a
+    /// constraint), that operation alone gets its error and the others run
+    /// again without it, in a new transaction: one client's request never
+    /// fails its neighbours'. Publishes stored together are first split
+    /// into their requests to find the one at fault.
+    async fn execute(&mut self, mut ops: Vec<Queued>) {
+        let mut split_publishes = false;
+        for round in 0.. {
+            // A copy to run again, only where there are neighbours to spare.
+            let again = (ops.len() > 1 && round < ISOLATION_ROUNDS).then(|| ops.clone());
+            match self
+                .execute_once(ops, split_publishes, again.is_some())
+                .await
+            {
+                Round::Done => return,
+                Round::Refused(culprit) => {
+                    let Some(mut rest) = again else { return };
+                    rest.remove(culprit);
+                    ops = rest;
+                }
+                Round::PublishesRefused => {
+                    let Some(rest) = again else { return };
+                    split_publishes = true;
+                    ops = rest;
+                }
+            }
+        }
+    }
+
+    /// Runs one group in one transaction and answers its callers, except,
+    /// when `may_retry`, after storage refused one operation itself: then
+    /// the transaction is rolled back, only that operation is answered
+    /// (with its error), and the round says which one it was.
     ///
     /// The group is bounded by the commit timeout: a database that stops
     /// answering (a link that drops packets and never resets) fails the
@@ -160,21 +243,26 @@ impl<B: Backend> Writer<B> {
     /// the connection replaced, rather than holding every caller until the
     /// operating system gives up on the socket.
     #[tracing::instrument(name = "group_commit", level = "debug", skip_all, fields(ops = ops.len()))]
-    async fn execute(&mut self, ops: Vec<Queued>) {
+    async fn execute_once(
+        &mut self,
+        ops: Vec<Queued>,
+        split_publishes: bool,
+        may_retry: bool,
+    ) -> Round {
         let started = Instant::now();
         let size = ops.len();
         let now = self.clock.tick();
         let newest = ops.iter().map(|q| q.at).max().unwrap_or(now);
         self.expire_before = newest.min(now);
         let mut touched = Touched::default();
-        let mut dones: Vec<Done> = Vec::with_capacity(ops.len());
+        let mut dones: Vec<(usize, Done)> = Vec::with_capacity(ops.len());
         // Operations wait here until their turn, so that those not yet
         // started when the deadline passes are refused with its reason.
         // (Those already running are dropped with the group's future: their
         // callers learn that storage did not confirm them.)
-        let mut queue = VecDeque::from(ops);
+        let mut queue: VecDeque<(usize, Queued)> = ops.into_iter().enumerate().collect();
         let deadline = self.commit_timeout;
-        let group = self.group(&mut queue, now, &mut touched, &mut dones);
+        let group = self.group(&mut queue, now, split_publishes, &mut touched, &mut dones);
         let (failure, timed_out) = match tokio::time::timeout(deadline, group).await {
             Ok(failure) => (failure, false),
             Err(_) => {
@@ -185,115 +273,160 @@ impl<B: Backend> Writer<B> {
                     "the database did not complete a group commit within {deadline:?} \
                      (commit_timeout); reconnecting"
                 );
-                (Some(reason), true)
+                (Some(Failure::Group(reason)), true)
             }
         };
-        match failure {
-            None => {
-                if let Some(outage) = self.outage.take() {
-                    tracing::info!(
-                        failed_groups = outage.failed,
-                        after_ms = outage.since.elapsed().as_millis() as u64,
-                        "storage works again: a group committed"
-                    );
-                }
-                self.healthy
-                    .send_if_modified(|h| !std::mem::replace(h, true));
-                for done in dones {
-                    done(None);
-                }
-                for topic in &touched.topics {
-                    self.notifier.notify_topic(topic);
-                }
-                for sub in &touched.subs {
-                    self.notifier.notify_subscription(sub);
-                }
-                tracing::debug!(
-                    ops = size,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "group committed"
+        let Some(failure) = failure else {
+            if let Some(outage) = self.outage.take() {
+                tracing::info!(
+                    failed_groups = outage.failed,
+                    after_ms = outage.since.elapsed().as_millis() as u64,
+                    "storage works again: a group committed"
                 );
             }
-            Some(reason) => {
-                self.log_failure(size, &reason);
-                for queued in queue.drain(..) {
-                    queued.op.refuse(&format!(
-                        "storage failed and nothing of this request was committed; retry: {reason}"
-                    ));
+            self.healthy
+                .send_if_modified(|h| !std::mem::replace(h, true));
+            for (_, done) in dones {
+                done(None);
+            }
+            for topic in &touched.topics {
+                self.notifier.notify_topic(topic);
+            }
+            for sub in &touched.subs {
+                self.notifier.notify_subscription(sub);
+            }
+            tracing::debug!(
+                ops = size,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "group committed"
+            );
+            return Round::Done;
+        };
+        // What was cached during the group may not be what is stored.
+        self.topics.clear();
+        self.subs.clear();
+        if may_retry && !timed_out {
+            let retry = match &failure {
+                Failure::Op(index, fatal) if fatal.own => Some((Round::Refused(*index), fatal)),
+                Failure::Publishes(fatal) if fatal.own => Some((Round::PublishesRefused, fatal)),
+                _ => None,
+            };
+            // If rolling back fails too, the connection is gone, and the
+            // group is refused like any other in an outage.
+            if let Some((round, fatal)) = retry
+                && self.db.rollback().await
+            {
+                tracing::warn!(
+                    error = %fatal.reason,
+                    "storage refused one request of a group; the others run again without it"
+                );
+                if let Round::Refused(culprit) = round {
+                    // Its own error, as the operation left it.
+                    for (index, done) in dones {
+                        if index == culprit {
+                            done(None);
+                        }
+                    }
                 }
-                // Callers are answered before the reconnect, which may take
-                // up to the connect timeout on a dead link. A group cut off
-                // by the deadline may have committed (the COMMIT may have
-                // reached the database): its callers are told so, and a
-                // retry is safe (publishes deduplicate by id; a repeated ack
-                // answers STALE).
-                let told = if timed_out {
-                    format!(
-                        "storage did not confirm this request in time; it may or may not \
-                         have been committed; retry: {reason}"
-                    )
-                } else {
-                    format!(
-                        "storage failed and nothing of this request was committed; retry: {reason}"
-                    )
-                };
-                for done in dones {
-                    done(Some(&told));
-                }
-                self.topics.clear();
-                self.subs.clear();
-                if self.db.recover().await || timed_out {
-                    self.healthy
-                        .send_if_modified(|h| std::mem::replace(h, false));
-                }
+                return round;
             }
         }
+        let reason = failure.reason().to_owned();
+        self.log_failure(size, &reason);
+        for (_, queued) in queue.drain(..) {
+            queued.op.refuse(&format!(
+                "storage failed and nothing of this request was committed; retry: {reason}"
+            ));
+        }
+        // Callers are answered before the reconnect, which may take
+        // up to the connect timeout on a dead link. A group cut off
+        // by the deadline may have committed (the COMMIT may have
+        // reached the database): its callers are told so, and a
+        // retry is safe (publishes deduplicate by id; a repeated ack
+        // answers STALE).
+        let told = if timed_out {
+            format!(
+                "storage did not confirm this request in time; it may or may not \
+                 have been committed; retry: {reason}"
+            )
+        } else {
+            format!("storage failed and nothing of this request was committed; retry: {reason}")
+        };
+        for (_, done) in dones {
+            done(Some(&told));
+        }
+        if self.db.recover().await || timed_out {
+            self.healthy
+                .send_if_modified(|h| std::mem::replace(h, false));
+        }
+        Round::Done
     }
 
-    /// BEGIN, the group's operations (publishes first, together), COMMIT;
-    /// returns why the group failed, if it did.
+    /// BEGIN, the group's operations (publishes first, together unless
+    /// `split_publishes`), COMMIT; returns why the group failed, if it did.
     async fn group(
         &mut self,
-        queue: &mut VecDeque<Queued>,
+        queue: &mut VecDeque<(usize, Queued)>,
         now: Micros,
+        split_publishes: bool,
         touched: &mut Touched,
-        dones: &mut Vec<Done>,
-    ) -> Option<String> {
+        dones: &mut Vec<(usize, Done)>,
+    ) -> Option<Failure> {
         if let Err(e) = self.db.begin().await {
-            return Some(e.to_string());
+            return Some(Failure::Group(e.to_string()));
         }
-        // Publishes of the whole group are stored together: a handful of
-        // multi-row statements however many requests there are.
         let mut failure = None;
-        let (publishes, mut rest): (Vec<Queued>, Vec<Queued>) = queue
+        let (publishes, mut rest): (Vec<Numbered>, Vec<Numbered>) = queue
             .drain(..)
-            .partition(|q| matches!(q.op, Op::Publish(..)));
+            .partition(|(_, q)| matches!(q.op, Op::Publish(..)));
         // Acks, nacks, extensions and releases go before the group's leases
         // and maintenance, which may expire leases: an ack that came in
         // time ends its lease before any sweep of this group looks at it.
-        rest.sort_by_key(|q| !q.op.settles());
+        rest.sort_by_key(|(_, q)| !q.op.settles());
         queue.extend(rest);
         if !publishes.is_empty() {
-            let publishes = publishes.into_iter().map(|q| q.op).collect();
-            for (done, fatal) in self.publish_group(publishes, now, touched).await {
-                dones.push(done);
-                failure = failure.or(fatal);
+            // Publishes of the whole group are stored together: a handful
+            // of multi-row statements however many requests there are.
+            let batches: Vec<Vec<(usize, Op)>> = if split_publishes {
+                publishes
+                    .into_iter()
+                    .map(|(i, q)| vec![(i, q.op)])
+                    .collect()
+            } else {
+                vec![publishes.into_iter().map(|(i, q)| (i, q.op)).collect()]
+            };
+            for batch in batches {
+                let alone = (batch.len() == 1).then(|| batch[0].0);
+                for (index, done, fatal) in self.publish_group(batch, now, touched).await {
+                    dones.push((index, done));
+                    if failure.is_none()
+                        && let Some(fatal) = fatal
+                    {
+                        failure = Some(match alone {
+                            Some(index) => Failure::Op(index, fatal),
+                            None => Failure::Publishes(fatal),
+                        });
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
             }
         }
-        while let Some(Queued { op, at }) = queue.pop_front() {
-            if let Some(reason) = &failure {
-                let reason = reason.clone();
-                dones.push(Box::new(move |_| op.refuse(&reason)));
+        while let Some((index, Queued { op, at })) = queue.pop_front() {
+            if let Some(failure) = &failure {
+                let reason = failure.reason().to_owned();
+                dones.push((index, Box::new(move |_| op.refuse(&reason))));
                 continue;
             }
             let (done, fatal) = self.apply(op, at, now, touched).await;
-            dones.push(done);
-            failure = fatal;
+            dones.push((index, done));
+            failure = fatal.map(|f| Failure::Op(index, f));
         }
         if failure.is_none()
             && let Err(e) = self.db.commit(touched).await
         {
-            failure = Some(e.to_string());
+            failure = Some(Failure::Group(e.to_string()));
         }
         failure
     }
@@ -337,7 +470,7 @@ impl<B: Backend> Writer<B> {
         at: Micros,
         now: Micros,
         t: &mut Touched,
-    ) -> (Done, Option<String>) {
+    ) -> (Done, Option<Fatal>) {
         match op {
             Op::Publish(messages, r) => finish(r, self.publish(messages, now, t).await),
             Op::CreateTopic(name, settings, r) => {
@@ -405,15 +538,15 @@ impl<B: Backend> Writer<B> {
     /// are refused on their own, the others are stored together.
     async fn publish_group(
         &mut self,
-        ops: Vec<Op>,
+        ops: Vec<(usize, Op)>,
         now: Micros,
         t: &mut Touched,
-    ) -> Vec<(Done, Option<String>)> {
+    ) -> Vec<(usize, Done, Option<Fatal>)> {
         let mut out = Vec::with_capacity(ops.len());
         let mut accepted = Vec::with_capacity(ops.len());
         let mut all = Vec::new();
         let mut known: HashSet<String> = HashSet::new();
-        for op in ops {
+        for (index, op) in ops {
             let Op::Publish(messages, reply) = op else {
                 continue;
             };
@@ -433,25 +566,26 @@ impl<B: Backend> Writer<B> {
                 }
             }
             match missing {
-                Some(e) => out.push(finish(reply, Err(e))),
+                Some(e) => {
+                    let (done, fatal) = finish(reply, Err(e));
+                    out.push((index, done, fatal));
+                }
                 None => {
-                    accepted.push((messages.len(), reply));
+                    accepted.push((index, messages.len(), reply));
                     all.extend(messages);
                 }
             }
         }
-        match self.publish(all, now, t).await {
-            Ok(outcomes) => {
-                let mut outcomes = outcomes.into_iter();
-                for (n, reply) in accepted {
-                    out.push(finish(reply, Ok(outcomes.by_ref().take(n).collect())));
-                }
-            }
-            Err(e) => {
-                for (_, reply) in accepted {
-                    out.push(finish(reply, Err(e.clone())));
-                }
-            }
+        let result = self.publish(all, now, t).await;
+        let mut outcomes = result.as_ref().map(|o| o.iter()).ok();
+        for (index, n, reply) in accepted {
+            let answer = match (&mut outcomes, &result) {
+                (Some(outcomes), _) => Ok(outcomes.by_ref().take(n).copied().collect()),
+                (None, Err(e)) => Err(e.clone()),
+                (None, Ok(_)) => unreachable!("outcomes are taken from an Ok result"),
+            };
+            let (done, fatal) = finish(reply, answer);
+            out.push((index, done, fatal));
         }
         out
     }
@@ -588,7 +722,15 @@ impl<B: Backend> Writer<B> {
             return Err(Error::FailedPrecondition(format!(
                 "topic {name:?} still has {} subscription(s) ({}); delete them first",
                 subs.len(),
-                subs.join(", ")
+                some_names(&subs)
+            )));
+        }
+        let users = B::dead_letter_users(self.c(), name, NAMES_SHOWN as i64 + 1).await?;
+        if !users.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "topic {name:?} is the dead-letter topic of subscription(s) {}; \
+                 change their dead_letter_topic first",
+                some_names(&users)
             )));
         }
         B::delete_topic(self.c(), row.id).await?;
@@ -608,7 +750,9 @@ impl<B: Backend> Writer<B> {
             Err(Error::NotFound(_)) => Err(Error::NotFound(format!(
                 "dead-letter topic {dlt:?} does not exist"
             ))),
-            other => other.map(|_| ()),
+            // Locked, so that it is not deleted before this commits.
+            Ok(row) => B::lock_topic(self.c(), row.id).await.map(|_| ()),
+            Err(e) => Err(e),
         }
     }
 
