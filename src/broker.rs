@@ -22,7 +22,8 @@ use crate::store::{LeaseBatch, NewSubscription, Store, SubscriptionPatch, TopicP
 /// Limits on what clients may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest payload accepted, in bytes.
+    /// Largest message accepted, in bytes: payload, ordering key and
+    /// attribute names and values together.
     pub max_message_bytes: usize,
     /// Most messages in one publish request.
     pub max_batch_messages: usize,
@@ -32,6 +33,11 @@ pub struct Limits {
     pub max_attributes: usize,
     /// Most messages leased to one Subscribe stream at once.
     pub max_outstanding_messages: usize,
+    /// Most message bytes in one Subscribe or Pull response, unless the
+    /// client asks for fewer; a single larger message is still delivered,
+    /// alone. The default stays under the 4 MiB a default gRPC client
+    /// accepts.
+    pub max_response_bytes: usize,
     /// How often an idle subscriber looks for work it was not woken for.
     pub poll_interval: Duration,
 }
@@ -44,10 +50,21 @@ impl Default for Limits {
             max_key_bytes: 1024,
             max_attributes: 64,
             max_outstanding_messages: 10_000,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             poll_interval: Duration::from_secs(1),
         }
     }
 }
+
+/// Default of [`Limits::max_response_bytes`]: 3 MiB, under the 4 MiB
+/// receive limit of default gRPC clients with room for framing.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 3 * 1024 * 1024;
+/// Most acks, nacks, extensions or releases in one request.
+pub const MAX_SETTLE_ITEMS: usize = 10_000;
+/// Longest ack id accepted (real ones are under 70 bytes).
+const MAX_ACK_ID_BYTES: usize = 128;
+/// Nack reasons are kept up to this many bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
 
 /// Page size when a listing asks for none.
 const DEFAULT_PAGE: usize = 100;
@@ -55,7 +72,7 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 /// Longest a Pull may wait.
 const MAX_PULL_WAIT: Duration = Duration::from_secs(60);
-/// Longest lease extension (and ack deadline).
+/// Longest lease extension, nack delay (and ack deadline).
 const MAX_LEASE: Duration = Duration::from_secs(12 * 3600);
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -80,10 +97,20 @@ fn page_size(n: i32) -> Result<usize> {
     }
 }
 
-/// Page tokens are the last name (or sequence) of the previous page, in hex
-/// so that they are opaque and safe in any transport.
+/// A check value of a page token's content (FNV-1a, 32 bits): a token
+/// that was cut, doubled or edited fails it.
+fn token_check(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Page tokens are the last name (or sequence) of the previous page and a
+/// check value, in hex so that they are opaque and safe in any transport.
 fn encode_token(last: &str) -> String {
-    last.bytes().map(|b| format!("{b:02x}")).collect()
+    let mut token: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+    token.push_str(&format!("{:08x}", token_check(last.as_bytes())));
+    token
 }
 
 fn decode_token(token: &str) -> Result<Option<String>> {
@@ -92,16 +119,28 @@ fn decode_token(token: &str) -> Result<Option<String>> {
     }
     let bad = || {
         invalid(format!(
-            "page_token {token:?} is not one this server issued"
+            "page_token ({} bytes) is not one this server issued; \
+             pass a next_page_token unchanged, or none for the first page",
+            token.len()
         ))
     };
-    if !token.len().is_multiple_of(2) {
+    // The longest token is that of a 255-byte name.
+    if !token.len().is_multiple_of(2) || token.len() < 10 || token.len() > 2 * 255 + 8 {
         return Err(bad());
     }
-    let bytes = (0..token.len())
+    let (content, check) = token.split_at(token.len() - 8);
+    let bytes = (0..content.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&token[i..i + 2], 16).map_err(|_| bad()))
-        .collect::<Result<Vec<u8>>>()?;
+        .map(|i| {
+            content
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    if u32::from_str_radix(check, 16).ok() != Some(token_check(&bytes)) {
+        return Err(bad());
+    }
     String::from_utf8(bytes).map(Some).map_err(|_| bad())
 }
 
@@ -122,6 +161,23 @@ fn page<T>(items: Vec<T>, size: usize, last: impl Fn(&T) -> String) -> Page<T> {
 fn parse_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<Result<AckId, String>> {
     ids.map(|s| s.parse::<AckId>().map_err(|e| e.to_string()))
         .collect()
+}
+
+/// A nack reason as kept: at most [`MAX_REASON_BYTES`] (cut at a character
+/// boundary), without NUL characters, which storage cannot hold.
+///
+/// Fails with `InvalidArgument` for a reason with a NUL character.
+fn reason(text: &str) -> Result<String> {
+    if text.contains('\0') {
+        return Err(invalid(
+            "nack reason contains a NUL character (U+0000), which storage cannot hold",
+        ));
+    }
+    let mut cut = text.len().min(MAX_REASON_BYTES);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(text[..cut].to_owned())
 }
 
 /// Merges the store's answers for the well-formed ids back among the
@@ -151,6 +207,8 @@ fn outcomes(
 struct Settle<'a> {
     subscription: &'a str,
     operation: AckOperation,
+    /// The request's field, for errors.
+    field: &'static str,
     /// The error for a request with nothing in it.
     empty: &'static str,
 }
@@ -172,6 +230,23 @@ impl Settle<'_> {
         subscription_name(self.subscription)?;
         if requests.is_empty() {
             return Err(invalid(self.empty));
+        }
+        if requests.len() > MAX_SETTLE_ITEMS {
+            return Err(invalid(format!(
+                "{} has {} ack ids; the limit is {MAX_SETTLE_ITEMS} per request",
+                self.field,
+                requests.len()
+            )));
+        }
+        for (i, r) in requests.iter().enumerate() {
+            let id = ack_id(r);
+            if id.len() > MAX_ACK_ID_BYTES {
+                return Err(invalid(format!(
+                    "{}[{i}]: ack id is {} bytes; ack ids are at most {MAX_ACK_ID_BYTES}",
+                    self.field,
+                    id.len()
+                )));
+            }
         }
         let parsed = parse_ids(requests.iter().map(&ack_id));
         let mut items = Vec::new();
@@ -198,8 +273,8 @@ fn check_patch(patch: &SubscriptionPatch) -> Result<()> {
     let alone = model::SubscriptionSettings {
         ack_deadline: patch.ack_deadline.unwrap_or(base.ack_deadline),
         max_attempts: patch.max_attempts.unwrap_or(base.max_attempts),
-        min_backoff: Duration::ZERO,
-        max_backoff: Duration::MAX,
+        min_backoff: patch.min_backoff.unwrap_or(Duration::ZERO),
+        max_backoff: patch.max_backoff.unwrap_or(model::MAX_BACKOFF),
         dead_letter_topic: patch.dead_letter_topic.clone().flatten(),
         ordered: false,
     };
@@ -239,6 +314,19 @@ impl Broker {
         let _ = draining.wait_for(|d| *d).await;
     }
 
+    /// The response byte bound a client asked for (0: the default), at
+    /// most [`Limits::max_response_bytes`].
+    ///
+    /// Fails with `InvalidArgument` for a negative value.
+    pub(crate) fn response_bytes(&self, asked: i32) -> Result<usize> {
+        let max = self.limits.max_response_bytes;
+        match asked {
+            0 => Ok(max),
+            n if n < 0 => Err(invalid(format!("max_response_bytes {n} is negative"))),
+            n => Ok((n as usize).min(max)),
+        }
+    }
+
     /// Fails with `Unavailable` once the server is draining.
     pub fn check_open(&self) -> Result<()> {
         if *self.draining.borrow() {
@@ -265,31 +353,43 @@ impl Broker {
                 self.limits.max_batch_messages
             )));
         }
-        for m in messages {
-            if m.payload.len() > self.limits.max_message_bytes {
-                return Err(Error::InvalidArgument(format!(
-                    "message {}: payload is {} bytes; the limit is {} bytes",
-                    m.id,
+        for (at, m) in messages.iter().enumerate() {
+            let bad = |what: String| Err(invalid(format!("messages[{at}] (id {}): {what}", m.id)));
+            let key = m.key.as_deref().unwrap_or_default();
+            let attribute_bytes: usize = m.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let size = m.payload.len() + key.len() + attribute_bytes;
+            if size > self.limits.max_message_bytes {
+                return bad(format!(
+                    "the message is {size} bytes (payload {}, ordering key {}, attributes {}); \
+                     the limit is {} bytes for all three together",
                     m.payload.len(),
+                    key.len(),
+                    attribute_bytes,
                     self.limits.max_message_bytes
-                )));
+                ));
             }
-            if m.key
-                .as_ref()
-                .is_some_and(|k| k.len() > self.limits.max_key_bytes)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "message {}: ordering key is longer than {} bytes",
-                    m.id, self.limits.max_key_bytes
-                )));
+            if key.len() > self.limits.max_key_bytes {
+                return bad(format!(
+                    "ordering key is {} bytes; the limit is {} bytes",
+                    key.len(),
+                    self.limits.max_key_bytes
+                ));
+            }
+            if key.contains('\0') {
+                return bad(
+                    "ordering key contains a NUL character (U+0000), which storage cannot hold"
+                        .into(),
+                );
             }
             if m.attributes.len() > self.limits.max_attributes {
-                return Err(Error::InvalidArgument(format!(
-                    "message {}: {} attributes; the limit is {}",
-                    m.id,
+                return bad(format!(
+                    "{} attributes; the limit is {}",
                     m.attributes.len(),
                     self.limits.max_attributes
-                )));
+                ));
+            }
+            if m.attributes.iter().any(|(k, _)| k.is_empty()) {
+                return bad("an attribute has an empty name".into());
             }
         }
         Ok(())
@@ -530,6 +630,7 @@ impl Broker {
         subscription: &str,
         max_messages: i32,
         max_wait: Duration,
+        max_response_bytes: i32,
     ) -> Result<Vec<Delivery>> {
         self.check_open()?;
         subscription_name(subscription)?;
@@ -542,7 +643,13 @@ impl Broker {
                 )));
             }
         };
-        let wait = max_wait.min(MAX_PULL_WAIT);
+        if max_wait > MAX_PULL_WAIT {
+            return Err(invalid(format!(
+                "max_wait {max_wait:?} is out of range (at most 60 s)"
+            )));
+        }
+        let wait = max_wait;
+        let max_bytes = self.response_bytes(max_response_bytes)?;
         let sub = self.store.get_subscription(subscription).await?;
         let mut topic_news = self.watch_topic(&sub.topic);
         let mut sub_news = self.watch_subscription(&sub.name);
@@ -550,10 +657,7 @@ impl Broker {
         loop {
             topic_news.borrow_and_update();
             sub_news.borrow_and_update();
-            let batch = self
-                .store
-                .lease(&sub.name, max, session::DEFAULT_MAX_BYTES)
-                .await?;
+            let batch = self.store.lease(&sub.name, max, max_bytes).await?;
             if !batch.deliveries.is_empty() || Instant::now() >= give_up {
                 return Ok(batch.deliveries);
             }
@@ -577,6 +681,7 @@ impl Broker {
         let settle = Settle {
             subscription,
             operation: AckOperation::Ack,
+            field: "ack_ids",
             empty: "ack request has no ack ids",
         };
         settle
@@ -598,13 +703,20 @@ impl Broker {
         let settle = Settle {
             subscription,
             operation: AckOperation::Nack,
+            field: "nacks",
             empty: "nack request has no nacks",
         };
         let item = |ack_id, n: &Nack| {
+            if n.delay.is_some_and(|d| d > MAX_LEASE) {
+                return Err(invalid(format!(
+                    "nack delay {:?} is out of range (at most 12 h)",
+                    n.delay.unwrap_or_default()
+                )));
+            }
             Ok(NackItem {
                 ack_id,
                 delay: n.delay,
-                reason: n.reason.clone(),
+                reason: reason(&n.reason)?,
             })
         };
         settle
@@ -631,6 +743,7 @@ impl Broker {
         let settle = Settle {
             subscription,
             operation: AckOperation::Extend,
+            field: "extensions",
             empty: "extend request has no extensions",
         };
         let item = |ack_id, e: &LeaseExtension| {
@@ -652,12 +765,56 @@ impl Broker {
             .await
     }
 
-    /// Gives leases back for immediate redelivery, without counting an
-    /// attempt.
+    /// Gives leases back unprocessed: each message is redelivered at once
+    /// and the release does not count as an attempt; one outcome per id.
     ///
-    /// Fails with `NotFound` for an unknown subscription.
-    pub async fn release(&self, subscription: &str, ids: Vec<AckId>) -> Result<Vec<AckStatus>> {
-        self.store.release(subscription, ids).await
+    /// Fails with `InvalidArgument` for a bad name or no ids, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
+    pub async fn release(
+        &self,
+        subscription: &str,
+        ack_ids: Vec<String>,
+    ) -> Result<Vec<AckOutcome>> {
+        let settle = Settle {
+            subscription,
+            operation: AckOperation::Release,
+            field: "release_ack_ids",
+            empty: "release request has no ack ids",
+        };
+        settle
+            .run(
+                ack_ids,
+                String::as_str,
+                |id, _| Ok(id),
+                |ids| self.store.release(subscription, ids),
+            )
+            .await
+    }
+
+    /// Ends leases whose stream ended while it held them: each counts as a
+    /// failed attempt (redelivered at once, or dead-lettered after the
+    /// last attempt), as if nacked with no delay and `reason`.
+    pub(crate) async fn abandon(
+        &self,
+        subscription: &str,
+        ids: Vec<AckId>,
+        reason: &str,
+    ) -> Result<Vec<AckStatus>> {
+        let items = ids
+            .into_iter()
+            .map(|ack_id| NackItem {
+                ack_id,
+                delay: Some(Duration::ZERO),
+                reason: reason.to_owned(),
+            })
+            .collect();
+        self.store.nack(subscription, items).await
+    }
+
+    /// Gives leases back for immediate redelivery without counting an
+    /// attempt, when the broker itself ends their stream (draining).
+    pub(crate) async fn give_back(&self, subscription: &str, ids: Vec<AckId>) -> Result<()> {
+        self.store.release(subscription, ids).await.map(|_| ())
     }
 
     /// Leases up to `max_messages` and about `max_bytes` for a session.

@@ -277,7 +277,40 @@ pub fn check_server_config(config: &ServerConfig) -> Result<()> {
     check_interval("poll_interval", config.limits.poll_interval)?;
     check_interval("keepalive_interval", config.keepalive_interval)?;
     check_interval("keepalive_timeout", config.keepalive_timeout)?;
-    check_duration("shutdown_timeout", config.drain_timeout)
+    check_duration("shutdown_timeout", config.drain_timeout)?;
+    check_limits(config)
+}
+
+/// Room a message needs in a publish request besides its bytes: its id,
+/// topic name and framing.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+const REQUEST_OVERHEAD: usize = 1024;
+
+/// Checks that the size limits fit together: a message at the limit fits
+/// in a request, and responses may carry something.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn check_limits(config: &ServerConfig) -> Result<()> {
+    let limits = &config.limits;
+    if limits.max_message_bytes == 0 {
+        return Err(Error::InvalidArgument("max_message_bytes is 0".into()));
+    }
+    if limits.max_message_bytes + REQUEST_OVERHEAD > config.max_request_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "max_message_bytes ({}) does not fit in max_request_bytes ({}): a message at the \
+             limit could never be published; raise max_request_bytes to at least {}",
+            limits.max_message_bytes,
+            config.max_request_bytes,
+            limits.max_message_bytes + REQUEST_OVERHEAD
+        )));
+    }
+    if limits.max_response_bytes == 0 || limits.max_response_bytes > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!(
+            "max_response_bytes {} is out of range (1 to {})",
+            limits.max_response_bytes,
+            i32::MAX
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

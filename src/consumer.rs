@@ -338,6 +338,9 @@ const ACK_BATCH: usize = 500;
 
 /// Longest an ack waits for others to share its request.
 const ACK_DELAY: Duration = Duration::from_millis(2);
+/// How long a stopping consumer waits for the broker to answer its last
+/// acks and releases before it drops the stream.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends the collected acks as one request.
 fn flush(
@@ -387,9 +390,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
 
     /// Consumes until `shutdown` completes, then shuts down gracefully: takes
     /// no new message, lets running handlers finish and their acks be
-    /// confirmed (within [`ConsumerConfig::shutdown_timeout`]), and ends the
-    /// stream, so the broker releases the messages it still leased to this
-    /// consumer. Returns the final stats.
+    /// confirmed (within [`ConsumerConfig::shutdown_timeout`]), gives back
+    /// the messages it received but never started (without counting an
+    /// attempt), and ends the stream. Returns the final stats.
     ///
     /// Fails with `InvalidArgument` for a configuration that
     /// [`ConsumerConfig::check`] refuses, or with the broker's error if the subscription cannot be consumed (it does not
@@ -445,8 +448,8 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 () = &mut shutdown, if drain_until.is_none() => {
                     tracing::info!(subscription = %self.subscription, running = workers.len(), "consumer shutting down");
                     drain_until = Some(Instant::now() + self.config.shutdown_timeout);
-                    // Handlers not started yet give up their message: the
-                    // broker releases it when the stream ends.
+                    // Handlers not started yet give up their message: it
+                    // is released, without counting an attempt.
                     shared.permits.close();
                     if let Some(p) = pruning.take() {
                         p.abort();
@@ -494,7 +497,8 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 event = sub.next() => match event {
                     Some(Ok(Event::Message(delivery))) => {
                         if drain_until.is_some() {
-                            // Released with the stream's other leases.
+                            // Shutting down: given back unprocessed.
+                            sub.release(vec![delivery.ack_id.to_string()]);
                             continue;
                         }
                         counters.add(&counters.received, 1);
@@ -561,13 +565,22 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         // Acks not sent yet go now (the stream may take them before it ends;
         // if not, those messages come again and are skipped as duplicates).
         flush(&sub, &mut acks, &mut unconfirmed);
-        // Handlers still running are cancelled: their transactions roll back
-        // and, with the stream gone, the broker releases their messages.
+        // Handlers still running are cancelled: their transactions roll back.
         workers.shutdown().await;
         if let Some(p) = pruning.take() {
             p.abort();
         }
-        drop(sub);
+        // A handler cancelled while it ran is a failed attempt (one that
+        // never finishes must reach the dead letters in the end); its
+        // message comes again at once.
+        for ack_id in tasks.into_values() {
+            sub.nack(
+                ack_id,
+                Some(Duration::ZERO),
+                "the consumer stopped while the handler ran (shutdown_timeout)",
+            );
+        }
+        sub.close(CLOSE_TIMEOUT).await;
         let stats = counters.snapshot();
         tracing::info!(subscription = %self.subscription, ?stats, "consumer stopped");
         result.map(|()| stats)
@@ -610,7 +623,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 c.add(&c.expired, 1);
                 tracing::warn!(%ack_id, "lease ended before the handler could start; the broker will redeliver it");
             }
-            Outcome::Released => {}
+            // Never handed to the handler: back to the broker without
+            // counting an attempt.
+            Outcome::Released => sub.release(vec![ack_id]),
         }
     }
 
@@ -641,6 +656,11 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 unconfirmed.remove(&o.ack_id);
                 if !ok {
                     tracing::debug!(ack_id = %o.ack_id, %detail, "nack refused");
+                }
+            }
+            AckOperation::Release => {
+                if !ok {
+                    tracing::debug!(ack_id = %o.ack_id, %detail, "release refused");
                 }
             }
             AckOperation::Extend => {

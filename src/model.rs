@@ -123,7 +123,7 @@ impl FromStr for AckId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidArgument(format!("malformed ack id {s:?}"));
+        let bad = || Error::InvalidArgument(format!("malformed ack id {}", quoted(s)));
         let mut parts = s.splitn(4, '-');
         let mut next = || parts.next().ok_or_else(bad);
         let subscription = i64::from_str_radix(next()?, 16).map_err(|_| bad())?;
@@ -186,6 +186,9 @@ pub enum AckOperation {
     Nack,
     /// A lease extension.
     Extend,
+    /// A release: the message goes back unprocessed, without counting an
+    /// attempt.
+    Release,
 }
 
 /// The answer to one ack, nack or extension, keyed by the ack id as the
@@ -229,6 +232,9 @@ pub struct FlowControl {
     pub max_outstanding_messages: i32,
     /// Most payload bytes leased to the stream at once.
     pub max_outstanding_bytes: i64,
+    /// Most message bytes in one response (at least one message is always
+    /// sent).
+    pub max_response_bytes: i32,
 }
 
 /// One request on a Subscribe stream: flow control and what to do with
@@ -243,6 +249,8 @@ pub struct SessionCommand {
     pub nacks: Vec<Nack>,
     /// Lease extensions.
     pub extensions: Vec<LeaseExtension>,
+    /// Ack ids of leases given back unprocessed.
+    pub releases: Vec<String>,
 }
 
 /// What a Subscribe stream sends: new deliveries, or outcomes of one
@@ -330,6 +338,9 @@ impl Default for SubscriptionSettings {
     }
 }
 
+/// Longest backoff a subscription may set (the longest nack delay too).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(12 * 3600);
+
 impl SubscriptionSettings {
     /// The backoff before delivery attempt `attempt + 1`, after `attempt`
     /// failed: `min_backoff * 2^(attempt-1)`, capped at `max_backoff`.
@@ -344,8 +355,9 @@ impl SubscriptionSettings {
 
 impl SubscriptionSettings {
     /// The rule every subscription's settings obey: `ack_deadline` from
-    /// 1 ms to 12 h, `max_attempts` from 1 to 1000, `min_backoff` no longer
-    /// than `max_backoff`, and a valid dead-letter topic name.
+    /// 1 ms to 12 h, `max_attempts` from 1 to 1000, backoffs of at most
+    /// 12 h with `min_backoff` no longer than `max_backoff`, and a valid
+    /// dead-letter topic name.
     ///
     /// Fails with `InvalidArgument` naming the first field out of bounds.
     pub fn validate(&self) -> Result<()> {
@@ -358,6 +370,16 @@ impl SubscriptionSettings {
             )));
         }
         check_max_attempts(self.max_attempts)?;
+        for (field, value) in [
+            ("min_backoff", self.min_backoff),
+            ("max_backoff", self.max_backoff),
+        ] {
+            if value > MAX_BACKOFF {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} {value:?} is out of range (at most 12 h)"
+                )));
+            }
+        }
         if self.min_backoff > self.max_backoff {
             return Err(Error::InvalidArgument(format!(
                 "min_backoff ({:?}) is longer than max_backoff ({:?})",
@@ -466,10 +488,24 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(Error::InvalidArgument(format!(
-            "{what} name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+            "{what} name {} contains {c:?}; use letters, digits, '.', '_' and '-'",
+            quoted(name)
         )));
     }
     Ok(())
+}
+
+/// Most characters of a client's value echoed in an error message.
+const ECHO_CHARS: usize = 64;
+
+/// `value` quoted for an error message, cut after [`ECHO_CHARS`]
+/// characters (with its full length said), so that an error never echoes
+/// an unbounded input back to the client or into the log.
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
 }
 
 /// Parses a message id: a UUID in any standard text form, not nil.
@@ -480,7 +516,7 @@ pub fn parse_message_id(id: &str) -> Result<Uuid> {
         ));
     }
     let uuid = Uuid::parse_str(id)
-        .map_err(|e| Error::InvalidArgument(format!("message id {id:?} is not a UUID: {e}")))?;
+        .map_err(|_| Error::InvalidArgument(format!("message id {} is not a UUID", quoted(id))))?;
     if uuid.is_nil() {
         return Err(Error::InvalidArgument("message id is the nil UUID".into()));
     }

@@ -2,8 +2,13 @@
 //! commands (flow control, acks, nacks, extensions) and sends domain events
 //! (deliveries, ack outcomes). It leases in batches when half its window is
 //! free, wakes on topic and subscription news (with a bounded poll as
-//! fallback), forgets leases that expired, and releases what it holds when
-//! the stream ends or the broker drains. It knows nothing of protobuf.
+//! fallback), forgets leases that expired, and splits deliveries into
+//! responses of a bounded size. When the client's stream breaks (cancelled,
+//! reset, the consumer killed), each lease it still holds counts as a
+//! failed attempt, so a message that crashes its consumer reaches the dead
+//! letters; when the client closes its side on purpose, or the broker
+//! drains, they are given back without counting. It knows nothing of
+//! protobuf.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,8 +20,8 @@ use tokio::time::Instant;
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::model::{
-    AckId, AckOperation, AckOutcome, AckStatus, FlowControl, Micros, SessionCommand, SessionEvent,
-    Subscription, now_micros,
+    AckId, AckOperation, AckOutcome, AckStatus, Delivery, FlowControl, Micros, SessionCommand,
+    SessionEvent, Subscription, now_micros,
 };
 
 /// Default flow control of a Subscribe stream.
@@ -32,6 +37,18 @@ pub(crate) fn instant_at(at: Micros) -> Instant {
     Instant::now() + Duration::from_micros((at - now).max(0) as u64)
 }
 
+/// About how many bytes a delivery takes in a response: its message's
+/// payload, key, attributes and fixed fields, with room for framing.
+pub(crate) fn delivery_bytes(d: &Delivery) -> usize {
+    let m = &d.message;
+    let attributes: usize = m
+        .attributes
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 8)
+        .sum();
+    m.payload.len() + m.key.as_ref().map_or(0, String::len) + m.topic.len() + attributes + 160
+}
+
 /// One Subscribe stream: what it holds leased, and its flow control.
 pub(crate) struct Session {
     broker: Broker,
@@ -39,6 +56,8 @@ pub(crate) struct Session {
     topic: String,
     max_messages: usize,
     max_bytes: usize,
+    /// Most message bytes in one response (at least one message is sent).
+    max_response_bytes: usize,
     /// Leases held by this stream: deadline and payload size.
     outstanding: HashMap<AckId, (Micros, usize)>,
     outstanding_bytes: usize,
@@ -56,6 +75,7 @@ impl Session {
         tx: mpsc::Sender<Result<SessionEvent>>,
     ) -> Self {
         Session {
+            max_response_bytes: broker.limits().max_response_bytes,
             broker,
             subscription: sub.name,
             topic: sub.topic,
@@ -90,6 +110,9 @@ impl Session {
                 ));
             }
             n => self.max_bytes = usize::try_from(n).unwrap_or(usize::MAX),
+        }
+        if flow.max_response_bytes != 0 {
+            self.max_response_bytes = self.broker.response_bytes(flow.max_response_bytes)?;
         }
         Ok(())
     }
@@ -156,6 +179,12 @@ impl Session {
                 return false;
             }
         }
+        if !command.releases.is_empty() {
+            let answered = self.broker.release(&sub, command.releases).await;
+            if !self.settled(answered, &mut out).await {
+                return false;
+            }
+        }
         if out.is_empty() {
             return true;
         }
@@ -180,7 +209,9 @@ impl Session {
         };
         for o in &outcomes {
             match (o.operation, &o.status) {
-                (AckOperation::Ack | AckOperation::Nack, _) => self.forget(&o.ack_id),
+                (AckOperation::Ack | AckOperation::Nack | AckOperation::Release, _) => {
+                    self.forget(&o.ack_id)
+                }
                 (AckOperation::Extend, AckStatus::Ok(Some(deadline))) => {
                     if let Some(entry) = o
                         .ack_id
@@ -203,16 +234,69 @@ impl Session {
         false
     }
 
-    /// Hands leases this stream still holds back for immediate redelivery.
-    async fn release_all(&mut self) {
-        if self.outstanding.is_empty() {
+    /// Ends the leases this stream still holds, because its client's stream
+    /// broke (cancelled, reset, its consumer died) or the client sent what
+    /// cannot be served: each counts as a failed attempt, redelivered at
+    /// once or dead-lettered after the last one, exactly as if the lease
+    /// had expired, only sooner.
+    async fn abandon_all(&mut self) {
+        let ids = self.take_outstanding();
+        if ids.is_empty() {
             return;
         }
-        let ids: Vec<AckId> = self.outstanding.drain().map(|(id, _)| id).collect();
-        self.outstanding_bytes = 0;
-        if let Err(e) = self.broker.release(&self.subscription, ids).await {
-            tracing::debug!(error = %e, subscription = %self.subscription, "release on stream end failed; leases will expire");
+        let reason = "the Subscribe stream ended while the message was leased to it";
+        if let Err(e) = self.broker.abandon(&self.subscription, ids, reason).await {
+            tracing::debug!(error = %e, subscription = %self.subscription, "ending leases on stream end failed; they will expire");
         }
+    }
+
+    /// Gives the leases this stream holds back without counting an attempt:
+    /// the client closed its side of the stream on purpose (a graceful
+    /// shutdown), or the broker is draining or failed to lease.
+    async fn give_back_all(&mut self) {
+        let ids = self.take_outstanding();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.give_back(&self.subscription, ids).await {
+            tracing::debug!(error = %e, subscription = %self.subscription, "release on drain failed; leases will expire");
+        }
+    }
+
+    fn take_outstanding(&mut self) -> Vec<AckId> {
+        self.outstanding_bytes = 0;
+        self.earliest_deadline = Micros::MAX;
+        self.outstanding.drain().map(|(id, _)| id).collect()
+    }
+
+    /// Sends deliveries in responses of at most `max_response_bytes` of
+    /// messages each (a larger message goes alone). Returns false if the
+    /// receiver is gone.
+    async fn deliver(&self, deliveries: Vec<Delivery>) -> bool {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for d in deliveries {
+            let size = delivery_bytes(&d);
+            if !chunk.is_empty() && bytes + size > self.max_response_bytes {
+                let event = SessionEvent {
+                    deliveries: std::mem::take(&mut chunk),
+                    outcomes: Vec::new(),
+                };
+                if !self.send(Ok(event)).await {
+                    return false;
+                }
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push(d);
+        }
+        chunk.is_empty()
+            || self
+                .send(Ok(SessionEvent {
+                    deliveries: chunk,
+                    outcomes: Vec::new(),
+                }))
+                .await
     }
 
     /// Runs the session until the commands end, an error ends it, the
@@ -227,7 +311,7 @@ impl Session {
         let mut topic_news = self.broker.watch_topic(&self.topic);
         let mut sub_news = self.broker.watch_subscription(&self.subscription);
         if !self.handle(first).await {
-            return self.release_all().await;
+            return self.abandon_all().await;
         }
         let mut look = true;
         let mut next_due: Option<Micros> = None;
@@ -261,18 +345,16 @@ impl Session {
                                 self.earliest_deadline =
                                     self.earliest_deadline.min(d.lease_deadline);
                             }
-                            let event = SessionEvent {
-                                deliveries: batch.deliveries,
-                                outcomes: Vec::new(),
-                            };
-                            if !self.send(Ok(event)).await {
-                                return self.release_all().await;
+                            if !self.deliver(batch.deliveries).await {
+                                return self.abandon_all().await;
                             }
                         }
                     }
                     Err(e) => {
+                        // Leasing failed on the broker's side: what the
+                        // stream holds goes back without counting.
                         let _ = self.send(Err(e)).await;
-                        return self.release_all().await;
+                        return self.give_back_all().await;
                     }
                 }
                 if look {
@@ -283,10 +365,10 @@ impl Session {
                         let alive = match ready {
                             Some(Ok(command)) => self.handle(command).await,
                             Some(Err(e)) => self.fail(e).await,
-                            None => false,
+                            None => return self.give_back_all().await,
                         };
                         if !alive {
-                            return self.release_all().await;
+                            return self.abandon_all().await;
                         }
                     }
                     continue;
@@ -302,27 +384,30 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = Broker::drained(&mut draining) => {
-                    self.release_all().await;
+                    self.give_back_all().await;
                     let _ = self.send(Err(Error::Unavailable("the broker is shutting down; reconnect".into()))).await;
                     return;
                 }
                 command = commands.next() => match command {
                     Some(Ok(command)) => {
                         if !self.handle(command).await {
-                            return self.release_all().await;
+                            return self.abandon_all().await;
                         }
                         look = true;
                     }
                     Some(Err(e)) => {
                         self.fail(e).await;
-                        return self.release_all().await;
+                        return self.abandon_all().await;
                     }
-                    None => return self.release_all().await,
+                    // The client closed its side: it ends the stream
+                    // on purpose, and what it still holds goes back
+                    // without counting.
+                    None => return self.give_back_all().await,
                 },
                 _ = topic_news.changed(), if has_credit => look = true,
                 _ = sub_news.changed(), if has_credit => look = true,
                 _ = tokio::time::sleep_until(instant_at(wake)) => look = true,
-                _ = self.tx.closed() => return self.release_all().await,
+                _ = self.tx.closed() => return self.abandon_all().await,
             }
         }
     }
@@ -474,17 +559,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closing_the_stream_releases_its_leases_for_prompt_redelivery() {
+    async fn closing_the_stream_gives_its_leases_back_for_prompt_redelivery() {
         let dir = tempfile::tempdir().unwrap();
         let (broker, store, _drain) = broker(&dir, Duration::from_secs(60)).await;
         let (commands, mut events) = open(&broker).await;
         assert_eq!(next(&mut events).await.deliveries[0].attempt, 1);
+        // The client closes its side on purpose: the session ends (its
+        // sender is dropped) after giving the lease back, uncounted.
         drop(commands);
-        // The session ends (its sender is dropped) after releasing.
         assert!(events.recv().await.is_none());
-        // Far sooner than the 60 s lease; a broken stream counts an attempt.
-        let (_commands, mut events) = open(&broker).await;
+        let (commands, mut events) = open(&broker).await;
+        assert_eq!(next(&mut events).await.deliveries[0].attempt, 1);
+        // The client goes away (its receiver dropped): far sooner than the
+        // 60 s lease, the message comes again, and that attempt counted.
+        drop(events);
+        let (_more, mut events) = open(&broker).await;
         assert_eq!(next(&mut events).await.deliveries[0].attempt, 2);
+        drop(commands);
         store.close().await;
     }
 }

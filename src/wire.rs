@@ -41,6 +41,31 @@ pub fn micros_of(t: &prost_types::Timestamp) -> Micros {
         .saturating_add(i64::from(t.nanos) / 1000)
 }
 
+/// The range of a valid `google.protobuf.Timestamp`: 0001-01-01T00:00:00Z
+/// to 9999-12-31T23:59:59.999999999Z.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// A wire instant a client sent, in microseconds since the Unix epoch.
+///
+/// Fails with `InvalidArgument` naming `field` if it is outside the range a
+/// protobuf Timestamp may hold (years 1 to 9999) or its nanos are not in
+/// 0..1e9.
+pub fn checked_time(t: &prost_types::Timestamp, field: &str) -> Result<Micros> {
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds) {
+        return Err(invalid(format!(
+            "{field} is outside the valid range of a timestamp (years 1 to 9999)"
+        )));
+    }
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(format!(
+            "{field} has nanos {} (must be 0 to 999999999)",
+            t.nanos
+        )));
+    }
+    Ok(micros_of(t))
+}
+
 /// A wire duration as a std one.
 ///
 /// Fails with `InvalidArgument` naming `field` if it is negative or
@@ -80,7 +105,11 @@ impl TryFrom<proto::Message> for NewMessage {
             key: opt_string(m.key),
             payload: m.payload,
             attributes: sorted(m.attributes),
-            created_at: m.create_time.as_ref().map(micros_of),
+            created_at: m
+                .create_time
+                .as_ref()
+                .map(|t| checked_time(t, "create_time"))
+                .transpose()?,
         })
     }
 }
@@ -199,6 +228,7 @@ impl From<AckOperation> for proto::AckOperation {
             AckOperation::Ack => proto::AckOperation::Ack,
             AckOperation::Nack => proto::AckOperation::Nack,
             AckOperation::Extend => proto::AckOperation::Extend,
+            AckOperation::Release => proto::AckOperation::Release,
         }
     }
 }
@@ -228,6 +258,7 @@ impl TryFrom<proto::AckOutcome> for AckOutcome {
             Ok(proto::AckOperation::Ack) => AckOperation::Ack,
             Ok(proto::AckOperation::Nack) => AckOperation::Nack,
             Ok(proto::AckOperation::Extend) => AckOperation::Extend,
+            Ok(proto::AckOperation::Release) => AckOperation::Release,
             _ => {
                 return Err(invalid(format!(
                     "ack_outcome.operation {} is not known",
@@ -259,7 +290,7 @@ impl TryFrom<proto::Nack> for Nack {
 
     fn try_from(n: proto::Nack) -> Result<Self> {
         Ok(Nack {
-            delay: opt_duration(n.delay.as_ref(), "nack delay")?,
+            delay: opt_duration(n.delay.as_ref(), "nack.delay")?,
             ack_id: n.ack_id,
             reason: n.reason,
         })
@@ -319,10 +350,12 @@ impl TryFrom<proto::SubscribeRequest> for SessionCommand {
             flow: FlowControl {
                 max_outstanding_messages: r.max_outstanding_messages,
                 max_outstanding_bytes: r.max_outstanding_bytes,
+                max_response_bytes: r.max_response_bytes,
             },
             acks: r.ack_ids,
             nacks: all(r.nacks)?,
             extensions: all(r.extensions)?,
+            releases: r.release_ack_ids,
         })
     }
 }
@@ -334,9 +367,11 @@ impl From<SessionCommand> for proto::SubscribeRequest {
             subscription: String::new(),
             max_outstanding_messages: c.flow.max_outstanding_messages,
             max_outstanding_bytes: c.flow.max_outstanding_bytes,
+            max_response_bytes: c.flow.max_response_bytes,
             ack_ids: c.acks,
             nacks: c.nacks.into_iter().map(Into::into).collect(),
             extensions: c.extensions.into_iter().map(Into::into).collect(),
+            release_ack_ids: c.releases,
         }
     }
 }
@@ -554,7 +589,7 @@ impl TryFrom<proto::subscription::Start> for StartPosition {
     fn try_from(s: proto::subscription::Start) -> Result<Self> {
         use proto::subscription::Start;
         Ok(match s {
-            Start::StartTime(t) => StartPosition::Time(micros_of(&t)),
+            Start::StartTime(t) => StartPosition::Time(checked_time(&t, "start_time")?),
             Start::StartPosition(p) => match proto::StartPosition::try_from(p) {
                 Ok(proto::StartPosition::Earliest) => StartPosition::Earliest,
                 Ok(proto::StartPosition::Latest | proto::StartPosition::Unspecified) => {
@@ -743,7 +778,12 @@ impl TryFrom<Option<proto::seek_request::Target>> for SeekTarget {
     /// Fails with `InvalidArgument` if there is no target.
     fn try_from(t: Option<proto::seek_request::Target>) -> Result<Self> {
         match t {
-            Some(proto::seek_request::Target::Time(t)) => Ok(SeekTarget::Time(micros_of(&t))),
+            Some(proto::seek_request::Target::Time(t)) => {
+                Ok(SeekTarget::Time(checked_time(&t, "time")?))
+            }
+            Some(proto::seek_request::Target::Sequence(s)) if s < 0 => Err(invalid(format!(
+                "sequence {s} is negative (sequences start at 1; 0 seeks to the beginning)"
+            ))),
             Some(proto::seek_request::Target::Sequence(s)) => Ok(SeekTarget::Sequence(s)),
             None => Err(invalid("seek needs a time or a sequence")),
         }

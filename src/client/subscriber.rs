@@ -37,6 +37,10 @@ pub struct FlowControl {
     pub max_messages: i32,
     /// Most unacked payload bytes held at once.
     pub max_bytes: i64,
+    /// Most message bytes in one response (0: the broker's default, which
+    /// is also the most it allows); a single larger message still comes,
+    /// alone. Lower it for a client whose receive limit is under 4 MiB.
+    pub max_response_bytes: i32,
 }
 
 impl Default for FlowControl {
@@ -44,6 +48,7 @@ impl Default for FlowControl {
         FlowControl {
             max_messages: 1000,
             max_bytes: 100 * 1024 * 1024,
+            max_response_bytes: 0,
         }
     }
 }
@@ -53,6 +58,7 @@ impl From<FlowControl> for model::FlowControl {
         model::FlowControl {
             max_outstanding_messages: f.max_messages,
             max_outstanding_bytes: f.max_bytes,
+            max_response_bytes: f.max_response_bytes,
         }
     }
 }
@@ -81,7 +87,9 @@ impl Subscriber {
     /// Opens a streaming subscription that reconnects after retryable
     /// failures and after the broker's internal errors. Leases held when a
     /// stream breaks are lost (their acks become stale); the broker
-    /// redelivers those messages.
+    /// redelivers those messages, each lease counting as a failed attempt.
+    /// To give messages back without that, [`Subscription::release`] them
+    /// or [`Subscription::close`] the subscription.
     pub fn subscribe(&self, subscription: &str, flow: FlowControl) -> Subscription {
         let (events_tx, events) = mpsc::channel(1024);
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -120,6 +128,7 @@ impl Subscriber {
             subscription: subscription.to_owned(),
             max_messages: max,
             max_wait: Some(wire::duration(wait)),
+            max_response_bytes: 0,
         };
         let response = self.client.clone().pull(request).await;
         wire::all(self.answer(response)?.messages)
@@ -174,7 +183,12 @@ impl Subscriber {
     }
 }
 
-/// A live subscription. Dropping it ends the stream.
+/// A live subscription. Dropping it ends the stream at once, without
+/// waiting for answers to what was asked for; [`Subscription::close`] ends
+/// it after the acks, nacks and releases already asked for are answered.
+/// Either way the broker takes back the leases it still held without
+/// counting an attempt, unless the transport broke first (then each counts
+/// as a failed attempt, as when a consumer's process dies).
 #[derive(Debug)]
 pub struct Subscription {
     events: mpsc::Receiver<Result<Event>>,
@@ -246,6 +260,34 @@ impl Subscription {
         });
     }
 
+    /// Gives messages back unprocessed (for instance ones received but never
+    /// handed to a handler): each is redelivered at once and the release
+    /// does not count as a delivery attempt. Outcomes arrive as events.
+    pub fn release(&self, ack_ids: Vec<String>) {
+        if ack_ids.is_empty() {
+            return;
+        }
+        self.command(SessionCommand {
+            releases: ack_ids,
+            ..Default::default()
+        });
+    }
+
+    /// Ends the subscription gracefully: sends what was asked for (acks,
+    /// nacks, releases), closes its side of the stream and waits, at most
+    /// `timeout`, for the broker to answer them and end it. Leases still
+    /// held then go back without counting an attempt.
+    pub async fn close(mut self, timeout: Duration) {
+        // Closing the command channel tells the task to half-close the
+        // stream after the commands queued before it.
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.commands, closed));
+        let task = &mut self.task;
+        if tokio::time::timeout(timeout, task).await.is_err() {
+            tracing::debug!("subscription did not close in time; ending it");
+        }
+    }
+
     /// Extends a lease to now + `extension`.
     pub fn extend(&self, ack_id: String, extension: Duration) {
         self.extend_all(vec![(ack_id, extension)]);
@@ -313,7 +355,17 @@ async fn run_subscription(
                     tokio::select! {
                         command = commands.recv() => match command {
                             Some(c) => { let _ = tx.send(c.into()); }
-                            None => return,
+                            None => {
+                                // Closed: half-close the stream and take the
+                                // answers until the broker ends it.
+                                drop(tx);
+                                while let Ok(Some(r)) = inbound.message().await {
+                                    for event in events(r) {
+                                        let _ = events_tx.try_send(Ok(event));
+                                    }
+                                }
+                                return;
+                            }
                         },
                         message = inbound.message() => match message {
                             Ok(Some(r)) => {

@@ -30,6 +30,16 @@ fn results(outcomes: Vec<PublishOutcome>) -> Vec<proto::PublishResult> {
     outcomes.into_iter().map(Into::into).collect()
 }
 
+/// The code for a request the stream could not read: a decoding failure
+/// (too large, malformed) is the client's, anything else (a broken
+/// transport, cancelled) keeps its code.
+fn unreadable_code(code: tonic::Code) -> tonic::Code {
+    match code {
+        tonic::Code::Internal | tonic::Code::Unknown => tonic::Code::InvalidArgument,
+        c => c,
+    }
+}
+
 type PublishFuture =
     Pin<Box<dyn std::future::Future<Output = Result<Vec<PublishOutcome>, Status>> + Send>>;
 
@@ -62,8 +72,14 @@ impl PublisherService for Publisher {
             let mut pending: FuturesOrdered<PublishFuture> = FuturesOrdered::new();
             let mut reading = true;
             let mut index = 0usize;
+            // Why reading stopped early: the stream then ends with this
+            // error once the requests before it are answered.
+            let mut broke: Option<Status> = None;
             loop {
                 if !reading && pending.is_empty() {
+                    if let Some(status) = broke {
+                        let _ = tx.send(Err(status)).await;
+                    }
                     return;
                 }
                 tokio::select! {
@@ -110,8 +126,21 @@ impl PublisherService for Publisher {
                             }
                             Ok(None) => reading = false,
                             Err(e) => {
+                                // A request that could not be read (over
+                                // --max-request-bytes, or not a valid
+                                // message) ends the stream with an error
+                                // naming it; requests after it are not read
+                                // and nothing of them is stored.
                                 tracing::debug!(error = %e, "publish stream broke");
                                 reading = false;
+                                broke = Some(Status::new(
+                                    unreadable_code(e.code()),
+                                    format!(
+                                        "request {index}: {}; it and any request after it were not \
+                                         stored (the ones before it are answered)",
+                                        e.message()
+                                    ),
+                                ));
                             }
                         }
                     }

@@ -11,7 +11,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::convert::{invalid, status};
 use crate::broker::Broker;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{AckOutcome, AckStatus, SessionCommand};
 use crate::proto::{
     self, AckRequest, AckResponse, ExtendLeaseRequest, ExtendLeaseResponse, NackRequest,
@@ -35,8 +35,26 @@ fn refusal(o: &AckOutcome) -> (&'static str, String) {
     }
 }
 
+/// Most refused ids a unary call's error details list: trailers must stay
+/// well under the 8 KiB of metadata a default gRPC client accepts.
+const LISTED_REFUSALS: usize = 16;
+/// Most bytes of one listed refusal's detail.
+const DETAIL_BYTES: usize = 120;
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// A unary call's outcomes: OK if all succeeded, otherwise
-/// FAILED_PRECONDITION listing the refused ones (the others were committed).
+/// FAILED_PRECONDITION naming how many were refused, with the first
+/// [`LISTED_REFUSALS`] of them in the details (the others were committed).
+/// Nothing in the status grows with the request: a client that needs every
+/// outcome uses the Subscribe stream, which answers each one.
 fn unary_outcomes(outcomes: Result<Vec<AckOutcome>>) -> Result<Vec<proto::AckOutcome>, Status> {
     let outcomes = outcomes.map_err(status)?;
     let refused: Vec<&AckOutcome> = outcomes
@@ -47,15 +65,24 @@ fn unary_outcomes(outcomes: Result<Vec<AckOutcome>>) -> Result<Vec<proto::AckOut
         return Ok(outcomes.into_iter().map(Into::into).collect());
     };
     let mut details = ErrorDetails::new();
-    for o in &refused {
+    for o in refused.iter().take(LISTED_REFUSALS) {
         let (kind, d) = refusal(o);
-        details.add_precondition_failure_violation(kind, o.ack_id.clone(), d);
+        details.add_precondition_failure_violation(
+            kind,
+            cut(&o.ack_id, DETAIL_BYTES),
+            cut(&d, DETAIL_BYTES),
+        );
     }
+    let listed = if refused.len() > LISTED_REFUSALS {
+        format!("the first {LISTED_REFUSALS} are listed in the details")
+    } else {
+        "they are listed in the details".to_owned()
+    };
     let message = format!(
-        "{} of {} refused (the others were committed); first: {}",
+        "{} of {} refused (the others were committed; {listed}); first: {}",
         refused.len(),
         outcomes.len(),
-        refusal(first).1
+        cut(&refusal(first).1, DETAIL_BYTES)
     );
     Err(Status::with_error_details(
         tonic::Code::FailedPrecondition,
@@ -82,12 +109,30 @@ impl SubscriberService for Subscriber {
             .ok_or_else(|| invalid("the stream ended before its first request"))?;
         let subscription = first.subscription.clone();
         let first = SessionCommand::try_from(first).map_err(status)?;
-        // A broken transport ends the commands like a closed stream; a
-        // request that does not decode ends the session with its error.
-        let commands = inbound
-            .take_while(|m| std::future::ready(m.is_ok()))
-            .filter_map(|m| std::future::ready(m.ok()))
-            .map(SessionCommand::try_from);
+        // The client closing its side ends the commands; a broken
+        // transport (a cancelled stream, a reset connection, a request that
+        // cannot be read) ends them with an error, after which the session
+        // counts what the stream held as failed attempts; a request that
+        // does not convert ends the session with its error.
+        let commands = inbound.scan(false, |broke, m| {
+            std::future::ready(match (*broke, m) {
+                (true, _) => None,
+                (false, Ok(r)) => Some(SessionCommand::try_from(r)),
+                (false, Err(s)) => {
+                    *broke = true;
+                    Some(Err(match s.code() {
+                        // Too large, or not a valid message.
+                        tonic::Code::OutOfRange | tonic::Code::Internal => Error::InvalidArgument(
+                            format!("a Subscribe request could not be read: {}", s.message()),
+                        ),
+                        _ => Error::Unavailable(format!(
+                            "the Subscribe stream broke: {}",
+                            s.message()
+                        )),
+                    }))
+                }
+            })
+        });
         let events = self
             .broker
             .subscribe(&subscription, first, Box::pin(commands))
@@ -106,6 +151,7 @@ impl SubscriberService for Subscriber {
                 &req.subscription,
                 req.max_messages,
                 wait.unwrap_or_default(),
+                req.max_response_bytes,
             )
             .await
             .map_err(status)?;

@@ -468,3 +468,52 @@ async fn relay_refuses_a_missing_sqlite_file_unless_told_to_create_it() {
     child.kill().await.expect("kill relay");
     assert!(path.exists());
 }
+
+/// `subscribe --max N` leases only what it shows, and what it shows with
+/// `--no-ack` (or leases beyond N) goes back without counting an attempt:
+/// with max_attempts 1, looking at a message twice never dead-letters it.
+#[tokio::test]
+async fn subscribe_gives_back_what_it_does_not_ack() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    b.topic_and_sub("orders", "billing", |s| s.max_attempts = 1)
+        .await;
+    let payloads: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    b.publish("orders", &refs).await;
+    for _ in 0..2 {
+        let shown = json(b, &["subscribe", "billing", "--max", "3", "--no-ack"]).await;
+        assert_eq!(shown.len(), 3);
+        assert!(shown.iter().all(|m| m["attempt"] == 1), "{shown:?}");
+        let stats = b.stats("billing").await;
+        assert_eq!(
+            (stats.backlog, stats.in_flight, stats.dead_lettered),
+            (20, 0, 0),
+            "nothing held, nothing dead-lettered: {stats:?}"
+        );
+    }
+    let acked = json(b, &["subscribe", "billing", "--max", "5"]).await;
+    assert_eq!(acked.len(), 5);
+    let stats = b.stats("billing").await;
+    assert_eq!(
+        (stats.backlog, stats.in_flight, stats.dead_lettered),
+        (15, 0, 0),
+        "{stats:?}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn serve_refuses_a_message_limit_over_the_request_limit() {
+    let output = serve(&[
+        "--max-message-bytes",
+        "2000000",
+        "--max-request-bytes",
+        "1000000",
+    ])
+    .await;
+    refused(
+        &output,
+        "max_message_bytes (2000000) does not fit in max_request_bytes (1000000)",
+    );
+}

@@ -186,6 +186,7 @@ async fn sigkill_cycles(database_url: Option<&str>) {
                     seconds: 1,
                     nanos: 0,
                 }),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -268,6 +269,7 @@ async fn three_instances_on_one_database_survive_a_sigkill_of_one() {
             client::FlowControl {
                 max_messages: 50,
                 max_bytes: 1 << 20,
+                ..Default::default()
             },
         );
         let seen = seen.clone();

@@ -310,6 +310,7 @@ backend_test! {
         let flow = FlowControl {
             max_messages: 20,
             max_bytes: 1 << 20,
+            ..Default::default()
         };
         let mut tasks = Vec::new();
         for _ in 0..2 {
@@ -399,12 +400,30 @@ backend_test! {
         let mut first = b.subscribe("s");
         let m = first.next_message().await.unwrap().unwrap();
         assert_eq!(m.attempt, 1);
-        drop(first);
-        // Far sooner than the 60 s lease: the broker released it when the
-        // stream closed.
+        first.close(Duration::from_secs(10)).await;
+        // Far sooner than the 60 s lease: the broker took it back when the
+        // client closed the stream, without counting an attempt.
         let again = b.pull("s", 1, Duration::from_secs(10)).await;
         assert_eq!(again.len(), 1, "released lease is redelivered");
-        assert_eq!(again[0].attempt, 2);
+        assert_eq!(again[0].attempt, 1);
+        // Dropped without closing: back as promptly.
+        let mut second = b.subscribe("s");
+        b.raw_subscriber()
+            .nack(proto::NackRequest {
+                subscription: "s".into(),
+                nacks: vec![proto::Nack {
+                    ack_id: again[0].ack_id.clone(),
+                    delay: Some(pb(Duration::ZERO)),
+                    reason: String::new(),
+                }],
+            })
+            .await
+            .expect("nack");
+        let m = second.next_message().await.unwrap().unwrap();
+        assert_eq!(m.attempt, 2);
+        drop(second);
+        let again = b.pull("s", 1, Duration::from_secs(10)).await;
+        assert_eq!(again.len(), 1, "a dropped stream's lease is redelivered");
         b.stop().await;
     }
 }

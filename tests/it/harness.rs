@@ -346,6 +346,7 @@ impl TestBroker {
                 subscription: sub.into(),
                 max_messages: max,
                 max_wait: Some(pb(wait)),
+                ..Default::default()
             })
             .await
             .expect("pull")

@@ -144,6 +144,7 @@ async fn consumers_on_different_instances_never_hold_the_same_message() {
     let flow = tidings::client::FlowControl {
         max_messages: 20,
         max_bytes: 1 << 20,
+        ..Default::default()
     };
     let mut tasks = Vec::new();
     for broker in [&a, &b] {

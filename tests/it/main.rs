@@ -8,6 +8,7 @@ mod delivery;
 mod durability;
 mod harness;
 mod health;
+mod hostile;
 mod inbox;
 mod instances;
 mod ordering;

@@ -202,7 +202,7 @@ backend_test! {
             &b,
             m,
             Code::InvalidArgument,
-            "1025 bytes; the limit is 1024",
+            "the message is 1025 bytes (payload 1025, ordering key 0, attributes 0); the limit is 1024",
         )
         .await;
 
@@ -228,6 +228,7 @@ backend_test! {
                 subscription: "nobody".into(),
                 max_messages: 1,
                 max_wait: None,
+                ..Default::default()
             })
             .await
             .expect_err("unknown subscription");

@@ -80,9 +80,14 @@ pub(crate) struct ServeArgs {
     /// Most messages' and acks' weight in one group commit.
     #[arg(long, env = "TIDINGS_MAX_COMMIT_BATCH", default_value_t = served().store.max_batch)]
     max_commit_batch: usize,
-    /// Largest message payload, in bytes.
+    /// Largest message, in bytes: payload, ordering key and attributes
+    /// together.
     #[arg(long, env = "TIDINGS_MAX_MESSAGE_BYTES", default_value_t = served().limits.max_message_bytes)]
     max_message_bytes: usize,
+    /// Most message bytes in one Subscribe or Pull response (a client may
+    /// ask for fewer; a single larger message is still delivered, alone).
+    #[arg(long, env = "TIDINGS_MAX_RESPONSE_BYTES", default_value_t = served().limits.max_response_bytes)]
+    max_response_bytes: usize,
     /// Most messages in one publish request.
     #[arg(long, env = "TIDINGS_MAX_BATCH_MESSAGES", default_value_t = served().limits.max_batch_messages)]
     max_batch_messages: usize,
@@ -298,6 +303,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.store.commit_timeout = args.commit_timeout.into();
     config.store.connect_timeout = args.database_connect_timeout.into();
     config.limits.max_message_bytes = args.max_message_bytes;
+    config.limits.max_response_bytes = args.max_response_bytes;
     config.limits.max_batch_messages = args.max_batch_messages;
     config.limits.max_key_bytes = args.max_key_bytes;
     config.limits.max_attributes = args.max_attributes;

@@ -15,7 +15,7 @@ use tidings::client::{
 };
 use tidings::config::HumanDuration;
 use tidings::model::{
-    AckStatus, Micros, PublishOutcome, SeekTarget, StartPosition, SubscriptionPatch,
+    AckOperation, AckStatus, Micros, PublishOutcome, SeekTarget, StartPosition, SubscriptionPatch,
     SubscriptionSettings, TopicPatch, TopicSettings,
 };
 use tidings::outbox::Outbox;
@@ -233,10 +233,12 @@ pub(crate) struct PublishArgs {
 pub(crate) struct SubscribeArgs {
     /// Subscription name.
     subscription: String,
-    /// Print without acking: the messages are delivered again later.
+    /// Print without acking: at exit the messages are given back (released,
+    /// without counting a delivery attempt) and delivered again.
     #[arg(long)]
     no_ack: bool,
-    /// Exit after this many messages (default: run until stopped).
+    /// Exit after this many messages (default: run until stopped); at most
+    /// this many are leased, and any extra is given back unshown.
     #[arg(long)]
     max: Option<u64>,
 }
@@ -741,9 +743,49 @@ async fn subscribe(
     format: Format,
 ) -> anyhow::Result<()> {
     let subscriber = Subscriber::new(connection, Backoff::default());
-    let mut sub = subscriber.subscribe(&a.subscription, FlowControl::default());
+    // With --max, lease no more than will be shown.
+    let mut flow = FlowControl::default();
+    if let Some(max) = a.max {
+        flow.max_messages = flow
+            .max_messages
+            .min(i32::try_from(max.max(1)).unwrap_or(i32::MAX));
+    }
+    let mut sub = subscriber.subscribe(&a.subscription, flow);
+    let (result, unacked) = show(&a, &mut sub, connection.url(), format).await;
+    // Messages shown but not acked (--no-ack) go back without counting a
+    // delivery attempt; then the stream closes gracefully, so that nothing
+    // this command held counts as a failed attempt.
+    sub.release(unacked);
+    sub.close(CLOSE_TIMEOUT).await;
+    result
+}
+
+/// How long `subscribe` waits at exit for the broker to take back what it
+/// held.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prints deliveries until `--max` or a signal; returns how it ended and the
+/// ack ids of messages shown but not acked.
+async fn show(
+    a: &SubscribeArgs,
+    sub: &mut tidings::client::Subscription,
+    url: &str,
+    format: Format,
+) -> (anyhow::Result<()>, Vec<String>) {
+    let mut unacked = Vec::new();
+    let result = show_until_done(a, sub, url, format, &mut unacked).await;
+    (result, unacked)
+}
+
+async fn show_until_done(
+    a: &SubscribeArgs,
+    sub: &mut tidings::client::Subscription,
+    url: &str,
+    format: Format,
+    unacked: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let mut down = sub.down();
-    let url = connection.url().to_owned();
+    let url = url.to_owned();
     let mut seen = 0u64;
     let mut awaiting = 0u64;
     let mut was_down = false;
@@ -780,6 +822,9 @@ async fn subscribe(
             event = sub.next() => match event {
                 Some(Ok(Event::Message(d))) => {
                     if a.max.is_some_and(|max| seen >= max) {
+                        // One more than asked for: back unshown.
+                        sub.release(vec![d.ack_id.to_string()]);
+                        awaiting += 1;
                         continue;
                     }
                     match format {
@@ -797,7 +842,9 @@ async fn subscribe(
                         }
                     }
                     seen += 1;
-                    if !a.no_ack {
+                    if a.no_ack {
+                        unacked.push(d.ack_id.to_string());
+                    } else {
                         sub.ack(vec![d.ack_id.to_string()]);
                         awaiting += 1;
                     }
@@ -810,7 +857,11 @@ async fn subscribe(
                     match o.status {
                         AckStatus::Ok(_) => {}
                         AckStatus::Stale(detail) | AckStatus::Unknown(detail) => {
-                            eprintln!("ack {} refused: {detail}", o.ack_id);
+                            let what = match o.operation {
+                                AckOperation::Release => "release",
+                                _ => "ack",
+                            };
+                            eprintln!("{what} {} refused: {detail}", o.ack_id);
                         }
                     }
                 }

@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tidings.v1 import message_pb2 as tidings_dot_v1_dot_message__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btidings/v1/subscriber.proto\x12\ntidings.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tidings/v1/message.proto\"\x8c\x01\n\x0fReceivedMessage\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.tidings.v1.Message\x12\x0e\n\x06\x61\x63k_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x04Nack\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\x0eLeaseExtension\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12,\n\textension\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb4\x01\n\nAckOutcome\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.tidings.v1.AckOperation\x12%\n\x06result\x18\x03 \x01(\x0e\x32\x15.tidings.v1.AckResult\x12\x32\n\x0elease_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\xcb\x01\n\x10SubscribeRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12 \n\x18max_outstanding_messages\x18\x02 \x01(\x05\x12\x1d\n\x15max_outstanding_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x63k_ids\x18\x04 \x03(\t\x12\x1f\n\x05nacks\x18\x05 \x03(\x0b\x32\x10.tidings.v1.Nack\x12.\n\nextensions\x18\x06 \x03(\x0b\x32\x1a.tidings.v1.LeaseExtension\"l\n\x11SubscribeResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tidings.v1.ReceivedMessage\x12(\n\x08outcomes\x18\x02 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"f\n\x0bPullRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x14\n\x0cmax_messages\x18\x02 \x01(\x05\x12+\n\x08max_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x0cPullResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tidings.v1.ReceivedMessage\"3\n\nAckRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\"7\n\x0b\x41\x63kResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"D\n\x0bNackRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x1f\n\x05nacks\x18\x02 \x03(\x0b\x32\x10.tidings.v1.Nack\"8\n\x0cNackResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"Z\n\x12\x45xtendLeaseRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12.\n\nextensions\x18\x02 \x03(\x0b\x32\x1a.tidings.v1.LeaseExtension\"?\n\x13\x45xtendLeaseResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome*v\n\x0c\x41\x63kOperation\x12\x1d\n\x19\x41\x43K_OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_OPERATION_ACK\x10\x01\x12\x16\n\x12\x41\x43K_OPERATION_NACK\x10\x02\x12\x18\n\x14\x41\x43K_OPERATION_EXTEND\x10\x03*h\n\tAckResult\x12\x1a\n\x16\x41\x43K_RESULT_UNSPECIFIED\x10\x00\x12\x11\n\rACK_RESULT_OK\x10\x01\x12\x14\n\x10\x41\x43K_RESULT_STALE\x10\x02\x12\x16\n\x12\x41\x43K_RESULT_UNKNOWN\x10\x03\x32\xdf\x02\n\x11SubscriberService\x12L\n\tSubscribe\x12\x1c.tidings.v1.SubscribeRequest\x1a\x1d.tidings.v1.SubscribeResponse(\x01\x30\x01\x12\x39\n\x04Pull\x12\x17.tidings.v1.PullRequest\x1a\x18.tidings.v1.PullResponse\x12\x36\n\x03\x41\x63k\x12\x16.tidings.v1.AckRequest\x1a\x17.tidings.v1.AckResponse\x12\x39\n\x04Nack\x12\x17.tidings.v1.NackRequest\x1a\x18.tidings.v1.NackResponse\x12N\n\x0b\x45xtendLease\x12\x1e.tidings.v1.ExtendLeaseRequest\x1a\x1f.tidings.v1.ExtendLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btidings/v1/subscriber.proto\x12\ntidings.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tidings/v1/message.proto\"\x8c\x01\n\x0fReceivedMessage\x12$\n\x07message\x18\x01 \x01(\x0b\x32\x13.tidings.v1.Message\x12\x0e\n\x06\x61\x63k_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x04Nack\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"N\n\x0eLeaseExtension\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12,\n\textension\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb4\x01\n\nAckOutcome\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.tidings.v1.AckOperation\x12%\n\x06result\x18\x03 \x01(\x0e\x32\x15.tidings.v1.AckResult\x12\x32\n\x0elease_deadline\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\x80\x02\n\x10SubscribeRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12 \n\x18max_outstanding_messages\x18\x02 \x01(\x05\x12\x1d\n\x15max_outstanding_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x63k_ids\x18\x04 \x03(\t\x12\x1f\n\x05nacks\x18\x05 \x03(\x0b\x32\x10.tidings.v1.Nack\x12.\n\nextensions\x18\x06 \x03(\x0b\x32\x1a.tidings.v1.LeaseExtension\x12\x17\n\x0frelease_ack_ids\x18\x07 \x03(\t\x12\x1a\n\x12max_response_bytes\x18\x08 \x01(\x05\"l\n\x11SubscribeResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tidings.v1.ReceivedMessage\x12(\n\x08outcomes\x18\x02 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"\x82\x01\n\x0bPullRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x14\n\x0cmax_messages\x18\x02 \x01(\x05\x12+\n\x08max_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12max_response_bytes\x18\x04 \x01(\x05\"=\n\x0cPullResponse\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.tidings.v1.ReceivedMessage\"3\n\nAckRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\"7\n\x0b\x41\x63kResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"D\n\x0bNackRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12\x1f\n\x05nacks\x18\x02 \x03(\x0b\x32\x10.tidings.v1.Nack\"8\n\x0cNackResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome\"Z\n\x12\x45xtendLeaseRequest\x12\x14\n\x0csubscription\x18\x01 \x01(\t\x12.\n\nextensions\x18\x02 \x03(\x0b\x32\x1a.tidings.v1.LeaseExtension\"?\n\x13\x45xtendLeaseResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0b\x32\x16.tidings.v1.AckOutcome*\x91\x01\n\x0c\x41\x63kOperation\x12\x1d\n\x19\x41\x43K_OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_OPERATION_ACK\x10\x01\x12\x16\n\x12\x41\x43K_OPERATION_NACK\x10\x02\x12\x18\n\x14\x41\x43K_OPERATION_EXTEND\x10\x03\x12\x19\n\x15\x41\x43K_OPERATION_RELEASE\x10\x04*h\n\tAckResult\x12\x1a\n\x16\x41\x43K_RESULT_UNSPECIFIED\x10\x00\x12\x11\n\rACK_RESULT_OK\x10\x01\x12\x14\n\x10\x41\x43K_RESULT_STALE\x10\x02\x12\x16\n\x12\x41\x43K_RESULT_UNKNOWN\x10\x03\x32\xdf\x02\n\x11SubscriberService\x12L\n\tSubscribe\x12\x1c.tidings.v1.SubscribeRequest\x1a\x1d.tidings.v1.SubscribeResponse(\x01\x30\x01\x12\x39\n\x04Pull\x12\x17.tidings.v1.PullRequest\x1a\x18.tidings.v1.PullResponse\x12\x36\n\x03\x41\x63k\x12\x16.tidings.v1.AckRequest\x1a\x17.tidings.v1.AckResponse\x12\x39\n\x04Nack\x12\x17.tidings.v1.NackRequest\x1a\x18.tidings.v1.NackResponse\x12N\n\x0b\x45xtendLease\x12\x1e.tidings.v1.ExtendLeaseRequest\x1a\x1f.tidings.v1.ExtendLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.v1.subscriber_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKOPERATION']._serialized_start=1500
-  _globals['_ACKOPERATION']._serialized_end=1618
-  _globals['_ACKRESULT']._serialized_start=1620
-  _globals['_ACKRESULT']._serialized_end=1724
+  _globals['_ACKOPERATION']._serialized_start=1583
+  _globals['_ACKOPERATION']._serialized_end=1728
+  _globals['_ACKRESULT']._serialized_start=1730
+  _globals['_ACKRESULT']._serialized_end=1834
   _globals['_RECEIVEDMESSAGE']._serialized_start=135
   _globals['_RECEIVEDMESSAGE']._serialized_end=275
   _globals['_NACK']._serialized_start=277
@@ -47,25 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACKOUTCOME']._serialized_start=440
   _globals['_ACKOUTCOME']._serialized_end=620
   _globals['_SUBSCRIBEREQUEST']._serialized_start=623
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=826
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=828
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=936
-  _globals['_PULLREQUEST']._serialized_start=938
-  _globals['_PULLREQUEST']._serialized_end=1040
-  _globals['_PULLRESPONSE']._serialized_start=1042
-  _globals['_PULLRESPONSE']._serialized_end=1103
-  _globals['_ACKREQUEST']._serialized_start=1105
-  _globals['_ACKREQUEST']._serialized_end=1156
-  _globals['_ACKRESPONSE']._serialized_start=1158
-  _globals['_ACKRESPONSE']._serialized_end=1213
-  _globals['_NACKREQUEST']._serialized_start=1215
-  _globals['_NACKREQUEST']._serialized_end=1283
-  _globals['_NACKRESPONSE']._serialized_start=1285
-  _globals['_NACKRESPONSE']._serialized_end=1341
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=1343
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=1433
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=1435
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=1498
-  _globals['_SUBSCRIBERSERVICE']._serialized_start=1727
-  _globals['_SUBSCRIBERSERVICE']._serialized_end=2078
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=879
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=881
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=989
+  _globals['_PULLREQUEST']._serialized_start=992
+  _globals['_PULLREQUEST']._serialized_end=1122
+  _globals['_PULLRESPONSE']._serialized_start=1124
+  _globals['_PULLRESPONSE']._serialized_end=1185
+  _globals['_ACKREQUEST']._serialized_start=1187
+  _globals['_ACKREQUEST']._serialized_end=1238
+  _globals['_ACKRESPONSE']._serialized_start=1240
+  _globals['_ACKRESPONSE']._serialized_end=1295
+  _globals['_NACKREQUEST']._serialized_start=1297
+  _globals['_NACKREQUEST']._serialized_end=1365
+  _globals['_NACKRESPONSE']._serialized_start=1367
+  _globals['_NACKRESPONSE']._serialized_end=1423
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1425
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1515
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1517
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1580
+  _globals['_SUBSCRIBERSERVICE']._serialized_start=1837
+  _globals['_SUBSCRIBERSERVICE']._serialized_end=2188
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,7 @@ class AckOperation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_OPERATION_ACK: _ClassVar[AckOperation]
     ACK_OPERATION_NACK: _ClassVar[AckOperation]
     ACK_OPERATION_EXTEND: _ClassVar[AckOperation]
+    ACK_OPERATION_RELEASE: _ClassVar[AckOperation]
 
 class AckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ ACK_OPERATION_UNSPECIFIED: AckOperation
 ACK_OPERATION_ACK: AckOperation
 ACK_OPERATION_NACK: AckOperation
 ACK_OPERATION_EXTEND: AckOperation
+ACK_OPERATION_RELEASE: AckOperation
 ACK_RESULT_UNSPECIFIED: AckResult
 ACK_RESULT_OK: AckResult
 ACK_RESULT_STALE: AckResult
@@ -79,20 +81,24 @@ class AckOutcome(_message.Message):
     def __init__(self, ack_id: _Optional[str] = ..., operation: _Optional[_Union[AckOperation, str]] = ..., result: _Optional[_Union[AckResult, str]] = ..., lease_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("subscription", "max_outstanding_messages", "max_outstanding_bytes", "ack_ids", "nacks", "extensions")
+    __slots__ = ("subscription", "max_outstanding_messages", "max_outstanding_bytes", "ack_ids", "nacks", "extensions", "release_ack_ids", "max_response_bytes")
     SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTSTANDING_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTSTANDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACK_IDS_FIELD_NUMBER: _ClassVar[int]
     NACKS_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     subscription: str
     max_outstanding_messages: int
     max_outstanding_bytes: int
     ack_ids: _containers.RepeatedScalarFieldContainer[str]
     nacks: _containers.RepeatedCompositeFieldContainer[Nack]
     extensions: _containers.RepeatedCompositeFieldContainer[LeaseExtension]
-    def __init__(self, subscription: _Optional[str] = ..., max_outstanding_messages: _Optional[int] = ..., max_outstanding_bytes: _Optional[int] = ..., ack_ids: _Optional[_Iterable[str]] = ..., nacks: _Optional[_Iterable[_Union[Nack, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[LeaseExtension, _Mapping]]] = ...) -> None: ...
+    release_ack_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_response_bytes: int
+    def __init__(self, subscription: _Optional[str] = ..., max_outstanding_messages: _Optional[int] = ..., max_outstanding_bytes: _Optional[int] = ..., ack_ids: _Optional[_Iterable[str]] = ..., nacks: _Optional[_Iterable[_Union[Nack, _Mapping]]] = ..., extensions: _Optional[_Iterable[_Union[LeaseExtension, _Mapping]]] = ..., release_ack_ids: _Optional[_Iterable[str]] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
     __slots__ = ("messages", "outcomes")
@@ -103,14 +109,16 @@ class SubscribeResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ReceivedMessage, _Mapping]]] = ..., outcomes: _Optional[_Iterable[_Union[AckOutcome, _Mapping]]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("subscription", "max_messages", "max_wait")
+    __slots__ = ("subscription", "max_messages", "max_wait", "max_response_bytes")
     SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     subscription: str
     max_messages: int
     max_wait: _duration_pb2.Duration
-    def __init__(self, subscription: _Optional[str] = ..., max_messages: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    max_response_bytes: int
+    def __init__(self, subscription: _Optional[str] = ..., max_messages: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("messages",)

@@ -27,8 +27,10 @@ if _version_not_supported:
 
 class SubscriberServiceStub:
     """Delivers messages with leases. A leased message must be acked before its
-    lease deadline; otherwise, or when nacked, it is redelivered after a backoff
-    with attempt + 1, until the subscription's max_attempts dead-letters it.
+    lease deadline; otherwise, when nacked, or when the Subscribe stream holding
+    it ends, it is redelivered with attempt + 1 (after a backoff, except for a
+    stream that ended), until the subscription's max_attempts dead-letters it.
+    A message released on its stream comes back without counting an attempt.
     """
 
     def __init__(self, channel):
@@ -66,8 +68,10 @@ class SubscriberServiceStub:
 
 class SubscriberServiceServicer:
     """Delivers messages with leases. A leased message must be acked before its
-    lease deadline; otherwise, or when nacked, it is redelivered after a backoff
-    with attempt + 1, until the subscription's max_attempts dead-letters it.
+    lease deadline; otherwise, when nacked, or when the Subscribe stream holding
+    it ends, it is redelivered with attempt + 1 (after a backoff, except for a
+    stream that ended), until the subscription's max_attempts dead-letters it.
+    A message released on its stream comes back without counting an attempt.
     """
 
     def Subscribe(self, request_iterator, context):
@@ -147,8 +151,10 @@ def add_SubscriberServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SubscriberService:
     """Delivers messages with leases. A leased message must be acked before its
-    lease deadline; otherwise, or when nacked, it is redelivered after a backoff
-    with attempt + 1, until the subscription's max_attempts dead-letters it.
+    lease deadline; otherwise, when nacked, or when the Subscribe stream holding
+    it ends, it is redelivered with attempt + 1 (after a backoff, except for a
+    stream that ended), until the subscription's max_attempts dead-letters it.
+    A message released on its stream comes back without counting an attempt.
     """
 
     @staticmethod

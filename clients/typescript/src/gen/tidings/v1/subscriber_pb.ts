@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tidings/v1/subscriber.proto.
  */
 export const file_tidings_v1_subscriber: GenFile = /*@__PURE__*/
-  fileDesc("Cht0aWRpbmdzL3YxL3N1YnNjcmliZXIucHJvdG8SCnRpZGluZ3MudjEijAEKD1JlY2VpdmVkTWVzc2FnZRIkCgdtZXNzYWdlGAEgASgLMhMudGlkaW5ncy52MS5NZXNzYWdlEg4KBmFja19pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCgROYWNrEg4KBmFja19pZBgBIAEoCRIoCgVkZWxheRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YAyABKAkiTgoOTGVhc2VFeHRlbnNpb24SDgoGYWNrX2lkGAEgASgJEiwKCWV4dGVuc2lvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiK0AQoKQWNrT3V0Y29tZRIOCgZhY2tfaWQYASABKAkSKwoJb3BlcmF0aW9uGAIgASgOMhgudGlkaW5ncy52MS5BY2tPcGVyYXRpb24SJQoGcmVzdWx0GAMgASgOMhUudGlkaW5ncy52MS5BY2tSZXN1bHQSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmRldGFpbBgFIAEoCSLLAQoQU3Vic2NyaWJlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSIAoYbWF4X291dHN0YW5kaW5nX21lc3NhZ2VzGAIgASgFEh0KFW1heF9vdXRzdGFuZGluZ19ieXRlcxgDIAEoAxIPCgdhY2tfaWRzGAQgAygJEh8KBW5hY2tzGAUgAygLMhAudGlkaW5ncy52MS5OYWNrEi4KCmV4dGVuc2lvbnMYBiADKAsyGi50aWRpbmdzLnYxLkxlYXNlRXh0ZW5zaW9uImwKEVN1YnNjcmliZVJlc3BvbnNlEi0KCG1lc3NhZ2VzGAEgAygLMhsudGlkaW5ncy52MS5SZWNlaXZlZE1lc3NhZ2USKAoIb3V0Y29tZXMYAiADKAsyFi50aWRpbmdzLnYxLkFja091dGNvbWUiZgoLUHVsbFJlcXVlc3QSFAoMc3Vic2NyaXB0aW9uGAEgASgJEhQKDG1heF9tZXNzYWdlcxgCIAEoBRIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI9CgxQdWxsUmVzcG9uc2USLQoIbWVzc2FnZXMYASADKAsyGy50aWRpbmdzLnYxLlJlY2VpdmVkTWVzc2FnZSIzCgpBY2tSZXF1ZXN0EhQKDHN1YnNjcmlwdGlvbhgBIAEoCRIPCgdhY2tfaWRzGAIgAygJIjcKC0Fja1Jlc3BvbnNlEigKCG91dGNvbWVzGAEgAygLMhYudGlkaW5ncy52MS5BY2tPdXRjb21lIkQKC05hY2tSZXF1ZXN0EhQKDHN1YnNjcmlwdGlvbhgBIAEoCRIfCgVuYWNrcxgCIAMoCzIQLnRpZGluZ3MudjEuTmFjayI4CgxOYWNrUmVzcG9uc2USKAoIb3V0Y29tZXMYASADKAsyFi50aWRpbmdzLnYxLkFja091dGNvbWUiWgoSRXh0ZW5kTGVhc2VSZXF1ZXN0EhQKDHN1YnNjcmlwdGlvbhgBIAEoCRIuCgpleHRlbnNpb25zGAIgAygLMhoudGlkaW5ncy52MS5MZWFzZUV4dGVuc2lvbiI/ChNFeHRlbmRMZWFzZVJlc3BvbnNlEigKCG91dGNvbWVzGAEgAygLMhYudGlkaW5ncy52MS5BY2tPdXRjb21lKnYKDEFja09wZXJhdGlvbhIdChlBQ0tfT1BFUkFUSU9OX1VOU1BFQ0lGSUVEEAASFQoRQUNLX09QRVJBVElPTl9BQ0sQARIWChJBQ0tfT1BFUkFUSU9OX05BQ0sQAhIYChRBQ0tfT1BFUkFUSU9OX0VYVEVORBADKmgKCUFja1Jlc3VsdBIaChZBQ0tfUkVTVUxUX1VOU1BFQ0lGSUVEEAASEQoNQUNLX1JFU1VMVF9PSxABEhQKEEFDS19SRVNVTFRfU1RBTEUQAhIWChJBQ0tfUkVTVUxUX1VOS05PV04QAzLfAgoRU3Vic2NyaWJlclNlcnZpY2USTAoJU3Vic2NyaWJlEhwudGlkaW5ncy52MS5TdWJzY3JpYmVSZXF1ZXN0Gh0udGlkaW5ncy52MS5TdWJzY3JpYmVSZXNwb25zZSgBMAESOQoEUHVsbBIXLnRpZGluZ3MudjEuUHVsbFJlcXVlc3QaGC50aWRpbmdzLnYxLlB1bGxSZXNwb25zZRI2CgNBY2sSFi50aWRpbmdzLnYxLkFja1JlcXVlc3QaFy50aWRpbmdzLnYxLkFja1Jlc3BvbnNlEjkKBE5hY2sSFy50aWRpbmdzLnYxLk5hY2tSZXF1ZXN0GhgudGlkaW5ncy52MS5OYWNrUmVzcG9uc2USTgoLRXh0ZW5kTGVhc2USHi50aWRpbmdzLnYxLkV4dGVuZExlYXNlUmVxdWVzdBofLnRpZGluZ3MudjEuRXh0ZW5kTGVhc2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tidings_v1_message]);
+  fileDesc("Cht0aWRpbmdzL3YxL3N1YnNjcmliZXIucHJvdG8SCnRpZGluZ3MudjEijAEKD1JlY2VpdmVkTWVzc2FnZRIkCgdtZXNzYWdlGAEgASgLMhMudGlkaW5ncy52MS5NZXNzYWdlEg4KBmFja19pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCgROYWNrEg4KBmFja19pZBgBIAEoCRIoCgVkZWxheRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YAyABKAkiTgoOTGVhc2VFeHRlbnNpb24SDgoGYWNrX2lkGAEgASgJEiwKCWV4dGVuc2lvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiK0AQoKQWNrT3V0Y29tZRIOCgZhY2tfaWQYASABKAkSKwoJb3BlcmF0aW9uGAIgASgOMhgudGlkaW5ncy52MS5BY2tPcGVyYXRpb24SJQoGcmVzdWx0GAMgASgOMhUudGlkaW5ncy52MS5BY2tSZXN1bHQSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmRldGFpbBgFIAEoCSKAAgoQU3Vic2NyaWJlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSIAoYbWF4X291dHN0YW5kaW5nX21lc3NhZ2VzGAIgASgFEh0KFW1heF9vdXRzdGFuZGluZ19ieXRlcxgDIAEoAxIPCgdhY2tfaWRzGAQgAygJEh8KBW5hY2tzGAUgAygLMhAudGlkaW5ncy52MS5OYWNrEi4KCmV4dGVuc2lvbnMYBiADKAsyGi50aWRpbmdzLnYxLkxlYXNlRXh0ZW5zaW9uEhcKD3JlbGVhc2VfYWNrX2lkcxgHIAMoCRIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYCCABKAUibAoRU3Vic2NyaWJlUmVzcG9uc2USLQoIbWVzc2FnZXMYASADKAsyGy50aWRpbmdzLnYxLlJlY2VpdmVkTWVzc2FnZRIoCghvdXRjb21lcxgCIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSKCAQoLUHVsbFJlcXVlc3QSFAoMc3Vic2NyaXB0aW9uGAEgASgJEhQKDG1heF9tZXNzYWdlcxgCIAEoBRIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYBCABKAUiPQoMUHVsbFJlc3BvbnNlEi0KCG1lc3NhZ2VzGAEgAygLMhsudGlkaW5ncy52MS5SZWNlaXZlZE1lc3NhZ2UiMwoKQWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSDwoHYWNrX2lkcxgCIAMoCSI3CgtBY2tSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSJECgtOYWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSHwoFbmFja3MYAiADKAsyEC50aWRpbmdzLnYxLk5hY2siOAoMTmFja1Jlc3BvbnNlEigKCG91dGNvbWVzGAEgAygLMhYudGlkaW5ncy52MS5BY2tPdXRjb21lIloKEkV4dGVuZExlYXNlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSLgoKZXh0ZW5zaW9ucxgCIAMoCzIaLnRpZGluZ3MudjEuTGVhc2VFeHRlbnNpb24iPwoTRXh0ZW5kTGVhc2VSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSqRAQoMQWNrT3BlcmF0aW9uEh0KGUFDS19PUEVSQVRJT05fVU5TUEVDSUZJRUQQABIVChFBQ0tfT1BFUkFUSU9OX0FDSxABEhYKEkFDS19PUEVSQVRJT05fTkFDSxACEhgKFEFDS19PUEVSQVRJT05fRVhURU5EEAMSGQoVQUNLX09QRVJBVElPTl9SRUxFQVNFEAQqaAoJQWNrUmVzdWx0EhoKFkFDS19SRVNVTFRfVU5TUEVDSUZJRUQQABIRCg1BQ0tfUkVTVUxUX09LEAESFAoQQUNLX1JFU1VMVF9TVEFMRRACEhYKEkFDS19SRVNVTFRfVU5LTk9XThADMt8CChFTdWJzY3JpYmVyU2VydmljZRJMCglTdWJzY3JpYmUSHC50aWRpbmdzLnYxLlN1YnNjcmliZVJlcXVlc3QaHS50aWRpbmdzLnYxLlN1YnNjcmliZVJlc3BvbnNlKAEwARI5CgRQdWxsEhcudGlkaW5ncy52MS5QdWxsUmVxdWVzdBoYLnRpZGluZ3MudjEuUHVsbFJlc3BvbnNlEjYKA0FjaxIWLnRpZGluZ3MudjEuQWNrUmVxdWVzdBoXLnRpZGluZ3MudjEuQWNrUmVzcG9uc2USOQoETmFjaxIXLnRpZGluZ3MudjEuTmFja1JlcXVlc3QaGC50aWRpbmdzLnYxLk5hY2tSZXNwb25zZRJOCgtFeHRlbmRMZWFzZRIeLnRpZGluZ3MudjEuRXh0ZW5kTGVhc2VSZXF1ZXN0Gh8udGlkaW5ncy52MS5FeHRlbmRMZWFzZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tidings_v1_message]);
 
 /**
  * A message leased to a consumer.
@@ -219,6 +219,29 @@ export type SubscribeRequest = Message<"tidings.v1.SubscribeRequest"> & {
    * @generated from field: repeated tidings.v1.LeaseExtension extensions = 6;
    */
   extensions: LeaseExtension[];
+
+  /**
+   * Ack ids of messages the client gives back unprocessed (it never handed
+   * them to its handler): each is redelivered at once, and the release does
+   * not count as a delivery attempt. A lease that ends any other way without
+   * an ack (a nack, its deadline passing, the stream ending while it is
+   * held) counts as a failed attempt, and the last allowed one
+   * dead-letters the message.
+   *
+   * @generated from field: repeated string release_ack_ids = 7;
+   */
+  releaseAckIds: string[];
+
+  /**
+   * Flow control: each response carries at most about this many bytes of
+   * messages (default and ceiling: the broker's --max-response-bytes, under
+   * the 4 MiB a default gRPC client accepts). A single message larger than
+   * this is still delivered, alone in its response. May be changed by later
+   * requests; 0 keeps the current value.
+   *
+   * @generated from field: int32 max_response_bytes = 8;
+   */
+  maxResponseBytes: number;
 };
 
 /**
@@ -283,6 +306,15 @@ export type PullRequest = Message<"tidings.v1.PullRequest"> & {
    * @generated from field: google.protobuf.Duration max_wait = 3;
    */
   maxWait?: Duration | undefined;
+
+  /**
+   * The response carries at most about this many bytes of messages
+   * (default and ceiling: the broker's --max-response-bytes); a single
+   * message larger than this is still delivered alone.
+   *
+   * @generated from field: int32 max_response_bytes = 4;
+   */
+  maxResponseBytes: number;
 };
 
 /**
@@ -493,6 +525,13 @@ export enum AckOperation {
    * @generated from enum value: ACK_OPERATION_EXTEND = 3;
    */
   EXTEND = 3,
+
+  /**
+   * A release: the message goes back unprocessed.
+   *
+   * @generated from enum value: ACK_OPERATION_RELEASE = 4;
+   */
+  RELEASE = 4,
 }
 
 /**
@@ -544,8 +583,10 @@ export const AckResultSchema: GenEnum<AckResult> = /*@__PURE__*/
 
 /**
  * Delivers messages with leases. A leased message must be acked before its
- * lease deadline; otherwise, or when nacked, it is redelivered after a backoff
- * with attempt + 1, until the subscription's max_attempts dead-letters it.
+ * lease deadline; otherwise, when nacked, or when the Subscribe stream holding
+ * it ends, it is redelivered with attempt + 1 (after a backoff, except for a
+ * stream that ended), until the subscription's max_attempts dead-letters it.
+ * A message released on its stream comes back without counting an attempt.
  *
  * @generated from service tidings.v1.SubscriberService
  */
