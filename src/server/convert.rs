@@ -26,6 +26,16 @@ pub(crate) fn status(e: Error) -> Status {
     Status::with_error_details(code, e.to_string(), details)
 }
 
+/// A request a stream could not read, answered for what it is: one that
+/// does not decode (tonic says `INTERNAL`) is `INVALID_ARGUMENT`; one over
+/// the size limit keeps `OUT_OF_RANGE`; a broken transport keeps its code.
+pub(crate) fn unreadable(s: Status) -> Status {
+    match s.code() {
+        Code::Internal | Code::Unknown => Status::invalid_argument(s.message().to_owned()),
+        _ => s,
+    }
+}
+
 pub(crate) fn invalid(message: impl Into<String>) -> Status {
     status(Error::InvalidArgument(message.into()))
 }

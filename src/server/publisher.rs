@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::convert::status;
+use super::convert::{status, unreadable};
 use crate::broker::Broker;
 use crate::model::PublishOutcome;
 use crate::proto::{
@@ -28,16 +28,6 @@ pub(crate) struct Publisher {
 
 fn results(outcomes: Vec<PublishOutcome>) -> Vec<proto::PublishResult> {
     outcomes.into_iter().map(Into::into).collect()
-}
-
-/// The code for a request the stream could not read: a decoding failure
-/// (too large, malformed) is the client's, anything else (a broken
-/// transport, cancelled) keeps its code.
-fn unreadable_code(code: tonic::Code) -> tonic::Code {
-    match code {
-        tonic::Code::Internal | tonic::Code::Unknown => tonic::Code::InvalidArgument,
-        c => c,
-    }
 }
 
 type PublishFuture =
@@ -133,8 +123,9 @@ impl PublisherService for Publisher {
                                 // and nothing of them is stored.
                                 tracing::debug!(error = %e, "publish stream broke");
                                 reading = false;
+                                let e = unreadable(e);
                                 broke = Some(Status::new(
-                                    unreadable_code(e.code()),
+                                    e.code(),
                                     format!(
                                         "request {index}: {}; it and any request after it were not \
                                          stored (the ones before it are answered)",

@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::convert::{invalid, status};
+use super::convert::{invalid, status, unreadable};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::model::{AckOutcome, AckStatus, SessionCommand};
@@ -105,7 +105,8 @@ impl SubscriberService for Subscriber {
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
-            .await?
+            .await
+            .map_err(unreadable)?
             .ok_or_else(|| invalid("the stream ended before its first request"))?;
         let subscription = first.subscription.clone();
         let first = SessionCommand::try_from(first).map_err(status)?;

@@ -773,3 +773,71 @@ async fn calls_during_a_postgres_outage_answer_unavailable() {
     }
     b.stop().await;
 }
+
+/// A field 1 of bytes: sent where a request's field 1 is a string, with
+/// bytes that are not UTF-8, it makes a request that does not decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8 {
+    #[prost(bytes = "vec", tag = "1")]
+    field: Vec<u8>,
+}
+
+backend_test! {
+    /// A request that is not a valid message is the client's error
+    /// (INVALID_ARGUMENT), not the broker's (INTERNAL), unary or streamed.
+    async fn undecodable_requests_are_invalid_arguments(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |_| {}).await;
+        let garbage = NotUtf8 { field: vec![0xff, 0xfe, 0x80] };
+        for path in [
+            "/tidings.v1.AdminService/GetTopic",
+            "/tidings.v1.AdminService/CreateTopic",
+            "/tidings.v1.SubscriberService/Pull",
+            "/tidings.v1.SubscriberService/Ack",
+            "/tidings.v1.PublisherService/Publish",
+        ] {
+            let mut grpc = tonic::client::Grpc::new(b.channel.clone());
+            grpc.ready().await.expect("ready");
+            let err = grpc
+                .unary::<NotUtf8, NotUtf8, _>(
+                    tonic::Request::new(garbage.clone()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await
+                .expect_err("refused");
+            assert_eq!(err.code(), Code::InvalidArgument, "{path}: {}", err.message());
+            assert!(err.message().contains("decode"), "{path}: {}", err.message());
+        }
+        for path in [
+            "/tidings.v1.SubscriberService/Subscribe",
+            "/tidings.v1.PublisherService/PublishStream",
+        ] {
+            let mut grpc = tonic::client::Grpc::new(b.channel.clone());
+            grpc.ready().await.expect("ready");
+            let requests = futures_util::stream::iter(vec![garbage.clone()]);
+            let answer = grpc
+                .streaming::<_, NotUtf8, NotUtf8, _>(
+                    tonic::Request::new(requests),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await;
+            let err = match answer {
+                Err(status) => status,
+                Ok(r) => {
+                    let mut inbound = r.into_inner();
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(_)) => continue,
+                            Ok(None) => panic!("{path}: ended with OK"),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+            };
+            assert_eq!(err.code(), Code::InvalidArgument, "{path}: {}", err.message());
+        }
+        b.stop().await;
+    }
+}
