@@ -49,6 +49,44 @@ pub(crate) fn delivery_bytes(d: &Delivery) -> usize {
     m.payload.len() + m.key.as_ref().map_or(0, String::len) + m.topic.len() + attributes + 160
 }
 
+/// What a stream does after its commands were handled.
+enum Next {
+    /// Goes on.
+    Go,
+    /// Ends, its leases counting as failed attempts.
+    Abandon,
+    /// Ends, its leases given back uncounted.
+    GiveBack,
+}
+
+/// Whether `next` can join `current` within a request's limits.
+fn fits(current: &SessionCommand, next: &SessionCommand) -> bool {
+    let max = crate::broker::MAX_SETTLE_ITEMS;
+    current.acks.len() + next.acks.len() <= max
+        && current.nacks.len() + next.nacks.len() <= max
+        && current.extensions.len() + next.extensions.len() <= max
+        && current.releases.len() + next.releases.len() <= max
+}
+
+/// Adds `next` to `current`: its acks, nacks, extensions and releases after
+/// those of `current`, its flow control where it sets one.
+fn merge(current: &mut SessionCommand, next: SessionCommand) {
+    let flow = &mut current.flow;
+    if next.flow.max_outstanding_messages != 0 {
+        flow.max_outstanding_messages = next.flow.max_outstanding_messages;
+    }
+    if next.flow.max_outstanding_bytes != 0 {
+        flow.max_outstanding_bytes = next.flow.max_outstanding_bytes;
+    }
+    if next.flow.max_response_bytes != 0 {
+        flow.max_response_bytes = next.flow.max_response_bytes;
+    }
+    current.acks.extend(next.acks);
+    current.nacks.extend(next.nacks);
+    current.extensions.extend(next.extensions);
+    current.releases.extend(next.releases);
+}
+
 /// One Subscribe stream: what it holds leased, and its flow control.
 pub(crate) struct Session {
     broker: Broker,
@@ -229,6 +267,41 @@ impl Session {
         true
     }
 
+    /// Handles `command` together with the commands already waiting behind
+    /// it, merged (one store call per kind for all of them: a client that
+    /// acks each message in its own request must not wait for a commit per
+    /// request, or its acks would queue here until their leases ended);
+    /// then what ended the stream, if that came next.
+    async fn take<S>(&mut self, command: SessionCommand, commands: &mut S) -> Next
+    where
+        S: Stream<Item = Result<SessionCommand>> + Unpin,
+    {
+        let mut current = command;
+        let end = loop {
+            match commands.next().now_or_never() {
+                None => break None,
+                Some(Some(Ok(next))) if fits(&current, &next) => merge(&mut current, next),
+                Some(Some(Ok(next))) => {
+                    if !self.handle(std::mem::replace(&mut current, next)).await {
+                        return Next::Abandon;
+                    }
+                }
+                Some(other) => break Some(other),
+            }
+        };
+        if !self.handle(current).await {
+            return Next::Abandon;
+        }
+        match end {
+            None | Some(Some(Ok(_))) => Next::Go,
+            Some(Some(Err(e))) => {
+                self.fail(e).await;
+                Next::Abandon
+            }
+            Some(None) => Next::GiveBack,
+        }
+    }
+
     async fn fail(&mut self, e: Error) -> bool {
         let _ = self.send(Err(e)).await;
         false
@@ -361,15 +434,18 @@ impl Session {
                     // Take every ack that arrived meanwhile before leasing
                     // more: a stream with credit left would otherwise lease
                     // again and again while acks wait one per turn.
-                    while let Some(ready) = commands.next().now_or_never() {
-                        let alive = match ready {
-                            Some(Ok(command)) => self.handle(command).await,
-                            Some(Err(e)) => self.fail(e).await,
-                            None => return self.give_back_all().await,
-                        };
-                        if !alive {
+                    match commands.next().now_or_never() {
+                        None => {}
+                        Some(Some(Ok(command))) => match self.take(command, &mut commands).await {
+                            Next::Go => {}
+                            Next::Abandon => return self.abandon_all().await,
+                            Next::GiveBack => return self.give_back_all().await,
+                        },
+                        Some(Some(Err(e))) => {
+                            self.fail(e).await;
                             return self.abandon_all().await;
                         }
+                        Some(None) => return self.give_back_all().await,
                     }
                     continue;
                 }
@@ -390,8 +466,10 @@ impl Session {
                 }
                 command = commands.next() => match command {
                     Some(Ok(command)) => {
-                        if !self.handle(command).await {
-                            return self.abandon_all().await;
+                        match self.take(command, &mut commands).await {
+                            Next::Go => {}
+                            Next::Abandon => return self.abandon_all().await,
+                            Next::GiveBack => return self.give_back_all().await,
                         }
                         look = true;
                     }
@@ -554,6 +632,38 @@ mod tests {
         ack(&commands, &delivery);
         let outcome = next(&mut events).await.outcomes.remove(0);
         assert_eq!(outcome.status, AckStatus::Ok(None));
+        drop(commands);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn acks_waiting_behind_each_other_are_committed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, store, _drain) = broker(&dir, Duration::from_secs(60)).await;
+        let more = (0..99)
+            .map(|i| NewMessage {
+                id: uuid::Uuid::now_v7(),
+                topic: "t".into(),
+                key: None,
+                payload: format!("m{i}").into_bytes(),
+                attributes: Vec::new(),
+                created_at: None,
+            })
+            .collect();
+        broker.publish(more).await.unwrap();
+        let (commands, mut events) = open(&broker).await;
+        let mut leased = Vec::new();
+        while leased.len() < 100 {
+            leased.extend(next(&mut events).await.deliveries);
+        }
+        // A hundred requests of one ack each, all waiting when the session
+        // looks: answered in one event, after one store call.
+        for d in &leased {
+            ack(&commands, d);
+        }
+        let event = next(&mut events).await;
+        assert_eq!(event.outcomes.len(), 100, "one answer for all");
+        assert!(event.outcomes.iter().all(|o| o.status == AckStatus::Ok(None)));
         drop(commands);
         store.close().await;
     }
