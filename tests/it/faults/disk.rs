@@ -1,6 +1,7 @@
 //! A full disk: the SQLite data directory on a small tmpfs that the test
 //! mounts (CI runs as root), filled by a filler file while the load runs,
-//! then freed again.
+//! then freed again; every other time the broker is killed while the disk
+//! is full and restarted once it is freed.
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -94,6 +95,7 @@ async fn fill(path: PathBuf) {
 /// (not hang, not be confirmed and lost) while it is full; once the filler
 /// is removed the broker must serve again, by itself or, if it cannot,
 /// after a restart that the test reports; nothing confirmed may be lost.
+/// Every other cycle the broker is also killed while the disk is full.
 #[tokio::test]
 async fn a_full_disk_fails_publishes_and_loses_nothing_on_sqlite() {
     let params = Params::from_env();
@@ -128,7 +130,16 @@ async fn a_full_disk_fails_publishes_and_loses_nothing_on_sqlite() {
             broker.exited(),
         );
         sleep(run.fault_span()).await;
+        // Every other time the broker dies while the disk is full, in the
+        // middle of failing writes, and starts again once space is back.
+        let crash = cycle % 2 == 1;
+        if crash {
+            broker.kill().await;
+        }
         std::fs::remove_file(&filler).expect("remove the filler");
+        if crash {
+            broker.restart().await;
+        }
         // Space is back: the broker should serve again by itself.
         let freed = *run.load().progress().borrow();
         let by_itself = run

@@ -394,9 +394,18 @@ async fn one_stream(
             ctx.history.attempted(&ids);
             let sent = timeout(ctx.config.call_timeout, tx.send(ctx.batch(&ids))).await;
             in_flight.push_back(ids);
-            if !matches!(sent, Ok(Ok(()))) {
-                sent_ok = false;
-                break;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    ctx.failed(kind(&e));
+                    sent_ok = false;
+                    break;
+                }
+                Err(_) => {
+                    ctx.failed("timeout");
+                    sent_ok = false;
+                    break;
+                }
             }
         }
         if !sent_ok {
