@@ -94,6 +94,8 @@ struct Inner {
     duplicate_confirms: u64,
     /// Ack outcomes other than OK.
     acks_refused: u64,
+    /// The first few of them.
+    refusal_examples: Vec<String>,
     /// Nacks sent.
     nacks: u64,
 }
@@ -193,6 +195,9 @@ impl History {
         let mut h = self.lock();
         if !matches!(status, AckStatus::Ok(_)) {
             h.acks_refused += 1;
+            if h.refusal_examples.len() < 3 {
+                h.refusal_examples.push(format!("{id}: {status:?}"));
+            }
             return;
         }
         let Some(record) = h.records.get_mut(&id) else {
@@ -261,6 +266,7 @@ impl History {
             failure_kinds: h.failure_kinds.clone(),
             duplicate_confirms: h.duplicate_confirms,
             acks_refused: h.acks_refused,
+            refusal_examples: h.refusal_examples.clone(),
             nacks: h.nacks,
             ..Summary::default()
         };
@@ -368,6 +374,8 @@ pub(crate) struct Summary {
     pub(crate) acked: u64,
     /// Acks answered STALE or UNKNOWN.
     pub(crate) acks_refused: u64,
+    /// The first few of them, with the broker's reason.
+    pub(crate) refusal_examples: Vec<String>,
     /// Nacks sent.
     pub(crate) nacks: u64,
     /// Deliveries of the final drain.
@@ -431,6 +439,9 @@ impl fmt::Display for Summary {
             self.drained,
             self.dead_lettered
         )?;
+        for example in &self.refusal_examples {
+            writeln!(f, "    refused: {example}")?;
+        }
         let violations = [
             ("lost", &self.lost),
             ("unexpected", &self.unexpected),

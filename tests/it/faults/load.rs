@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tidings::client::{
     self, Admin, Backoff, ConnectOptions, Connection, Event, FlowControl, Outgoing, Publisher,
     Subscriber,
@@ -42,7 +43,8 @@ pub(crate) struct LoadConfig {
     pub(crate) unary_publishers: u64,
     /// Tasks publishing on a PublishStream, pipelined.
     pub(crate) stream_publishers: u64,
-    /// Consumers on the Subscribe stream.
+    /// Consumers on the Subscribe stream: every other one acks what it
+    /// has in one request, the others one ack per request.
     pub(crate) stream_consumers: u64,
     /// Consumers on unary Pull and Ack.
     pub(crate) pull_consumers: u64,
@@ -203,8 +205,13 @@ impl Load {
         for _ in 0..config.stream_publishers {
             publishers.push(tokio::spawn(stream_publisher(ctx.clone(), next_seed())));
         }
-        for _ in 0..config.stream_consumers {
-            consumers.push(tokio::spawn(stream_consumer(ctx.clone(), next_seed())));
+        for c in 0..config.stream_consumers {
+            let batch = c % 2 == 1;
+            consumers.push(tokio::spawn(stream_consumer(
+                ctx.clone(),
+                next_seed(),
+                batch,
+            )));
         }
         for _ in 0..config.pull_consumers {
             consumers.push(tokio::spawn(pull_consumer(ctx.clone())));
@@ -442,9 +449,11 @@ async fn one_stream(
 }
 
 /// Consumes on a Subscribe stream, acking at once (one message in twenty is
-/// nacked instead, to come back). A stream silent for three call deadlines
-/// is taken for stalled and replaced on a new connection.
-async fn stream_consumer(ctx: Ctx, seed: u64) {
+/// nacked instead, to come back): one ack per request, or with `batch`,
+/// one request for every delivery that is already there. A stream silent
+/// for three call deadlines is taken for stalled and replaced on a new
+/// connection.
+async fn stream_consumer(ctx: Ctx, seed: u64, batch: bool) {
     let mut rng = Rng::new(seed);
     let stall = ctx.config.call_timeout * 3;
     let reconnect = Backoff {
@@ -462,34 +471,52 @@ async fn stream_consumer(ctx: Ctx, seed: u64) {
         let mut sub = Subscriber::new(&connection, reconnect).subscribe(CONSUMED, flow);
         // Open leases by ack id: the message and the lease's first deadline.
         let mut leases: HashMap<String, (Uuid, Micros)> = HashMap::new();
-        loop {
-            let event = tokio::select! {
+        let mut ended = false;
+        while !ended {
+            let first = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 event = timeout(stall, sub.next()) => event,
             };
-            match event {
-                Ok(Some(Ok(Event::Message(d)))) => {
-                    ctx.delivered(&d);
-                    let ack_id = d.ack_id.to_string();
-                    if rng.below(20) == 0 {
-                        ctx.history.nack_sent();
-                        sub.nack(ack_id, Some(ms(10)), "a fault test's nack");
-                    } else {
-                        ctx.history.ack_sent(d.message.id);
-                        leases.insert(ack_id.clone(), (d.message.id, d.lease_deadline));
-                        sub.ack(vec![ack_id]);
+            // Stalled, ended, or refused for good: start over.
+            let Ok(Some(Ok(first))) = first else {
+                break;
+            };
+            let mut acks = Vec::new();
+            let mut next = Some(first);
+            while let Some(event) = next.take() {
+                match event {
+                    Event::Message(d) => {
+                        ctx.delivered(&d);
+                        let ack_id = d.ack_id.to_string();
+                        if rng.below(20) == 0 {
+                            ctx.history.nack_sent();
+                            sub.nack(ack_id, Some(ms(10)), "a fault test's nack");
+                        } else {
+                            ctx.history.ack_sent(d.message.id);
+                            leases.insert(ack_id.clone(), (d.message.id, d.lease_deadline));
+                            acks.push(ack_id);
+                        }
                     }
-                }
-                Ok(Some(Ok(Event::Outcome(o)))) => {
-                    if o.operation == AckOperation::Ack
-                        && let Some((id, deadline)) = leases.remove(&o.ack_id)
-                    {
-                        ctx.history.ack_answered(id, &o.ack_id, deadline, &o.status);
+                    Event::Outcome(o) => {
+                        if o.operation == AckOperation::Ack
+                            && let Some((id, deadline)) = leases.remove(&o.ack_id)
+                        {
+                            ctx.history.ack_answered(id, &o.ack_id, deadline, &o.status);
+                        }
                     }
+                    Event::Malformed { reason, .. } => ctx.history.malformed(&reason),
                 }
-                Ok(Some(Ok(Event::Malformed { reason, .. }))) => ctx.history.malformed(&reason),
-                // Stalled, ended, or refused for good: start over.
-                Err(_) | Ok(None) | Ok(Some(Err(_))) => break,
+                if !batch {
+                    break;
+                }
+                match sub.next().now_or_never() {
+                    Some(Some(Ok(event))) => next = Some(event),
+                    Some(_) => ended = true,
+                    None => {}
+                }
+            }
+            if !acks.is_empty() {
+                sub.ack(acks);
             }
         }
         pace(&mut rng).await;
