@@ -468,7 +468,6 @@ impl fmt::Display for Summary {
 
 /// A delivery of `id` (published with sequence `seq`) on a lease whose
 /// first deadline is `deadline`, as the broker would send it.
-#[cfg(test)]
 fn delivery(id: Uuid, seq: i64, attempt: i32, deadline: Micros) -> Delivery {
     use tidings::model::{AckId, StoredMessage};
     Delivery {
@@ -493,7 +492,7 @@ fn delivery(id: Uuid, seq: i64, attempt: i32, deadline: Micros) -> Delivery {
     }
 }
 
-#[cfg(test)]
+/// The broker's confirmation of `id` as `sequence`.
 fn confirm(id: Uuid, sequence: i64) -> PublishOutcome {
     PublishOutcome {
         id,

@@ -1,6 +1,7 @@
 //! A full disk: the SQLite data directory on a small tmpfs that the test
 //! mounts (CI runs as root), filled by a filler file while the load runs,
-//! then freed again; every other time the broker is killed while the disk
+//! then freed again (each cycle first resizes the tmpfs to what it holds
+//! plus the filler's room); every other time the broker is killed while the disk
 //! is full and restarted once it is freed.
 
 use std::io::{ErrorKind, Write};
@@ -13,6 +14,9 @@ use tokio::time::sleep;
 use super::broker::{BrokerProcess, Storage};
 use super::load::LoadConfig;
 use super::{PATIENCE, Params, Run};
+
+/// The free space each cycle's filler takes and gives back.
+const ROOM: u64 = 32 << 20;
 
 /// A tmpfs mounted on a fresh folder, unmounted when dropped.
 struct Tmpfs {
@@ -61,6 +65,41 @@ impl Tmpfs {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Resizes the file system to what it holds now plus `room`, so that
+    /// a filler takes all that is free and removing it gives `room` back,
+    /// however much the broker has stored (a long run's messages would
+    /// otherwise fill a fixed size by themselves).
+    fn make_room(&self, room: u64) {
+        // Plus a margin for what tmpfs keeps beside the files' blocks.
+        let size = allocated(self.path()) + room + (1 << 20);
+        let resized = Command::new("mount")
+            .args(["-o", &format!("remount,size={}k", size.div_ceil(1024))])
+            .arg(self.path())
+            .output()
+            .expect("run mount(8)");
+        assert!(
+            resized.status.success(),
+            "resize the tmpfs: {}",
+            String::from_utf8_lossy(&resized.stderr)
+        );
+    }
+}
+
+/// The bytes the files under `dir` take on disk.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("list the tmpfs") {
+        let entry = entry.expect("a directory entry");
+        let meta = entry.metadata().expect("a file's metadata");
+        total += if meta.is_dir() {
+            allocated(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    total
 }
 
 impl Drop for Tmpfs {
@@ -99,7 +138,7 @@ async fn fill(path: PathBuf) {
 #[tokio::test]
 async fn a_full_disk_fails_publishes_and_loses_nothing_on_sqlite() {
     let params = Params::from_env();
-    let Some(fs) = Tmpfs::mount("64m") else {
+    let Some(fs) = Tmpfs::mount(&format!("{}k", 2 * ROOM / 1024)) else {
         return;
     };
     let filler = fs.path().join("filler");
@@ -115,6 +154,7 @@ async fn a_full_disk_fails_publishes_and_loses_nothing_on_sqlite() {
     for cycle in 0..params.cycles.div_ceil(2) {
         run.next_cycle().await;
         let before = *run.load().progress().borrow();
+        fs.make_room(ROOM);
         fill(filler.clone()).await;
         let refused = run
             .load()

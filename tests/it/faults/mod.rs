@@ -88,6 +88,7 @@ pub(crate) struct Fresh {
 }
 
 impl Fresh {
+    /// Makes the storage for `backend`.
     pub(crate) async fn new(backend: &Backend) -> Fresh {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let (storage, database) = match backend {
@@ -104,6 +105,7 @@ impl Fresh {
         }
     }
 
+    /// Where the broker keeps its messages.
     pub(crate) fn storage(&self) -> Storage {
         self.storage.clone()
     }
