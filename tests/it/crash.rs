@@ -31,6 +31,17 @@ pub(crate) async fn spawn_broker_with(
     database_url: Option<&str>,
     listen: &str,
 ) -> Broker {
+    spawn_broker_args(dir, database_url, listen, &[]).await
+}
+
+/// Starts the binary as [`spawn_broker_with`] does, with `extra` flags
+/// after the test's short intervals.
+pub(crate) async fn spawn_broker_args(
+    dir: &Path,
+    database_url: Option<&str>,
+    listen: &str,
+    extra: &[String],
+) -> Broker {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tidings"));
     command.args(["serve", "--listen", listen]);
     // The storage is one choice: a folder or a database URL.
@@ -45,6 +56,7 @@ pub(crate) async fn spawn_broker_with(
             "--poll-interval",
             "100ms",
         ])
+        .args(extra)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(if std::env::var_os("TIDINGS_TEST_BROKER_LOGS").is_some() {

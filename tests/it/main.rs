@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod durability;
+mod faults;
 mod harness;
 mod health;
 mod hostile;

@@ -97,7 +97,6 @@ impl Proxy {
     }
 
     /// Closes every connection open now; connections made later pass.
-    #[allow(dead_code)]
     pub(crate) fn reset(&self) {
         let accepted = *self.accepted.borrow();
         self.cut.send_modify(|c| c.reset_below = accepted);
