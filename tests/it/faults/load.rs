@@ -467,6 +467,7 @@ async fn stream_consumer(ctx: Ctx, seed: u64, batch: bool) {
         let flow = FlowControl {
             max_messages: 64,
             max_bytes: 1 << 20,
+            ..FlowControl::default()
         };
         let mut sub = Subscriber::new(&connection, reconnect).subscribe(CONSUMED, flow);
         // Open leases by ack id: the message and the lease's first deadline.
