@@ -1177,6 +1177,7 @@ impl<B: Backend> Writer<B> {
             if B::EXCLUSIVE && now < sub.check_at {
                 continue;
             }
+            report.subscriptions_examined += 1;
             let expired = self.expire(&sub, now, t).await?;
             report.more |= expired >= EXPIRE_LIMIT;
             if expired > 0 {
@@ -1185,6 +1186,7 @@ impl<B: Backend> Writer<B> {
             }
         }
         for topic in B::list_topics(self.c(), "", i64::MAX).await? {
+            report.topics_examined += 1;
             let low = B::low_water(self.c(), topic.id)
                 .await?
                 .unwrap_or(topic.last_seq + 1);
