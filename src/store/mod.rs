@@ -17,6 +17,7 @@ mod postgres;
 mod reader;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod sweep;
 mod writer;
 
 use std::collections::HashMap;

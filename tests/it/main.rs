@@ -10,6 +10,7 @@ mod harness;
 mod health;
 mod inbox;
 mod instances;
+mod maintenance;
 mod ordering;
 mod outbox;
 mod overload;
