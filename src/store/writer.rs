@@ -600,6 +600,8 @@ impl<B: Backend> Writer<B> {
         }
         B::delete_topic(self.c(), row.id).await?;
         self.topics.remove(name);
+        // SQLite may give a later topic this id again.
+        self.deleted_below.remove(&row.id);
         tracing::info!(topic = name, "topic deleted");
         Ok(())
     }
