@@ -19,6 +19,13 @@ use crate::model::Micros;
 /// backlog takes several rounds back to back (`MaintenanceReport::more`).
 pub(super) const ROUND_LIMIT: usize = 200;
 
+/// How long a name may have waited, due but left by a round at its limit,
+/// before the next round runs at once rather than on the timer. A backlog
+/// (a burst of due topics, lease deadlines) drains in rounds back to back,
+/// while topics that change all the time are looked at about once a
+/// second, as each round used to, not in a loop.
+pub(super) const BEHIND: Micros = 1_000_000;
+
 /// How often maintenance on a shared database walks every topic once (a
 /// page per round, each round in its own group). Each instance looks at
 /// what it changed itself, and when it has work due next; what another
@@ -68,6 +75,11 @@ impl Schedule {
             }
         }
         taken
+    }
+
+    /// The instant the name due first is due at.
+    pub(super) fn first_due(&self) -> Option<Micros> {
+        self.queue.first().map(|(at, _)| *at)
     }
 
     /// How many names are scheduled.
@@ -217,6 +229,7 @@ mod tests {
             s.mark(&format!("t{i}"), i);
         }
         assert_eq!(s.take_due(100, 2), vec!["t0", "t1"]);
+        assert_eq!(s.first_due(), Some(2));
         assert_eq!(s.take_due(100, 10).len(), 3);
     }
 

@@ -17,7 +17,7 @@ use super::common::{
     Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
 };
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
-use super::sweep::{FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
+use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
 use super::{
     LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, Queued,
     SubscriptionPatch, TopicPatch,
@@ -1256,7 +1256,7 @@ impl<B: Backend> Writer<B> {
         self.full_pass(now, report).await?;
         self.expire_leases(now, t, report).await?;
         let topics = self.sweep.take_due(Kind::Topic, now, ROUND_LIMIT);
-        report.more |= topics.len() == ROUND_LIMIT;
+        report.more |= topics.len() == ROUND_LIMIT && self.behind(Kind::Topic, now);
         for name in topics {
             let again = self.maintain_topic(&name, now, t, report).await?;
             self.sweep.again(Kind::Topic, &name, again);
@@ -1273,6 +1273,17 @@ impl<B: Backend> Writer<B> {
             "maintenance round"
         );
         Ok(())
+    }
+
+    /// True if what a round left of `kind` has waited [`BEHIND`] or more.
+    fn behind(&self, kind: Kind, now: Micros) -> bool {
+        let schedule = match kind {
+            Kind::Topic => &self.sweep.topics,
+            Kind::Sub => &self.sweep.subs,
+        };
+        schedule
+            .first_due()
+            .is_some_and(|at| at <= now.saturating_sub(BEHIND))
     }
 
     /// Reads a page of the full pass, if one is running or due, and makes
@@ -1323,7 +1334,7 @@ impl<B: Backend> Writer<B> {
     ) -> Result<()> {
         let names = if B::EXCLUSIVE {
             let names = self.sweep.take_due(Kind::Sub, now, ROUND_LIMIT);
-            report.more |= names.len() == ROUND_LIMIT;
+            report.more |= names.len() == ROUND_LIMIT && self.behind(Kind::Sub, now);
             names
         } else {
             // Other instances' leases are not in this one's memory: one
