@@ -663,7 +663,12 @@ mod tests {
         }
         let event = next(&mut events).await;
         assert_eq!(event.outcomes.len(), 100, "one answer for all");
-        assert!(event.outcomes.iter().all(|o| o.status == AckStatus::Ok(None)));
+        assert!(
+            event
+                .outcomes
+                .iter()
+                .all(|o| o.status == AckStatus::Ok(None))
+        );
         drop(commands);
         store.close().await;
     }

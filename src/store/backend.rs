@@ -379,12 +379,28 @@ pub(super) trait Backend: Send + 'static {
     /// True if a message of the topic is stored in `[from, to)`.
     async fn any_message_in(c: &mut Conn<Self>, topic_id: i64, from: i64, to: i64) -> Result<bool>;
 
-    /// The first `limit` messages' sequence and publish time.
+    /// The sequence and publish time of the first `limit` messages from
+    /// sequence `from` on.
     async fn message_times(
         c: &mut Conn<Self>,
         topic_id: i64,
+        from: i64,
         limit: i64,
     ) -> Result<Vec<(i64, Micros)>>;
+
+    /// The earliest deadline of the subscription's leases.
+    async fn next_deadline(c: &mut Conn<Self>, sub_id: i64) -> Result<Option<Micros>>;
+
+    /// The subscriptions of the first `limit` leases (of all
+    /// subscriptions) whose deadline is at or before `before`, one name per
+    /// lease. Shared databases only: it reads an index of leased rows by
+    /// deadline, which SQLite does not have (its writer knows when its
+    /// leases end).
+    async fn subs_with_expired_leases(
+        c: &mut Conn<Self>,
+        before: Micros,
+        limit: i64,
+    ) -> Result<Vec<String>>;
 
     /// Removes the topic's messages up to `last` from storage and from every
     /// subscription, moves cursors past them and counts `unacked` as

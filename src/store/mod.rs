@@ -17,6 +17,7 @@ mod postgres;
 mod reader;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod sweep;
 mod writer;
 
 use std::collections::HashMap;
@@ -179,7 +180,7 @@ pub struct LeaseBatch {
     pub progressed: bool,
 }
 
-/// What one maintenance round removed.
+/// What one maintenance round removed, and how much it looked at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MaintenanceReport {
     /// Messages removed because every subscription was done with them.
@@ -190,6 +191,11 @@ pub struct MaintenanceReport {
     pub dedup_pruned: u64,
     /// Leases found expired.
     pub leases_expired: u64,
+    /// Topics whose messages the round looked at (for retention, max age
+    /// and removal).
+    pub topics_examined: u64,
+    /// Subscriptions the round swept for expired leases.
+    pub subscriptions_examined: u64,
     /// A limit cut the round short: run another one soon.
     pub more: bool,
 }

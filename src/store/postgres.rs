@@ -34,8 +34,13 @@ use crate::model::{
 };
 
 /// Schema versions, applied in order at open.
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_broker.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_broker.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_leases_by_deadline.sql"),
+    ),
+];
 
 /// The NOTIFY channel instances wake each other on.
 const CHANNEL: &str = "tidings";
@@ -356,8 +361,17 @@ mod sql {
          AND seq >= $2 AND seq < $3 AND published_at <= $4";
     pub(super) const ANY_MESSAGE_IN: &str = "SELECT EXISTS (SELECT 1 FROM messages \
          WHERE topic_id = $1 AND seq >= $2 AND seq < $3)";
-    pub(super) const MESSAGE_TIMES: &str =
-        "SELECT seq, published_at FROM messages WHERE topic_id = $1 ORDER BY seq LIMIT $2";
+    pub(super) const MESSAGE_TIMES: &str = "SELECT seq, published_at FROM messages \
+         WHERE topic_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+    pub(super) const NEXT_DEADLINE: &str =
+        "SELECT min(available_at) FROM deliveries WHERE sub_id = $1 AND state = 1";
+    // Maintenance's one look for expired leases across subscriptions, on
+    // the index of leased rows by deadline (`deliveries_leased`, migration
+    // 2); bounded by rows, so a backlog in one subscription does not make
+    // it read them all.
+    pub(super) const SUBS_WITH_EXPIRED_LEASES: &str = "SELECT s.name FROM (SELECT sub_id \
+         FROM deliveries WHERE state = 1 AND available_at <= $1 ORDER BY available_at LIMIT $2) d \
+         JOIN subscriptions s ON s.id = d.sub_id";
     pub(super) const EXPIRE_MESSAGES: &str =
         "DELETE FROM messages WHERE topic_id = $1 AND seq <= $2";
     pub(super) const EXPIRE_DELIVERIES: &str = "DELETE FROM deliveries WHERE seq <= $2 \

@@ -327,8 +327,16 @@ mod sql {
          AND seq >= ? AND seq < ? AND published_at <= ?";
     pub(super) const ANY_MESSAGE_IN: &str =
         "SELECT EXISTS (SELECT 1 FROM messages WHERE topic_id = ? AND seq >= ? AND seq < ?)";
-    pub(super) const MESSAGE_TIMES: &str =
-        "SELECT seq, published_at FROM messages WHERE topic_id = ? ORDER BY seq LIMIT ?";
+    pub(super) const MESSAGE_TIMES: &str = "SELECT seq, published_at FROM messages \
+         WHERE topic_id = ? AND seq >= ? ORDER BY seq LIMIT ?";
+    pub(super) const NEXT_DEADLINE: &str =
+        "SELECT min(available_at) FROM deliveries WHERE sub_id = ? AND state = 1";
+    // Not run here: the one writer notes its leases' deadlines in memory
+    // (`sweep.rs`), so SQLite keeps no index of leases by deadline alone,
+    // and this would read every delivery.
+    pub(super) const SUBS_WITH_EXPIRED_LEASES: &str = "SELECT s.name FROM (SELECT sub_id \
+         FROM deliveries WHERE state = 1 AND available_at <= ? ORDER BY available_at LIMIT ?) d \
+         JOIN subscriptions s ON s.id = d.sub_id";
     pub(super) const EXPIRE_MESSAGES: &str = "DELETE FROM messages WHERE topic_id = ? AND seq <= ?";
     pub(super) const EXPIRE_DELIVERIES: &str = "DELETE FROM deliveries WHERE seq <= ?2 \
          AND sub_id IN (SELECT id FROM subscriptions WHERE topic_id = ?1)";

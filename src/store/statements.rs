@@ -466,10 +466,28 @@ macro_rules! shared_statements {
         async fn message_times(
             c: &mut Conn,
             topic_id: i64,
+            from: i64,
             limit: i64,
         ) -> Result<Vec<(i64, Micros)>> {
             let q = sqlx::query_as(sql::MESSAGE_TIMES)
                 .bind(topic_id)
+                .bind(from)
+                .bind(limit);
+            Ok(q.fetch_all(c).await?)
+        }
+
+        async fn next_deadline(c: &mut Conn, sub_id: i64) -> Result<Option<Micros>> {
+            let q = sqlx::query_scalar(sql::NEXT_DEADLINE).bind(sub_id);
+            Ok(q.fetch_one(c).await?)
+        }
+
+        async fn subs_with_expired_leases(
+            c: &mut Conn,
+            before: Micros,
+            limit: i64,
+        ) -> Result<Vec<String>> {
+            let q = sqlx::query_scalar(sql::SUBS_WITH_EXPIRED_LEASES)
+                .bind(before)
                 .bind(limit);
             Ok(q.fetch_all(c).await?)
         }

@@ -17,6 +17,7 @@ use super::common::{
     TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
 };
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
+use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
 use super::{
     LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, Queued,
     SubscriptionPatch, TopicPatch,
@@ -65,6 +66,8 @@ pub(super) struct Writer<B: Backend> {
     /// so deletion does not walk the index through rows it removed before
     /// (on PostgreSQL they stay as dead index entries until VACUUM).
     deleted_below: HashMap<i64, i64>,
+    /// What maintenance has to look at, and when (see `sweep.rs`).
+    sweep: Sweep,
     /// Longest a group may take from BEGIN to COMMIT.
     commit_timeout: Duration,
     /// Groups failing since the last commit, for a log that says when
@@ -151,6 +154,7 @@ impl<B: Backend> Writer<B> {
             swept: HashMap::new(),
             expire_before: i64::MIN,
             deleted_below: HashMap::new(),
+            sweep: Sweep::new(B::EXCLUSIVE),
             commit_timeout: super::DEFAULT_COMMIT_TIMEOUT,
             outage: None,
         }
@@ -305,6 +309,7 @@ impl<B: Backend> Writer<B> {
         // What was cached during the group may not be what is stored.
         self.topics.clear();
         self.subs.clear();
+        self.maintenance_rolled_back();
         if may_retry && !timed_out {
             let retry = match &failure {
                 Failure::Op(index, fatal) if fatal.own => Some((Round::Refused(*index), fatal)),
@@ -669,6 +674,7 @@ impl<B: Backend> Writer<B> {
         }
         B::insert_messages(self.c(), topic.id, &fresh, now).await?;
         B::set_last_seq(self.c(), topic.id, seq).await?;
+        self.published(topic, now);
         if let Some(cached) = self.topics.get_mut(&topic.name) {
             cached.last_seq = seq;
         }
@@ -710,6 +716,7 @@ impl<B: Backend> Writer<B> {
         )
         .await?;
         self.topics.remove(name);
+        self.topic_changed(name, i64::MIN);
         Ok(self.topic(name).await?.to_topic())
     }
 
@@ -735,6 +742,8 @@ impl<B: Backend> Writer<B> {
         }
         B::delete_topic(self.c(), row.id).await?;
         self.topics.remove(name);
+        // SQLite may give a later topic this id again.
+        self.deleted_below.remove(&row.id);
         tracing::info!(topic = name, "topic deleted");
         Ok(())
     }
@@ -834,6 +843,7 @@ impl<B: Backend> Writer<B> {
     async fn delete_subscription(&mut self, name: &str, t: &mut Touched) -> Result<()> {
         let row = self.sub(name).await?;
         B::delete_sub(self.c(), row.id).await?;
+        self.topic_changed(&row.topic, i64::MIN);
         self.subs.remove(name);
         t.subs.insert(name.to_owned());
         tracing::info!(subscription = name, "subscription deleted");
@@ -980,6 +990,9 @@ impl<B: Backend> Writer<B> {
             }
         }
         let delivered = batch.deliveries.len() as i64;
+        if delivered > 0 {
+            self.leased_until(&sub.name, deadline);
+        }
         // The cursor is written only when it was read under the lock: an
         // unlocked copy may be older than another instance's commit, and
         // writing it back would replay messages acked since.
@@ -1174,6 +1187,7 @@ impl<B: Backend> Writer<B> {
             }
             B::delete_deliveries(self.c(), sub.id, &current).await?;
             B::add_acked(self.c(), sub.id, current.len() as i64).await?;
+            self.topic_changed(&sub.topic, at);
             // An ack unblocks the next message of its key.
             if sub.settings.ordered {
                 t.subs.insert(sub.name.clone());
@@ -1234,6 +1248,7 @@ impl<B: Backend> Writer<B> {
             };
             let deadline = now.saturating_add(micros(*extension));
             B::set_deadline(self.c(), sub.id, seq, deadline).await?;
+            self.leased_until(&sub.name, deadline);
             out.push(AckStatus::Ok(Some(deadline)));
         }
         Ok(out)
@@ -1269,6 +1284,7 @@ impl<B: Backend> Writer<B> {
         // Messages before the target count as acked; leases and waiting
         // redeliveries go, and dead letters from the target on are replayed.
         B::reset_cursor(self.c(), row.id, next).await?;
+        self.topic_changed(&row.topic, i64::MIN);
         self.subs.remove(sub);
         t.subs.insert(sub.to_owned());
         tracing::info!(
@@ -1297,57 +1313,296 @@ impl<B: Backend> Writer<B> {
     async fn purge(&mut self, sub: &str, seqs: Option<Vec<i64>>) -> Result<i64> {
         let row = self.sub(sub).await?;
         let count = B::purge(self.c(), row.id, seqs.as_deref().unwrap_or(&[])).await?;
+        if count > 0 {
+            self.topic_changed(&row.topic, i64::MIN);
+        }
         tracing::warn!(subscription = sub, count, "dead letters purged");
         Ok(count)
     }
 
     // ---- maintenance ----
 
+    /// Notes for maintenance that `topic` changed at `at` (an ack, a seek,
+    /// a purge, a subscription deleted, new settings): it may have messages
+    /// to remove.
+    fn topic_changed(&mut self, topic: &str, at: Micros) {
+        self.sweep.topics.mark(topic, at);
+    }
+
+    /// Notes for maintenance that messages were published to `topic` at
+    /// `now`: none of them can be removed before the retention passes (nor
+    /// after, until acked, which notes the topic again) or expired before
+    /// the max age passes.
+    fn published(&mut self, topic: &TopicRow, now: Micros) {
+        let mut after = topic.retention_us;
+        if topic.max_age_us > 0 {
+            after = after.min(topic.max_age_us.saturating_add(1));
+        }
+        self.sweep
+            .topics
+            .mark(&topic.name, now.saturating_add(after));
+    }
+
+    /// Exclusive writers: notes that a lease of `sub` ends at `deadline`, so
+    /// that maintenance looks at it then. (A shared database's leases,
+    /// taken by any instance, are found by a query.)
+    fn leased_until(&mut self, sub: &str, deadline: Micros) {
+        if B::EXCLUSIVE {
+            self.sweep.subs.mark(sub, deadline);
+        }
+    }
+
+    /// After a failed group: what its maintenance round found and did may
+    /// not have happened, so it is looked at again.
+    fn maintenance_rolled_back(&mut self) {
+        self.sweep.rolled_back();
+        self.deleted_below.clear();
+    }
+
     /// Sweeps expired leases, deletes messages every subscription is done
     /// with (after the topic's retention), expires messages past a topic's
     /// max age and prunes the dedup table, each a bounded amount per round.
+    ///
+    /// A round looks only at what may have work, so an idle round costs a
+    /// few statements however many topics and subscriptions exist (issue 11,
+    /// item 8): the topics the writer saw change and those whose next
+    /// message passes its retention or max age by now (`sweep.rs`); on an
+    /// exclusive database the subscriptions with a lease past its deadline,
+    /// from the same memory; on a shared one, where other instances lease
+    /// and ack unseen, the subscriptions one indexed query finds with
+    /// expired leases. A full pass over every topic (and, exclusive, every
+    /// subscription), a page per round, covers what the memory cannot know:
+    /// at start, and on a shared database every [`FULL_PASS_EVERY`], for
+    /// work another instance noted and did not do (it stopped).
     async fn maintain(&mut self, now: Micros, t: &mut Touched) -> Result<MaintenanceReport> {
         let mut report = MaintenanceReport::default();
-        // One instance at a time does the sweeping; the others skip it.
+        // One instance at a time does the sweeping; the others skip it and
+        // keep what they noted for their next round.
         if !B::try_maintenance_lock(self.c()).await? {
             return Ok(report);
         }
-        for name in B::sub_names(self.c(), None).await? {
-            let sub = match self.sub(&name).await {
-                Ok(sub) => sub,
-                Err(Error::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            };
-            if B::EXCLUSIVE && now < sub.check_at {
-                continue;
-            }
-            let expired = self.expire(&sub, now, t).await?;
-            report.more |= expired >= EXPIRE_LIMIT;
-            if expired > 0 {
-                report.leases_expired += expired;
-                t.subs.insert(name);
-            }
+        self.sweep.start_round();
+        let result = self.maintain_round(now, t, &mut report).await;
+        if result.is_err() {
+            // What the round took out of its schedules is due again, even
+            // if the group commits what was done before the error.
+            self.sweep.rolled_back();
         }
-        for topic in B::list_topics(self.c(), "", i64::MAX).await? {
-            let low = B::low_water(self.c(), topic.id)
-                .await?
-                .unwrap_or(topic.last_seq + 1);
-            if topic.max_age_us > 0 {
-                report.expired += self
-                    .expire_old(&topic, low, now - topic.max_age_us, now, t)
-                    .await?;
-            }
-            let (deleted, more) = self
-                .delete_done(&topic, low, now - topic.retention_us)
-                .await?;
-            report.deleted += deleted;
-            report.more |= more;
+        result.map(|()| report)
+    }
+
+    async fn maintain_round(
+        &mut self,
+        now: Micros,
+        t: &mut Touched,
+        report: &mut MaintenanceReport,
+    ) -> Result<()> {
+        self.full_pass(now, report).await?;
+        self.expire_leases(now, t, report).await?;
+        let topics = self.sweep.take_due(Kind::Topic, now, ROUND_LIMIT);
+        report.more |= topics.len() == ROUND_LIMIT && self.behind(Kind::Topic, now);
+        for name in topics {
+            let again = self.maintain_topic(&name, now, t, report).await?;
+            self.sweep.again(Kind::Topic, &name, again);
         }
         let before = now - self.dedup_window;
         let pruned = B::prune_dedup(self.c(), before, DELETE_LIMIT as i64).await?;
         report.dedup_pruned = pruned;
         report.more |= pruned >= DELETE_LIMIT;
-        Ok(report)
+        tracing::debug!(
+            topics_examined = report.topics_examined,
+            subscriptions_examined = report.subscriptions_examined,
+            topics_scheduled = self.sweep.topics.len(),
+            subscriptions_scheduled = self.sweep.subs.len(),
+            "maintenance round"
+        );
+        Ok(())
+    }
+
+    /// True if what a round left of `kind` has waited [`BEHIND`] or more.
+    fn behind(&self, kind: Kind, now: Micros) -> bool {
+        let schedule = match kind {
+            Kind::Topic => &self.sweep.topics,
+            Kind::Sub => &self.sweep.subs,
+        };
+        schedule
+            .first_due()
+            .is_some_and(|at| at <= now.saturating_sub(BEHIND))
+    }
+
+    /// Reads a page of the full pass, if one is running or due, and makes
+    /// what it lists due now.
+    async fn full_pass(&mut self, now: Micros, report: &mut MaintenanceReport) -> Result<()> {
+        let Some((topics_after, subs_after)) = self.sweep.pass_page(now) else {
+            return Ok(());
+        };
+        let page = ROUND_LIMIT as i64;
+        let mut topics_next = None;
+        if let Some(after) = topics_after {
+            let topics = B::list_topics(self.c(), &after, page).await?;
+            for topic in &topics {
+                self.sweep.topics.mark(&topic.name, now);
+            }
+            if topics.len() == ROUND_LIMIT {
+                topics_next = topics.last().map(|topic| topic.name.clone());
+            }
+        }
+        let mut subs_next = None;
+        if let Some(after) = subs_after {
+            let subs = B::list_subs(self.c(), None, &after, page).await?;
+            for sub in &subs {
+                self.sweep.subs.mark(&sub.name, now);
+            }
+            if subs.len() == ROUND_LIMIT {
+                subs_next = subs.last().map(|sub| sub.name.clone());
+            }
+        }
+        // An exclusive writer sees every change after the first pass.
+        let next = if B::EXCLUSIVE {
+            i64::MAX
+        } else {
+            now.saturating_add(FULL_PASS_EVERY)
+        };
+        self.sweep.pass_read((topics_next, subs_next), next);
+        report.more |= self.sweep.passing();
+        Ok(())
+    }
+
+    /// Expires the leases past their deadline, in the subscriptions that may
+    /// have some.
+    async fn expire_leases(
+        &mut self,
+        now: Micros,
+        t: &mut Touched,
+        report: &mut MaintenanceReport,
+    ) -> Result<()> {
+        let names = if B::EXCLUSIVE {
+            let names = self.sweep.take_due(Kind::Sub, now, ROUND_LIMIT);
+            report.more |= names.len() == ROUND_LIMIT && self.behind(Kind::Sub, now);
+            names
+        } else {
+            // Other instances' leases are not in this one's memory: one
+            // query over the leases' deadlines (an index of leased rows
+            // only) finds the subscriptions with expired ones.
+            let (before, limit) = (self.expire_before, EXPIRE_LIMIT as i64);
+            let mut names = B::subs_with_expired_leases(self.c(), before, limit).await?;
+            report.more |= names.len() as u64 >= EXPIRE_LIMIT;
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        for name in names {
+            let sub = match self.sub(&name).await {
+                Ok(sub) => sub,
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            report.subscriptions_examined += 1;
+            let expired = self.expire(&sub, now, t).await?;
+            report.more |= expired >= EXPIRE_LIMIT;
+            if expired > 0 {
+                report.leases_expired += expired;
+                t.subs.insert(name.clone());
+            }
+            if B::EXCLUSIVE {
+                // Leases whose deadline is not before `expire_before` were
+                // left for a later round, which the next deadline includes.
+                let next = if expired >= EXPIRE_LIMIT {
+                    Some(now)
+                } else {
+                    B::next_deadline(self.c(), sub.id).await?
+                };
+                self.sweep.again(Kind::Sub, &name, next);
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at one topic: expires its messages past the max age, removes
+    /// those every subscription is done with after the retention. Returns
+    /// when it next needs a look if nothing changes it.
+    async fn maintain_topic(
+        &mut self,
+        name: &str,
+        now: Micros,
+        t: &mut Touched,
+        report: &mut MaintenanceReport,
+    ) -> Result<Option<Micros>> {
+        let topic = match self.topic(name).await {
+            Ok(topic) => topic,
+            Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        report.topics_examined += 1;
+        // Without messages there is nothing to remove or expire until a
+        // publish, which notes the topic again.
+        if B::message_times(self.c(), topic.id, 0, 1).await?.is_empty() {
+            return Ok(None);
+        }
+        let low = B::low_water(self.c(), topic.id)
+            .await?
+            .unwrap_or(topic.last_seq + 1);
+        let mut expired = 0;
+        if topic.max_age_us > 0 {
+            expired = self
+                .expire_old(&topic, low, now - topic.max_age_us, now, t)
+                .await?;
+            report.expired += expired;
+        }
+        let (deleted, more) = self
+            .delete_done(&topic, low, now - topic.retention_us)
+            .await?;
+        report.deleted += deleted;
+        report.more |= more;
+        if more || expired > 0 {
+            // Left over, or the expiry moved the subscriptions past
+            // messages: the next round looks again.
+            return Ok(Some(now));
+        }
+        self.next_look(&topic, low, now).await
+    }
+
+    /// When `topic` next has work if nothing changes it: when its first
+    /// message below `low` passes the retention, or its first message from
+    /// `low` on passes the max age; `None` if neither will happen (what
+    /// could change that, an ack or a seek, notes the topic again).
+    async fn next_look(
+        &mut self,
+        topic: &TopicRow,
+        low: i64,
+        now: Micros,
+    ) -> Result<Option<Micros>> {
+        let Some(&(first, published)) = B::message_times(self.c(), topic.id, 0, 1).await?.first()
+        else {
+            return Ok(None);
+        };
+        let mut next = None;
+        if first < low {
+            // `delete_done` removes messages published at or before
+            // `now - retention`.
+            next = Some(published.saturating_add(topic.retention_us));
+        }
+        if topic.max_age_us > 0 {
+            let oldest_needed = if first >= low {
+                Some(published)
+            } else {
+                let from_low = B::message_times(self.c(), topic.id, low, 1).await?;
+                from_low.first().map(|&(_, published)| published)
+            };
+            if let Some(published) = oldest_needed {
+                // `expire_old` expires messages published before
+                // `now - max_age`.
+                let at = published.saturating_add(topic.max_age_us).saturating_add(1);
+                next = Some(next.map_or(at, |next: Micros| next.min(at)));
+            }
+        }
+        if next.is_some_and(|at| at <= now) {
+            // Due, yet this round left it: the memory of where deletion
+            // stopped was wrong. Forget it; the next round starts from the
+            // first stored message.
+            self.deleted_below.remove(&topic.id);
+        }
+        Ok(next)
     }
 
     /// Deletes, by sequence range from where the last round stopped, the
@@ -1390,21 +1645,18 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<u64> {
+        // Messages below `low` are done; they go with the expired ones if
+        // older (they are, being published first).
         let mut last = None;
         let mut unacked = 0u64;
-        for (seq, published_at) in B::message_times(self.c(), topic.id, 10_000).await? {
+        for (seq, published_at) in B::message_times(self.c(), topic.id, low, 10_000).await? {
             if published_at >= cutoff {
                 break;
             }
             last = Some(seq);
-            if seq >= low {
-                unacked += 1;
-            }
+            unacked += 1;
         }
         let Some(last) = last else { return Ok(0) };
-        if unacked == 0 {
-            return Ok(0);
-        }
         let affected = B::expire_through(self.c(), topic.id, last, unacked as i64).await?;
         // Keys whose message in progress expired let their next one go.
         B::heal_held(self.c(), topic.id, now).await?;

@@ -393,6 +393,48 @@ impl TestBroker {
     }
 }
 
+/// A store opened directly, without a server, for tests that run
+/// maintenance rounds themselves (`Store::maintain`) and read what each
+/// round did: its own timer runs one round at open, then once an hour.
+pub(crate) struct TestStore {
+    pub(crate) store: tidings::store::Store,
+    database: Option<(String, String)>,
+    _dir: TempDir,
+}
+
+impl TestStore {
+    /// Opens a store on fresh storage (SQLite without fsync, or a fresh
+    /// PostgreSQL database).
+    pub(crate) async fn open(backend: Backend) -> TestStore {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = tidings::store::StoreConfig::new(dir.path());
+        config.fsync = false;
+        config.maintenance_interval = Duration::from_secs(3600);
+        let mut database = None;
+        if let Backend::Postgres(admin) = &backend {
+            let (url, name) = fresh_database(admin).await;
+            config.storage = tidings::store::Storage::Postgres(url);
+            database = Some((admin.clone(), name));
+        }
+        let store = tidings::store::Store::open(config)
+            .await
+            .expect("store opens");
+        TestStore {
+            store,
+            database,
+            _dir: dir,
+        }
+    }
+
+    /// Closes the store and drops its PostgreSQL database.
+    pub(crate) async fn close(self) {
+        self.store.close().await;
+        if let Some((admin, name)) = &self.database {
+            drop_database(admin, name).await;
+        }
+    }
+}
+
 /// A broker stopped by [`TestBroker::pause`]: its storage and address.
 pub(crate) struct PausedBroker {
     addr: String,

@@ -12,6 +12,7 @@ mod health;
 mod hostile;
 mod inbox;
 mod instances;
+mod maintenance;
 mod ordering;
 mod outbox;
 mod overload;
