@@ -29,7 +29,10 @@ use crate::model::{
 };
 
 /// Schema versions, applied in order at open.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_broker.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_broker.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_messages_rowid.sql")),
+];
 
 type Conn = SqliteConnection;
 
