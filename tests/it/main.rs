@@ -17,3 +17,4 @@ mod partition;
 mod proxy;
 mod publish;
 mod relay;
+mod storage;
