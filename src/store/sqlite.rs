@@ -202,9 +202,14 @@ impl Checkpointer {
     /// the disk counts as full: it would fail half-way and take the space
     /// that acks need.
     async fn round(&mut self) {
-        if !self.growth_fits().await {
-            self.space.settle(false).await;
-            return;
+        match self.growth_fits().await {
+            // Unknown this round: nothing is decided, nothing copied.
+            None => return,
+            Some(false) => {
+                self.space.settle(false).await;
+                return;
+            }
+            Some(true) => {}
         }
         let full = *self.space.watch().borrow();
         match self.checkpoint("PRAGMA wal_checkpoint(PASSIVE)").await {
@@ -231,16 +236,14 @@ impl Checkpointer {
         self.space.settle(true).await;
     }
 
-    /// True if a full checkpoint leaves at least the floor free: the
-    /// database file grows to the newest snapshot's size.
-    async fn growth_fits(&mut self) -> bool {
-        let pages: i64 = match sqlx::query_scalar("PRAGMA page_count")
+    /// Whether a full checkpoint leaves at least the floor free: the
+    /// database file grows to the newest snapshot's size. `None` if the
+    /// size cannot be read now (the checkpointer never waits for a lock).
+    async fn growth_fits(&mut self) -> Option<bool> {
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
             .fetch_one(&mut self.conn)
             .await
-        {
-            Ok(n) => n,
-            Err(_) => return false,
-        };
+            .ok()?;
         let target = (pages.max(0) as u64).saturating_mul(self.page_size);
         // What the file holds on disk, not its length: a checkpoint that
         // failed half-way may have left it longer than its blocks.
@@ -256,11 +259,13 @@ impl Checkpointer {
             }
         });
         let growth = target.saturating_sub(current);
-        growth == 0
-            || self
-                .space
-                .free()
-                .is_some_and(|free| free >= growth + LOW_SPACE)
+        Some(
+            growth == 0
+                || self
+                    .space
+                    .free()
+                    .is_some_and(|free| free >= growth + LOW_SPACE),
+        )
     }
 
     /// Runs a checkpoint pragma; returns the WAL's frames and how many of

@@ -349,6 +349,20 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Free bytes on the filesystem of `path`, as `df` tells.
+fn free_on(path: &Path) -> usize {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .expect("run df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df prints the free bytes")
+}
+
 /// Writes a file of `len` bytes that something other than the broker
 /// keeps on its disk.
 fn write_filler(path: &Path, len: usize) {
@@ -470,31 +484,51 @@ async fn fill_until_stably_full(
 }
 
 /// Pulls up to `max` messages of subscription "s" (waiting up to `wait`
-/// for the first) and acks them; checks that the acks commit.
+/// for the first) and acks them; checks that the acks commit. Each call is
+/// retried (at most twice) on UNAVAILABLE, as its contract says: a group
+/// that ran into the full disk is refused as a whole.
 async fn pull_and_ack(channel: &Channel, max: i32, wait: Duration) -> Vec<proto::Message> {
     let mut subscriber =
         proto::subscriber_service_client::SubscriberServiceClient::new(channel.clone());
-    let got = subscriber
-        .pull(proto::PullRequest {
-            subscription: "s".into(),
-            max_messages: max,
-            max_wait: Some(crate::harness::pb(wait)),
-        })
-        .await
-        .expect("deliveries go on, the disk full or not")
-        .into_inner()
-        .messages;
+    let mut attempts = 0;
+    let got = loop {
+        attempts += 1;
+        let pulled = subscriber
+            .pull(proto::PullRequest {
+                subscription: "s".into(),
+                max_messages: max,
+                max_wait: Some(crate::harness::pb(wait)),
+            })
+            .await;
+        match pulled {
+            Ok(r) => break r.into_inner().messages,
+            Err(s) if s.code() == tonic::Code::Unavailable && attempts < 3 => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            Err(s) => panic!("deliveries go on, the disk full or not: {s:?}"),
+        }
+    };
     if got.is_empty() {
         return Vec::new();
     }
-    let r = subscriber
-        .ack(proto::AckRequest {
-            subscription: "s".into(),
-            ack_ids: got.iter().map(|m| m.ack_id.clone()).collect(),
-        })
-        .await
-        .expect("acks go on, the disk full or not")
-        .into_inner();
+    let ack_ids: Vec<String> = got.iter().map(|m| m.ack_id.clone()).collect();
+    let mut attempts = 0;
+    let r = loop {
+        attempts += 1;
+        let acked = subscriber
+            .ack(proto::AckRequest {
+                subscription: "s".into(),
+                ack_ids: ack_ids.clone(),
+            })
+            .await;
+        match acked {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && attempts < 3 => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            Err(s) => panic!("acks go on, the disk full or not: {s:?}"),
+        }
+    };
     assert!(
         r.outcomes
             .iter()
@@ -583,7 +617,10 @@ async fn a_full_disk_refuses_publishes_keeps_acking_and_recovers_by_itself() {
     // up): the broker starts, refuses publishes, acks, and serves again
     // once space is back.
     let filler = fs.path().join("filler2");
-    write_filler(&filler, 8 << 20);
+    write_filler(
+        &filler,
+        (8 << 20).min(free_on(fs.path()).saturating_sub(512 << 10)),
+    );
     fill_until_stably_full(&channel, &mut publisher, &mut acked, &wal).await;
     broker.child.kill().await.unwrap();
     let broker = spawn_logged(&data, &log, reserve).await;
