@@ -41,6 +41,24 @@ impl Error {
     }
 }
 
+/// SQLite failing to write at all (disk full, I/O error, a file it cannot
+/// open): storage is unavailable, whatever the request was.
+#[cfg(feature = "sqlite")]
+fn sqlite_cannot_write(d: &dyn sqlx::error::DatabaseError) -> bool {
+    const IOERR: i32 = 10;
+    const FULL: i32 = 13;
+    const CANTOPEN: i32 = 14;
+    d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        && d.code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, IOERR | FULL | CANTOPEN))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn sqlite_cannot_write(_: &dyn sqlx::error::DatabaseError) -> bool {
+    false
+}
+
 impl From<sqlx::Error> for Error {
     /// Maps a database error: lost connections, serialization failures,
     /// deadlocks, timeouts, a busy SQLite file and a server shutting down are
@@ -58,7 +76,7 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::Database(d)
                 if d.code().is_some_and(|c| {
                     c.len() == 5 && ["08", "53", "57", "58"].contains(&&c[..2])
-                }) =>
+                }) || sqlite_cannot_write(d.as_ref()) =>
             {
                 Error::Unavailable(format!("storage unavailable: {e}"))
             }

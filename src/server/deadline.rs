@@ -2,8 +2,8 @@
 //!
 //! tonic's server enforces a call's `grpc-timeout` itself, but answers an
 //! expired call with `CANCELLED`, which a client cannot tell from a call it
-//! cancelled. This layer, inside tonic's, enforces the same deadline a few
-//! milliseconds earlier and answers `DEADLINE_EXCEEDED`, as the gRPC
+//! cancelled. This layer, inside tonic's, enforces the same deadline a
+//! little earlier and answers `DEADLINE_EXCEEDED`, as the gRPC
 //! specification asks. Like tonic's, it bounds the wait for a response's
 //! headers; a streaming response, once started, runs on.
 
@@ -16,8 +16,11 @@ use tonic::codegen::Service;
 use tonic::codegen::http::{HeaderMap, Request, Response};
 
 /// How much earlier than the client's deadline this layer answers, so that
-/// it answers before tonic's own timer does.
-const MARGIN: Duration = Duration::from_millis(5);
+/// the answer reaches the client before its own timer fires: a tenth of
+/// the deadline, at least 5 ms and at most 100 ms.
+fn margin(deadline: Duration) -> Duration {
+    (deadline / 10).clamp(Duration::from_millis(5), Duration::from_millis(100))
+}
 
 /// Adds [`Deadline`] to a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,7 +61,7 @@ where
             let Some(deadline) = deadline else {
                 return response.await;
             };
-            match tokio::time::timeout(deadline.saturating_sub(MARGIN), response).await {
+            match tokio::time::timeout(deadline.saturating_sub(margin(deadline)), response).await {
                 Ok(answered) => answered,
                 Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
                     "the call's deadline ({deadline:?}) passed before the broker answered; \

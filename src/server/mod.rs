@@ -133,13 +133,23 @@ async fn serve_with_ready(
     let (drain_tx, drain_rx) = watch::channel(false);
     let broker = Broker::new(store.clone(), config.limits, drain_rx.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_all(&reporter, ServingStatus::Serving).await;
+    // Health follows storage from the start: a store opened on a full disk
+    // serves acks but reads NOT_SERVING.
+    let mut healthy = store.health();
+    let status = |up: bool| {
+        if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let up = *healthy.borrow_and_update();
+    set_all(&reporter, status(up)).await;
 
-    // Health follows storage: NOT_SERVING while commits fail, and for good
-    // once draining starts.
+    // Health follows storage: NOT_SERVING while commits fail or the disk is
+    // full, and for good once draining starts.
     let health_task = {
         let reporter = reporter.clone();
-        let mut healthy = store.health();
         let mut draining = drain_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -152,9 +162,8 @@ async fn serve_with_ready(
                         if changed.is_err() { return; }
                         let up = *healthy.borrow_and_update();
                         if *draining.borrow() { continue; }
-                        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
                         tracing::warn!(serving = up, "storage health changed");
-                        set_all(&reporter, status).await;
+                        set_all(&reporter, status(up)).await;
                     }
                 }
             }

@@ -3,7 +3,7 @@
 //! the limits. No SQL here.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -13,6 +13,42 @@ use crate::model::{
     AckId, AckStatus, DeadLetter, Micros, StoredMessage, Subscription, SubscriptionSettings, Topic,
     TopicSettings, now_micros,
 };
+
+/// Decides when a failure that repeats is logged: the first at once, then
+/// at most once per interval, saying how many went unlogged in between. A
+/// failing disk or database must not write a line per attempt.
+#[derive(Debug)]
+pub(super) struct LogLimit {
+    every: Duration,
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl LogLimit {
+    /// Logs at most once per `every`.
+    pub(super) const fn new(every: Duration) -> Self {
+        LogLimit {
+            every,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Counts one occurrence at `now`. `Some(n)` means: log it now, and say
+    /// that `n` occurrences since the last line were not logged.
+    pub(super) fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
+}
 
 /// Rows per multi-row statement.
 pub(super) const CHUNK: usize = 500;
@@ -505,6 +541,23 @@ pub(super) fn dead_letter_attributes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_failure_is_logged_first_then_summarised_per_interval() {
+        let every = Duration::from_secs(5);
+        let mut limit = LogLimit::new(every);
+        let start = Instant::now();
+        assert_eq!(limit.hit(start), Some(0), "the first is logged at once");
+        // 576 failures within the interval (as many as one disk-full run
+        // logged in 20 s): none is logged.
+        for i in 1..=576u32 {
+            assert_eq!(limit.hit(start + every * i / 1000), None);
+        }
+        // The next one after the interval is logged with the count.
+        assert_eq!(limit.hit(start + every), Some(576));
+        assert_eq!(limit.hit(start + every + Duration::from_secs(1)), None);
+        assert_eq!(limit.hit(start + every * 3), Some(1));
+    }
 
     #[test]
     fn attributes_round_trip_and_corruption_is_reported() {

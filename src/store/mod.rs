@@ -11,6 +11,8 @@
 mod statements;
 mod backend;
 mod common;
+#[cfg(feature = "sqlite")]
+mod datadir;
 mod plan;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -90,6 +92,13 @@ pub struct StoreConfig {
     /// PostgreSQL: longest a new connection, or a pooled read connection,
     /// may take to be had.
     pub connect_timeout: Duration,
+    /// SQLite: bytes of disk kept in reserve (the file `tidings.reserve` in
+    /// the data directory). When the disk fills, the broker gives the
+    /// reserve up so that acks, deletions and checkpoints can go on, and
+    /// refuses publishes with `ResourceExhausted` until space is back; then
+    /// it makes the reserve again. 0 keeps no reserve (publishes are still
+    /// refused while the disk is full).
+    pub disk_reserve: u64,
 }
 
 /// Default of [`StoreConfig::dedup_window`]: 7 days.
@@ -104,6 +113,8 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`StoreConfig::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`StoreConfig::disk_reserve`]: 64 MiB.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 
 impl StoreConfig {
     /// Defaults for SQLite in a data directory.
@@ -127,6 +138,7 @@ impl StoreConfig {
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            disk_reserve: DEFAULT_DISK_RESERVE,
         }
     }
 }
@@ -365,6 +377,49 @@ pub struct Store {
     reader: Reader,
     notifier: Notifier,
     healthy: watch::Receiver<bool>,
+    disk: Option<DiskGate>,
+}
+
+/// Refuses publishes while the disk holding the store counts as full.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+struct DiskGate {
+    full: watch::Receiver<bool>,
+    refusal: Arc<str>,
+}
+
+impl DiskGate {
+    fn check(&self) -> Result<()> {
+        if *self.full.borrow() {
+            return Err(Error::ResourceExhausted(self.refusal.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// A health signal that reads `true` while `commits` does and `full` does
+/// not; it follows both until either's sender or every receiver is gone.
+#[cfg(feature = "sqlite")]
+fn healthy_unless_full(
+    mut commits: watch::Receiver<bool>,
+    mut full: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let up = |c: &mut watch::Receiver<bool>, f: &mut watch::Receiver<bool>| {
+        *c.borrow_and_update() && !*f.borrow_and_update()
+    };
+    let (tx, rx) = watch::channel(up(&mut commits, &mut full));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = commits.changed() => if changed.is_err() { return },
+                changed = full.changed() => if changed.is_err() { return },
+                _ = tx.closed() => return,
+            }
+            let now = up(&mut commits, &mut full);
+            tx.send_if_modified(|h| std::mem::replace(h, now) != now);
+        }
+    });
+    rx
 }
 
 impl Store {
@@ -380,10 +435,10 @@ impl Store {
         let (ops, rx) = mpsc::channel(4096);
         let weak = ops.downgrade();
         let alive = move || weak.upgrade().is_some_and(|ops| !ops.is_closed());
-        let reader = match &config.storage {
+        let (reader, healthy, disk) = match &config.storage {
             #[cfg(feature = "sqlite")]
             Storage::Sqlite(dir) => {
-                let (writer, reader, checkpointer) =
+                let (writer, reader, checkpointer, space) =
                     sqlite::open(dir, &config, notifier.clone(), healthy_tx).await?;
                 tokio::spawn(
                     writer
@@ -391,7 +446,19 @@ impl Store {
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
-                Reader::Sqlite(reader)
+                let disk = DiskGate {
+                    full: space.watch(),
+                    refusal: format!(
+                        "the disk holding the data directory {} is full: publishing is \
+                         refused until space is freed (acks and deliveries go on); retry later",
+                        space.dir().display()
+                    )
+                    .into(),
+                };
+                // Health reads NOT_SERVING while the disk is full, though
+                // acks still commit.
+                let healthy = healthy_unless_full(healthy, space.watch());
+                (Reader::Sqlite(reader), healthy, Some(disk))
             }
             #[cfg(feature = "postgres")]
             Storage::Postgres(url) => {
@@ -403,7 +470,7 @@ impl Store {
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(listener.run(alive));
-                Reader::Postgres(reader)
+                (Reader::Postgres(reader), healthy, None)
             }
             #[allow(unreachable_patterns)]
             other => {
@@ -418,6 +485,7 @@ impl Store {
             reader,
             notifier,
             healthy,
+            disk,
         };
         tokio::spawn(maintain(store.ops.downgrade(), config.maintenance_interval));
         Ok(store)
@@ -435,7 +503,8 @@ impl Store {
         &self.notifier
     }
 
-    /// A receiver that reads `false` while storage is failing.
+    /// A receiver that reads `false` while storage is failing or (SQLite)
+    /// the disk is full.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
     }
@@ -453,22 +522,31 @@ impl Store {
     /// Publishes validated messages durably; answers after the commit.
     ///
     /// Fails with `NotFound` if a topic does not exist (then nothing of the
-    /// batch is stored), `Unavailable` if the commit failed.
+    /// batch is stored), `ResourceExhausted` while the disk is full,
+    /// `Unavailable` if the commit failed.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>> {
+        self.check_disk()?;
         self.call(|r| Op::Publish(messages, r)).await
+    }
+
+    /// Refuses a publish while the disk is full.
+    fn check_disk(&self) -> Result<()> {
+        self.disk.as_ref().map_or(Ok(()), DiskGate::check)
     }
 
     /// Queues a publish and returns the future of its outcome. Publishes
     /// queued one after another are committed in that order, which is what
     /// keeps a pipelined stream's keys in order.
     ///
-    /// Fails with `Unavailable` if the store is closed; the returned future
-    /// fails as [`Store::publish`] does.
+    /// Fails with `Unavailable` if the store is closed, `ResourceExhausted`
+    /// while the disk is full; the returned future fails as
+    /// [`Store::publish`] does.
     pub async fn enqueue_publish(
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<impl std::future::Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static>
     {
+        self.check_disk()?;
         let (tx, rx) = oneshot::channel();
         self.ops
             .send(Queued::now(Op::Publish(messages, Reply::new(tx))))

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -17,9 +18,10 @@ use uuid::Uuid;
 
 use super::backend::{Backend, LeaseState};
 use super::common::{
-    CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
+    CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
     encode_attributes, message_from_row, uuid_from,
 };
+use super::datadir::{DirLock, LOW_SPACE, Space};
 use super::reader::Reader;
 use super::writer::Writer;
 use super::{Notifier, StoreConfig};
@@ -29,7 +31,21 @@ use crate::model::{
 };
 
 /// Schema versions, applied in order at open.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_broker.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_broker.sql")),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_messages_rowid.sql"),
+    ),
+];
+
+/// The database file in the data directory.
+const DB_FILE: &str = "tidings.db";
+
+/// The WAL is cut back to this size when the writer starts it over after a
+/// checkpoint (`journal_size_limit`), so a burst does not leave a large file
+/// behind; an idle store's WAL is emptied entirely by the checkpointer.
+const WAL_SIZE_LIMIT: i64 = 16 << 20;
 
 type Conn = SqliteConnection;
 
@@ -42,26 +58,43 @@ fn values(columns: usize, rows: usize) -> String {
     vec![row; rows].join(",")
 }
 
+/// True for SQLite's "database or disk is full" (`SQLITE_FULL`).
+fn is_disk_full(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("13"))
+}
+
 /// The writer's connection to the database file.
 pub(super) struct Sqlite {
     conn: SqliteConnection,
+    space: Arc<Space>,
+    /// Dropped last: the folder stays this broker's until the writer's
+    /// connection is closed.
+    _lock: DirLock,
 }
 
 /// Opens the database, migrates it, and returns the writer (to be run as a
-/// task), the reader and the checkpointer.
+/// task), the reader, the checkpointer and the disk space watch.
+///
+/// Fails with `FailedPrecondition` if another broker holds the folder, and
+/// with `Unavailable` if it cannot be created, locked or opened.
 pub(super) async fn open(
     data_dir: &Path,
     config: &StoreConfig,
     notifier: Notifier,
     healthy: watch::Sender<bool>,
-) -> Result<(Writer<Sqlite>, Reader<Sqlite>, Checkpointer)> {
+) -> Result<(Writer<Sqlite>, Reader<Sqlite>, Checkpointer, Arc<Space>)> {
     tokio::fs::create_dir_all(&data_dir).await.map_err(|e| {
         Error::Unavailable(format!(
             "cannot create data directory {}: {e}",
             data_dir.display()
         ))
     })?;
-    let path = data_dir.join("tidings.db");
+    // Before the database is touched: a second broker on this folder would
+    // run a second writer with its own caches beside ours.
+    let lock = DirLock::take(data_dir)?;
+    // A full disk gives its reserve up before migrations need to write.
+    let space = Space::open(data_dir, config.disk_reserve).await;
+    let path = data_dir.join(DB_FILE);
     let options = SqliteConnectOptions::new()
         .filename(&path)
         .create_if_missing(true)
@@ -77,32 +110,77 @@ pub(super) async fn open(
         .pragma("temp_store", "memory");
     // The checkpointer below copies the WAL into the database off the commit
     // path; the writer checkpoints itself only if the WAL grows past this
-    // many pages (a backstop, about 80 MB).
-    let writer_options = options.clone().pragma("wal_autocheckpoint", "20000");
+    // many pages (a backstop, about 80 MB). Starting the WAL over, the
+    // writer cuts it back to `WAL_SIZE_LIMIT`.
+    let writer_options = options
+        .clone()
+        .pragma("wal_autocheckpoint", "20000")
+        .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
     let mut conn = SqliteConnection::connect_with(&writer_options)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     migrate(&mut conn).await?;
-    let checkpointer = SqliteConnection::connect_with(&options).await?;
+    // The checkpointer never waits for a lock: a checkpoint that would
+    // block the writer or wait for readers is left for the next round.
+    let checkpointer = SqliteConnection::connect_with(
+        &options
+            .clone()
+            .busy_timeout(Duration::ZERO)
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string()),
+    )
+    .await?;
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options.read_only(true))
         .await?;
-    let writer = Writer::new(Sqlite { conn }, config.dedup_window, notifier, healthy);
+    let writer = Writer::new(
+        Sqlite {
+            conn,
+            space: Arc::clone(&space),
+            _lock: lock,
+        },
+        config.dedup_window,
+        notifier,
+        healthy,
+    );
     Ok((
         writer,
         Reader::new(pool, config.commit_timeout),
-        Checkpointer { conn: checkpointer },
+        Checkpointer::new(checkpointer, Arc::clone(&space)).await?,
+        space,
     ))
 }
 
 /// Copies committed WAL pages into the database file on its own connection,
-/// so that commits do not wait for checkpoints.
+/// so that commits do not wait for checkpoints; empties the WAL when the
+/// store is idle (or the disk is full); and measures free space for
+/// [`Space`] each round.
 pub(super) struct Checkpointer {
     conn: SqliteConnection,
+    space: Arc<Space>,
+    page_size: u64,
+    /// The WAL's frame count at the last round, to tell an idle store.
+    last_frames: i64,
+    failures: LogLimit,
 }
 
+/// How often a checkpoint that keeps failing is logged again.
+const CHECKPOINT_LOG_AGAIN: Duration = Duration::from_secs(30);
+
 impl Checkpointer {
+    async fn new(mut conn: SqliteConnection, space: Arc<Space>) -> Result<Checkpointer> {
+        let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Checkpointer {
+            conn,
+            space,
+            page_size: page_size.max(0) as u64,
+            last_frames: -1,
+            failures: LogLimit::new(CHECKPOINT_LOG_AGAIN),
+        })
+    }
+
     /// Checkpoints every `interval` until `alive` reports the store closed.
     pub(super) async fn run(mut self, alive: impl Fn() -> bool, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
@@ -112,14 +190,112 @@ impl Checkpointer {
             if !alive() {
                 break;
             }
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&mut self.conn)
-                .await
-            {
-                tracing::warn!(error = %e, "WAL checkpoint failed; the writer's backstop will checkpoint");
-            }
+            self.round().await;
         }
         let _ = self.conn.close().await;
+    }
+
+    /// One round: a passive checkpoint (never blocks the writer); a
+    /// truncating one if everything was copied and the store is idle or the
+    /// disk is full; then a look at the disk. A checkpoint that would grow
+    /// the database file past the free space (less the floor) waits, and
+    /// the disk counts as full: it would fail half-way and take the space
+    /// that acks need.
+    async fn round(&mut self) {
+        match self.growth_fits().await {
+            // Unknown this round: nothing is decided, nothing copied.
+            None => return,
+            Some(false) => {
+                self.space.settle(false).await;
+                return;
+            }
+            Some(true) => {}
+        }
+        let full = *self.space.watch().borrow();
+        match self.checkpoint("PRAGMA wal_checkpoint(PASSIVE)").await {
+            Ok((frames, copied)) => {
+                let idle = frames == self.last_frames;
+                self.last_frames = frames;
+                if frames > 0 && copied == frames && (idle || full) {
+                    // With nothing left to copy this only waits for no
+                    // reader and no writer (it never waits: no busy
+                    // timeout), then cuts the WAL to nothing.
+                    if let Ok((0, _)) = self.checkpoint("PRAGMA wal_checkpoint(TRUNCATE)").await {
+                        self.last_frames = 0;
+                    }
+                }
+            }
+            Err(e) => {
+                self.failed(&e);
+                if is_disk_full(&e) {
+                    self.space.settle(false).await;
+                    return;
+                }
+            }
+        }
+        self.space.settle(true).await;
+    }
+
+    /// Whether a full checkpoint leaves at least the floor free: the
+    /// database file grows to the newest snapshot's size. `None` if the
+    /// size cannot be read now (the checkpointer never waits for a lock).
+    async fn growth_fits(&mut self) -> Option<bool> {
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&mut self.conn)
+            .await
+            .ok()?;
+        let target = (pages.max(0) as u64).saturating_mul(self.page_size);
+        // What the file holds on disk, not its length: a checkpoint that
+        // failed half-way may have left it longer than its blocks.
+        let current = std::fs::metadata(self.space.dir().join(DB_FILE)).map_or(0, |m| {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                m.len().min(m.blocks().saturating_mul(512))
+            }
+            #[cfg(not(unix))]
+            {
+                m.len()
+            }
+        });
+        let growth = target.saturating_sub(current);
+        Some(
+            growth == 0
+                || self
+                    .space
+                    .free()
+                    .is_some_and(|free| free >= growth + LOW_SPACE),
+        )
+    }
+
+    /// Runs a checkpoint pragma; returns the WAL's frames and how many of
+    /// them are in the database now. A checkpoint that could not get its
+    /// locks is not a failure: it counts as copying nothing.
+    async fn checkpoint(&mut self, pragma: &'static str) -> Result<(i64, i64), sqlx::Error> {
+        let (busy, frames, copied): (i64, i64, i64) =
+            sqlx::query_as(pragma).fetch_one(&mut self.conn).await?;
+        if busy != 0 {
+            return Ok((frames.max(0), 0));
+        }
+        Ok((frames.max(0), copied.max(0)))
+    }
+
+    fn failed(&mut self, e: &sqlx::Error) {
+        if matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5" | "6" | "517")))
+        {
+            // Busy or locked: the writer's backstop is checkpointing.
+            return;
+        }
+        if is_disk_full(e) {
+            self.space.disk_full("a WAL checkpoint failed");
+        }
+        if let Some(unlogged) = self.failures.hit(std::time::Instant::now()) {
+            tracing::warn!(
+                error = %e,
+                failures_since_last_report = unlogged,
+                "WAL checkpoint failed; the writer's backstop will checkpoint"
+            );
+        }
     }
 }
 
@@ -382,6 +558,9 @@ impl Backend for Sqlite {
 
     async fn recover(&mut self) -> bool {
         let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+        // A group that failed for want of disk space gives the reserve up,
+        // so that acks, deletions and checkpoints can free more.
+        self.space.after_failure();
         true
     }
 
@@ -392,7 +571,14 @@ impl Backend for Sqlite {
         true
     }
 
-    async fn close(self) {
+    async fn close(mut self) {
+        // A clean shutdown leaves an empty WAL behind, not the last burst's.
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut self.conn)
+            .await
+        {
+            tracing::warn!(error = %e, "the last WAL checkpoint failed");
+        }
         if let Err(e) = self.conn.close().await {
             tracing::warn!(error = %e, "closing the database failed");
         }

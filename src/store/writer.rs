@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use super::backend::{Backend, Conn};
 use super::common::{
-    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, Fatal, HELD, LEASED, SubRow,
-    TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish, status_of,
+    Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, Fatal, HELD, LEASED, LogLimit,
+    SubRow, TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish,
+    status_of,
 };
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
@@ -73,13 +74,17 @@ pub(super) struct Writer<B: Backend> {
     /// Groups failing since the last commit, for a log that says when
     /// storage broke and when it works again without a line per group.
     outage: Option<Outage>,
+    /// Bounds the lines about failing groups, across outages too: groups
+    /// that fail and commit by turns (a full disk) must not log each turn.
+    failure_log: LogLimit,
+    /// Bounds the lines about storage working again, likewise.
+    recovery_log: LogLimit,
 }
 
 /// Failed groups since the last commit.
 struct Outage {
     since: Instant,
     failed: u64,
-    logged: Instant,
 }
 
 /// Most names an error message lists.
@@ -157,6 +162,8 @@ impl<B: Backend> Writer<B> {
             sweep: Sweep::new(B::EXCLUSIVE),
             commit_timeout: super::DEFAULT_COMMIT_TIMEOUT,
             outage: None,
+            failure_log: LogLimit::new(LOG_AGAIN),
+            recovery_log: LogLimit::new(LOG_AGAIN),
         }
     }
 
@@ -281,13 +288,7 @@ impl<B: Backend> Writer<B> {
             }
         };
         let Some(failure) = failure else {
-            if let Some(outage) = self.outage.take() {
-                tracing::info!(
-                    failed_groups = outage.failed,
-                    after_ms = outage.since.elapsed().as_millis() as u64,
-                    "storage works again: a group committed"
-                );
-            }
+            self.log_recovery();
             self.healthy
                 .send_if_modified(|h| !std::mem::replace(h, true));
             for (_, done) in dones {
@@ -436,35 +437,48 @@ impl<B: Backend> Writer<B> {
         failure
     }
 
-    /// Logs a failed group: the first of an outage at once, then at most
-    /// every [`LOG_AGAIN`] with the count since.
+    /// Logs a failed group: the first at once, then at most every
+    /// [`LOG_AGAIN`] with the count since, whether the failures come in one
+    /// outage or in many short ones.
     fn log_failure(&mut self, ops: usize, reason: &str) {
         let now = Instant::now();
-        match &mut self.outage {
-            None => {
-                tracing::error!(
-                    ops,
-                    error = %reason,
-                    "group commit failed; every request in it was refused"
-                );
-                self.outage = Some(Outage {
-                    since: now,
-                    failed: 1,
-                    logged: now,
-                });
-            }
-            Some(outage) => {
-                outage.failed += 1;
-                if now.duration_since(outage.logged) >= LOG_AGAIN {
-                    outage.logged = now;
-                    tracing::error!(
-                        failed_groups = outage.failed,
-                        for_ms = now.duration_since(outage.since).as_millis() as u64,
-                        error = %reason,
-                        "group commits still failing"
-                    );
-                }
-            }
+        let outage = self.outage.get_or_insert(Outage {
+            since: now,
+            failed: 0,
+        });
+        outage.failed += 1;
+        let Some(unlogged) = self.failure_log.hit(now) else {
+            return;
+        };
+        if outage.failed == 1 {
+            tracing::error!(
+                ops,
+                error = %reason,
+                unlogged_failures = unlogged,
+                "group commit failed; every request in it was refused"
+            );
+        } else {
+            tracing::error!(
+                failed_groups = outage.failed,
+                for_ms = now.duration_since(outage.since).as_millis() as u64,
+                error = %reason,
+                unlogged_failures = unlogged,
+                "group commits still failing"
+            );
+        }
+    }
+
+    /// Logs that a group committed after failures, at most every
+    /// [`LOG_AGAIN`].
+    fn log_recovery(&mut self) {
+        if let Some(outage) = self.outage.take()
+            && self.recovery_log.hit(Instant::now()).is_some()
+        {
+            tracing::info!(
+                failed_groups = outage.failed,
+                after_ms = outage.since.elapsed().as_millis() as u64,
+                "storage works again: a group committed"
+            );
         }
     }
 

@@ -15,8 +15,8 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::harness::new_sub;
 use crate::harness::{Backend, Rng, drop_database, fresh_database, ms};
+use crate::harness::{from_earliest, new_sub};
 
 /// A `tidings serve` child process.
 pub(crate) struct Broker {
@@ -49,7 +49,7 @@ pub(crate) async fn spawn_broker_args(
         Some(url) => command.args(["--database-url", url]),
         None => command.arg("--data-dir").arg(dir),
     };
-    let mut child = command
+    let child = command
         .args([
             "--maintenance-interval",
             "100ms",
@@ -67,21 +67,26 @@ pub(crate) async fn spawn_broker_args(
         .kill_on_drop(true)
         .spawn()
         .expect("start tidings");
+    listening(child).await.expect("a line")
+}
+
+/// Reads the address a `tidings serve` child prints once it serves (its
+/// stdout must be piped); `None` if it exited without one.
+pub(crate) async fn listening(mut child: Child) -> Option<Broker> {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .expect("broker started in time")
-        .expect("read stdout")
-        .expect("a line");
+        .expect("read stdout")?;
     let addr = line
         .strip_prefix("tidings listening on ")
         .expect("address line")
         .to_owned();
-    Broker {
+    Some(Broker {
         child,
         url: format!("http://{addr}"),
-    }
+    })
 }
 
 #[derive(Default)]
@@ -117,14 +122,7 @@ async fn sigkill_cycles(database_url: Option<&str>) {
     let admin = client::Admin::new(&connection);
     admin.create_topic("load").await.unwrap();
     admin
-        .create_subscription(new_sub(proto::Subscription {
-            name: "drain".into(),
-            topic: "load".into(),
-            start: Some(proto::subscription::Start::StartPosition(
-                proto::StartPosition::Earliest as i32,
-            )),
-            ..Default::default()
-        }))
+        .create_subscription(from_earliest("drain", "load"))
         .await
         .unwrap();
 

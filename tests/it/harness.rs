@@ -538,6 +538,19 @@ impl Rng {
     }
 }
 
+/// A subscription `name` on `topic` from its earliest message, with the
+/// broker's defaults otherwise.
+pub(crate) fn from_earliest(name: &str, topic: &str) -> NewSubscription {
+    new_sub(proto::Subscription {
+        name: name.into(),
+        topic: topic.into(),
+        start: Some(proto::subscription::Start::StartPosition(
+            proto::StartPosition::Earliest as i32,
+        )),
+        ..Default::default()
+    })
+}
+
 /// A subscription to create, written in its wire form (unset fields take the
 /// broker's defaults, as they would over the wire).
 pub(crate) fn new_sub(s: proto::Subscription) -> NewSubscription {

@@ -20,3 +20,4 @@ mod partition;
 mod proxy;
 mod publish;
 mod relay;
+mod storage;

@@ -193,7 +193,7 @@ backend_test! {
                 ..Default::default()
             }],
         });
-        request.set_timeout(ms(300));
+        request.set_timeout(ms(1000));
         let answer = publisher.publish(request).await;
         hold.release().await;
         let err = answer.expect_err("the broker was held past the deadline");

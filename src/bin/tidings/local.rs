@@ -77,6 +77,13 @@ pub(crate) struct ServeArgs {
     /// How long published ids are remembered for deduplication.
     #[arg(long, env = "TIDINGS_DEDUP_WINDOW", default_value_t = HumanDuration(served().store.dedup_window), value_parser = duration)]
     dedup_window: HumanDuration,
+    /// SQLite: bytes of disk kept in reserve in the data directory (the file
+    /// `tidings.reserve`). When the disk fills, the broker gives it up so
+    /// that acks, deletions and checkpoints go on, refuses publishes with
+    /// RESOURCE_EXHAUSTED and reads NOT_SERVING until space is back; then
+    /// it makes the reserve again. 0 keeps no reserve.
+    #[arg(long, env = "TIDINGS_DISK_RESERVE", default_value_t = served().store.disk_reserve)]
+    disk_reserve: u64,
     /// Most messages' and acks' weight in one group commit.
     #[arg(long, env = "TIDINGS_MAX_COMMIT_BATCH", default_value_t = served().store.max_batch)]
     max_commit_batch: usize,
@@ -299,6 +306,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.store.dedup_window = args.dedup_window.into();
     config.store.maintenance_interval = args.maintenance_interval.into();
     config.store.max_batch = args.max_commit_batch;
+    config.store.disk_reserve = args.disk_reserve;
     config.store.statement_timeout = args.statement_timeout.into();
     config.store.commit_timeout = args.commit_timeout.into();
     config.store.connect_timeout = args.database_connect_timeout.into();
