@@ -28,6 +28,9 @@ use crate::model::{
 const DEFAULT_MAX_MESSAGES: usize = 1000;
 /// Default byte window of a Subscribe stream, and the byte budget of a Pull.
 pub(crate) const DEFAULT_MAX_BYTES: usize = 100 * 1024 * 1024;
+/// How long a session whose client's requests ended waits to see whether
+/// the client cancelled the stream rather than closed its side of it.
+const CANCEL_GRACE: Duration = Duration::from_millis(100);
 /// Most messages leased in one store call.
 const LEASE_CHUNK: usize = 500;
 
@@ -336,6 +339,22 @@ impl Session {
         }
     }
 
+    /// The client's requests ended. A client that closed its side on
+    /// purpose still reads the stream's end, and gets its leases given
+    /// back; but tonic also reads a *cancelled* request stream as ended, and
+    /// a cancel (a crashing gRPC client's last act) drops the response side
+    /// too, so the session waits a moment for that before deciding: a
+    /// cancelled stream's leases count as failed attempts.
+    async fn client_closed(&mut self) {
+        if self.outstanding.is_empty() {
+            return;
+        }
+        match tokio::time::timeout(CANCEL_GRACE, self.tx.closed()).await {
+            Ok(()) => self.abandon_all().await,
+            Err(_) => self.give_back_all().await,
+        }
+    }
+
     fn take_outstanding(&mut self) -> Vec<AckId> {
         self.outstanding_bytes = 0;
         self.earliest_deadline = Micros::MAX;
@@ -439,13 +458,13 @@ impl Session {
                         Some(Some(Ok(command))) => match self.take(command, &mut commands).await {
                             Next::Go => {}
                             Next::Abandon => return self.abandon_all().await,
-                            Next::GiveBack => return self.give_back_all().await,
+                            Next::GiveBack => return self.client_closed().await,
                         },
                         Some(Some(Err(e))) => {
                             self.fail(e).await;
                             return self.abandon_all().await;
                         }
-                        Some(None) => return self.give_back_all().await,
+                        Some(None) => return self.client_closed().await,
                     }
                     continue;
                 }
@@ -469,7 +488,7 @@ impl Session {
                         match self.take(command, &mut commands).await {
                             Next::Go => {}
                             Next::Abandon => return self.abandon_all().await,
-                            Next::GiveBack => return self.give_back_all().await,
+                            Next::GiveBack => return self.client_closed().await,
                         }
                         look = true;
                     }
@@ -480,7 +499,7 @@ impl Session {
                     // The client closed its side: it ends the stream
                     // on purpose, and what it still holds goes back
                     // without counting.
-                    None => return self.give_back_all().await,
+                    None => return self.client_closed().await,
                 },
                 _ = topic_news.changed(), if has_credit => look = true,
                 _ = sub_news.changed(), if has_credit => look = true,

@@ -153,3 +153,39 @@ def test_subscribing_to_an_unknown_subscription_fails_with_not_found(client: tid
         stream.receive(timeout=WAIT)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert "nobody" in caught.value.message
+
+
+def test_a_cancelled_stream_uses_an_attempt_and_a_closed_one_does_not(
+    client: tidings.Client, broker: object
+) -> None:
+    import queue
+
+    from tidings.v1 import subscriber_pb2, subscriber_pb2_grpc
+
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest", max_attempts=2)
+    client.publish([tidings.message("orders", "poison")])
+
+    # Closing a stream gives what it held back without using an attempt.
+    for _ in range(3):
+        with client.subscribe("billing") as stream:
+            assert receive(stream).attempt == 1
+
+    # Cancelling it (what a consumer that crashes does) uses one: after
+    # max_attempts the message is dead-lettered, not delivered forever.
+    for attempt in (1, 2):
+        channel = grpc.insecure_channel(broker.address)  # type: ignore[attr-defined]
+        requests: queue.Queue[subscriber_pb2.SubscribeRequest | None] = queue.Queue()
+        requests.put(subscriber_pb2.SubscribeRequest(subscription="billing"))
+        call = subscriber_pb2_grpc.SubscriberServiceStub(channel).Subscribe(iter(requests.get, None))
+        response = next(r for r in call if r.messages)
+        assert response.messages[0].attempt == attempt
+        call.cancel()
+        channel.close()
+
+    deadline = time.monotonic() + WAIT
+    while client.subscription_stats("billing").dead_lettered != 1:
+        assert time.monotonic() < deadline, "the poison message was never dead-lettered"
+        time.sleep(0.05)
+    with client.subscribe("billing") as stream:
+        assert stream.receive(timeout=0.5) is None
