@@ -22,6 +22,16 @@ use tonic::transport::Channel;
 /// whose database the tests may use to create and drop their own).
 pub(crate) const PG_ENV: &str = "TIDINGS_TEST_DATABASE_URL";
 
+/// The local PostgreSQL server's default address, used when
+/// [`PG_ENV`] is unset and something listens there.
+const LOCAL_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Whether a server accepts connections on PostgreSQL's default local port.
+fn local_postgres_answers() -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 5432));
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
 /// Which storage a test runs on.
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
@@ -31,11 +41,14 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// PostgreSQL if the environment names one. Without it the test is
-    /// skipped with a message, except under CI, which must not skip.
+    /// PostgreSQL: the server the environment names, or else the local
+    /// server at its default address if one answers there. Without either
+    /// (or with the variable set empty) the test is skipped with a message,
+    /// except under CI, which must not skip.
     pub(crate) fn postgres() -> Option<Backend> {
         match std::env::var(PG_ENV) {
             Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            Err(_) if local_postgres_answers() => Some(Backend::Postgres(LOCAL_PG.to_owned())),
             _ if std::env::var_os("CI").is_some() => {
                 panic!("CI must run the PostgreSQL suite: set {PG_ENV}")
             }
@@ -45,7 +58,8 @@ impl Backend {
                 use std::io::Write;
                 let _ = writeln!(
                     std::io::stderr(),
-                    "skipped: {PG_ENV} is not set, so this PostgreSQL test did not run"
+                    "skipped: no PostgreSQL for the tests ({PG_ENV} unset and nothing on \
+                     127.0.0.1:5432, or {PG_ENV} set empty), so this PostgreSQL test did not run"
                 );
                 None
             }
