@@ -223,9 +223,12 @@ impl<B: Backend> Writer<B> {
         let mut split_publishes = false;
         for round in 0.. {
             // A copy to run again, only where there are neighbours to spare.
+            // An operation alone in its group is answered with its own
+            // error all the same: nothing is left to run again.
             let again = (ops.len() > 1 && round < ISOLATION_ROUNDS).then(|| ops.clone());
+            let alone = ops.len() == 1;
             match self
-                .execute_once(ops, split_publishes, again.is_some())
+                .execute_once(ops, split_publishes, again.is_some() || alone)
                 .await
             {
                 Round::Done => return,

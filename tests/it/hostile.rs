@@ -407,6 +407,13 @@ backend_test! {
         let b = TestBroker::start(backend.clone()).await;
         b.topic_and_sub("t", "s", |_| {}).await;
         poison_storage(&b, &backend).await;
+        // Alone in its group, it gets its own error too, not "retry".
+        let err = b
+            .publisher()
+            .publish(&[Outgoing::new("t", "alone").with_key("poison")])
+            .await
+            .expect_err("refused by storage");
+        assert!(!err.is_retryable(), "a permanent failure said retry: {err}");
         let mut sub = b.subscribe("s");
         let mut down = sub.down();
         let mut publishers = Vec::new();
