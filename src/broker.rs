@@ -173,11 +173,7 @@ fn reason(text: &str) -> Result<String> {
             "nack reason contains a NUL character (U+0000), which storage cannot hold",
         ));
     }
-    let mut cut = text.len().min(MAX_REASON_BYTES);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    Ok(text[..cut].to_owned())
+    Ok(model::cut(text, MAX_REASON_BYTES).to_owned())
 }
 
 /// Merges the store's answers for the well-formed ids back among the

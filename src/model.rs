@@ -508,6 +508,15 @@ pub fn quoted(value: &str) -> String {
     }
 }
 
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Parses a message id: a UUID in any standard text form, not nil.
 pub fn parse_message_id(id: &str) -> Result<Uuid> {
     if id.is_empty() {

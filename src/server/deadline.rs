@@ -26,7 +26,7 @@ fn margin(deadline: Duration) -> Duration {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DeadlineLayer;
 
-impl<S> tower_layer::Layer<S> for DeadlineLayer {
+impl<S> tower::Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Deadline<S> {

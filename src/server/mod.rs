@@ -218,7 +218,9 @@ async fn serve_with_ready(
     let served = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
         .layer(deadline::DeadlineLayer)
-        .layer(decoding::DecodingLayer)
+        .layer(tower::util::MapResponseLayer::new(
+            decoding::answer as fn(_) -> _,
+        ))
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

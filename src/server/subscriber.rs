@@ -12,7 +12,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use super::convert::{invalid, status, unreadable};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
-use crate::model::{AckOutcome, AckStatus, SessionCommand};
+use crate::model::{AckOutcome, AckStatus, SessionCommand, cut};
 use crate::proto::{
     self, AckRequest, AckResponse, ExtendLeaseRequest, ExtendLeaseResponse, NackRequest,
     NackResponse, PullRequest, PullResponse, SubscribeRequest, SubscribeResponse,
@@ -40,15 +40,6 @@ fn refusal(o: &AckOutcome) -> (&'static str, String) {
 const LISTED_REFUSALS: usize = 16;
 /// Most bytes of one listed refusal's detail.
 const DETAIL_BYTES: usize = 120;
-
-/// `text` cut to at most `max` bytes at a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
 
 /// A unary call's outcomes: OK if all succeeded, otherwise
 /// FAILED_PRECONDITION naming how many were refused, with the first

@@ -247,7 +247,9 @@ impl<T> std::fmt::Debug for Reply<T> {
 /// One write operation, queued for the writer task.
 #[derive(Debug, Clone)]
 enum Op {
-    Publish(Vec<NewMessage>, Reply<Vec<PublishOutcome>>),
+    /// Shared, so that the writer's copy of a group for a rerun (see
+    /// `Writer::execute`) copies no payload.
+    Publish(Arc<[NewMessage]>, Reply<Vec<PublishOutcome>>),
     CreateTopic(String, TopicSettings, Reply<Topic>),
     UpdateTopic(String, TopicPatch, Reply<Topic>),
     DeleteTopic(String, Reply<()>),
@@ -526,7 +528,7 @@ impl Store {
     /// `Unavailable` if the commit failed.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>> {
         self.check_disk()?;
-        self.call(|r| Op::Publish(messages, r)).await
+        self.call(|r| Op::Publish(messages.into(), r)).await
     }
 
     /// Refuses a publish while the disk is full.
@@ -549,7 +551,7 @@ impl Store {
         self.check_disk()?;
         let (tx, rx) = oneshot::channel();
         self.ops
-            .send(Queued::now(Op::Publish(messages, Reply::new(tx))))
+            .send(Queued::now(Op::Publish(messages.into(), Reply::new(tx))))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         Ok(async move {

@@ -494,7 +494,10 @@ impl<B: Backend> Writer<B> {
         t: &mut Touched,
     ) -> (Done, Option<Fatal>) {
         match op {
-            Op::Publish(messages, r) => finish(r, self.publish(messages, now, t).await),
+            Op::Publish(messages, r) => {
+                let messages: Vec<&NewMessage> = messages.iter().collect();
+                finish(r, self.publish(&messages, now, t).await)
+            }
             Op::CreateTopic(name, settings, r) => {
                 finish(r, self.create_topic(name, settings, now).await)
             }
@@ -566,14 +569,13 @@ impl<B: Backend> Writer<B> {
     ) -> Vec<(usize, Done, Option<Fatal>)> {
         let mut out = Vec::with_capacity(ops.len());
         let mut accepted = Vec::with_capacity(ops.len());
-        let mut all = Vec::new();
         let mut known: HashSet<String> = HashSet::new();
         for (index, op) in ops {
             let Op::Publish(messages, reply) = op else {
                 continue;
             };
             let mut missing = None;
-            for m in &messages {
+            for m in messages.iter() {
                 if known.contains(&m.topic) {
                     continue;
                 }
@@ -592,17 +594,17 @@ impl<B: Backend> Writer<B> {
                     let (done, fatal) = finish(reply, Err(e));
                     out.push((index, done, fatal));
                 }
-                None => {
-                    accepted.push((index, messages.len(), reply));
-                    all.extend(messages);
-                }
+                None => accepted.push((index, messages, reply)),
             }
         }
-        let result = self.publish(all, now, t).await;
+        let all: Vec<&NewMessage> = accepted.iter().flat_map(|(_, m, _)| m.iter()).collect();
+        let result = self.publish(&all, now, t).await;
         let mut outcomes = result.as_ref().map(|o| o.iter()).ok();
-        for (index, n, reply) in accepted {
+        for (index, messages, reply) in accepted {
             let answer = match (&mut outcomes, &result) {
-                (Some(outcomes), _) => Ok(outcomes.by_ref().take(n).copied().collect()),
+                (Some(outcomes), _) => {
+                    Ok(outcomes.by_ref().take(messages.len()).copied().collect())
+                }
                 (None, Err(e)) => Err(e.clone()),
                 (None, Ok(_)) => unreachable!("outcomes are taken from an Ok result"),
             };
@@ -616,7 +618,7 @@ impl<B: Backend> Writer<B> {
     /// written, so a batch with an unknown topic stores nothing.
     async fn publish(
         &mut self,
-        messages: Vec<NewMessage>,
+        messages: &[&NewMessage],
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<PublishOutcome>> {
@@ -632,7 +634,7 @@ impl<B: Backend> Writer<B> {
         groups.sort_by_key(|(topic, _)| topic.id);
         let mut outcomes = vec![None; messages.len()];
         for (topic, indexes) in groups {
-            let batch: Vec<&NewMessage> = indexes.iter().map(|&i| &messages[i]).collect();
+            let batch: Vec<&NewMessage> = indexes.iter().map(|&i| messages[i]).collect();
             let results = self.publish_to(&topic, &batch, now).await?;
             for (i, outcome) in indexes.into_iter().zip(results) {
                 outcomes[i] = Some(outcome);
