@@ -13,8 +13,8 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::model::{
     self, AckId, AckOperation, AckOutcome, AckStatus, DeadLetter, Delivery, LeaseExtension, Nack,
-    NackItem, NewMessage, Page, PublishOutcome, SeekTarget, SessionCommand, SessionEvent,
-    Subscription, SubscriptionStats, Topic, TopicSettings, validate_name,
+    NackItem, NewMessage, Page, PeekedMessage, PublishOutcome, SeekTarget, SessionCommand,
+    SessionEvent, Subscription, SubscriptionStats, Topic, TopicSettings, validate_name,
 };
 use crate::session::{self, Session};
 use crate::store::{LeaseBatch, NewSubscription, Store, SubscriptionPatch, TopicPatch};
@@ -103,6 +103,17 @@ fn token_check(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
     })
+}
+
+/// The sequence a page token of a list in sequence order names (0 for the
+/// first page).
+fn sequence_token(token: &str) -> Result<i64> {
+    match decode_token(token)? {
+        None => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .map_err(|_| invalid("page_token is not one this server issued")),
+    }
 }
 
 /// Page tokens are the last name (or sequence) of the previous page and a
@@ -568,12 +579,7 @@ impl Broker {
     ) -> Result<(Page<DeadLetter>, i64)> {
         subscription_name(subscription)?;
         let size = self::page_size(page_size)?;
-        let after = match decode_token(page_token)? {
-            None => 0,
-            Some(s) => s
-                .parse::<i64>()
-                .map_err(|_| invalid("page_token is not one this server issued"))?,
-        };
+        let after = sequence_token(page_token)?;
         let (letters, total) = self
             .store
             .list_dead_letters(subscription, after, size)
@@ -582,6 +588,46 @@ impl Broker {
             page(letters, size, |d| d.message.sequence.to_string()),
             total,
         ))
+    }
+
+    /// One page of the messages waiting on a subscription (new, ready, in
+    /// backoff, leased or held), in sequence order, within `max_response_bytes`
+    /// (0: the broker's bound; a single larger message still comes alone).
+    /// Nothing about them changes: no lease, attempt or counter.
+    ///
+    /// Fails with `InvalidArgument` for a bad name, a negative size or a
+    /// foreign token, `NotFound`.
+    #[tracing::instrument(skip_all, fields(subscription = %subscription))]
+    pub async fn peek(
+        &self,
+        subscription: &str,
+        page_size: i32,
+        page_token: &str,
+        max_response_bytes: i32,
+    ) -> Result<Page<PeekedMessage>> {
+        subscription_name(subscription)?;
+        let size = self::page_size(page_size)?;
+        let max_bytes = self.response_bytes(max_response_bytes)?;
+        let after = sequence_token(page_token)?;
+        let mut items = self.store.peek(subscription, after, size).await?;
+        let mut bytes = 0usize;
+        let fits = items
+            .iter()
+            .position(|p| {
+                bytes = bytes.saturating_add(p.message.response_bytes());
+                bytes > max_bytes
+            })
+            .map_or(items.len(), |i| i.max(1));
+        let cut = fits < items.len();
+        items.truncate(fits);
+        let next_page_token = match items.last() {
+            Some(p) if cut || items.len() == size => encode_token(&p.message.sequence.to_string()),
+            _ => String::new(),
+        };
+        Ok(Page {
+            items,
+            next_page_token,
+        })
     }
 
     /// Makes dead letters deliverable again (all if `sequences` is empty);

@@ -85,6 +85,23 @@ pub struct StoredMessage {
     pub published_at: Micros,
 }
 
+impl StoredMessage {
+    /// About how many bytes the message takes in a response: payload, key,
+    /// topic, attributes and the fixed fields.
+    pub(crate) fn response_bytes(&self) -> usize {
+        let attributes: usize = self
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum();
+        self.payload.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.topic.len()
+            + attributes
+            + 160
+    }
+}
+
 /// Identifies one lease of one message in one subscription.
 ///
 /// Its text form (`<subscription id>-<sequence>-<token>-<deadline>`, hex) is
@@ -459,6 +476,38 @@ pub struct DeadLetter {
     pub reason: String,
     /// When it was dead-lettered.
     pub dead_lettered_at: Micros,
+}
+
+/// Where a message waiting on a subscription stands, as Peek shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageState {
+    /// Never delivered: the subscription has not reached it yet.
+    New,
+    /// Deliverable now.
+    Ready,
+    /// Waiting for its redelivery time after a failed attempt.
+    Backoff,
+    /// Leased to a consumer.
+    Leased,
+    /// Ordered subscription: waits for the earlier message of its key.
+    Held,
+}
+
+/// A message waiting on a subscription, as Peek shows it: nothing about it
+/// changes by being shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekedMessage {
+    /// The message.
+    pub message: StoredMessage,
+    /// Where it stands.
+    pub state: MessageState,
+    /// Deliveries counted so far (0 if never delivered).
+    pub attempts: i32,
+    /// Ready and Backoff: when it may be delivered; Leased: when the lease
+    /// ends; `None` for New and Held.
+    pub available_at: Option<Micros>,
+    /// The last nack's reason, or empty.
+    pub reason: String,
 }
 
 /// Where Seek moves a cursor.

@@ -43,13 +43,7 @@ pub(crate) fn instant_at(at: Micros) -> Instant {
 /// About how many bytes a delivery takes in a response: its message's
 /// payload, key, attributes and fixed fields, with room for framing.
 pub(crate) fn delivery_bytes(d: &Delivery) -> usize {
-    let m = &d.message;
-    let attributes: usize = m
-        .attributes
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 8)
-        .sum();
-    m.payload.len() + m.key.as_ref().map_or(0, String::len) + m.topic.len() + attributes + 160
+    d.message.response_bytes()
 }
 
 /// What a stream does after its commands were handled.

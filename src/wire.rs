@@ -8,9 +8,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::model::{
     self, AckId, AckOperation, AckOutcome, AckStatus, DeadLetter, Delivery, FlowControl,
-    LeaseExtension, Micros, Nack, NewMessage, PublishOutcome, SeekTarget, SessionCommand,
-    SessionEvent, StartPosition, StoredMessage, Subscription, SubscriptionSettings,
-    SubscriptionStats, Topic, TopicSettings,
+    LeaseExtension, MessageState, Micros, Nack, NewMessage, PeekedMessage, PublishOutcome,
+    SeekTarget, SessionCommand, SessionEvent, StartPosition, StoredMessage, Subscription,
+    SubscriptionSettings, SubscriptionStats, Topic, TopicSettings,
 };
 use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 use crate::proto;
@@ -768,6 +768,54 @@ impl TryFrom<proto::DeadLetter> for DeadLetter {
                 d.dead_letter_time,
                 "dead_letter.dead_letter_time",
             )?),
+        })
+    }
+}
+
+impl From<MessageState> for proto::MessageState {
+    fn from(s: MessageState) -> Self {
+        match s {
+            MessageState::New => proto::MessageState::New,
+            MessageState::Ready => proto::MessageState::Ready,
+            MessageState::Backoff => proto::MessageState::Backoff,
+            MessageState::Leased => proto::MessageState::Leased,
+            MessageState::Held => proto::MessageState::Held,
+        }
+    }
+}
+
+impl From<PeekedMessage> for proto::PeekedMessage {
+    fn from(p: PeekedMessage) -> Self {
+        proto::PeekedMessage {
+            message: Some(p.message.into()),
+            state: proto::MessageState::from(p.state) as i32,
+            attempts: p.attempts,
+            available_time: p.available_at.map(timestamp),
+            last_failure_reason: p.reason,
+        }
+    }
+}
+
+impl TryFrom<proto::PeekedMessage> for PeekedMessage {
+    type Error = Error;
+
+    fn try_from(p: proto::PeekedMessage) -> Result<Self> {
+        let state = match proto::MessageState::try_from(p.state) {
+            Ok(proto::MessageState::New) => MessageState::New,
+            Ok(proto::MessageState::Ready) => MessageState::Ready,
+            Ok(proto::MessageState::Backoff) => MessageState::Backoff,
+            Ok(proto::MessageState::Leased) => MessageState::Leased,
+            Ok(proto::MessageState::Held) => MessageState::Held,
+            Ok(proto::MessageState::Unspecified) | Err(_) => {
+                return Err(invalid(format!("unknown message state {}", p.state)));
+            }
+        };
+        Ok(PeekedMessage {
+            message: required(p.message, "peeked_message.message")?.try_into()?,
+            state,
+            attempts: p.attempts,
+            available_at: p.available_time.as_ref().map(micros_of),
+            reason: p.last_failure_reason,
         })
     }
 }

@@ -62,7 +62,7 @@ impl<T> std::fmt::Debug for Pages<T> {
 }
 
 impl<T> Pages<T> {
-    fn new(fetch: impl FnMut(String) -> PageFuture<T> + Send + 'static) -> Self {
+    pub(super) fn new(fetch: impl FnMut(String) -> PageFuture<T> + Send + 'static) -> Self {
         Pages {
             fetch: Box::new(fetch),
             token: Some(String::new()),

@@ -7,9 +7,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-use super::{Backoff, Connection};
+use super::{Backoff, Connection, Pages};
 use crate::error::{Error, Result};
-use crate::model::{self, AckOutcome, Delivery, LeaseExtension, Nack, SessionCommand};
+use crate::model::{
+    self, AckOutcome, Delivery, LeaseExtension, Nack, Page, PeekedMessage, SessionCommand,
+};
 use crate::proto::{self, subscriber_service_client::SubscriberServiceClient};
 use crate::wire;
 
@@ -132,6 +134,49 @@ impl Subscriber {
         };
         let response = self.client.clone().pull(request).await;
         wire::all(self.answer(response)?.messages)
+    }
+
+    /// Up to `max` of the messages waiting on a subscription, in sequence
+    /// order, without leasing them: no attempt, counter or lease changes.
+    ///
+    /// Fails with the broker's error (`NotFound` for an unknown
+    /// subscription).
+    pub async fn peek(&self, subscription: &str, max: usize) -> Result<Vec<PeekedMessage>> {
+        let page_size = i32::try_from(max.min(1000)).unwrap_or(1000);
+        let mut pages = self.peek_pages(subscription, page_size);
+        let mut items = Vec::new();
+        while items.len() < max {
+            match pages.next().await {
+                Some(page) => items.extend(page?),
+                None => break,
+            }
+        }
+        items.truncate(max);
+        Ok(items)
+    }
+
+    /// The messages waiting on a subscription, `page_size` at a time, as
+    /// [`Subscriber::peek`] shows them.
+    pub fn peek_pages(&self, subscription: &str, page_size: i32) -> Pages<PeekedMessage> {
+        let subscriber = self.clone();
+        let subscription = subscription.to_owned();
+        Pages::new(move |page_token| {
+            let subscriber = subscriber.clone();
+            let request = proto::PeekRequest {
+                subscription: subscription.clone(),
+                page_size,
+                page_token,
+                max_response_bytes: 0,
+            };
+            Box::pin(async move {
+                let response = subscriber.client.clone().peek(request).await;
+                let r = subscriber.answer(response)?;
+                Ok(Page {
+                    items: wire::all(r.messages)?,
+                    next_page_token: r.next_page_token,
+                })
+            })
+        })
     }
 
     /// Acknowledges leases; one outcome per ack id, in order.

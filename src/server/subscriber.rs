@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::model::{AckOutcome, AckStatus, SessionCommand, cut};
 use crate::proto::{
     self, AckRequest, AckResponse, ExtendLeaseRequest, ExtendLeaseResponse, NackRequest,
-    NackResponse, PullRequest, PullResponse, SubscribeRequest, SubscribeResponse,
-    subscriber_service_server::SubscriberService,
+    NackResponse, PeekRequest, PeekResponse, PullRequest, PullResponse, SubscribeRequest,
+    SubscribeResponse, subscriber_service_server::SubscriberService,
 };
 use crate::wire;
 
@@ -149,6 +149,24 @@ impl SubscriberService for Subscriber {
             .map_err(status)?;
         Ok(Response::new(PullResponse {
             messages: deliveries.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn peek(&self, request: Request<PeekRequest>) -> Result<Response<PeekResponse>, Status> {
+        let req = request.into_inner();
+        let page = self
+            .broker
+            .peek(
+                &req.subscription,
+                req.page_size,
+                &req.page_token,
+                req.max_response_bytes,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(PeekResponse {
+            messages: page.items.into_iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 

@@ -30,7 +30,9 @@ use uuid::Uuid;
 
 use super::common::{DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched};
 use crate::error::Result;
-use crate::model::{DeadLetter, Micros, NewMessage, StoredMessage, SubscriptionSettings};
+use crate::model::{
+    DeadLetter, Micros, NewMessage, PeekedMessage, StoredMessage, SubscriptionSettings,
+};
 
 /// A backend's connection type.
 pub(super) type Conn<B> = <<B as Backend>::Db as sqlx::Database>::Connection;
@@ -357,6 +359,16 @@ pub(super) trait Backend: Send + 'static {
         after: i64,
         limit: i64,
     ) -> Result<Vec<DeadLetter>>;
+
+    /// The subscription's waiting and leased messages after sequence
+    /// `after`, at most `limit`, in order (what Peek shows of the messages
+    /// its cursor has passed).
+    async fn undone(
+        c: &mut Conn<Self>,
+        sub: &SubRow,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<PeekedMessage>>;
 
     /// How many dead letters the subscription has.
     async fn dead_count(c: &mut Conn<Self>, sub_id: i64) -> Result<i64>;

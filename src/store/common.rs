@@ -10,8 +10,8 @@ use uuid::Uuid;
 use super::{Op, Reply};
 use crate::error::{Error, Result};
 use crate::model::{
-    AckId, AckStatus, DeadLetter, Micros, StoredMessage, Subscription, SubscriptionSettings, Topic,
-    TopicSettings, now_micros,
+    AckId, AckStatus, DeadLetter, MessageState, Micros, PeekedMessage, StoredMessage, Subscription,
+    SubscriptionSettings, Topic, TopicSettings, now_micros,
 };
 
 /// Decides when a failure that repeats is logged: the first at once, then
@@ -129,6 +129,62 @@ where
         dead_lettered_at: row.try_get(4).map_err(decode_err)?,
         message: message_from_row(row, 5, topic)?,
     })
+}
+
+/// Reads a waiting or leased delivery row as Peek shows it: the columns of
+/// a dead letter, then the row's state.
+pub(super) fn peeked_from_row<'r, R>(row: &'r R, topic: &str, now: Micros) -> Result<PeekedMessage>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let row_state: i64 = row.try_get(12).map_err(decode_err)?;
+    let d = dead_letter_from_row(row, topic)?;
+    let (state, available_at) = match (row_state, d.dead_lettered_at) {
+        (LEASED, at) => (MessageState::Leased, Some(at)),
+        (_, HELD) => (MessageState::Held, None),
+        (_, at) if at > now => (MessageState::Backoff, Some(at)),
+        (_, at) => (MessageState::Ready, Some(at)),
+    };
+    Ok(PeekedMessage {
+        message: d.message,
+        state,
+        attempts: d.attempts,
+        available_at,
+        reason: d.reason,
+    })
+}
+
+/// The messages Peek shows: the subscription's undone delivery rows
+/// (`undone`, read after its cursor) and the messages past the cursor it
+/// had before (`new`), in sequence order, at most `limit`. A message in
+/// both was leased between the two reads: its row says where it stands.
+pub(super) fn peek_page(
+    undone: Vec<PeekedMessage>,
+    new: Vec<StoredMessage>,
+    limit: usize,
+) -> Vec<PeekedMessage> {
+    let mut page = undone;
+    let last = page.last().map_or(i64::MIN, |p| p.message.sequence);
+    page.extend(
+        new.into_iter()
+            .filter(|m| m.sequence > last)
+            .map(|message| PeekedMessage {
+                message,
+                state: MessageState::New,
+                attempts: 0,
+                available_at: None,
+                reason: String::new(),
+            }),
+    );
+    page.truncate(limit);
+    page
 }
 
 /// The `available_at` of a message of an ordered subscription held back by

@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    AckId, AckStatus, DeadLetter, Delivery, Micros, NackItem, NewMessage, PublishOutcome,
-    SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
+    AckId, AckStatus, DeadLetter, Delivery, Micros, NackItem, NewMessage, PeekedMessage,
+    PublishOutcome, SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
 };
 pub use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 
@@ -695,6 +695,17 @@ impl Store {
             .await
     }
 
+    /// Up to `limit` messages waiting on the subscription after sequence
+    /// `after`, in order; nothing about them changes.
+    pub async fn peek(
+        &self,
+        subscription: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<PeekedMessage>> {
+        self.reader.peek(subscription, after, limit).await
+    }
+
     /// Makes dead letters deliverable again (all if `sequences` is empty).
     pub async fn redrive(&self, subscription: &str, sequences: Vec<i64>) -> Result<i64> {
         self.call(|r| Op::Redrive(subscription.to_owned(), sequences, r))
@@ -784,6 +795,10 @@ impl Reader {
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, i64)> {
         read!(self, list_dead_letters(name, after, limit))
+    }
+
+    async fn peek(&self, name: &str, after: i64, limit: usize) -> Result<Vec<PeekedMessage>> {
+        read!(self, peek(name, after, limit))
     }
 }
 

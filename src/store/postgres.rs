@@ -23,14 +23,15 @@ use uuid::Uuid;
 use super::backend::{Backend, LeaseState};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, message_from_row, uuid_from,
+    encode_attributes, message_from_row, peeked_from_row, uuid_from,
 };
 use super::reader::Reader;
 use super::writer::Writer;
 use super::{Notifier, StoreConfig};
 use crate::error::{Error, Result};
 use crate::model::{
-    DeadLetter, Micros, NewMessage, StoredMessage, SubscriptionSettings, micros, now_micros,
+    DeadLetter, Micros, NewMessage, PeekedMessage, StoredMessage, SubscriptionSettings, micros,
+    now_micros,
 };
 
 /// Schema versions, applied in order at open.
@@ -351,6 +352,13 @@ mod sql {
         " FROM deliveries d \
          JOIN messages m ON m.topic_id = $1 AND m.seq = d.seq \
          WHERE d.sub_id = $2 AND d.state = 2 AND d.seq > $3 ORDER BY d.seq LIMIT $4"
+    );
+    pub(super) const UNDONE: &str = concat!(
+        "SELECT ",
+        dead_letter_columns!(),
+        ", d.state FROM deliveries d \
+         JOIN messages m ON m.topic_id = $1 AND m.seq = d.seq \
+         WHERE d.sub_id = $2 AND d.state IN (0, 1) AND d.seq > $3 ORDER BY d.seq LIMIT $4"
     );
     pub(super) const DEAD_COUNT: &str =
         "SELECT count(*) FROM deliveries WHERE sub_id = $1 AND state = 2";

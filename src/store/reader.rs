@@ -8,9 +8,9 @@ use std::time::Duration;
 use sqlx::pool::PoolConnection;
 
 use super::backend::Backend;
-use super::common::{SubRow, ack_watermark, duration_from, oldest_unacked};
+use super::common::{SubRow, ack_watermark, duration_from, oldest_unacked, peek_page};
 use crate::error::{Error, Result};
-use crate::model::{DeadLetter, Subscription, SubscriptionStats, Topic, now_micros};
+use crate::model::{DeadLetter, PeekedMessage, Subscription, SubscriptionStats, Topic, now_micros};
 
 /// How many blocked keys the stats name.
 const BLOCKED_KEY_SAMPLE: i64 = 20;
@@ -176,6 +176,29 @@ impl<B: Backend> Reader<B> {
             blocked_keys,
             blocked_key_sample,
             ack_watermark: ack_watermark(sub.cursor, counts.first_any),
+        })
+    }
+
+    /// Up to `limit` messages waiting on the subscription after sequence
+    /// `after`, in order, leaving everything as it was.
+    pub(super) async fn peek(
+        &self,
+        name: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<PeekedMessage>> {
+        // The cursor is read first: the writer moves it and inserts the
+        // delivery rows of what it passed in one transaction, so every
+        // message past it is a delivery row by the time `undone` reads, or
+        // is past this cursor (`peek_page` keeps each message once).
+        let sub = self.sub_row(name).await?;
+        let wanted = limit;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        bounded!(self, |c| {
+            let undone = B::undone(c, &sub, after, limit).await?;
+            let new = B::messages_after(c, sub.topic_id, &sub.topic, after.max(sub.cursor), limit)
+                .await?;
+            Ok(peek_page(undone, new, wanted))
         })
     }
 

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::backend::{Backend, LeaseState};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, message_from_row, uuid_from,
+    encode_attributes, message_from_row, peeked_from_row, uuid_from,
 };
 use super::datadir::{DirLock, LOW_SPACE, Space};
 use super::reader::Reader;
@@ -27,7 +27,8 @@ use super::writer::Writer;
 use super::{Notifier, StoreConfig};
 use crate::error::{Error, Result};
 use crate::model::{
-    DeadLetter, Micros, NewMessage, StoredMessage, SubscriptionSettings, micros, now_micros,
+    DeadLetter, Micros, NewMessage, PeekedMessage, StoredMessage, SubscriptionSettings, micros,
+    now_micros,
 };
 
 /// Schema versions, applied in order at open.
@@ -493,6 +494,13 @@ mod sql {
         " FROM deliveries d \
          JOIN messages m ON m.topic_id = ? AND m.seq = d.seq \
          WHERE d.sub_id = ? AND d.state = 2 AND d.seq > ? ORDER BY d.seq LIMIT ?"
+    );
+    pub(super) const UNDONE: &str = concat!(
+        "SELECT ",
+        dead_letter_columns!(),
+        ", d.state FROM deliveries d \
+         JOIN messages m ON m.topic_id = ? AND m.seq = d.seq \
+         WHERE d.sub_id = ? AND d.state IN (0, 1) AND d.seq > ? ORDER BY d.seq LIMIT ?"
     );
     pub(super) const DEAD_COUNT: &str =
         "SELECT count(*) FROM deliveries WHERE sub_id = ? AND state = 2";

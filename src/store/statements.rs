@@ -429,6 +429,25 @@ macro_rules! shared_statements {
                 .collect()
         }
 
+        async fn undone(
+            c: &mut Conn,
+            sub: &SubRow,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<PeekedMessage>> {
+            let rows = sqlx::query(sql::UNDONE)
+                .bind(sub.topic_id)
+                .bind(sub.id)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(c)
+                .await?;
+            let now = now_micros();
+            rows.iter()
+                .map(|r| peeked_from_row(r, &sub.topic, now))
+                .collect()
+        }
+
         async fn dead_count(c: &mut Conn, sub_id: i64) -> Result<i64> {
             let q = sqlx::query_scalar(sql::DEAD_COUNT).bind(sub_id);
             Ok(q.fetch_one(c).await?)

@@ -307,6 +307,10 @@ async fn every_printing_command_prints_json() {
     assert_eq!(m["message"]["attributes"]["a"], "1");
     assert_eq!(m["message"]["attributes"]["b"], "x=y");
     assert_eq!(m["attempt"], 1);
+    let p = &json(b, &["peek", "billing"]).await[0];
+    assert_eq!(p["messages"][0]["message"]["payloadText"], "hello");
+    assert_eq!(p["messages"][0]["state"], "MESSAGE_STATE_READY");
+    assert_eq!(p["messages"][0]["attempts"], 0);
     json(b, &["topics", "list"]).await;
     json(b, &["topics", "get", "orders"]).await;
     json(b, &["subscriptions", "list"]).await;
@@ -472,6 +476,50 @@ async fn relay_refuses_a_missing_sqlite_file_unless_told_to_create_it() {
 /// `subscribe --max N` leases only what it shows, and what it shows with
 /// `--no-ack` (or leases beyond N) goes back without counting an attempt:
 /// with max_attempts 1, looking at a message twice never dead-letters it.
+#[tokio::test]
+async fn peek_shows_waiting_messages_and_changes_no_counter() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    b.topic_and_sub("orders", "billing", |s| s.max_attempts = 1)
+        .await;
+    b.publish("orders", &["first", "second", "third"]).await;
+    let before = b.stats("billing").await;
+    for _ in 0..3 {
+        let text = ok(b, &["peek", "billing", "--max", "2"]).await;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("seq=1\t"), "{text}");
+        assert!(lines[0].contains("state=new\tattempts=0\tfirst"), "{text}");
+        assert!(lines[1].contains("second"), "{text}");
+    }
+    let after = b.stats("billing").await;
+    let counters = |s: &tidings::model::SubscriptionStats| {
+        (
+            s.backlog,
+            s.in_flight,
+            s.delivered,
+            s.acked,
+            s.redelivered,
+            s.dead_lettered,
+        )
+    };
+    assert_eq!(
+        counters(&before),
+        counters(&after),
+        "peek changes no counter"
+    );
+    // Still first in line, on its first attempt: with max_attempts 1, a
+    // counted look would have dead-lettered it.
+    let shown = json(b, &["subscribe", "billing", "--max", "1"]).await;
+    assert_eq!(shown[0]["attempt"], 1);
+    assert_eq!(shown[0]["message"]["payloadText"], "first");
+    let text = ok(b, &["peek", "billing"]).await;
+    assert!(text.starts_with("seq=2\t"), "{text}");
+    b.topic_and_sub("other", "idle", |_| {}).await;
+    assert_eq!(ok(b, &["peek", "idle"]).await.trim(), "no messages waiting");
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn subscribe_gives_back_what_it_does_not_ack() {
     let broker = TestBroker::start(Backend::Sqlite).await;

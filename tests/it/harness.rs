@@ -296,6 +296,10 @@ impl TestBroker {
         SubscriberServiceClient::new(self.channel.clone())
     }
 
+    pub(crate) fn subscriber(&self) -> Subscriber {
+        Subscriber::new(&self.connection, Backoff::default())
+    }
+
     pub(crate) fn subscribe(&self, subscription: &str) -> Subscription {
         Subscriber::new(&self.connection, Backoff::default())
             .subscribe(subscription, FlowControl::default())

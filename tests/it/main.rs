@@ -17,6 +17,7 @@ mod ordering;
 mod outbox;
 mod overload;
 mod partition;
+mod peek;
 mod proxy;
 mod publish;
 mod relay;

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 import tidings
+from tidings.v1 import subscriber_pb2
 
 WAIT = 10.0  # seconds any single delivery may take to arrive
 
@@ -189,3 +190,25 @@ def test_a_cancelled_stream_uses_an_attempt_and_a_closed_one_does_not(
         time.sleep(0.05)
     with client.subscribe("billing") as stream:
         assert stream.receive(timeout=0.5) is None
+
+
+def test_peek_shows_waiting_messages_without_leasing_them(client: tidings.Client) -> None:
+    client.create_topic("orders")
+    client.create_subscription("billing", "orders", start="earliest", max_attempts=1)
+    client.publish([tidings.message("orders", f"order {i}") for i in range(3)])
+
+    first = client.peek("billing", 2)
+    again = client.peek("billing")
+    assert [p.message.sequence for p in first] == [1, 2]
+    assert len(again) == 3
+    assert all(p.state == subscriber_pb2.MESSAGE_STATE_NEW and p.attempts == 0 for p in again)
+    stats = client.subscription_stats("billing")
+    assert (stats.delivered, stats.backlog, stats.in_flight) == (0, 3, 0)
+
+    # With max_attempts 1, a counted look would have dead-lettered it.
+    with client.subscribe("billing") as stream:
+        delivery = receive(stream)
+        assert (delivery.sequence, delivery.attempt) == (1, 1)
+        leased = client.peek("billing", 1)
+        assert leased[0].state == subscriber_pb2.MESSAGE_STATE_LEASED
+        assert leased[0].attempts == 1

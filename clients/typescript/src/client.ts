@@ -14,7 +14,7 @@ import {
 } from "./gen/tidings/v1/admin_pb.js";
 import type { Message } from "./gen/tidings/v1/message_pb.js";
 import { PublisherService, type PublishResult } from "./gen/tidings/v1/publisher_pb.js";
-import { SubscriberService, type AckOutcome } from "./gen/tidings/v1/subscriber_pb.js";
+import { SubscriberService, type AckOutcome, type PeekedMessage } from "./gen/tidings/v1/subscriber_pb.js";
 import { PublishStream } from "./publisher.js";
 import { MessageStream, type FlowControl } from "./subscriber.js";
 
@@ -242,6 +242,28 @@ export class TidingsClient {
   async ack(subscription: string, ackIds: string[]): Promise<AckOutcome[]> {
     const response = await this.subscriber.ack({ subscription, ackIds }, { timeoutMs: this.timeoutMs });
     return response.outcomes;
+  }
+
+  /**
+   * The messages waiting on a subscription, oldest first, without leasing
+   * them: no attempt, counter or lease changes.
+   *
+   * @param maxMessages - Most messages to return (pages are followed).
+   * @returns `PeekedMessage`s: `message`, `state` (`MessageState.NEW`,
+   *   `READY`, `BACKOFF`, `LEASED` or `HELD`), `attempts`, `availableTime`
+   *   and `lastFailureReason`.
+   */
+  async peek(subscription: string, maxMessages = 100): Promise<PeekedMessage[]> {
+    const found: PeekedMessage[] = [];
+    let pageToken = "";
+    while (found.length < maxMessages) {
+      const pageSize = Math.min(maxMessages - found.length, 1000);
+      const response = await this.subscriber.peek({ subscription, pageSize, pageToken }, { timeoutMs: this.timeoutMs });
+      found.push(...response.messages);
+      pageToken = response.nextPageToken;
+      if (!pageToken) break;
+    }
+    return found.slice(0, maxMessages);
   }
 
   /**

@@ -3,7 +3,7 @@
  *
  * Generated code for the `tidings.v1` API (Connect-ES) is under `./gen/`;
  * this module adds a small layer on top: {@link TidingsClient} (admin calls,
- * `publish`, `publishStream`, `subscribe`, `health`), {@link message} (a
+ * `publish`, `publishStream`, `subscribe`, `peek`, `health`), {@link message} (a
  * message with a fresh UUID id) and {@link Inbox} (each delivery processed
  * once with a SQLite database).
  *
@@ -26,4 +26,5 @@ export { Delivery, MessageStream, type FlowControl, type NackOptions } from "./s
 export type { Message } from "./gen/tidings/v1/message_pb.js";
 export type { PublishResult } from "./gen/tidings/v1/publisher_pb.js";
 export type { Subscription, SubscriptionStats, Topic } from "./gen/tidings/v1/admin_pb.js";
-export type { AckOutcome } from "./gen/tidings/v1/subscriber_pb.js";
+export type { AckOutcome, PeekedMessage } from "./gen/tidings/v1/subscriber_pb.js";
+export { MessageState } from "./gen/tidings/v1/subscriber_pb.js";

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { AckRefused, Code, ConnectError, StreamClosed, message, type Delivery, type MessageStream } from "../src/index.js";
+import { MessageState } from "../src/gen/tidings/v1/subscriber_pb.js";
 import { TEST_TIMEOUT, sleep, text, withBroker } from "./support/harness.js";
 
 /** Waits up to 10 s for the next delivery. */
@@ -160,6 +161,34 @@ test("subscribing to an unknown subscription fails with NotFound", { timeout: TE
       assert.match(err.rawMessage, /nobody/);
       return true;
     });
+    await stream.close();
+  }),
+);
+
+test("peek shows waiting messages without leasing them", { timeout: TEST_TIMEOUT }, () =>
+  withBroker(async (client) => {
+    await client.createTopic("orders");
+    await client.createSubscription("billing", "orders", { start: "earliest", maxAttempts: 1 });
+    await client.publish([0, 1, 2].map((i) => message("orders", `order ${i}`)));
+
+    const first = await client.peek("billing", 2);
+    const again = await client.peek("billing");
+    assert.deepEqual(
+      first.map((p) => p.message?.sequence),
+      [1n, 2n],
+    );
+    assert.equal(again.length, 3);
+    assert.ok(again.every((p) => p.state === MessageState.NEW && p.attempts === 0));
+    const stats = await client.subscriptionStats("billing");
+    assert.deepEqual([stats.delivered, stats.backlog, stats.inFlight], [0n, 3n, 0n]);
+
+    // With max_attempts 1, a counted look would have dead-lettered it.
+    const stream = client.subscribe("billing");
+    const delivery = await receive(stream);
+    assert.deepEqual([delivery.sequence, delivery.attempt], [1n, 1]);
+    const leased = await client.peek("billing", 1);
+    assert.equal(leased[0].state, MessageState.LEASED);
+    assert.equal(leased[0].attempts, 1);
     await stream.close();
   }),
 );

@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde_json::{Map, Value, json};
 use tidings::model::{
-    DeadLetter, Delivery, Micros, PublishOutcome, StoredMessage, Subscription, SubscriptionStats,
-    Topic,
+    DeadLetter, Delivery, MessageState, Micros, PeekedMessage, PublishOutcome, StoredMessage,
+    Subscription, SubscriptionStats, Topic,
 };
 
 /// The output format (`--output`).
@@ -274,6 +274,37 @@ pub(crate) fn dead_letter(d: &DeadLetter) -> Value {
     }
     map.insert("lastFailureReason".into(), d.reason.clone().into());
     map.insert("deadLetterTime".into(), rfc3339(d.dead_lettered_at).into());
+    map.into()
+}
+
+/// A message state as the user reads it.
+pub(crate) fn state_name(s: MessageState) -> &'static str {
+    match s {
+        MessageState::New => "new",
+        MessageState::Ready => "ready",
+        MessageState::Backoff => "backoff",
+        MessageState::Leased => "leased",
+        MessageState::Held => "held",
+    }
+}
+
+/// A waiting message, as `tidings.v1.PeekedMessage` in JSON.
+pub(crate) fn peeked(p: &PeekedMessage) -> Value {
+    let state = match p.state {
+        MessageState::New => "MESSAGE_STATE_NEW",
+        MessageState::Ready => "MESSAGE_STATE_READY",
+        MessageState::Backoff => "MESSAGE_STATE_BACKOFF",
+        MessageState::Leased => "MESSAGE_STATE_LEASED",
+        MessageState::Held => "MESSAGE_STATE_HELD",
+    };
+    let mut map = Map::new();
+    map.insert("message".into(), message(&p.message));
+    map.insert("state".into(), state.into());
+    map.insert("attempts".into(), p.attempts.into());
+    if let Some(t) = p.available_at {
+        map.insert("availableTime".into(), rfc3339(t).into());
+    }
+    map.insert("lastFailureReason".into(), p.reason.clone().into());
     map.into()
 }
 

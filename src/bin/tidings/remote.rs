@@ -15,8 +15,8 @@ use tidings::client::{
 };
 use tidings::config::HumanDuration;
 use tidings::model::{
-    AckOperation, AckStatus, Micros, PublishOutcome, SeekTarget, StartPosition, SubscriptionPatch,
-    SubscriptionSettings, TopicPatch, TopicSettings,
+    AckOperation, AckStatus, MessageState, Micros, PublishOutcome, SeekTarget, StartPosition,
+    SubscriptionPatch, SubscriptionSettings, TopicPatch, TopicSettings,
 };
 use tidings::outbox::Outbox;
 use tidings::store::NewSubscription;
@@ -50,6 +50,15 @@ pub(crate) enum Remote {
     Publish(PublishArgs),
     /// Print a subscription's messages and ack them.
     Subscribe(SubscribeArgs),
+    /// Show the messages waiting on a subscription, oldest first, without
+    /// leasing them: no attempt, counter or lease changes.
+    Peek {
+        /// Subscription name.
+        subscription: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 20)]
+        max: usize,
+    },
     /// Check the broker's health; exits non-zero unless SERVING.
     Health {
         /// A service name, like tidings.v1.PublisherService (default: the
@@ -358,6 +367,10 @@ pub(crate) async fn run(
         }
         Remote::Publish(a) => publish(a, &connection, backoff, format).await,
         Remote::Subscribe(a) => subscribe(a, &connection, format).await,
+        Remote::Peek { subscription, max } => {
+            let subscriber = Subscriber::new(&connection, backoff);
+            peek(&subscriber, &subscription, max, format).await
+        }
         Remote::Health { service } => health(&admin, &service, format).await,
         Remote::DeadLetters(c) => dead_letters(&admin, c, format).await,
     };
@@ -758,6 +771,47 @@ async fn subscribe(
     sub.release(unacked);
     sub.close(CLOSE_TIMEOUT).await;
     result
+}
+
+async fn peek(
+    subscriber: &Subscriber,
+    subscription: &str,
+    max: usize,
+    format: Format,
+) -> anyhow::Result<()> {
+    let messages = subscriber.peek(subscription, max).await?;
+    if format == Format::Json {
+        print_json(&json!({
+            "messages": messages.iter().map(output::peeked).collect::<Vec<_>>()
+        }));
+        return Ok(());
+    }
+    for p in &messages {
+        let m = &p.message;
+        let state = match p.available_at {
+            Some(at) if p.state != MessageState::Ready => {
+                format!(
+                    "{} until {}",
+                    output::state_name(p.state),
+                    output::rfc3339(at)
+                )
+            }
+            _ => output::state_name(p.state).to_owned(),
+        };
+        println!(
+            "seq={}\tid={}\tkey={}\tstate={}\tattempts={}\t{}",
+            m.sequence,
+            m.id,
+            m.key.as_deref().unwrap_or_default(),
+            state,
+            p.attempts,
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+    if messages.is_empty() {
+        println!("no messages waiting");
+    }
+    Ok(())
 }
 
 /// How long `subscribe` waits at exit for the broker to take back what it

@@ -289,6 +289,35 @@ class Client:
         request = subscriber_pb2.AckRequest(subscription=subscription, ack_ids=list(ack_ids))
         return list(self._unary(self.subscriber.Ack, request).outcomes)
 
+    def peek(self, subscription: str, max_messages: int = 100) -> list[subscriber_pb2.PeekedMessage]:
+        """The messages waiting on a subscription, oldest first, without
+        leasing them: no attempt, counter or lease changes.
+
+        Args:
+            subscription: The subscription name.
+            max_messages: Most messages to return (pages are followed).
+
+        Returns:
+            Up to ``max_messages`` ``PeekedMessage``: ``message``, ``state``
+            (``MESSAGE_STATE_NEW``, ``READY``, ``BACKOFF``, ``LEASED`` or
+            ``HELD``), ``attempts``, ``available_time`` and
+            ``last_failure_reason``.
+        """
+        found: list[subscriber_pb2.PeekedMessage] = []
+        token = ""
+        while len(found) < max_messages:
+            request = subscriber_pb2.PeekRequest(
+                subscription=subscription,
+                page_size=min(max_messages - len(found), 1000),
+                page_token=token,
+            )
+            response = self._unary(self.subscriber.Peek, request)
+            found.extend(response.messages)
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:max_messages]
+
     # -- health -----------------------------------------------------------
 
     def health(self, service: str = "") -> str:

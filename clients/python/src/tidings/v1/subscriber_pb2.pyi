@@ -26,6 +26,15 @@ class AckResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_RESULT_OK: _ClassVar[AckResult]
     ACK_RESULT_STALE: _ClassVar[AckResult]
     ACK_RESULT_UNKNOWN: _ClassVar[AckResult]
+
+class MessageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MESSAGE_STATE_UNSPECIFIED: _ClassVar[MessageState]
+    MESSAGE_STATE_NEW: _ClassVar[MessageState]
+    MESSAGE_STATE_READY: _ClassVar[MessageState]
+    MESSAGE_STATE_BACKOFF: _ClassVar[MessageState]
+    MESSAGE_STATE_LEASED: _ClassVar[MessageState]
+    MESSAGE_STATE_HELD: _ClassVar[MessageState]
 ACK_OPERATION_UNSPECIFIED: AckOperation
 ACK_OPERATION_ACK: AckOperation
 ACK_OPERATION_NACK: AckOperation
@@ -35,6 +44,12 @@ ACK_RESULT_UNSPECIFIED: AckResult
 ACK_RESULT_OK: AckResult
 ACK_RESULT_STALE: AckResult
 ACK_RESULT_UNKNOWN: AckResult
+MESSAGE_STATE_UNSPECIFIED: MessageState
+MESSAGE_STATE_NEW: MessageState
+MESSAGE_STATE_READY: MessageState
+MESSAGE_STATE_BACKOFF: MessageState
+MESSAGE_STATE_LEASED: MessageState
+MESSAGE_STATE_HELD: MessageState
 
 class ReceivedMessage(_message.Message):
     __slots__ = ("message", "ack_id", "attempt", "lease_deadline")
@@ -167,3 +182,37 @@ class ExtendLeaseResponse(_message.Message):
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     outcomes: _containers.RepeatedCompositeFieldContainer[AckOutcome]
     def __init__(self, outcomes: _Optional[_Iterable[_Union[AckOutcome, _Mapping]]] = ...) -> None: ...
+
+class PeekedMessage(_message.Message):
+    __slots__ = ("message", "state", "attempts", "available_time", "last_failure_reason")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    message: _message_pb2.Message
+    state: MessageState
+    attempts: int
+    available_time: _timestamp_pb2.Timestamp
+    last_failure_reason: str
+    def __init__(self, message: _Optional[_Union[_message_pb2.Message, _Mapping]] = ..., state: _Optional[_Union[MessageState, str]] = ..., attempts: _Optional[int] = ..., available_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_failure_reason: _Optional[str] = ...) -> None: ...
+
+class PeekRequest(_message.Message):
+    __slots__ = ("subscription", "page_size", "page_token", "max_response_bytes")
+    SUBSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    subscription: str
+    page_size: int
+    page_token: str
+    max_response_bytes: int
+    def __init__(self, subscription: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
+
+class PeekResponse(_message.Message):
+    __slots__ = ("messages", "next_page_token")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[PeekedMessage]
+    next_page_token: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[PeekedMessage, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

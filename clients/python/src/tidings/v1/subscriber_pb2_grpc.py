@@ -64,6 +64,11 @@ class SubscriberServiceStub:
                 request_serializer=tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseRequest.SerializeToString,
                 response_deserializer=tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseResponse.FromString,
                 _registered_method=True)
+        self.Peek = channel.unary_unary(
+                '/tidings.v1.SubscriberService/Peek',
+                request_serializer=tidings_dot_v1_dot_subscriber__pb2.PeekRequest.SerializeToString,
+                response_deserializer=tidings_dot_v1_dot_subscriber__pb2.PeekResponse.FromString,
+                _registered_method=True)
 
 
 class SubscriberServiceServicer:
@@ -113,6 +118,15 @@ class SubscriberServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Peek(self, request, context):
+        """Shows the messages waiting on a subscription, in sequence order, without
+        leasing them: no attempt, counter or lease changes. Dead letters are
+        listed by AdminService.ListDeadLetters instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SubscriberServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +154,11 @@ def add_SubscriberServiceServicer_to_server(servicer, server):
                     servicer.ExtendLease,
                     request_deserializer=tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseRequest.FromString,
                     response_serializer=tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseResponse.SerializeToString,
+            ),
+            'Peek': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peek,
+                    request_deserializer=tidings_dot_v1_dot_subscriber__pb2.PeekRequest.FromString,
+                    response_serializer=tidings_dot_v1_dot_subscriber__pb2.PeekResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +301,33 @@ class SubscriberService:
             '/tidings.v1.SubscriberService/ExtendLease',
             tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseRequest.SerializeToString,
             tidings_dot_v1_dot_subscriber__pb2.ExtendLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peek(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidings.v1.SubscriberService/Peek',
+            tidings_dot_v1_dot_subscriber__pb2.PeekRequest.SerializeToString,
+            tidings_dot_v1_dot_subscriber__pb2.PeekResponse.FromString,
             options,
             channel_credentials,
             insecure,

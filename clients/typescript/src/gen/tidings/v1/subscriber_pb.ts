@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file tidings/v1/subscriber.proto.
  */
 export const file_tidings_v1_subscriber: GenFile = /*@__PURE__*/
-  fileDesc("Cht0aWRpbmdzL3YxL3N1YnNjcmliZXIucHJvdG8SCnRpZGluZ3MudjEijAEKD1JlY2VpdmVkTWVzc2FnZRIkCgdtZXNzYWdlGAEgASgLMhMudGlkaW5ncy52MS5NZXNzYWdlEg4KBmFja19pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCgROYWNrEg4KBmFja19pZBgBIAEoCRIoCgVkZWxheRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YAyABKAkiTgoOTGVhc2VFeHRlbnNpb24SDgoGYWNrX2lkGAEgASgJEiwKCWV4dGVuc2lvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiK0AQoKQWNrT3V0Y29tZRIOCgZhY2tfaWQYASABKAkSKwoJb3BlcmF0aW9uGAIgASgOMhgudGlkaW5ncy52MS5BY2tPcGVyYXRpb24SJQoGcmVzdWx0GAMgASgOMhUudGlkaW5ncy52MS5BY2tSZXN1bHQSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmRldGFpbBgFIAEoCSKAAgoQU3Vic2NyaWJlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSIAoYbWF4X291dHN0YW5kaW5nX21lc3NhZ2VzGAIgASgFEh0KFW1heF9vdXRzdGFuZGluZ19ieXRlcxgDIAEoAxIPCgdhY2tfaWRzGAQgAygJEh8KBW5hY2tzGAUgAygLMhAudGlkaW5ncy52MS5OYWNrEi4KCmV4dGVuc2lvbnMYBiADKAsyGi50aWRpbmdzLnYxLkxlYXNlRXh0ZW5zaW9uEhcKD3JlbGVhc2VfYWNrX2lkcxgHIAMoCRIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYCCABKAUibAoRU3Vic2NyaWJlUmVzcG9uc2USLQoIbWVzc2FnZXMYASADKAsyGy50aWRpbmdzLnYxLlJlY2VpdmVkTWVzc2FnZRIoCghvdXRjb21lcxgCIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSKCAQoLUHVsbFJlcXVlc3QSFAoMc3Vic2NyaXB0aW9uGAEgASgJEhQKDG1heF9tZXNzYWdlcxgCIAEoBRIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYBCABKAUiPQoMUHVsbFJlc3BvbnNlEi0KCG1lc3NhZ2VzGAEgAygLMhsudGlkaW5ncy52MS5SZWNlaXZlZE1lc3NhZ2UiMwoKQWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSDwoHYWNrX2lkcxgCIAMoCSI3CgtBY2tSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSJECgtOYWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSHwoFbmFja3MYAiADKAsyEC50aWRpbmdzLnYxLk5hY2siOAoMTmFja1Jlc3BvbnNlEigKCG91dGNvbWVzGAEgAygLMhYudGlkaW5ncy52MS5BY2tPdXRjb21lIloKEkV4dGVuZExlYXNlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSLgoKZXh0ZW5zaW9ucxgCIAMoCzIaLnRpZGluZ3MudjEuTGVhc2VFeHRlbnNpb24iPwoTRXh0ZW5kTGVhc2VSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSqRAQoMQWNrT3BlcmF0aW9uEh0KGUFDS19PUEVSQVRJT05fVU5TUEVDSUZJRUQQABIVChFBQ0tfT1BFUkFUSU9OX0FDSxABEhYKEkFDS19PUEVSQVRJT05fTkFDSxACEhgKFEFDS19PUEVSQVRJT05fRVhURU5EEAMSGQoVQUNLX09QRVJBVElPTl9SRUxFQVNFEAQqaAoJQWNrUmVzdWx0EhoKFkFDS19SRVNVTFRfVU5TUEVDSUZJRUQQABIRCg1BQ0tfUkVTVUxUX09LEAESFAoQQUNLX1JFU1VMVF9TVEFMRRACEhYKEkFDS19SRVNVTFRfVU5LTk9XThADMt8CChFTdWJzY3JpYmVyU2VydmljZRJMCglTdWJzY3JpYmUSHC50aWRpbmdzLnYxLlN1YnNjcmliZVJlcXVlc3QaHS50aWRpbmdzLnYxLlN1YnNjcmliZVJlc3BvbnNlKAEwARI5CgRQdWxsEhcudGlkaW5ncy52MS5QdWxsUmVxdWVzdBoYLnRpZGluZ3MudjEuUHVsbFJlc3BvbnNlEjYKA0FjaxIWLnRpZGluZ3MudjEuQWNrUmVxdWVzdBoXLnRpZGluZ3MudjEuQWNrUmVzcG9uc2USOQoETmFjaxIXLnRpZGluZ3MudjEuTmFja1JlcXVlc3QaGC50aWRpbmdzLnYxLk5hY2tSZXNwb25zZRJOCgtFeHRlbmRMZWFzZRIeLnRpZGluZ3MudjEuRXh0ZW5kTGVhc2VSZXF1ZXN0Gh8udGlkaW5ncy52MS5FeHRlbmRMZWFzZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tidings_v1_message]);
+  fileDesc("Cht0aWRpbmdzL3YxL3N1YnNjcmliZXIucHJvdG8SCnRpZGluZ3MudjEijAEKD1JlY2VpdmVkTWVzc2FnZRIkCgdtZXNzYWdlGAEgASgLMhMudGlkaW5ncy52MS5NZXNzYWdlEg4KBmFja19pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjIKDmxlYXNlX2RlYWRsaW5lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJQCgROYWNrEg4KBmFja19pZBgBIAEoCRIoCgVkZWxheRgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZyZWFzb24YAyABKAkiTgoOTGVhc2VFeHRlbnNpb24SDgoGYWNrX2lkGAEgASgJEiwKCWV4dGVuc2lvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiK0AQoKQWNrT3V0Y29tZRIOCgZhY2tfaWQYASABKAkSKwoJb3BlcmF0aW9uGAIgASgOMhgudGlkaW5ncy52MS5BY2tPcGVyYXRpb24SJQoGcmVzdWx0GAMgASgOMhUudGlkaW5ncy52MS5BY2tSZXN1bHQSMgoObGVhc2VfZGVhZGxpbmUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmRldGFpbBgFIAEoCSKAAgoQU3Vic2NyaWJlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSIAoYbWF4X291dHN0YW5kaW5nX21lc3NhZ2VzGAIgASgFEh0KFW1heF9vdXRzdGFuZGluZ19ieXRlcxgDIAEoAxIPCgdhY2tfaWRzGAQgAygJEh8KBW5hY2tzGAUgAygLMhAudGlkaW5ncy52MS5OYWNrEi4KCmV4dGVuc2lvbnMYBiADKAsyGi50aWRpbmdzLnYxLkxlYXNlRXh0ZW5zaW9uEhcKD3JlbGVhc2VfYWNrX2lkcxgHIAMoCRIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYCCABKAUibAoRU3Vic2NyaWJlUmVzcG9uc2USLQoIbWVzc2FnZXMYASADKAsyGy50aWRpbmdzLnYxLlJlY2VpdmVkTWVzc2FnZRIoCghvdXRjb21lcxgCIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSKCAQoLUHVsbFJlcXVlc3QSFAoMc3Vic2NyaXB0aW9uGAEgASgJEhQKDG1heF9tZXNzYWdlcxgCIAEoBRIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIaChJtYXhfcmVzcG9uc2VfYnl0ZXMYBCABKAUiPQoMUHVsbFJlc3BvbnNlEi0KCG1lc3NhZ2VzGAEgAygLMhsudGlkaW5ncy52MS5SZWNlaXZlZE1lc3NhZ2UiMwoKQWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSDwoHYWNrX2lkcxgCIAMoCSI3CgtBY2tSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSJECgtOYWNrUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSHwoFbmFja3MYAiADKAsyEC50aWRpbmdzLnYxLk5hY2siOAoMTmFja1Jlc3BvbnNlEigKCG91dGNvbWVzGAEgAygLMhYudGlkaW5ncy52MS5BY2tPdXRjb21lIloKEkV4dGVuZExlYXNlUmVxdWVzdBIUCgxzdWJzY3JpcHRpb24YASABKAkSLgoKZXh0ZW5zaW9ucxgCIAMoCzIaLnRpZGluZ3MudjEuTGVhc2VFeHRlbnNpb24iPwoTRXh0ZW5kTGVhc2VSZXNwb25zZRIoCghvdXRjb21lcxgBIAMoCzIWLnRpZGluZ3MudjEuQWNrT3V0Y29tZSLBAQoNUGVla2VkTWVzc2FnZRIkCgdtZXNzYWdlGAEgASgLMhMudGlkaW5ncy52MS5NZXNzYWdlEicKBXN0YXRlGAIgASgOMhgudGlkaW5ncy52MS5NZXNzYWdlU3RhdGUSEAoIYXR0ZW1wdHMYAyABKAUSMgoOYXZhaWxhYmxlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhsKE2xhc3RfZmFpbHVyZV9yZWFzb24YBSABKAkiZgoLUGVla1JlcXVlc3QSFAoMc3Vic2NyaXB0aW9uGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEhoKEm1heF9yZXNwb25zZV9ieXRlcxgEIAEoBSJUCgxQZWVrUmVzcG9uc2USKwoIbWVzc2FnZXMYASADKAsyGS50aWRpbmdzLnYxLlBlZWtlZE1lc3NhZ2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKpEBCgxBY2tPcGVyYXRpb24SHQoZQUNLX09QRVJBVElPTl9VTlNQRUNJRklFRBAAEhUKEUFDS19PUEVSQVRJT05fQUNLEAESFgoSQUNLX09QRVJBVElPTl9OQUNLEAISGAoUQUNLX09QRVJBVElPTl9FWFRFTkQQAxIZChVBQ0tfT1BFUkFUSU9OX1JFTEVBU0UQBCpoCglBY2tSZXN1bHQSGgoWQUNLX1JFU1VMVF9VTlNQRUNJRklFRBAAEhEKDUFDS19SRVNVTFRfT0sQARIUChBBQ0tfUkVTVUxUX1NUQUxFEAISFgoSQUNLX1JFU1VMVF9VTktOT1dOEAMqqgEKDE1lc3NhZ2VTdGF0ZRIdChlNRVNTQUdFX1NUQVRFX1VOU1BFQ0lGSUVEEAASFQoRTUVTU0FHRV9TVEFURV9ORVcQARIXChNNRVNTQUdFX1NUQVRFX1JFQURZEAISGQoVTUVTU0FHRV9TVEFURV9CQUNLT0ZGEAMSGAoUTUVTU0FHRV9TVEFURV9MRUFTRUQQBBIWChJNRVNTQUdFX1NUQVRFX0hFTEQQBTKaAwoRU3Vic2NyaWJlclNlcnZpY2USTAoJU3Vic2NyaWJlEhwudGlkaW5ncy52MS5TdWJzY3JpYmVSZXF1ZXN0Gh0udGlkaW5ncy52MS5TdWJzY3JpYmVSZXNwb25zZSgBMAESOQoEUHVsbBIXLnRpZGluZ3MudjEuUHVsbFJlcXVlc3QaGC50aWRpbmdzLnYxLlB1bGxSZXNwb25zZRI2CgNBY2sSFi50aWRpbmdzLnYxLkFja1JlcXVlc3QaFy50aWRpbmdzLnYxLkFja1Jlc3BvbnNlEjkKBE5hY2sSFy50aWRpbmdzLnYxLk5hY2tSZXF1ZXN0GhgudGlkaW5ncy52MS5OYWNrUmVzcG9uc2USTgoLRXh0ZW5kTGVhc2USHi50aWRpbmdzLnYxLkV4dGVuZExlYXNlUmVxdWVzdBofLnRpZGluZ3MudjEuRXh0ZW5kTGVhc2VSZXNwb25zZRI5CgRQZWVrEhcudGlkaW5ncy52MS5QZWVrUmVxdWVzdBoYLnRpZGluZ3MudjEuUGVla1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_tidings_v1_message]);
 
 /**
  * A message leased to a consumer.
@@ -493,6 +493,128 @@ export const ExtendLeaseResponseSchema: GenMessage<ExtendLeaseResponse> = /*@__P
   messageDesc(file_tidings_v1_subscriber, 13);
 
 /**
+ * A message waiting on a subscription, as Peek shows it.
+ *
+ * @generated from message tidings.v1.PeekedMessage
+ */
+export type PeekedMessage = Message<"tidings.v1.PeekedMessage"> & {
+  /**
+   * The message.
+   *
+   * @generated from field: tidings.v1.Message message = 1;
+   */
+  message?: Message$1 | undefined;
+
+  /**
+   * Where it stands.
+   *
+   * @generated from field: tidings.v1.MessageState state = 2;
+   */
+  state: MessageState;
+
+  /**
+   * Deliveries counted so far (0 for a message never delivered).
+   *
+   * @generated from field: int32 attempts = 3;
+   */
+  attempts: number;
+
+  /**
+   * READY and BACKOFF: when it may be delivered; LEASED: when the lease ends.
+   * Unset for NEW and HELD.
+   *
+   * @generated from field: google.protobuf.Timestamp available_time = 4;
+   */
+  availableTime?: Timestamp | undefined;
+
+  /**
+   * The reason the last nack gave, if any.
+   *
+   * @generated from field: string last_failure_reason = 5;
+   */
+  lastFailureReason: string;
+};
+
+/**
+ * Describes the message tidings.v1.PeekedMessage.
+ * Use `create(PeekedMessageSchema)` to create a new message.
+ */
+export const PeekedMessageSchema: GenMessage<PeekedMessage> = /*@__PURE__*/
+  messageDesc(file_tidings_v1_subscriber, 14);
+
+/**
+ * Peek.
+ *
+ * @generated from message tidings.v1.PeekRequest
+ */
+export type PeekRequest = Message<"tidings.v1.PeekRequest"> & {
+  /**
+   * The subscription.
+   *
+   * @generated from field: string subscription = 1;
+   */
+  subscription: string;
+
+  /**
+   * At most this many messages (default 100, at most 1000).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * A next_page_token from an earlier call, to continue.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+
+  /**
+   * The response carries at most about this many bytes of messages
+   * (default and ceiling: the broker's --max-response-bytes); a single
+   * message larger than this is still shown alone.
+   *
+   * @generated from field: int32 max_response_bytes = 4;
+   */
+  maxResponseBytes: number;
+};
+
+/**
+ * Describes the message tidings.v1.PeekRequest.
+ * Use `create(PeekRequestSchema)` to create a new message.
+ */
+export const PeekRequestSchema: GenMessage<PeekRequest> = /*@__PURE__*/
+  messageDesc(file_tidings_v1_subscriber, 15);
+
+/**
+ * Peek's answer.
+ *
+ * @generated from message tidings.v1.PeekResponse
+ */
+export type PeekResponse = Message<"tidings.v1.PeekResponse"> & {
+  /**
+   * Waiting messages in sequence order.
+   *
+   * @generated from field: repeated tidings.v1.PeekedMessage messages = 1;
+   */
+  messages: PeekedMessage[];
+
+  /**
+   * Token for the next page; empty once every waiting message was shown.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message tidings.v1.PeekResponse.
+ * Use `create(PeekResponseSchema)` to create a new message.
+ */
+export const PeekResponseSchema: GenMessage<PeekResponse> = /*@__PURE__*/
+  messageDesc(file_tidings_v1_subscriber, 16);
+
+/**
  * What an acknowledgement operation was.
  *
  * @generated from enum tidings.v1.AckOperation
@@ -582,6 +704,64 @@ export const AckResultSchema: GenEnum<AckResult> = /*@__PURE__*/
   enumDesc(file_tidings_v1_subscriber, 1);
 
 /**
+ * Where a message waiting on a subscription stands.
+ *
+ * @generated from enum tidings.v1.MessageState
+ */
+export enum MessageState {
+  /**
+   * Not used.
+   *
+   * @generated from enum value: MESSAGE_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Never delivered: the subscription has not reached it yet. On an ordered
+   * subscription it also waits for the earlier messages of its key.
+   *
+   * @generated from enum value: MESSAGE_STATE_NEW = 1;
+   */
+  NEW = 1,
+
+  /**
+   * Deliverable now: released, nacked without a delay, its backoff over, its
+   * lease ended by a broken stream, redriven, or sought back to.
+   *
+   * @generated from enum value: MESSAGE_STATE_READY = 2;
+   */
+  READY = 2,
+
+  /**
+   * Waiting for its redelivery time (available_time) after a failed attempt.
+   *
+   * @generated from enum value: MESSAGE_STATE_BACKOFF = 3;
+   */
+  BACKOFF = 3,
+
+  /**
+   * Leased to a consumer until available_time.
+   *
+   * @generated from enum value: MESSAGE_STATE_LEASED = 4;
+   */
+  LEASED = 4,
+
+  /**
+   * Ordered subscription: held back until the earlier message of its key in
+   * progress is acked or dead-lettered.
+   *
+   * @generated from enum value: MESSAGE_STATE_HELD = 5;
+   */
+  HELD = 5,
+}
+
+/**
+ * Describes the enum tidings.v1.MessageState.
+ */
+export const MessageStateSchema: GenEnum<MessageState> = /*@__PURE__*/
+  enumDesc(file_tidings_v1_subscriber, 2);
+
+/**
  * Delivers messages with leases. A leased message must be acked before its
  * lease deadline; otherwise, when nacked, or when the Subscribe stream holding
  * it ends, it is redelivered with attempt + 1 (after a backoff, except for a
@@ -644,6 +824,18 @@ export const SubscriberService: GenService<{
     methodKind: "unary";
     input: typeof ExtendLeaseRequestSchema;
     output: typeof ExtendLeaseResponseSchema;
+  },
+  /**
+   * Shows the messages waiting on a subscription, in sequence order, without
+   * leasing them: no attempt, counter or lease changes. Dead letters are
+   * listed by AdminService.ListDeadLetters instead.
+   *
+   * @generated from rpc tidings.v1.SubscriberService.Peek
+   */
+  peek: {
+    methodKind: "unary";
+    input: typeof PeekRequestSchema;
+    output: typeof PeekResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tidings_v1_subscriber, 0);
