@@ -88,7 +88,7 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// About how many bytes the message takes in a response: payload, key,
     /// topic, attributes and the fixed fields.
-    pub(crate) fn response_bytes(&self) -> usize {
+    pub fn response_bytes(&self) -> usize {
         let attributes: usize = self
             .attributes
             .iter()
