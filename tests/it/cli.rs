@@ -521,6 +521,57 @@ async fn peek_shows_waiting_messages_and_changes_no_counter() {
 }
 
 #[tokio::test]
+async fn top_shows_rates_backlog_and_oldest_age() {
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    let b = &broker;
+    b.topic_and_sub("orders", "billing", |_| {}).await;
+    b.publish("orders", &["a", "b", "c"]).await;
+    // Publishes land between the first and the second refresh.
+    let publisher = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.publish("orders", &["d", "e"]).await;
+    };
+    let (frames, ()) = tokio::join!(
+        json(b, &["top", "--interval", "700ms", "--iterations", "2"]),
+        publisher
+    );
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let (first, second) = (&frames[0], &frames[1]);
+    assert_eq!(first["topics"][0]["name"], "orders");
+    assert_eq!(first["topics"][0]["lastSequence"], 3);
+    assert!(
+        first["topics"][0]["publishRate"].is_null(),
+        "no rate on the first refresh"
+    );
+    assert_eq!(second["topics"][0]["lastSequence"], 5);
+    let rate = second["topics"][0]["publishRate"].as_f64().expect("a rate");
+    assert!(rate > 0.0, "{second}");
+    let sub = &second["subscriptions"][0];
+    assert_eq!(sub["name"], "billing");
+    assert_eq!(sub["backlog"], 5);
+    assert_eq!(sub["ackRate"], 0.0);
+    assert!(
+        sub["oldestUnackedAge"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('s')),
+        "{sub}"
+    );
+
+    let text = ok(b, &["top", "--interval", "100ms", "--iterations", "1"]).await;
+    assert!(text.contains("SUBSCRIPTION"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("billing"))
+        .expect("a billing row");
+    assert!(row.split_whitespace().any(|w| w == "5"), "backlog 5: {row}");
+    assert!(
+        !text.contains('\x1b'),
+        "no terminal codes off a terminal: {text:?}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn subscribe_gives_back_what_it_does_not_ack() {
     let broker = TestBroker::start(Backend::Sqlite).await;
     let b = &broker;

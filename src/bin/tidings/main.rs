@@ -7,6 +7,7 @@ mod local;
 mod output;
 mod relay_bench;
 mod remote;
+mod top;
 
 use std::io::IsTerminal;
 

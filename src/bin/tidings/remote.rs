@@ -50,6 +50,9 @@ pub(crate) enum Remote {
     Publish(PublishArgs),
     /// Print a subscription's messages and ack them.
     Subscribe(SubscribeArgs),
+    /// A live view of topics and subscriptions (rates, backlog, oldest
+    /// unacked age, dead letters, blocked keys) and an outbox's relays.
+    Top(crate::top::TopArgs),
     /// Show the messages waiting on a subscription, oldest first, without
     /// leasing them: no attempt, counter or lease changes.
     Peek {
@@ -367,6 +370,7 @@ pub(crate) async fn run(
         }
         Remote::Publish(a) => publish(a, &connection, backoff, format).await,
         Remote::Subscribe(a) => subscribe(a, &connection, format).await,
+        Remote::Top(a) => crate::top::run(a, &admin, &url, format).await,
         Remote::Peek { subscription, max } => {
             let subscriber = Subscriber::new(&connection, backoff);
             peek(&subscriber, &subscription, max, format).await
