@@ -278,6 +278,14 @@ pub fn check_server_config(config: &ServerConfig) -> Result<()> {
     check_interval("keepalive_interval", config.keepalive_interval)?;
     check_interval("keepalive_timeout", config.keepalive_timeout)?;
     check_duration("shutdown_timeout", config.drain_timeout)?;
+    check_interval("idle_timeout", config.network.idle_timeout)?;
+    check_interval("tls_handshake_timeout", config.network.handshake_timeout)?;
+    check_interval("tls_reload_interval", config.network.tls_reload_interval)?;
+    if config.network.max_connections == 0 {
+        return Err(Error::InvalidArgument(
+            "max_connections is 0: no client could connect".into(),
+        ));
+    }
     check_limits(config)
 }
 

@@ -73,28 +73,107 @@ pub struct Connection {
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to reach a broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
     /// How long one TCP and HTTP/2 connection attempt may take before it
     /// fails as `Unavailable`.
     pub connect_timeout: Duration,
+    /// TLS settings for an `https://` broker (`None`: the Mozilla roots, no
+    /// client certificate).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
         }
     }
 }
 
+/// TLS settings of a client, in PEM.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates that sign the broker's certificate (`None`: the
+    /// Mozilla roots built in).
+    pub ca: Option<Vec<u8>>,
+    /// The client's certificate chain and private key, for brokers that ask
+    /// for one (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the broker's certificate must carry (default: the URL's
+    /// host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key stays out of logs.
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.as_ref().map(|c| c.len()))
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|_| "<certificate and key>"),
+            )
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Reads the files a command line names: a CA bundle, and a
+    /// certificate with its key.
+    ///
+    /// Fails with `InvalidArgument` naming a file that cannot be read, or a
+    /// certificate without a key (or the other way round).
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<ClientTls> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                Error::InvalidArgument(format!("cannot read {what} {}: {e}", path.display()))
+            })
+        };
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((read(c, "--tls-cert")?, read(k, "--tls-key")?)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a client certificate needs its key: give both --tls-cert and --tls-key".into(),
+                ));
+            }
+        };
+        Ok(ClientTls {
+            ca: ca.map(|p| read(p, "--tls-ca")).transpose()?,
+            identity,
+            domain: None,
+        })
+    }
+
+    fn config(&self) -> tonic::transport::ClientTlsConfig {
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => config.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
 /// The broker URL `url` stands for: `http://` is added to an address
-/// without a scheme (`127.0.0.1:50051`, `localhost:50051`).
+/// without a scheme (`127.0.0.1:50051`, `localhost:50051`); `https://`
+/// means TLS.
 ///
-/// Fails with `InvalidArgument` for `https://` (TLS is not supported yet:
-/// sending plain text to a TLS port would fail obscurely, and silently
-/// dropping TLS would be worse) and for any scheme but `http`, naming the
-/// fix.
+/// Fails with `InvalidArgument` for any scheme but `http` and `https`,
+/// naming the fix.
 pub fn broker_url(url: &str) -> Result<String> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -106,12 +185,10 @@ pub fn broker_url(url: &str) -> Result<String> {
         return Ok(format!("http://{url}"));
     };
     match scheme.to_ascii_lowercase().as_str() {
-        "http" => Ok(url.to_owned()),
-        "https" => Err(Error::InvalidArgument(format!(
-            "broker URL {url}: TLS (https://) is not supported yet; use http://{rest} on a trusted network"
-        ))),
+        "http" | "https" => Ok(url.to_owned()),
         _ => Err(Error::InvalidArgument(format!(
-            "broker URL {url}: unknown scheme {scheme}://; use http://{rest}"
+            "broker URL {url}: unknown scheme {scheme}://; use http://{rest} (plain text) or \
+             https://{rest} (TLS)"
         ))),
     }
 }
@@ -127,8 +204,9 @@ pub fn connect(url: &str) -> Result<Connection> {
 
 /// Opens a connection to `url` as [`connect`] does, with `options`.
 ///
-/// Fails with `InvalidArgument` if the URL is malformed or not `http`, or
-/// the connect timeout is zero or absurd.
+/// Fails with `InvalidArgument` if the URL is malformed or neither `http`
+/// nor `https`, TLS settings come with an `http://` URL (a typo that would
+/// silently send plain text), or the connect timeout is zero or absurd.
 pub fn connect_with(url: &str, options: ConnectOptions) -> Result<Connection> {
     crate::config::check_duration("connect timeout", options.connect_timeout)?;
     if options.connect_timeout.is_zero() {
@@ -137,12 +215,30 @@ pub fn connect_with(url: &str, options: ConnectOptions) -> Result<Connection> {
         ));
     }
     let url = broker_url(url)?;
-    let endpoint = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Error::InvalidArgument(format!("bad broker URL {url:?}: {e}")))?
         .tcp_nodelay(true)
         .connect_timeout(options.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    let https = url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    match (https, &options.tls) {
+        (true, tls) => {
+            let tls = tls.clone().unwrap_or_default();
+            endpoint = endpoint
+                .tls_config(tls.config())
+                .map_err(|e| Error::InvalidArgument(format!("TLS settings for {url}: {e}")))?;
+        }
+        (false, Some(_)) => {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            return Err(Error::InvalidArgument(format!(
+                "TLS settings were given but the broker URL {url} is plain text; use https://{rest}"
+            )));
+        }
+        (false, None) => {}
+    }
     Ok(Connection {
         channel: endpoint.connect_lazy(),
         url: url.into(),
@@ -347,19 +443,24 @@ mod tests {
             "http://127.0.0.1:50051"
         );
         assert_eq!(broker_url("http://h:1").unwrap(), "http://h:1");
-        let e = broker_url("https://h:1").unwrap_err().to_string();
-        assert!(e.contains("TLS") && e.contains("http://h:1"), "{e}");
+        assert_eq!(broker_url("https://h:1").unwrap(), "https://h:1");
         let e = broker_url("grpc://h:1").unwrap_err().to_string();
-        assert!(e.contains("use http://h:1"), "{e}");
         assert!(
-            connect_with(
-                "h:1",
-                ConnectOptions {
-                    connect_timeout: Duration::ZERO
-                }
-            )
-            .is_err()
+            e.contains("use http://h:1") && e.contains("https://h:1"),
+            "{e}"
         );
+        let zero = ConnectOptions {
+            connect_timeout: Duration::ZERO,
+            tls: None,
+        };
+        assert!(connect_with("h:1", zero).is_err());
+        // TLS settings with a plain-text URL are a mistake, not a downgrade.
+        let tls = ConnectOptions {
+            tls: Some(ClientTls::default()),
+            ..ConnectOptions::default()
+        };
+        let e = connect_with("http://h:1", tls).unwrap_err().to_string();
+        assert!(e.contains("use https://h:1"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ use crate::model::{self, PublishOutcome};
 pub struct RelayConfig {
     /// The broker's URL, like `http://127.0.0.1:50051`.
     pub broker: String,
+    /// How to reach the broker: connect timeout, TLS.
+    pub connect: client::ConnectOptions,
     /// Most rows per publish request (the broker accepts at most 1,000).
     pub batch_size: usize,
     /// Most payload bytes per publish request (at least one row is sent).
@@ -68,6 +70,7 @@ impl RelayConfig {
     pub fn new(broker: impl Into<String>) -> RelayConfig {
         RelayConfig {
             broker: broker.into(),
+            connect: client::ConnectOptions::default(),
             batch_size: 500,
             max_batch_bytes: 4 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
@@ -139,7 +142,7 @@ impl Relay {
     /// error: the relay retries until it answers.
     pub async fn start(outbox: Outbox, config: RelayConfig) -> Result<Relay> {
         config.check()?;
-        let connection = client::connect(&config.broker)?;
+        let connection = client::connect_with(&config.broker, config.connect.clone())?;
         if config.migrate {
             outbox.migrate().await?;
         }

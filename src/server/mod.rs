@@ -5,6 +5,7 @@ mod admin;
 mod convert;
 mod deadline;
 mod decoding;
+mod net;
 mod publisher;
 mod subscriber;
 
@@ -23,6 +24,8 @@ use crate::proto::{
     subscriber_service_server::SubscriberServiceServer,
 };
 use crate::store::{Store, StoreConfig};
+
+pub use net::{ClientAuth, ConnInfo, DEFAULT_MAX_CONNECTIONS, Network, TlsFiles};
 
 /// The names health reports on, besides the overall "".
 pub const SERVICE_NAMES: [&str; 3] = [
@@ -53,6 +56,8 @@ pub struct ServerConfig {
     /// remaining connections are closed (a health Watch, say, never ends by
     /// itself).
     pub drain_timeout: Duration,
+    /// TLS, the connection cap and the idle timeout.
+    pub network: Network,
 }
 
 impl ServerConfig {
@@ -67,6 +72,7 @@ impl ServerConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_pending_reset_streams: 100,
             drain_timeout: Duration::from_secs(30),
+            network: Network::default(),
         }
     }
 }
@@ -205,18 +211,26 @@ async fn serve_with_ready(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Unavailable(format!("the listener has no address: {e}")))?;
-    tracing::info!(%addr, "serving gRPC");
+    let tls = match &config.network.tls {
+        Some(files) => Some(std::sync::Arc::new(net::Tls::load(files)?)),
+        None => None,
+    };
+    tracing::info!(%addr, tls = tls.is_some(), "serving gRPC");
     // The listener is bound and the store open: connections made from now
     // on are served, so this is when the broker is up.
     ready(addr);
-    // Socket options must be set on the incoming stream: the builder's TCP
-    // settings apply only to listeners tonic binds itself. Without
-    // TCP_NODELAY, small responses wait for delayed ACKs (about 40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(config.keepalive_interval));
+    // The broker accepts connections itself (`net.rs`): the cap, TLS and
+    // the idle timeout. It sets TCP_NODELAY (without it, small responses
+    // wait for delayed ACKs, about 40 ms) and TCP keepalive.
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(net::accept(
+        listener,
+        &config.network,
+        tls,
+        config.keepalive_interval,
+    ));
     let served = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        .layer(net::ActivityLayer)
         .layer(deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decoding::answer as fn(_) -> _,

@@ -18,7 +18,7 @@ use crate::model::{
 /// at most once per interval, saying how many went unlogged in between. A
 /// failing disk or database must not write a line per attempt.
 #[derive(Debug)]
-pub(super) struct LogLimit {
+pub(crate) struct LogLimit {
     every: Duration,
     last: Option<Instant>,
     unlogged: u64,
@@ -26,7 +26,7 @@ pub(super) struct LogLimit {
 
 impl LogLimit {
     /// Logs at most once per `every`.
-    pub(super) const fn new(every: Duration) -> Self {
+    pub(crate) const fn new(every: Duration) -> Self {
         LogLimit {
             every,
             last: None,
@@ -36,7 +36,7 @@ impl LogLimit {
 
     /// Counts one occurrence at `now`. `Some(n)` means: log it now, and say
     /// that `n` occurrences since the last line were not logged.
-    pub(super) fn hit(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(last) if now.saturating_duration_since(last) < self.every => {
                 self.unlogged += 1;

@@ -22,6 +22,8 @@ mod sqlite;
 mod sweep;
 mod writer;
 
+pub(crate) use common::LogLimit;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -168,6 +168,42 @@ async fn serve_listens_on_a_host_name() {
     child.kill().await.expect("kill serve");
 }
 
+#[tokio::test]
+async fn serve_raises_the_open_file_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = format!(
+        "ulimit -Sn 256 && exec {} serve --listen 127.0.0.1:0 --data-dir {}",
+        env!("CARGO_BIN_EXE_tidings"),
+        dir.path().display()
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .env_remove("TIDINGS_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tidings");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("listening in time")
+        .expect("read")
+        .expect("a line");
+    assert!(line.contains("tidings listening on"), "{line}");
+    let pid = child.id().expect("pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open files line");
+    let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{files}");
+    assert_eq!(numbers[0], numbers[1], "soft limit raised to the hard one: {files}");
+    assert_ne!(numbers[0], "256", "{files}");
+    child.kill().await.expect("kill serve");
+}
+
 /// An address nobody listens on: a port bound and released.
 fn unused_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -213,15 +249,17 @@ async fn a_missing_broker_is_reported_within_the_timeout_with_its_address() {
 }
 
 #[tokio::test]
-async fn broker_urls_without_a_scheme_work_and_tls_ones_are_refused() {
+async fn broker_urls_without_a_scheme_work_and_unknown_schemes_are_refused() {
     let broker = TestBroker::start(Backend::Sqlite).await;
     let bare = broker.url.trim_start_matches("http://").to_owned();
     let output = tidings(&["--broker", &bare, "health"], &[]).await;
     assert!(output.status.success(), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
+    // https:// means TLS: against a plain-text broker it fails rather than
+    // quietly speaking plain text.
     let https = format!("https://{bare}");
     let output = tidings(&["--broker", &https, "health"], &[]).await;
-    refused(&output, "TLS");
+    refused(&output, &https);
     let grpc = format!("grpc://{bare}");
     let output = tidings(&["--broker", &grpc, "health"], &[]).await;
     refused(&output, &format!("use http://{bare}"));

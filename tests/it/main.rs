@@ -22,3 +22,4 @@ mod proxy;
 mod publish;
 mod relay;
 mod storage;
+mod tls;

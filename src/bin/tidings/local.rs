@@ -7,14 +7,14 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
 use tidings::outbox::{Relay, RelayConfig};
-use tidings::server::{self, ServerConfig};
+use tidings::server::{self, ClientAuth, ServerConfig, TlsFiles};
 use tidings::store::Storage;
 
 use crate::bench::{self, BenchConfig};
 use crate::output::Format;
 use crate::relay_bench::{self, RelayBenchConfig};
 use crate::remote::{open_outbox, tidy};
-use crate::{duration, interval, shutdown_signal};
+use crate::{TlsPaths, duration, interval, shutdown_signal};
 
 /// The server's defaults, which the flags show and fall back to.
 fn served() -> ServerConfig {
@@ -144,6 +144,35 @@ pub(crate) struct ServeArgs {
     /// PostgreSQL: longest a new or pooled database connection may take.
     #[arg(long, env = "TIDINGS_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(served().store.connect_timeout), value_parser = interval)]
     database_connect_timeout: HumanDuration,
+    /// With TLS: whether clients must present a certificate signed by
+    /// --tls-ca (default: required when --tls-ca is given, else none).
+    #[arg(long, env = "TIDINGS_TLS_CLIENT_AUTH", value_enum)]
+    tls_client_auth: Option<ClientAuthArg>,
+    /// Longest a TLS handshake may take.
+    #[arg(long, env = "TIDINGS_TLS_HANDSHAKE_TIMEOUT", default_value_t = HumanDuration(served().network.handshake_timeout), value_parser = interval)]
+    tls_handshake_timeout: HumanDuration,
+    /// How often the TLS files are checked for a new certificate.
+    #[arg(long, env = "TIDINGS_TLS_RELOAD_INTERVAL", default_value_t = HumanDuration(served().network.tls_reload_interval), value_parser = interval)]
+    tls_reload_interval: HumanDuration,
+    /// Most client connections open at once; more are closed as they
+    /// arrive, with a log line (at most every 10 s).
+    #[arg(long, env = "TIDINGS_MAX_CONNECTIONS", default_value_t = served().network.max_connections)]
+    max_connections: usize,
+    /// Close a connection that has had no call in progress for this long
+    /// (a socket that never sends a request included).
+    #[arg(long, env = "TIDINGS_IDLE_TIMEOUT", default_value_t = HumanDuration(served().network.idle_timeout), value_parser = interval)]
+    idle_timeout: HumanDuration,
+}
+
+/// `--tls-client-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ClientAuthArg {
+    /// No client certificate asked for.
+    None,
+    /// A certificate is checked if the client sends one.
+    Optional,
+    /// Every client must present one.
+    Required,
 }
 
 #[derive(Debug, Args)]
@@ -269,11 +298,15 @@ pub(crate) struct BenchArgs {
 pub(crate) async fn run(
     command: Local,
     broker: Option<String>,
+    tls: &TlsPaths,
     format: Format,
 ) -> anyhow::Result<()> {
     match command {
-        Local::Serve(args) => serve(args).await,
-        Local::Relay(args) => relay(args, broker.unwrap_or_else(|| DEFAULT_BROKER.into())).await,
+        Local::Serve(args) => serve(args, tls).await,
+        Local::Relay(args) => {
+            let broker = broker.unwrap_or_else(|| DEFAULT_BROKER.into());
+            relay(args, broker, tls).await
+        }
         Local::Bench(mut args) => {
             args.json |= format == Format::Json;
             run_bench(args, broker).await
@@ -297,7 +330,59 @@ pub(crate) async fn run(
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Open files the broker needs besides its client connections: database
+/// files and connections, the listener, logs.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit: each client
+/// connection is a file, and the default soft limit (often 1,024) is far
+/// below what a broker is expected to hold. Returns the limit now in force.
+fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (current, maximum) = (limit.current, limit.maximum);
+    if current.is_some() && current != maximum {
+        let raised = rustix::process::Rlimit {
+            current: maximum,
+            maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::info!(from = ?current, to = ?maximum, "raised the open file limit");
+                return maximum;
+            }
+            Err(e) => tracing::warn!(error = %e, ?current, "cannot raise the open file limit"),
+        }
+    }
+    current
+}
+
+/// The broker's TLS files, if --tls-cert names its certificate.
+fn server_tls(args: &ServeArgs, tls: &TlsPaths) -> anyhow::Result<Option<TlsFiles>> {
+    let (cert, key) = match (&tls.tls_cert, &tls.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (None, None) => {
+            if tls.tls_ca.is_some() || args.tls_client_auth.is_some() {
+                bail!("--tls-ca and --tls-client-auth need TLS: give --tls-cert and --tls-key");
+            }
+            return Ok(None);
+        }
+        _ => bail!("TLS needs both the certificate and its key: give --tls-cert and --tls-key"),
+    };
+    let client_auth = match (args.tls_client_auth, &tls.tls_ca) {
+        (Some(ClientAuthArg::None), _) | (None, None) => ClientAuth::None,
+        (Some(ClientAuthArg::Optional), _) => ClientAuth::Optional,
+        (Some(ClientAuthArg::Required), _) | (None, Some(_)) => ClientAuth::Required,
+    };
+    Ok(Some(TlsFiles {
+        cert,
+        key,
+        client_ca: tls.tls_ca.clone(),
+        client_auth,
+    }))
+}
+
+async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
     if let Some(url) = &args.database_url {
         config.store.storage = Storage::Postgres(url.clone());
@@ -323,9 +408,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.keepalive_interval = args.keepalive_interval.into();
     config.keepalive_timeout = args.keepalive_timeout.into();
     config.drain_timeout = args.shutdown_timeout.into();
+    config.network.tls = server_tls(&args, tls)?;
+    config.network.handshake_timeout = args.tls_handshake_timeout.into();
+    config.network.tls_reload_interval = args.tls_reload_interval.into();
+    config.network.max_connections = args.max_connections;
+    config.network.idle_timeout = args.idle_timeout.into();
     // Before anything starts: a bad duration is refused here, not by a
     // panicking background task.
     config::check_server_config(&config)?;
+    if let Some(files) = raise_open_file_limit()
+        && (config.network.max_connections as u64).saturating_add(FILES_BESIDES_CONNECTIONS) > files
+    {
+        tracing::warn!(
+            max_connections = config.network.max_connections,
+            open_file_limit = files,
+            "--max-connections is above what the open file limit allows: connections past \
+             the limit will fail to be accepted; lower --max-connections or raise `ulimit -n`"
+        );
+    }
     // A host name (localhost:50051) is resolved; the first address that
     // binds is used.
     let listener = tokio::net::TcpListener::bind(args.listen.as_str())
@@ -358,9 +458,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
+async fn relay(args: RelayArgs, broker: String, tls: &TlsPaths) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     let mut config = RelayConfig::new(broker);
+    config.connect.tls = tls.client()?;
     config.batch_size = args.batch_size;
     config.max_batch_bytes = args.max_batch_bytes;
     config.poll_interval = args.poll_interval.into();

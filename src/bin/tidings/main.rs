@@ -12,7 +12,9 @@ mod top;
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tidings::client::DEFAULT_CONNECT_TIMEOUT;
+use std::path::PathBuf;
+
+use tidings::client::{ClientTls, ConnectOptions, DEFAULT_CONNECT_TIMEOUT};
 use tidings::config::{self, DEFAULT_BROKER, HumanDuration};
 
 use crate::output::Format;
@@ -32,6 +34,8 @@ struct Cli {
     /// fails (or `subscribe` says it is reconnecting).
     #[arg(long, global = true, env = "TIDINGS_CONNECT_TIMEOUT", default_value_t = HumanDuration(DEFAULT_CONNECT_TIMEOUT), value_parser = interval)]
     connect_timeout: HumanDuration,
+    #[command(flatten)]
+    tls: TlsPaths,
     /// What commands print: text for people, or JSON (one object per result,
     /// field names as in the API's JSON mapping).
     #[arg(
@@ -55,12 +59,47 @@ struct Cli {
     command: Command,
 }
 
+/// TLS files, for the broker (`serve`) or for a client of it.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct TlsPaths {
+    /// PEM CA bundle. Client commands and the relay: the CAs that sign the
+    /// broker's certificate (for an https:// broker; default: the Mozilla
+    /// roots built in). serve: the CAs that sign client certificates
+    /// (mutual TLS; see --tls-client-auth).
+    #[arg(long, global = true, env = "TIDINGS_TLS_CA")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// PEM certificate chain. serve: the broker's own, which turns TLS on
+    /// (reread when the file changes). Client commands and the relay: the
+    /// client's own, for a broker that asks for one.
+    #[arg(long, global = true, env = "TIDINGS_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "TIDINGS_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+}
+
+impl TlsPaths {
+    /// A client's TLS settings, if any file was named.
+    pub(crate) fn client(&self) -> anyhow::Result<Option<ClientTls>> {
+        if self.tls_ca.is_none() && self.tls_cert.is_none() && self.tls_key.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(ClientTls::from_files(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+        )?))
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
+// Parsed once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     #[command(flatten)]
@@ -133,10 +172,19 @@ async fn main() -> std::process::ExitCode {
     };
     init_logs(cli.log_format, default_level);
     let result = match cli.command {
-        Command::Local(command) => local::run(command, cli.broker, cli.output).await,
+        Command::Local(command) => local::run(command, cli.broker, &cli.tls, cli.output).await,
         Command::Remote(command) => {
             let broker = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
-            remote::run(command, broker, cli.connect_timeout.into(), cli.output).await
+            match cli.tls.client() {
+                Ok(tls) => {
+                    let options = ConnectOptions {
+                        connect_timeout: cli.connect_timeout.into(),
+                        tls,
+                    };
+                    remote::run(command, broker, options, cli.output).await
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match result {

@@ -337,10 +337,10 @@ fn explain(e: anyhow::Error, url: &str) -> anyhow::Error {
 pub(crate) async fn run(
     command: Remote,
     url: &str,
-    connect_timeout: Duration,
+    options: ConnectOptions,
     format: Format,
 ) -> anyhow::Result<()> {
-    let options = ConnectOptions { connect_timeout };
+    let connect_timeout = options.connect_timeout;
     let connection = client::connect_with(url, options)?;
     let url = connection.url().to_owned();
     // Commands give up on an unreachable broker after the connect timeout,

@@ -105,6 +105,7 @@ impl Ctx {
             &self.url,
             ConnectOptions {
                 connect_timeout: self.config.call_timeout,
+                tls: None,
             },
         )
         .expect("a broker URL")
