@@ -157,7 +157,9 @@ pub(super) async fn stats(pool: &PgPool) -> Result<OutboxStats> {
     .await?;
     let relays = sqlx::query(
         "SELECT relay, leader, published, (extract(epoch FROM last_publish_at) * 1e6)::bigint, \
-                (extract(epoch FROM heartbeat_at) * 1e6)::bigint, last_error \
+                (extract(epoch FROM heartbeat_at) * 1e6)::bigint, last_error, \
+                heartbeat_interval_us, \
+                greatest((extract(epoch FROM now() - heartbeat_at) * 1e6)::bigint, 0) \
          FROM tidings_outbox_relays ORDER BY relay",
     )
     .fetch_all(pool)
@@ -170,17 +172,20 @@ pub(super) async fn report(
     relay: &str,
     status: &RelayStatus,
     started: SystemTime,
+    heartbeat_interval_us: i64,
 ) -> Result<()> {
     // Reports of relays silent for a day are dropped (they were killed).
     sqlx::query(
         "WITH gone AS (DELETE FROM tidings_outbox_relays \
                        WHERE heartbeat_at < now() - interval '1 day') \
          INSERT INTO tidings_outbox_relays \
-           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error) \
+           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error, \
+            heartbeat_interval_us) \
          VALUES ($1, to_timestamp($2::float8 / 1e6), now(), $3, $4, \
-                 to_timestamp($5::float8 / 1e6), $6) \
+                 to_timestamp($5::float8 / 1e6), $6, $7) \
          ON CONFLICT (relay) DO UPDATE SET heartbeat_at = now(), leader = $3, published = $4, \
-           last_publish_at = to_timestamp($5::float8 / 1e6), last_error = $6",
+           last_publish_at = to_timestamp($5::float8 / 1e6), last_error = $6, \
+           heartbeat_interval_us = $7",
     )
     .bind(relay)
     .bind(time_micros(started))
@@ -188,6 +193,7 @@ pub(super) async fn report(
     .bind(i64::try_from(status.published).unwrap_or(i64::MAX))
     .bind(status.last_publish.map(time_micros))
     .bind(status.last_error.as_deref())
+    .bind(heartbeat_interval_us)
     .execute(pool)
     .await?;
     Ok(())

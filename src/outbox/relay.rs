@@ -639,7 +639,12 @@ impl Runner {
 
     async fn heartbeat(&mut self) {
         let status = self.status.borrow().clone();
-        if let Err(e) = self.outbox.report(&self.name, &status, self.started).await {
+        let interval = self.config.heartbeat_interval;
+        if let Err(e) = self
+            .outbox
+            .report(&self.name, &status, self.started, interval)
+            .await
+        {
             tracing::debug!(error = %e, "could not write the relay's report row");
         }
     }

@@ -939,10 +939,13 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             .map(|r| {
                 json!({
                     "relay": r.relay,
+                    "alive": r.alive,
                     "leader": r.leader,
                     "published": r.published,
                     "lastPublishTime": r.last_publish.map(rfc),
                     "heartbeatTime": rfc(r.heartbeat),
+                    "heartbeatAge": output::proto_duration(r.heartbeat_age),
+                    "heartbeatInterval": r.heartbeat_interval.map(output::proto_duration),
                     "lastError": r.last_error,
                 })
             })
@@ -952,6 +955,7 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             "held": s.held,
             "oldestPendingAge": s.oldest_age.map(output::proto_duration),
             "heldError": s.held_error,
+            "leaders": s.leaders,
             "relays": relays,
         }));
         return Ok(());
@@ -962,22 +966,42 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "just now".into())
     };
     println!(
-        "outbox_depth: {}\nheld: {}\noldest_pending_age: {}\nheld_error: {}",
+        "outbox_depth: {}\nheld: {}\noldest_pending_age: {}\nheld_error: {}\nleader: {}",
         s.depth,
         s.held,
         s.oldest_age
             .map(|d| format!("{:.3}s", d.as_secs_f64()))
             .unwrap_or_else(|| "none".into()),
         s.held_error.as_deref().unwrap_or("none"),
+        if s.leaders.is_empty() {
+            "none".to_owned()
+        } else {
+            s.leaders.join(", ")
+        },
     );
     for r in &s.relays {
+        let interval = match r.heartbeat_interval {
+            Some(d) => output::human_duration(d),
+            None => format!(
+                "{} (default; not recorded)",
+                output::human_duration(tidings::outbox::DEFAULT_HEARTBEAT_INTERVAL)
+            ),
+        };
+        // A gone relay's leadership is only what it last said; a live one's
+        // is current.
+        let (state, leader) = if r.alive {
+            ("alive", "leader")
+        } else {
+            ("gone", "was_leader")
+        };
         println!(
-            "relay: {} leader={} published={} last_publish={} heartbeat={} last_error={}",
+            "relay: {} state={state} {leader}={} published={} last_publish={} heartbeat={:.1}s ago \
+             heartbeat_interval={interval} last_error={}",
             r.relay,
             r.leader,
             r.published,
             r.last_publish.map(ago).unwrap_or_else(|| "never".into()),
-            ago(r.heartbeat),
+            r.heartbeat_age.as_secs_f64(),
             r.last_error.as_deref().unwrap_or("none"),
         );
     }
