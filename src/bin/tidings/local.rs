@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
-use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
+use tidings::config::{
+    self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DatabaseTimeouts, HumanDuration,
+};
 use tidings::outbox::{Relay, RelayConfig};
 use tidings::server::{self, ServerConfig};
 use tidings::store::Storage;
@@ -24,6 +26,11 @@ fn served() -> ServerConfig {
 /// The relay's defaults.
 fn relayed() -> RelayConfig {
     RelayConfig::new(DEFAULT_BROKER)
+}
+
+/// The relay's database bounds by default.
+fn bounded() -> DatabaseTimeouts {
+    DatabaseTimeouts::default()
 }
 
 /// The bench's defaults.
@@ -194,6 +201,18 @@ pub(crate) struct RelayArgs {
     /// missing file is refused: a mistyped path would relay nothing, forever).
     #[arg(long, env = "TIDINGS_RELAY_CREATE_IF_MISSING")]
     create_if_missing: bool,
+    /// PostgreSQL: longest one of the relay's statements may run or wait for
+    /// a lock.
+    #[arg(long, env = "TIDINGS_RELAY_STATEMENT_TIMEOUT", default_value_t = HumanDuration(bounded().statement), value_parser = interval)]
+    statement_timeout: HumanDuration,
+    /// Longest one outbox operation (a fetch, a delete, a heartbeat, the
+    /// leader-lock check) may take before it counts as failed and is retried;
+    /// on PostgreSQL also how long a session may sit idle in a transaction.
+    #[arg(long, env = "TIDINGS_RELAY_OPERATION_TIMEOUT", default_value_t = HumanDuration(bounded().operation), value_parser = interval)]
+    operation_timeout: HumanDuration,
+    /// PostgreSQL: longest a new or pooled database connection may take.
+    #[arg(long, env = "TIDINGS_RELAY_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(bounded().connect), value_parser = interval)]
+    database_connect_timeout: HumanDuration,
 }
 
 #[derive(Debug, Args)]
@@ -373,7 +392,13 @@ async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
     config.report_interval = args.report_interval.into();
     config.migrate = args.migrate;
     config.check()?;
-    let outbox = open_outbox(&args.database_url, args.create_if_missing).await?;
+    let timeouts = DatabaseTimeouts {
+        statement: args.statement_timeout.into(),
+        operation: args.operation_timeout.into(),
+        connect: args.database_connect_timeout.into(),
+    };
+    timeouts.check()?;
+    let outbox = open_outbox(&args.database_url, args.create_if_missing, timeouts).await?;
     let mut relay = Relay::start(outbox, config).await?;
     // Scripts and tests wait for this line.
     println!("tidings relay started");

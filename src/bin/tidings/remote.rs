@@ -13,7 +13,7 @@ use tidings::client::{
     self, Admin, Backoff, ConnectOptions, Connection, Event, FlowControl, Outgoing, Publisher,
     Serving, Subscriber,
 };
-use tidings::config::HumanDuration;
+use tidings::config::{DatabaseTimeouts, HumanDuration};
 use tidings::model::{
     AckOperation, AckStatus, Micros, PublishOutcome, SeekTarget, StartPosition, SubscriptionPatch,
     SubscriptionSettings, TopicPatch, TopicSettings,
@@ -872,10 +872,14 @@ async fn show_until_done(
     }
 }
 
-/// Opens an outbox database for reading, refusing a SQLite file that does
-/// not exist (opening would create an empty one) and naming the database
-/// in every error.
-pub(crate) async fn open_outbox(url: &str, create_if_missing: bool) -> anyhow::Result<Outbox> {
+/// Opens an outbox database with these bounds, refusing a SQLite file that
+/// does not exist (opening would create an empty one) and naming the
+/// database in every error.
+pub(crate) async fn open_outbox(
+    url: &str,
+    create_if_missing: bool,
+    timeouts: DatabaseTimeouts,
+) -> anyhow::Result<Outbox> {
     if let Some(path) = sqlite_path(url)
         && !create_if_missing
         && !std::path::Path::new(&path).exists()
@@ -888,7 +892,7 @@ pub(crate) async fn open_outbox(url: &str, create_if_missing: bool) -> anyhow::R
         Some(path) => path,
         None => tidings::store::redact(url),
     };
-    Outbox::connect(url).await.map_err(|e| {
+    Outbox::connect_with(url, timeouts).await.map_err(|e| {
         anyhow!(
             "cannot open the outbox database {shown}: {}",
             tidy(&e.to_string())
@@ -930,7 +934,10 @@ pub(crate) fn tidy(text: &str) -> String {
 }
 
 async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
-    let s = open_outbox(url, false).await?.stats().await?;
+    let s = open_outbox(url, false, DatabaseTimeouts::default())
+        .await?
+        .stats()
+        .await?;
     let rfc = |t: SystemTime| output::rfc3339(tidings::model::time_micros(t));
     if format == Format::Json {
         let relays: Vec<_> = s
