@@ -25,7 +25,7 @@ use uuid::Uuid;
 #[cfg(feature = "postgres")]
 use super::Backend;
 #[cfg(feature = "postgres")]
-use super::postgres::Leadership;
+use super::postgres::{LeaderTiming, Leadership};
 use super::{Outbox, Row};
 use crate::client::{self, Backoff, Outgoing, PublishSession, Publisher};
 use crate::config;
@@ -57,6 +57,12 @@ pub struct RelayConfig {
     pub hold_max: Duration,
     /// How often to write this relay's row in `tidings_outbox_relays`.
     pub heartbeat_interval: Duration,
+    /// PostgreSQL: the leader's lock session may be silent this long before
+    /// the server ends it (and releases the lock for a standby): what hands
+    /// the lead over when the leader's database link freezes without a
+    /// reset. The leader checks its lock at a third of it and stands down
+    /// when a check fails.
+    pub leader_timeout: Duration,
     /// How often to log depth, oldest pending age and last publish.
     pub report_interval: Duration,
     /// Run the outbox migration at start.
@@ -79,7 +85,8 @@ impl RelayConfig {
             },
             hold_min: Duration::from_secs(1),
             hold_max: Duration::from_secs(300),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: super::DEFAULT_HEARTBEAT_INTERVAL,
+            leader_timeout: Duration::from_secs(30),
             report_interval: Duration::from_secs(60),
             migrate: true,
         }
@@ -90,11 +97,12 @@ impl RelayConfig {
     /// Checks the settings before a relay runs with them.
     ///
     /// Fails with `InvalidArgument` for a zero poll, heartbeat or report
-    /// interval, or a duration longer than
+    /// interval or leader timeout, or a duration longer than
     /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
     pub fn check(&self) -> Result<()> {
         config::check_interval("relay poll_interval", self.poll_interval)?;
         config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
+        config::check_interval("relay leader_timeout", self.leader_timeout)?;
         config::check_interval("relay report_interval", self.report_interval)?;
         config::check_duration("relay hold_min", self.hold_min)?;
         config::check_duration("relay hold_max", self.hold_max)?;
@@ -164,8 +172,15 @@ impl Relay {
                 listener_failed: false,
             },
             #[cfg(feature = "postgres")]
-            leadership: match outbox.backend {
-                Backend::Postgres(_) => Some(Leadership::default()),
+            leadership: match &outbox.backend {
+                Backend::Postgres(pool) => Some(Leadership::start(
+                    pool.clone(),
+                    LeaderTiming {
+                        try_every: config.poll_interval,
+                        lease: config.leader_timeout,
+                        operation: outbox.timeouts.operation,
+                    },
+                )),
                 #[allow(unreachable_patterns)]
                 _ => None,
             },
@@ -338,7 +353,8 @@ struct Runner {
     outbox: Outbox,
     config: RelayConfig,
     wake: Wake,
-    /// PostgreSQL: the leader lock (`None` for SQLite).
+    /// PostgreSQL: the leader lock, kept by its own task (`None` for
+    /// SQLite).
     #[cfg(feature = "postgres")]
     leadership: Option<Leadership>,
     publisher: Publisher,
@@ -415,19 +431,13 @@ impl Runner {
         tracing::info!(relay = %self.name, published = s.published, "outbox relay stopped");
     }
 
-    /// On PostgreSQL, whether this relay holds the leader lock (checked at
-    /// each heartbeat while leading, each poll while standing by).
-    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    /// On PostgreSQL, whether this relay holds the leader lock (as the
+    /// leadership task last checked it).
     async fn lead(&mut self, heartbeat: &mut Instant) -> bool {
         #[cfg(feature = "postgres")]
-        if let (Some(leadership), Backend::Postgres(pool)) =
-            (&mut self.leadership, &self.outbox.backend)
-        {
+        if let Some(leadership) = &self.leadership {
             let was = self.status.borrow().leader;
-            if was && heartbeat.elapsed() < self.config.heartbeat_interval {
-                return true;
-            }
-            let now = leadership.check(pool, self.outbox.timeouts.operation).await;
+            let now = leadership.leading();
             if now != was {
                 self.status.send_modify(|s| s.leader = now);
                 if now {
@@ -444,8 +454,13 @@ impl Runner {
             return now;
         }
         // SQLite: no leader lock; every relay publishes.
-        self.status
-            .send_if_modified(|s| !std::mem::replace(&mut s.leader, true));
+        if self
+            .status
+            .send_if_modified(|s| !std::mem::replace(&mut s.leader, true))
+        {
+            *heartbeat = Instant::now();
+            self.heartbeat().await;
+        }
         true
     }
 

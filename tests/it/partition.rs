@@ -268,3 +268,100 @@ async fn a_relay_survives_a_black_holed_outbox_database_and_relays_each_row_once
     app.drop().await;
     broker.stop().await;
 }
+
+/// Issue 16: a leader relay whose database link freezes (no byte, no reset,
+/// ever) kept its session, and with it the advisory leader lock, so no
+/// standby could take over. The server now ends the silent session within
+/// the leader timeout; the standby takes over and relays every row once.
+#[tokio::test]
+async fn a_standby_relay_takes_over_from_a_leader_whose_link_froze() {
+    use crate::outbox::{AppDb, receive, relay_config, stored};
+    use tidings::config::DatabaseTimeouts;
+    use tidings::outbox::{Message, Outbox, Relay};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    let app = AppDb::create(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let timeouts = DatabaseTimeouts {
+        statement: BOUND,
+        operation: BOUND,
+        connect: BOUND,
+    };
+    let mut config = relay_config(&broker);
+    config.leader_timeout = 2 * BOUND;
+    // The leader reaches its database through the proxy; the standby
+    // directly.
+    let leader_outbox = Outbox::connect_with(&through(app.url(), proxy.addr()), timeouts)
+        .await
+        .expect("outbox through the proxy");
+    let leader = Relay::start(leader_outbox, config.clone())
+        .await
+        .expect("leader relay");
+    let mut leading = leader.watch();
+    let waited = tokio::time::timeout(PATIENCE, leading.wait_for(|s| s.leader))
+        .await
+        .is_ok();
+    assert!(waited, "the first relay never led");
+    let standby_outbox = Outbox::connect_with(app.url(), timeouts)
+        .await
+        .expect("outbox");
+    let standby = Relay::start(standby_outbox, config)
+        .await
+        .expect("standby relay");
+    let mut standing = standby.watch();
+
+    let before: Vec<Message> = (0..20)
+        .map(|i| Message::new("orders", format!("a{i}")))
+        .collect();
+    app.enqueue(&before, true).await;
+    let waited = tokio::time::timeout(PATIENCE, leading.wait_for(|s| s.published >= 20))
+        .await
+        .is_ok();
+    assert!(waited, "the leader publishes on a healthy link");
+    assert!(!standby.status().leader, "two leaders at once");
+
+    // Nothing passes the leader's link any more, old connections or new,
+    // and nothing resets it: to the server its session just goes quiet.
+    proxy.black_hole();
+    let frozen = std::time::Instant::now();
+    let during: Vec<Message> = (0..30)
+        .map(|i| Message::new("orders", format!("b{i}")))
+        .collect();
+    app.enqueue(&during, true).await;
+    let took_over = tokio::time::timeout(PATIENCE, standing.wait_for(|s| s.leader))
+        .await
+        .is_ok();
+    assert!(
+        took_over,
+        "the standby never took over from the frozen leader"
+    );
+    eprintln!(
+        "the standby took over {:?} after the freeze",
+        frozen.elapsed()
+    );
+    // The frozen leader noticed its lock checks fail and stood down.
+    let stood_down = tokio::time::timeout(PATIENCE, leading.wait_for(|s| !s.leader))
+        .await
+        .is_ok();
+    assert!(stood_down, "the frozen leader still acts as leader");
+
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, 50).await;
+    let ids: Vec<_> = got.iter().map(|m| m.message.id).collect();
+    let want: Vec<_> = before.iter().chain(&during).map(|m| m.id).collect();
+    assert_eq!(ids, want, "every row once, in order");
+    assert_eq!(stored(&broker, "orders").await, 50, "nothing stored twice");
+    standby.stop().await;
+    assert_eq!(app.depth().await, 0, "acked rows are deleted");
+    drop(leader);
+    drop(proxy);
+    app.drop().await;
+    broker.stop().await;
+}

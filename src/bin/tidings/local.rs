@@ -190,6 +190,11 @@ pub(crate) struct RelayArgs {
     /// How often the relay writes its row in `tidings_outbox_relays`.
     #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(relayed().heartbeat_interval), value_parser = interval)]
     heartbeat_interval: HumanDuration,
+    /// PostgreSQL: the leader's lock session may be silent this long before
+    /// the server ends it and a standby takes over (a leader whose database
+    /// link froze); the leader checks its lock at a third of it.
+    #[arg(long, env = "TIDINGS_RELAY_LEADER_TIMEOUT", default_value_t = HumanDuration(relayed().leader_timeout), value_parser = interval)]
+    leader_timeout: HumanDuration,
     /// How often the relay logs outbox depth, oldest pending age and last
     /// publish.
     #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value_t = HumanDuration(relayed().report_interval), value_parser = interval)]
@@ -390,6 +395,7 @@ async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
     config.hold_max = args.hold_max.into();
     config.heartbeat_interval = args.heartbeat_interval.into();
     config.report_interval = args.report_interval.into();
+    config.leader_timeout = args.leader_timeout.into();
     config.migrate = args.migrate;
     config.check()?;
     let timeouts = DatabaseTimeouts {
