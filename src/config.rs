@@ -264,6 +264,7 @@ pub fn check_store_config(config: &StoreConfig) -> Result<()> {
     check_interval("statement_timeout", config.statement_timeout)?;
     check_interval("commit_timeout", config.commit_timeout)?;
     check_interval("connect_timeout", config.connect_timeout)?;
+    check_interval("listen_check_interval", config.listen_check_interval)?;
     check_duration("dedup_window", config.dedup_window)
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -11,6 +11,7 @@ use super::{NewRow, OutboxStats, RelayStatus, Row};
 use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::time_micros;
+use crate::store::listener::{ListenCheck, WatchedListener};
 
 /// The channel the insert trigger notifies.
 pub(super) const CHANNEL: &str = "tidings_outbox";
@@ -253,6 +254,12 @@ impl Leadership {
     pub(super) fn leading(&self) -> bool {
         *self.leading.borrow()
     }
+
+    /// Resolves once this relay holds the lock.
+    pub(super) async fn taken(&self) {
+        let mut leading = self.leading.clone();
+        let _ = leading.wait_for(|l| *l).await;
+    }
 }
 
 async fn keep_lead(pool: PgPool, timing: LeaderTiming, leading: watch::Sender<bool>) {
@@ -330,9 +337,7 @@ async fn check(
     Ok(got)
 }
 
-/// A listener on the insert trigger's channel.
-pub(super) async fn listen(pool: &PgPool) -> Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
+/// A listener on the insert trigger's channel, checked for life.
+pub(super) async fn listen(pool: &PgPool, check: ListenCheck) -> Result<WatchedListener> {
+    Ok(WatchedListener::connect(pool, CHANNEL, check).await?)
 }

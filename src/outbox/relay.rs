@@ -47,6 +47,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// LISTEN for the insert trigger's NOTIFY on PostgreSQL.
     pub listen: bool,
+    /// PostgreSQL: when the LISTEN connection heard nothing for this long, a
+    /// ping is sent on its channel; if it is not back within the outbox's
+    /// operation timeout, the connection is replaced and the outbox looked
+    /// at (a frozen link would otherwise leave the relay to its poll
+    /// interval for ever, without a word).
+    pub listen_check_interval: Duration,
     /// First and longest delay between attempts while the broker or the
     /// database is unreachable.
     pub retry: Backoff,
@@ -78,6 +84,7 @@ impl RelayConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
             listen: true,
+            listen_check_interval: Duration::from_secs(10),
             retry: Backoff {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(10),
@@ -101,6 +108,7 @@ impl RelayConfig {
     /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
     pub fn check(&self) -> Result<()> {
         config::check_interval("relay poll_interval", self.poll_interval)?;
+        config::check_interval("relay listen_check_interval", self.listen_check_interval)?;
         config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
         config::check_interval("relay leader_timeout", self.leader_timeout)?;
         config::check_interval("relay report_interval", self.report_interval)?;
@@ -153,7 +161,13 @@ impl Relay {
         }
         let listener = match (&outbox.backend, config.listen) {
             #[cfg(feature = "postgres")]
-            (Backend::Postgres(pool), true) => Some(super::postgres::listen(pool).await?),
+            (Backend::Postgres(pool), true) => {
+                let check = crate::store::listener::ListenCheck {
+                    interval: config.listen_check_interval,
+                    bound: outbox.timeouts.operation,
+                };
+                Some(super::postgres::listen(pool, check).await?)
+            }
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -247,7 +261,7 @@ fn hostname() -> String {
 /// What wakes an idle relay: NOTIFY on PostgreSQL, [`Outbox::committed`] in
 /// process, or the poll interval.
 #[cfg(feature = "postgres")]
-type Listener = sqlx::postgres::PgListener;
+type Listener = crate::store::listener::WatchedListener;
 
 /// Without PostgreSQL nothing sends NOTIFY, so this type has no values: the
 /// field holding it is always `None`.
@@ -276,6 +290,8 @@ impl Wake {
         let local = self.local.clone();
         let notified = async {
             match &mut self.listener {
+                // A notification, or a replaced connection (whose lost
+                // notifications the pass that follows makes up for).
                 Some(l) => match l.recv().await {
                     Ok(_) => {
                         self.listener_failed = false;
@@ -384,6 +400,23 @@ impl Runner {
         }
     }
 
+    /// Waits while another relay leads: until this one takes the lock, a
+    /// poll interval passes, or the relay is stopped.
+    async fn stand_by(&mut self) {
+        let poll = self.config.poll_interval;
+        #[cfg(feature = "postgres")]
+        if let Some(leadership) = &self.leadership {
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = leadership.taken() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            return;
+        }
+        self.pause(poll).await;
+    }
+
     async fn run(mut self) {
         tracing::info!(relay = %self.name, broker = %self.config.broker, "outbox relay started");
         let mut heartbeat = Instant::now();
@@ -393,8 +426,7 @@ impl Runner {
         self.heartbeat().await;
         while !self.stopping() {
             if !self.lead(&mut heartbeat).await {
-                let poll = self.config.poll_interval;
-                self.pause(poll).await;
+                self.stand_by().await;
                 continue;
             }
             match self.pass().await {

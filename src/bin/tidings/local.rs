@@ -151,6 +151,11 @@ pub(crate) struct ServeArgs {
     /// PostgreSQL: longest a new or pooled database connection may take.
     #[arg(long, env = "TIDINGS_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(served().store.connect_timeout), value_parser = interval)]
     database_connect_timeout: HumanDuration,
+    /// PostgreSQL: when the connection listening for other instances'
+    /// wake-ups heard nothing this long, ping it; unanswered within
+    /// --commit-timeout, it is replaced.
+    #[arg(long, env = "TIDINGS_LISTEN_CHECK_INTERVAL", default_value_t = HumanDuration(served().store.listen_check_interval), value_parser = interval)]
+    listen_check_interval: HumanDuration,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +177,10 @@ pub(crate) struct RelayArgs {
     /// Wake on the outbox trigger's NOTIFY (PostgreSQL); `false` polls only.
     #[arg(long, env = "TIDINGS_RELAY_LISTEN", default_value_t = relayed().listen, action = clap::ArgAction::Set)]
     listen: bool,
+    /// PostgreSQL: when the LISTEN connection heard nothing this long, ping
+    /// it; unanswered within --operation-timeout, it is replaced.
+    #[arg(long, env = "TIDINGS_RELAY_LISTEN_CHECK_INTERVAL", default_value_t = HumanDuration(relayed().listen_check_interval), value_parser = interval)]
+    listen_check_interval: HumanDuration,
     /// First delay before retrying while the broker or the database is
     /// unreachable; doubles up to `--retry-max`.
     #[arg(long, env = "TIDINGS_RELAY_RETRY_MIN", default_value_t = HumanDuration(relayed().retry.min), value_parser = duration)]
@@ -334,6 +343,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.store.statement_timeout = args.statement_timeout.into();
     config.store.commit_timeout = args.commit_timeout.into();
     config.store.connect_timeout = args.database_connect_timeout.into();
+    config.store.listen_check_interval = args.listen_check_interval.into();
     config.limits.max_message_bytes = args.max_message_bytes;
     config.limits.max_response_bytes = args.max_response_bytes;
     config.limits.max_batch_messages = args.max_batch_messages;
@@ -389,6 +399,7 @@ async fn relay(args: RelayArgs, broker: String) -> anyhow::Result<()> {
     config.max_batch_bytes = args.max_batch_bytes;
     config.poll_interval = args.poll_interval.into();
     config.listen = args.listen;
+    config.listen_check_interval = args.listen_check_interval.into();
     config.retry.min = args.retry_min.into();
     config.retry.max = args.retry_max.into();
     config.hold_min = args.hold_min.into();
