@@ -250,7 +250,7 @@ pub(crate) fn postgres_session_bounds(
 /// bound never becomes 0 (which means none), and at most what the server
 /// accepts.
 #[cfg(feature = "postgres")]
-fn pg_millis(d: Duration) -> String {
+pub(crate) fn pg_millis(d: Duration) -> String {
     let ms = d.as_nanos().div_ceil(1_000_000).clamp(1, i32::MAX as u128);
     ms.to_string()
 }
@@ -264,6 +264,7 @@ pub fn check_store_config(config: &StoreConfig) -> Result<()> {
     check_interval("statement_timeout", config.statement_timeout)?;
     check_interval("commit_timeout", config.commit_timeout)?;
     check_interval("connect_timeout", config.connect_timeout)?;
+    check_interval("listen_check_interval", config.listen_check_interval)?;
     check_duration("dedup_window", config.dedup_window)
 }
 

@@ -90,7 +90,7 @@ BEGIN
 END
 $$;
 
--- One row per running relay: what `tidings stats --outbox-url` reports.
+-- One row per running relay: what `tidings stats --outbox` reports.
 CREATE TABLE IF NOT EXISTS tidings_outbox_relays (
     relay            text PRIMARY KEY,
     started_at       timestamptz NOT NULL,
@@ -100,3 +100,9 @@ CREATE TABLE IF NOT EXISTS tidings_outbox_relays (
     last_publish_at  timestamptz,
     last_error       text
 );
+
+-- How often the relay writes its row, in microseconds: `tidings stats`
+-- counts a relay whose heartbeat is older than three of these as gone (a
+-- relay killed with SIGKILL never removes its row). NULL in rows of relays
+-- older than this column; stats judge those by the default interval (5 s).
+ALTER TABLE tidings_outbox_relays ADD COLUMN IF NOT EXISTS heartbeat_interval_us bigint;

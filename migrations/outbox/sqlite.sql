@@ -43,14 +43,25 @@ CREATE TABLE IF NOT EXISTS tidings_outbox (
 CREATE INDEX IF NOT EXISTS tidings_outbox_held
     ON tidings_outbox (topic, key, seq) WHERE not_before IS NOT NULL;
 
--- One row per running relay: what `tidings stats --outbox-url` reports.
--- Times are Unix microseconds.
+-- One row per running relay: what `tidings stats --outbox` reports.
+-- Times are Unix microseconds. heartbeat_interval_us is how often the relay
+-- writes its row: `tidings stats` counts a relay whose heartbeat is older
+-- than three of these as gone (a relay killed with SIGKILL never removes its
+-- row); NULL (a relay older than the column) is judged by the default, 5 s.
+--
+-- SQLite has no ADD COLUMN IF NOT EXISTS, so this file cannot add the
+-- column to a table an older tidings created; `Outbox::migrate` (and so
+-- `tidings relay`) adds it. Running this file with your own tool on such a
+-- database, run once by hand as well:
+--
+--   ALTER TABLE tidings_outbox_relays ADD COLUMN heartbeat_interval_us INTEGER;
 CREATE TABLE IF NOT EXISTS tidings_outbox_relays (
-    relay            TEXT PRIMARY KEY,
-    started_at       INTEGER NOT NULL,
-    heartbeat_at     INTEGER NOT NULL,
-    leader           INTEGER NOT NULL,
-    published        INTEGER NOT NULL,
-    last_publish_at  INTEGER,
-    last_error       TEXT
+    relay                  TEXT PRIMARY KEY,
+    started_at             INTEGER NOT NULL,
+    heartbeat_at           INTEGER NOT NULL,
+    leader                 INTEGER NOT NULL,
+    published              INTEGER NOT NULL,
+    last_publish_at        INTEGER,
+    last_error             TEXT,
+    heartbeat_interval_us  INTEGER
 );

@@ -189,9 +189,26 @@ where
     })
 }
 
+/// A relay counts as gone once its heartbeat is older than this many of
+/// its heartbeat intervals: one late write is not death, three are.
+pub const GONE_AFTER_HEARTBEATS: u32 = 3;
+
+/// The heartbeat interval assumed for a relay row that does not say its own
+/// (written by a relay older than the `heartbeat_interval_us` column): the
+/// relay's default.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether a relay last heard `age` ago, heartbeating every `interval`
+/// (`None`: [`DEFAULT_HEARTBEAT_INTERVAL`]), still runs.
+pub fn relay_alive(age: Duration, interval: Option<Duration>) -> bool {
+    let interval = interval.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+    age <= interval.saturating_mul(GONE_AFTER_HEARTBEATS)
+}
+
 /// Reads stats from the head query (depth, held, oldest row's creation in
 /// Unix microseconds, first held error) and the relays' rows (relay, leader,
-/// published, last publish and heartbeat in Unix microseconds, last error).
+/// published, last publish and heartbeat in Unix microseconds, last error,
+/// heartbeat interval and the heartbeat's age in microseconds).
 fn stats_from<R>(head: &R, relays: &[R]) -> Result<OutboxStats, sqlx::Error>
 where
     R: sqlx::Row,
@@ -201,26 +218,41 @@ where
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     let oldest: Option<i64> = head.try_get(2)?;
+    let micros = |m: i64| Duration::from_micros(u64::try_from(m).unwrap_or(0));
+    let relays = relays
+        .iter()
+        .map(|r| {
+            let heartbeat_interval = r
+                .try_get::<Option<i64>, _>(6)?
+                .filter(|&m| m > 0)
+                .map(micros);
+            let heartbeat_age = micros(r.try_get(7)?);
+            Ok(RelayReport {
+                relay: r.try_get(0)?,
+                leader: r.try_get(1)?,
+                published: r.try_get(2)?,
+                last_publish: r
+                    .try_get::<Option<i64>, _>(3)?
+                    .map(crate::model::from_micros),
+                heartbeat: crate::model::from_micros(r.try_get(4)?),
+                last_error: r.try_get(5)?,
+                heartbeat_interval,
+                heartbeat_age,
+                alive: relay_alive(heartbeat_age, heartbeat_interval),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(OutboxStats {
         depth: head.try_get(0)?,
         held: head.try_get(1)?,
         oldest_age: oldest.map(|c| age(c, crate::model::now_micros())),
         held_error: head.try_get(3)?,
-        relays: relays
+        leaders: relays
             .iter()
-            .map(|r| {
-                Ok(RelayReport {
-                    relay: r.try_get(0)?,
-                    leader: r.try_get(1)?,
-                    published: r.try_get(2)?,
-                    last_publish: r
-                        .try_get::<Option<i64>, _>(3)?
-                        .map(crate::model::from_micros),
-                    heartbeat: crate::model::from_micros(r.try_get(4)?),
-                    last_error: r.try_get(5)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()?,
+            .filter(|r| r.alive && r.leader)
+            .map(|r| r.relay.clone())
+            .collect(),
+        relays,
     })
 }
 
@@ -254,7 +286,13 @@ pub struct OutboxStats {
     pub oldest_age: Option<Duration>,
     /// The broker's reason for the first held row.
     pub held_error: Option<String>,
-    /// The relays that reported recently.
+    /// The live relays that report publishing. On PostgreSQL the relays
+    /// elect one: this is it (two only for a moment at a hand-over, none
+    /// while no relay runs). SQLite has no election: every live relay
+    /// publishes and reports itself leader, so all of them are here.
+    pub leaders: Vec<String>,
+    /// Every relay with a row: live ones, and gone ones (killed without
+    /// removing their row; rows silent for a day are dropped).
     pub relays: Vec<RelayReport>,
 }
 
@@ -263,7 +301,8 @@ pub struct OutboxStats {
 pub struct RelayReport {
     /// Host, process and a random suffix.
     pub relay: String,
-    /// Whether it was the one publishing (on PostgreSQL one relay leads).
+    /// Whether it reported being the one publishing (on PostgreSQL one
+    /// relay leads; on SQLite every relay does). A gone relay's last word.
     pub leader: bool,
     /// Messages it published since it started.
     pub published: i64,
@@ -273,6 +312,15 @@ pub struct RelayReport {
     pub heartbeat: SystemTime,
     /// Its last failure, if the last attempt failed.
     pub last_error: Option<String>,
+    /// How often it said it writes its row; `None` for a relay older than
+    /// that column (judged by [`DEFAULT_HEARTBEAT_INTERVAL`]).
+    pub heartbeat_interval: Option<Duration>,
+    /// How long ago its row was last written, by the database's clock.
+    pub heartbeat_age: Duration,
+    /// Whether it still runs: heard within [`GONE_AFTER_HEARTBEATS`] of its
+    /// heartbeat intervals. A relay that stops cleanly removes its row; one
+    /// killed (SIGKILL, a lost machine) leaves it, and shows here as gone.
+    pub alive: bool,
 }
 
 /// The outbox of one database: migrations, the in-process wake-up signal,
@@ -460,11 +508,34 @@ impl Outbox {
         bounded!(self, hold(row, error, wait, whole_topic))
     }
 
-    async fn report(&self, relay: &str, status: &RelayStatus, started: SystemTime) -> Result<()> {
-        bounded!(self, report(relay, status, started))
+    async fn report(
+        &self,
+        relay: &str,
+        status: &RelayStatus,
+        started: SystemTime,
+        heartbeat_interval: Duration,
+    ) -> Result<()> {
+        let interval = crate::model::micros(heartbeat_interval);
+        bounded!(self, report(relay, status, started, interval))
     }
 
     async fn retire(&self, relay: &str) -> Result<()> {
         bounded!(self, retire(relay))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_is_gone_after_three_missed_heartbeats() {
+        let every = Some(Duration::from_millis(200));
+        assert!(relay_alive(Duration::ZERO, every));
+        assert!(relay_alive(Duration::from_millis(600), every));
+        assert!(!relay_alive(Duration::from_millis(601), every));
+        // A row without its interval is judged by the default.
+        assert!(relay_alive(Duration::from_secs(15), None));
+        assert!(!relay_alive(Duration::from_secs(16), None));
     }
 }

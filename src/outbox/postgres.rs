@@ -1,14 +1,17 @@
 //! The outbox's SQL for PostgreSQL (beside `migrations/outbox/postgres.sql`).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::{NewRow, OutboxStats, RelayStatus, Row};
 use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::time_micros;
+use crate::store::listener::{ListenCheck, WatchedListener};
 
 /// The channel the insert trigger notifies.
 pub(super) const CHANNEL: &str = "tidings_outbox";
@@ -157,7 +160,9 @@ pub(super) async fn stats(pool: &PgPool) -> Result<OutboxStats> {
     .await?;
     let relays = sqlx::query(
         "SELECT relay, leader, published, (extract(epoch FROM last_publish_at) * 1e6)::bigint, \
-                (extract(epoch FROM heartbeat_at) * 1e6)::bigint, last_error \
+                (extract(epoch FROM heartbeat_at) * 1e6)::bigint, last_error, \
+                heartbeat_interval_us, \
+                greatest((extract(epoch FROM now() - heartbeat_at) * 1e6)::bigint, 0) \
          FROM tidings_outbox_relays ORDER BY relay",
     )
     .fetch_all(pool)
@@ -170,17 +175,20 @@ pub(super) async fn report(
     relay: &str,
     status: &RelayStatus,
     started: SystemTime,
+    heartbeat_interval_us: i64,
 ) -> Result<()> {
     // Reports of relays silent for a day are dropped (they were killed).
     sqlx::query(
         "WITH gone AS (DELETE FROM tidings_outbox_relays \
                        WHERE heartbeat_at < now() - interval '1 day') \
          INSERT INTO tidings_outbox_relays \
-           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error) \
+           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error, \
+            heartbeat_interval_us) \
          VALUES ($1, to_timestamp($2::float8 / 1e6), now(), $3, $4, \
-                 to_timestamp($5::float8 / 1e6), $6) \
+                 to_timestamp($5::float8 / 1e6), $6, $7) \
          ON CONFLICT (relay) DO UPDATE SET heartbeat_at = now(), leader = $3, published = $4, \
-           last_publish_at = to_timestamp($5::float8 / 1e6), last_error = $6",
+           last_publish_at = to_timestamp($5::float8 / 1e6), last_error = $6, \
+           heartbeat_interval_us = $7",
     )
     .bind(relay)
     .bind(time_micros(started))
@@ -188,6 +196,7 @@ pub(super) async fn report(
     .bind(i64::try_from(status.published).unwrap_or(i64::MAX))
     .bind(status.last_publish.map(time_micros))
     .bind(status.last_error.as_deref())
+    .bind(heartbeat_interval_us)
     .execute(pool)
     .await?;
     Ok(())
@@ -201,62 +210,134 @@ pub(super) async fn retire(pool: &PgPool, relay: &str) -> Result<()> {
     Ok(())
 }
 
-/// The connection a relay holds its leader lock on: a session-level
-/// advisory lock, released when the connection ends, so also when the
-/// relay's process dies. The connection is detached from the pool, which
-/// must never hand a connection holding the lock to anyone else.
-#[derive(Debug, Default)]
+/// How a relay keeps or seeks the leader lock.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaderTiming {
+    /// How often a standby tries to take the lock.
+    pub(super) try_every: Duration,
+    /// The server ends the leader's lock session once it has been silent
+    /// this long (`idle_session_timeout`, `tcp_user_timeout`), so a frozen
+    /// leader's lock goes within it; the leader checks its lock at a third
+    /// of it, each check bounded by a third as well (or `operation`, if
+    /// shorter), so it steps down before the server can end its session.
+    pub(super) lease: Duration,
+    /// The bound of one database operation.
+    pub(super) operation: Duration,
+}
+
+/// The leader lock, kept by its own task: a session-level advisory lock on
+/// a connection of its own, released when that session ends, so also when
+/// the relay's process dies or the server ends a silent session. The task
+/// checks the lock on a timer of its own, whatever the relay is doing, and
+/// ends with this handle (the connection closes, the lock goes).
+#[derive(Debug)]
 pub(super) struct Leadership {
-    conn: Option<PgConnection>,
-    leading: bool,
+    leading: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Leadership {
-    /// Whether this relay holds the lock now: checks a held lock's connection
-    /// is alive, or tries to take the lock, within `timeout`: a connection
-    /// that does not answer in time is dropped, so a dead link costs the
-    /// lead rather than hanging the relay.
-    pub(super) async fn check(&mut self, pool: &PgPool, timeout: std::time::Duration) -> bool {
-        let checked = match tokio::time::timeout(timeout, self.try_check(pool)).await {
-            Ok(checked) => checked,
-            Err(_) => Err(Error::Unavailable(format!(
-                "the leader lock's connection did not answer within {timeout:?}"
-            ))),
-        };
-        match checked {
-            Ok(leading) => self.leading = leading,
-            Err(e) => {
-                if self.leading {
-                    tracing::warn!(error = %e, "lost the relay leader lock's connection");
-                }
-                self.conn = None;
-                self.leading = false;
-            }
-        }
-        self.leading
+    /// Starts seeking the lock on connections from `pool`.
+    pub(super) fn start(pool: PgPool, timing: LeaderTiming) -> Leadership {
+        let (tx, leading) = watch::channel(false);
+        let task = tokio::spawn(keep_lead(pool, timing, tx));
+        Leadership { leading, task }
     }
 
-    async fn try_check(&mut self, pool: &PgPool) -> Result<bool> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self.conn.insert(pool.acquire().await?.detach()),
-        };
-        if self.leading {
-            sqlx::query("SELECT 1").execute(&mut *conn).await?;
-            return Ok(true);
-        }
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOCK_CLASS)
-            .bind(LEADER)
-            .fetch_one(&mut *conn)
-            .await?;
-        Ok(got)
+    /// Whether this relay holds the lock, as of its last check.
+    pub(super) fn leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Resolves once this relay holds the lock.
+    pub(super) async fn taken(&self) {
+        let mut leading = self.leading.clone();
+        let _ = leading.wait_for(|l| *l).await;
     }
 }
 
-/// A listener on the insert trigger's channel.
-pub(super) async fn listen(pool: &PgPool) -> Result<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
-    Ok(listener)
+async fn keep_lead(pool: PgPool, timing: LeaderTiming, leading: watch::Sender<bool>) {
+    let check_every = timing.lease / 3;
+    let bound = timing.operation.min(check_every);
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        let held = *leading.borrow();
+        let checked = match tokio::time::timeout(bound, check(&pool, &mut conn, held, timing)).await
+        {
+            Ok(checked) => checked,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the leader lock's connection did not answer within {bound:?}"
+            ))),
+        };
+        let now = match checked {
+            Ok(now) => now,
+            Err(e) => {
+                if held {
+                    tracing::warn!(error = %e, "lost the relay leader lock's connection; standing by");
+                }
+                // A connection that failed or froze is dropped: if the
+                // server still holds its session, the session ends within
+                // `lease`, and the lock with it.
+                conn = None;
+                false
+            }
+        };
+        leading.send_if_modified(|l| std::mem::replace(l, now) != now);
+        let wait = if now { check_every } else { timing.try_every };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Checks a held lock's session answers, or tries to take the lock.
+async fn check(
+    pool: &PgPool,
+    conn: &mut Option<PgConnection>,
+    held: bool,
+    timing: LeaderTiming,
+) -> Result<bool> {
+    let c = match conn {
+        Some(c) => c,
+        // Detached: the pool must never hand a connection holding the lock
+        // to anyone else.
+        None => conn.insert(pool.acquire().await?.detach()),
+    };
+    if held {
+        sqlx::query("SELECT 1").execute(&mut *c).await?;
+        return Ok(true);
+    }
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LOCK_CLASS)
+        .bind(LEADER)
+        .fetch_one(&mut *c)
+        .await?;
+    if got {
+        // The server ends this session (and so releases the lock) once it
+        // is idle, or its unacknowledged bytes wait, longer than `lease`:
+        // a leader whose link froze without a reset loses the lock within
+        // it, where TCP keepalive alone would keep it as long as anything
+        // on the path still answers. The leader checks at a third of it.
+        // (idle_session_timeout came with PostgreSQL 14, tcp_user_timeout
+        // with 12; older servers skip them.)
+        sqlx::query(
+            "SELECT CASE WHEN current_setting('server_version_num')::int >= 140000 \
+                    THEN set_config('idle_session_timeout', $1, false) END, \
+                    CASE WHEN current_setting('server_version_num')::int >= 120000 \
+                    THEN set_config('tcp_user_timeout', $1, false) END",
+        )
+        .bind(crate::config::pg_millis(timing.lease))
+        .execute(&mut *c)
+        .await?;
+    }
+    Ok(got)
+}
+
+/// A listener on the insert trigger's channel, checked for life.
+pub(super) async fn listen(pool: &PgPool, check: ListenCheck) -> Result<WatchedListener> {
+    Ok(WatchedListener::connect(pool, CHANNEL, check).await?)
 }

@@ -25,7 +25,7 @@ use uuid::Uuid;
 #[cfg(feature = "postgres")]
 use super::Backend;
 #[cfg(feature = "postgres")]
-use super::postgres::Leadership;
+use super::postgres::{LeaderTiming, Leadership};
 use super::{Outbox, Row};
 use crate::client::{self, Backoff, Outgoing, PublishSession, Publisher};
 use crate::config;
@@ -49,6 +49,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// LISTEN for the insert trigger's NOTIFY on PostgreSQL.
     pub listen: bool,
+    /// PostgreSQL: when the LISTEN connection heard nothing for this long, a
+    /// ping is sent on its channel; if it is not back within the outbox's
+    /// operation timeout, the connection is replaced and the outbox looked
+    /// at (a frozen link would otherwise leave the relay to its poll
+    /// interval for ever, without a word).
+    pub listen_check_interval: Duration,
     /// First and longest delay between attempts while the broker or the
     /// database is unreachable.
     pub retry: Backoff,
@@ -59,6 +65,12 @@ pub struct RelayConfig {
     pub hold_max: Duration,
     /// How often to write this relay's row in `tidings_outbox_relays`.
     pub heartbeat_interval: Duration,
+    /// PostgreSQL: the leader's lock session may be silent this long before
+    /// the server ends it (and releases the lock for a standby): what hands
+    /// the lead over when the leader's database link freezes without a
+    /// reset. The leader checks its lock at a third of it and stands down
+    /// when a check fails.
+    pub leader_timeout: Duration,
     /// How often to log depth, oldest pending age and last publish.
     pub report_interval: Duration,
     /// Run the outbox migration at start.
@@ -75,6 +87,7 @@ impl RelayConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             poll_interval: Duration::from_millis(250),
             listen: true,
+            listen_check_interval: Duration::from_secs(10),
             retry: Backoff {
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(10),
@@ -82,7 +95,8 @@ impl RelayConfig {
             },
             hold_min: Duration::from_secs(1),
             hold_max: Duration::from_secs(300),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: super::DEFAULT_HEARTBEAT_INTERVAL,
+            leader_timeout: Duration::from_secs(30),
             report_interval: Duration::from_secs(60),
             migrate: true,
         }
@@ -93,11 +107,13 @@ impl RelayConfig {
     /// Checks the settings before a relay runs with them.
     ///
     /// Fails with `InvalidArgument` for a zero poll, heartbeat or report
-    /// interval, or a duration longer than
+    /// interval or leader timeout, or a duration longer than
     /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
     pub fn check(&self) -> Result<()> {
         config::check_interval("relay poll_interval", self.poll_interval)?;
+        config::check_interval("relay listen_check_interval", self.listen_check_interval)?;
         config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
+        config::check_interval("relay leader_timeout", self.leader_timeout)?;
         config::check_interval("relay report_interval", self.report_interval)?;
         config::check_duration("relay hold_min", self.hold_min)?;
         config::check_duration("relay hold_max", self.hold_max)?;
@@ -148,7 +164,13 @@ impl Relay {
         }
         let listener = match (&outbox.backend, config.listen) {
             #[cfg(feature = "postgres")]
-            (Backend::Postgres(pool), true) => Some(super::postgres::listen(pool).await?),
+            (Backend::Postgres(pool), true) => {
+                let check = crate::store::listener::ListenCheck {
+                    interval: config.listen_check_interval,
+                    bound: outbox.timeouts.operation,
+                };
+                Some(super::postgres::listen(pool, check).await?)
+            }
             _ => None,
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -167,8 +189,15 @@ impl Relay {
                 listener_failed: false,
             },
             #[cfg(feature = "postgres")]
-            leadership: match outbox.backend {
-                Backend::Postgres(_) => Some(Leadership::default()),
+            leadership: match &outbox.backend {
+                Backend::Postgres(pool) => Some(Leadership::start(
+                    pool.clone(),
+                    LeaderTiming {
+                        try_every: config.poll_interval,
+                        lease: config.leader_timeout,
+                        operation: outbox.timeouts.operation,
+                    },
+                )),
                 #[allow(unreachable_patterns)]
                 _ => None,
             },
@@ -235,7 +264,7 @@ fn hostname() -> String {
 /// What wakes an idle relay: NOTIFY on PostgreSQL, [`Outbox::committed`] in
 /// process, or the poll interval.
 #[cfg(feature = "postgres")]
-type Listener = sqlx::postgres::PgListener;
+type Listener = crate::store::listener::WatchedListener;
 
 /// Without PostgreSQL nothing sends NOTIFY, so this type has no values: the
 /// field holding it is always `None`.
@@ -264,6 +293,8 @@ impl Wake {
         let local = self.local.clone();
         let notified = async {
             match &mut self.listener {
+                // A notification, or a replaced connection (whose lost
+                // notifications the pass that follows makes up for).
                 Some(l) => match l.recv().await {
                     Ok(_) => {
                         self.listener_failed = false;
@@ -341,7 +372,8 @@ struct Runner {
     outbox: Outbox,
     config: RelayConfig,
     wake: Wake,
-    /// PostgreSQL: the leader lock (`None` for SQLite).
+    /// PostgreSQL: the leader lock, kept by its own task (`None` for
+    /// SQLite).
     #[cfg(feature = "postgres")]
     leadership: Option<Leadership>,
     publisher: Publisher,
@@ -371,6 +403,23 @@ impl Runner {
         }
     }
 
+    /// Waits while another relay leads: until this one takes the lock, a
+    /// poll interval passes, or the relay is stopped.
+    async fn stand_by(&mut self) {
+        let poll = self.config.poll_interval;
+        #[cfg(feature = "postgres")]
+        if let Some(leadership) = &self.leadership {
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = leadership.taken() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            return;
+        }
+        self.pause(poll).await;
+    }
+
     async fn run(mut self) {
         tracing::info!(relay = %self.name, broker = %self.config.broker, "outbox relay started");
         let mut heartbeat = Instant::now();
@@ -380,8 +429,7 @@ impl Runner {
         self.heartbeat().await;
         while !self.stopping() {
             if !self.lead(&mut heartbeat).await {
-                let poll = self.config.poll_interval;
-                self.pause(poll).await;
+                self.stand_by().await;
                 continue;
             }
             match self.pass().await {
@@ -418,19 +466,13 @@ impl Runner {
         tracing::info!(relay = %self.name, published = s.published, "outbox relay stopped");
     }
 
-    /// On PostgreSQL, whether this relay holds the leader lock (checked at
-    /// each heartbeat while leading, each poll while standing by).
-    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    /// On PostgreSQL, whether this relay holds the leader lock (as the
+    /// leadership task last checked it).
     async fn lead(&mut self, heartbeat: &mut Instant) -> bool {
         #[cfg(feature = "postgres")]
-        if let (Some(leadership), Backend::Postgres(pool)) =
-            (&mut self.leadership, &self.outbox.backend)
-        {
+        if let Some(leadership) = &self.leadership {
             let was = self.status.borrow().leader;
-            if was && heartbeat.elapsed() < self.config.heartbeat_interval {
-                return true;
-            }
-            let now = leadership.check(pool, self.outbox.timeouts.operation).await;
+            let now = leadership.leading();
             if now != was {
                 self.status.send_modify(|s| s.leader = now);
                 if now {
@@ -447,8 +489,13 @@ impl Runner {
             return now;
         }
         // SQLite: no leader lock; every relay publishes.
-        self.status
-            .send_if_modified(|s| !std::mem::replace(&mut s.leader, true));
+        if self
+            .status
+            .send_if_modified(|s| !std::mem::replace(&mut s.leader, true))
+        {
+            *heartbeat = Instant::now();
+            self.heartbeat().await;
+        }
         true
     }
 
@@ -642,7 +689,12 @@ impl Runner {
 
     async fn heartbeat(&mut self) {
         let status = self.status.borrow().clone();
-        if let Err(e) = self.outbox.report(&self.name, &status, self.started).await {
+        let interval = self.config.heartbeat_interval;
+        if let Err(e) = self
+            .outbox
+            .report(&self.name, &status, self.started, interval)
+            .await
+        {
             tracing::debug!(error = %e, "could not write the relay's report row");
         }
     }

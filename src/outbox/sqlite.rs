@@ -31,6 +31,19 @@ pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
     sqlx::raw_sql(super::SQLITE_MIGRATION)
         .execute(&mut *tx)
         .await?;
+    // A table an older tidings created lacks this column, and SQLite has no
+    // ADD COLUMN IF NOT EXISTS for the SQL file to say it with.
+    let has_interval: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('tidings_outbox_relays') \
+                        WHERE name = 'heartbeat_interval_us')",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !has_interval {
+        sqlx::query("ALTER TABLE tidings_outbox_relays ADD COLUMN heartbeat_interval_us INTEGER")
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -127,9 +140,11 @@ pub(super) async fn stats(pool: &SqlitePool) -> Result<OutboxStats> {
     .fetch_one(pool)
     .await?;
     let relays = sqlx::query(
-        "SELECT relay, leader, published, last_publish_at, heartbeat_at, last_error \
+        "SELECT relay, leader, published, last_publish_at, heartbeat_at, last_error, \
+                heartbeat_interval_us, max(?1 - heartbeat_at, 0) \
          FROM tidings_outbox_relays ORDER BY relay",
     )
+    .bind(now_micros())
     .fetch_all(pool)
     .await?;
     Ok(super::stats_from(&head, &relays)?)
@@ -140,6 +155,7 @@ pub(super) async fn report(
     relay: &str,
     status: &RelayStatus,
     started: SystemTime,
+    heartbeat_interval_us: i64,
 ) -> Result<()> {
     let now = now_micros();
     let mut tx = pool.begin().await?;
@@ -150,10 +166,11 @@ pub(super) async fn report(
         .await?;
     sqlx::query(
         "INSERT INTO tidings_outbox_relays \
-           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+           (relay, started_at, heartbeat_at, leader, published, last_publish_at, last_error, \
+            heartbeat_interval_us) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
          ON CONFLICT (relay) DO UPDATE SET heartbeat_at = ?3, leader = ?4, published = ?5, \
-           last_publish_at = ?6, last_error = ?7",
+           last_publish_at = ?6, last_error = ?7, heartbeat_interval_us = ?8",
     )
     .bind(relay)
     .bind(time_micros(started))
@@ -162,6 +179,7 @@ pub(super) async fn report(
     .bind(i64::try_from(status.published).unwrap_or(i64::MAX))
     .bind(status.last_publish.map(time_micros))
     .bind(status.last_error.as_deref())
+    .bind(heartbeat_interval_us)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -13,6 +13,8 @@ mod backend;
 mod common;
 #[cfg(feature = "sqlite")]
 mod datadir;
+#[cfg(feature = "postgres")]
+pub(crate) mod listener;
 mod plan;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -94,6 +96,12 @@ pub struct StoreConfig {
     /// PostgreSQL: longest a new connection, or a pooled read connection,
     /// may take to be had.
     pub connect_timeout: Duration,
+    /// PostgreSQL: when the connection listening for other instances'
+    /// NOTIFYs heard nothing for this long, a ping is sent on its channel;
+    /// if it is not back within `commit_timeout`, the connection is
+    /// replaced (a frozen link would otherwise leave wake-ups to polling
+    /// for ever, without a word).
+    pub listen_check_interval: Duration,
     /// SQLite: bytes of disk kept in reserve (the file `tidings.reserve` in
     /// the data directory). When the disk fills, the broker gives the
     /// reserve up so that acks, deletions and checkpoints can go on, and
@@ -115,6 +123,8 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`StoreConfig::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`StoreConfig::listen_check_interval`].
+pub const DEFAULT_LISTEN_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// Default of [`StoreConfig::disk_reserve`]: 64 MiB.
 pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 
@@ -140,6 +150,7 @@ impl StoreConfig {
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            listen_check_interval: DEFAULT_LISTEN_CHECK_INTERVAL,
             disk_reserve: DEFAULT_DISK_RESERVE,
         }
     }
@@ -335,6 +346,16 @@ impl Notifier {
     #[cfg(feature = "postgres")]
     fn notify_raw(&self, key: &str) {
         self.notify_key(key);
+    }
+
+    /// Wakes every waiter: after notifications from other instances may
+    /// have been lost.
+    #[cfg(feature = "postgres")]
+    fn notify_all(&self) {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in channels.values() {
+            tx.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     fn watch_key(&self, key: String) -> watch::Receiver<u64> {

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -25,6 +25,7 @@ use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
     encode_attributes, message_from_row, peeked_from_row, uuid_from,
 };
+use super::listener::{Heard, ListenCheck, WatchedListener};
 use super::reader::Reader;
 use super::writer::Writer;
 use super::{Notifier, StoreConfig};
@@ -101,8 +102,13 @@ pub(super) async fn open(
         .connect_with(options.clone())
         .await
         .map_err(db_err)?;
-    let mut listener = PgListener::connect_with(&pool).await.map_err(db_err)?;
-    listener.listen(CHANNEL).await.map_err(db_err)?;
+    let check = ListenCheck {
+        interval: config.listen_check_interval,
+        bound: config.commit_timeout,
+    };
+    let listener = WatchedListener::connect(&pool, CHANNEL, check)
+        .await
+        .map_err(db_err)?;
     let writer = Writer::new(
         Postgres {
             conn,
@@ -189,7 +195,7 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<()> {
 
 /// Turns other instances' notifications into local wake-ups.
 pub(super) struct Listener {
-    listener: PgListener,
+    listener: WatchedListener,
     notifier: Notifier,
     own_pid: i32,
 }
@@ -201,11 +207,14 @@ impl Listener {
         loop {
             tokio::select! {
                 received = self.listener.recv() => match received {
-                    Ok(n) => {
+                    Ok(Heard::Notification(n)) => {
                         if n.process_id() as i32 != self.own_pid {
                             self.notifier.notify_raw(n.payload());
                         }
                     }
+                    // Notifications sent while the old connection was dead
+                    // are lost: every waiter looks again.
+                    Ok(Heard::Replaced) => self.notifier.notify_all(),
                     Err(e) => {
                         if !alive() {
                             return;

@@ -88,6 +88,57 @@ async fn relay_refuses_a_zero_poll_interval() {
     refused(&output, "an interval must be longer than zero");
 }
 
+/// Issue 16: the relay's database bounds are flags (each with its
+/// environment variable, its default in --help), checked like serve's.
+#[tokio::test]
+async fn relay_database_bounds_are_flags_checked_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let relay = ["relay", "--database-url", &url, "--create-if-missing"];
+    for (flag, value) in [
+        ("--statement-timeout", "0s"),
+        ("--operation-timeout", "0ms"),
+        ("--database-connect-timeout", "0"),
+    ] {
+        let output = tidings(&[&relay[..], &[flag, value]].concat(), &[]).await;
+        refused(&output, "an interval must be longer than zero");
+        refused(&output, flag);
+    }
+    let absurd = [(
+        "TIDINGS_RELAY_OPERATION_TIMEOUT",
+        "99999999999999999999999s",
+    )];
+    let output = tidings(&relay, &absurd).await;
+    refused(&output, "is too long");
+    let output = tidings(&relay, &[("TIDINGS_RELAY_STATEMENT_TIMEOUT", "soon")]).await;
+    refused(&output, "invalid value 'soon' for '--statement-timeout");
+
+    let help = tidings(&["relay", "--help"], &[]).await;
+    let help = String::from_utf8_lossy(&help.stdout);
+    for shown in [
+        "TIDINGS_RELAY_STATEMENT_TIMEOUT",
+        "TIDINGS_RELAY_OPERATION_TIMEOUT",
+        "TIDINGS_RELAY_DATABASE_CONNECT_TIMEOUT",
+        "[default: 10s]",
+    ] {
+        assert!(help.contains(shown), "no {shown} in: {help}");
+    }
+
+    let args = [
+        &["--broker", "127.0.0.1:1"][..],
+        &relay,
+        &[
+            "--statement-timeout",
+            "2s",
+            "--database-connect-timeout",
+            "1500ms",
+        ],
+    ]
+    .concat();
+    let (mut child, _) = first_line(&args, false, "tidings relay started").await;
+    child.kill().await.expect("kill relay");
+}
+
 /// Issue 10: a database URL silently overrode a data directory. The storage
 /// is one choice now, and both together are refused at start.
 #[tokio::test]
@@ -199,7 +250,10 @@ async fn serve_raises_the_open_file_limit_to_the_hard_limit() {
         .expect("an open files line");
     let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers.len(), 2, "{files}");
-    assert_eq!(numbers[0], numbers[1], "soft limit raised to the hard one: {files}");
+    assert_eq!(
+        numbers[0], numbers[1],
+        "soft limit raised to the hard one: {files}"
+    );
     assert_ne!(numbers[0], "256", "{files}");
     child.kill().await.expect("kill serve");
 }

@@ -608,3 +608,28 @@ backend_test! {
         broker.stop().await;
     }
 }
+
+backend_test! {
+    async fn an_outbox_made_by_an_older_tidings_gains_the_heartbeat_interval(backend) {
+        let app = AppDb::create(&backend).await;
+        app.exec("ALTER TABLE tidings_outbox_relays DROP COLUMN heartbeat_interval_us").await;
+        // A row an older relay wrote, without its interval.
+        let now = match &backend {
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
+            Backend::Postgres(_) => "now()",
+        };
+        app.exec(&format!(
+            "INSERT INTO tidings_outbox_relays (relay, started_at, heartbeat_at, leader, published) \
+             VALUES ('old', {now}, {now}, true, 0)"
+        ))
+        .await;
+        app.outbox().migrate().await.expect("migrate an older outbox");
+        app.outbox().migrate().await.expect("and again");
+        let stats = app.outbox().stats().await.expect("stats");
+        let old = &stats.relays[0];
+        assert_eq!(old.heartbeat_interval, None);
+        assert!(old.alive, "judged by the default interval: {old:?}");
+        assert_eq!(stats.leaders, vec!["old".to_owned()]);
+        app.drop().await;
+    }
+}

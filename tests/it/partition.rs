@@ -268,3 +268,269 @@ async fn a_relay_survives_a_black_holed_outbox_database_and_relays_each_row_once
     app.drop().await;
     broker.stop().await;
 }
+
+/// Issue 16: a leader relay whose database link freezes (no byte, no reset,
+/// ever) kept its session, and with it the advisory leader lock, so no
+/// standby could take over. The server now ends the silent session within
+/// the leader timeout; the standby takes over and relays every row once.
+#[tokio::test]
+async fn a_standby_relay_takes_over_from_a_leader_whose_link_froze() {
+    use crate::outbox::{AppDb, receive, relay_config, stored};
+    use tidings::config::DatabaseTimeouts;
+    use tidings::outbox::{Message, Outbox, Relay};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    let app = AppDb::create(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let timeouts = DatabaseTimeouts {
+        statement: BOUND,
+        operation: BOUND,
+        connect: BOUND,
+    };
+    let mut config = relay_config(&broker);
+    config.leader_timeout = 2 * BOUND;
+    // The leader reaches its database through the proxy; the standby
+    // directly.
+    let leader_outbox = Outbox::connect_with(&through(app.url(), proxy.addr()), timeouts)
+        .await
+        .expect("outbox through the proxy");
+    let leader = Relay::start(leader_outbox, config.clone())
+        .await
+        .expect("leader relay");
+    let mut leading = leader.watch();
+    let waited = tokio::time::timeout(PATIENCE, leading.wait_for(|s| s.leader))
+        .await
+        .is_ok();
+    assert!(waited, "the first relay never led");
+    let standby_outbox = Outbox::connect_with(app.url(), timeouts)
+        .await
+        .expect("outbox");
+    let standby = Relay::start(standby_outbox, config)
+        .await
+        .expect("standby relay");
+    let mut standing = standby.watch();
+
+    let before: Vec<Message> = (0..20)
+        .map(|i| Message::new("orders", format!("a{i}")))
+        .collect();
+    app.enqueue(&before, true).await;
+    let waited = tokio::time::timeout(PATIENCE, leading.wait_for(|s| s.published >= 20))
+        .await
+        .is_ok();
+    assert!(waited, "the leader publishes on a healthy link");
+    assert!(!standby.status().leader, "two leaders at once");
+
+    // Nothing passes the leader's link any more, old connections or new,
+    // and nothing resets it: to the server its session just goes quiet.
+    proxy.black_hole();
+    let frozen = std::time::Instant::now();
+    let during: Vec<Message> = (0..30)
+        .map(|i| Message::new("orders", format!("b{i}")))
+        .collect();
+    app.enqueue(&during, true).await;
+    let took_over = tokio::time::timeout(PATIENCE, standing.wait_for(|s| s.leader))
+        .await
+        .is_ok();
+    assert!(
+        took_over,
+        "the standby never took over from the frozen leader"
+    );
+    eprintln!(
+        "the standby took over {:?} after the freeze",
+        frozen.elapsed()
+    );
+    // The frozen leader noticed its lock checks fail and stood down.
+    let stood_down = tokio::time::timeout(PATIENCE, leading.wait_for(|s| !s.leader))
+        .await
+        .is_ok();
+    assert!(stood_down, "the frozen leader still acts as leader");
+
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, 50).await;
+    let ids: Vec<_> = got.iter().map(|m| m.message.id).collect();
+    let want: Vec<_> = before.iter().chain(&during).map(|m| m.id).collect();
+    assert_eq!(ids, want, "every row once, in order");
+    assert_eq!(stored(&broker, "orders").await, 50, "nothing stored twice");
+    standby.stop().await;
+    assert_eq!(app.depth().await, 0, "acked rows are deleted");
+    drop(leader);
+    drop(proxy);
+    app.drop().await;
+    broker.stop().await;
+}
+
+/// The client ports of the sessions of `url`'s database whose last
+/// statement was LISTEN on `channel`.
+async fn listening_ports(url: &str, channel: &str) -> Vec<u16> {
+    use sqlx::Connection;
+    let mut conn = sqlx::postgres::PgConnection::connect(url)
+        .await
+        .expect("connect");
+    let ports: Vec<i32> = sqlx::query_scalar(
+        "SELECT client_port FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE $1",
+    )
+    .bind(format!("LISTEN \"{channel}\"%"))
+    .fetch_all(&mut conn)
+    .await
+    .expect("pg_stat_activity");
+    ports
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect()
+}
+
+/// Issue 16: a relay's LISTEN connection whose link froze was never
+/// noticed: with a long poll interval, committed rows waited for the poll.
+/// Now the silence is checked with a ping, the connection replaced, and the
+/// outbox looked at.
+#[tokio::test]
+async fn a_relay_whose_listen_link_froze_replaces_it_and_relays_promptly() {
+    use crate::outbox::{AppDb, receive, relay_config};
+    use tidings::config::DatabaseTimeouts;
+    use tidings::outbox::{Message, Outbox, Relay};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let broker = TestBroker::start(Backend::Sqlite).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    let app = AppDb::create(&backend).await;
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let timeouts = DatabaseTimeouts {
+        statement: BOUND,
+        operation: BOUND,
+        connect: BOUND,
+    };
+    let outbox = Outbox::connect_with(&through(app.url(), proxy.addr()), timeouts)
+        .await
+        .expect("outbox through the proxy");
+    let mut config = relay_config(&broker);
+    // Far longer than the test waits: only a wake-up relays in time.
+    config.poll_interval = Duration::from_secs(120);
+    config.listen_check_interval = Duration::from_millis(300);
+    let relay = Relay::start(outbox, config).await.expect("relay");
+    let mut status = relay.watch();
+    let led = tokio::time::timeout(PATIENCE, status.wait_for(|s| s.leader))
+        .await
+        .is_ok();
+    assert!(led, "the relay never led");
+    let mut sub = broker.subscribe("s");
+    let first = Message::new("orders", "before");
+    app.enqueue(std::slice::from_ref(&first), true).await;
+    assert_eq!(receive(&mut sub, 1).await[0].message.id, first.id);
+
+    // Only the LISTEN connection freezes; the relay's others, and new
+    // ones, pass.
+    let listening = listening_ports(app.url(), "tidings_outbox").await;
+    assert_eq!(
+        proxy.freeze_ports(&listening),
+        1,
+        "one LISTEN via the proxy"
+    );
+    let frozen = std::time::Instant::now();
+    let during = Message::new("orders", "during");
+    app.enqueue(std::slice::from_ref(&during), true).await;
+    assert_eq!(receive(&mut sub, 1).await[0].message.id, during.id);
+    eprintln!("relayed {:?} after the freeze", frozen.elapsed());
+    // The new LISTEN connection wakes the relay as the old one did.
+    let after = Message::new("orders", "after");
+    app.enqueue(std::slice::from_ref(&after), true).await;
+    let got = tokio::time::timeout(PATIENCE, receive(&mut sub, 1)).await;
+    assert_eq!(got.expect("woken in time")[0].message.id, after.id);
+
+    drop(sub);
+    relay.stop().await;
+    drop(proxy);
+    app.drop().await;
+    broker.stop().await;
+}
+
+/// Issue 16: a broker's LISTEN connection (other instances' wake-ups)
+/// whose link froze left its subscribers to the poll interval, silently.
+/// Now it is checked, replaced, and every waiter woken.
+#[tokio::test]
+async fn a_broker_whose_listen_link_froze_replaces_it_and_wakes_subscribers() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let Backend::Postgres(admin) = &backend else {
+        return;
+    };
+    let proxy = Proxy::start(upstream_of(admin)).await;
+    let backend = backend.clone();
+    // Far longer than the test waits: only a wake-up delivers in time.
+    let slow_poll = |c: &mut ServerConfig| c.limits.poll_interval = Duration::from_secs(120);
+    let a = TestBroker::start_with(backend, slow_poll).await;
+    let b = a
+        .another(|c| {
+            slow_poll(c);
+            via(&proxy)(c);
+            c.store.listen_check_interval = Duration::from_millis(300);
+        })
+        .await;
+    a.topic_and_sub("t", "s", |_| {}).await;
+    let mut sub = b.subscribe("s");
+    let url = a.database_url().expect("PostgreSQL").to_owned();
+    a.publish("t", &["before"]).await;
+    let m = next(&mut sub).await;
+    assert_eq!(payload(&m), "before");
+    sub.ack(vec![m.ack_id.to_string()]);
+
+    // The ack committed, so nothing local is about to wake the stream.
+    settled(&b).await;
+    // Only b's LISTEN connection freezes (a's does not pass the proxy).
+    let listening = listening_ports(&url, "tidings").await;
+    assert_eq!(
+        proxy.freeze_ports(&listening),
+        1,
+        "one LISTEN via the proxy"
+    );
+    let frozen = std::time::Instant::now();
+    a.publish("t", &["during"]).await;
+    let m = next(&mut sub).await;
+    assert_eq!(payload(&m), "during");
+    sub.ack(vec![m.ack_id.to_string()]);
+    settled(&b).await;
+    eprintln!("delivered {:?} after the freeze", frozen.elapsed());
+    a.publish("t", &["after"]).await;
+    let m = next(&mut sub).await;
+    assert_eq!(payload(&m), "after");
+    sub.ack(vec![m.ack_id.to_string()]);
+
+    drop(sub);
+    b.stop().await;
+    drop(proxy);
+    a.stop().await;
+}
+
+/// The next delivery on `sub`, which must come well before the poll.
+async fn next(sub: &mut tidings::client::Subscription) -> tidings::model::Delivery {
+    tokio::time::timeout(PATIENCE, sub.next_message())
+        .await
+        .expect("delivered without waiting for the poll")
+        .expect("subscription open")
+        .expect("no error")
+}
+
+/// Waits until subscription `s` on `b` has nothing in flight.
+async fn settled(b: &TestBroker) {
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    while b.stats("s").await.in_flight > 0 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the ack never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

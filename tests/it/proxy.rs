@@ -1,7 +1,9 @@
 //! A cutting TCP proxy for partition tests: it sits between a part of
 //! tidings and its database and can black-hole, freeze or reset the link.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -11,7 +13,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// What the proxy does to the bytes of each connection. Connections are
 /// numbered in the order they were accepted.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Cut {
     /// Nothing is forwarded either way, on any connection, old or new;
     /// sockets stay open and nothing is reset, as on a link that drops
@@ -21,6 +23,9 @@ struct Cut {
     /// Connections numbered below this never forward a byte again and are
     /// never closed: a frozen link, which nothing ever resets.
     frozen_below: u64,
+    /// These connections never forward a byte again, like those below
+    /// `frozen_below`.
+    frozen: BTreeSet<u64>,
     /// Connections numbered below this are closed at once.
     reset_below: u64,
 }
@@ -32,6 +37,9 @@ pub(crate) struct Proxy {
     addr: SocketAddr,
     cut: watch::Sender<Cut>,
     accepted: watch::Receiver<u64>,
+    /// Each connection's number by the local port of its upstream side
+    /// (the client port the database sees).
+    ports: Arc<Mutex<HashMap<u16, u64>>>,
     task: JoinHandle<()>,
 }
 
@@ -50,6 +58,8 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let (cut, cut_rx) = watch::channel(Cut::default());
         let (accepted_tx, accepted) = watch::channel(0u64);
+        let ports = Arc::new(Mutex::new(HashMap::new()));
+        let known = ports.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             let mut next = 0u64;
@@ -60,7 +70,13 @@ impl Proxy {
                 let number = next;
                 next += 1;
                 accepted_tx.send_replace(next);
-                connections.spawn(carry(client, upstream, number, cut_rx.clone()));
+                connections.spawn(carry(
+                    client,
+                    upstream,
+                    number,
+                    cut_rx.clone(),
+                    known.clone(),
+                ));
                 // Reap finished connections so the set does not grow.
                 while connections.try_join_next().is_some() {}
             }
@@ -69,6 +85,7 @@ impl Proxy {
             addr,
             cut,
             accepted,
+            ports,
             task,
         }
     }
@@ -96,6 +113,16 @@ impl Proxy {
         self.cut.send_modify(|c| c.frozen_below = accepted);
     }
 
+    /// Freezes, forever, those of this proxy's connections whose upstream
+    /// side has one of these local ports (`client_port` in the database's
+    /// `pg_stat_activity`); returns how many it froze. Others pass.
+    pub(crate) fn freeze_ports(&self, ports: &[u16]) -> usize {
+        let known = self.ports.lock().expect("ports");
+        let numbers: Vec<u64> = ports.iter().filter_map(|p| known.get(p).copied()).collect();
+        self.cut.send_modify(|c| c.frozen.extend(&numbers));
+        numbers.len()
+    }
+
     /// Closes every connection open now; connections made later pass.
     pub(crate) fn reset(&self) {
         let accepted = *self.accepted.borrow();
@@ -110,10 +137,19 @@ impl Proxy {
 
 /// Carries one connection until either side closes it or the proxy resets
 /// it.
-async fn carry(client: TcpStream, upstream: SocketAddr, number: u64, cut: watch::Receiver<Cut>) {
+async fn carry(
+    client: TcpStream,
+    upstream: SocketAddr,
+    number: u64,
+    cut: watch::Receiver<Cut>,
+    ports: Arc<Mutex<HashMap<u16, u64>>>,
+) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    if let Ok(local) = server.local_addr() {
+        ports.lock().expect("ports").insert(local.port(), number);
+    }
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let mut up = tokio::spawn(pipe(client_read, server_write, number, cut.clone()));
@@ -133,7 +169,9 @@ async fn pipe(
     mut cut: watch::Receiver<Cut>,
 ) {
     let reset = |c: &Cut| number < c.reset_below;
-    let passes = |c: &Cut| reset(c) || (!c.black_hole && number >= c.frozen_below);
+    let passes = |c: &Cut| {
+        reset(c) || (!c.black_hole && number >= c.frozen_below && !c.frozen.contains(&number))
+    };
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = tokio::select! {
@@ -144,7 +182,7 @@ async fn pipe(
             _ = cut.wait_for(reset) => return,
         };
         // Hold what was read (an end of stream too) until the link passes.
-        let Ok(now) = cut.wait_for(passes).await.map(|c| *c) else {
+        let Ok(now) = cut.wait_for(passes).await.map(|c| c.clone()) else {
             return;
         };
         if reset(&now) {

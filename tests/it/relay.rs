@@ -1,6 +1,7 @@
-//! Crash test of the relay: the real `tidings relay` process, killed with
+//! Crash tests of the relay: the real `tidings relay` process, killed with
 //! SIGKILL right after the broker stores what it sent (before it can delete
-//! the rows) many times while the application keeps committing.
+//! the rows) many times while the application keeps committing; and a
+//! killed relay seen as gone by `tidings stats --outbox` (issue 15).
 
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -19,11 +20,22 @@ use crate::outbox::{AppDb, receive, stored};
 /// Starts `tidings relay` on the application's database and waits until it
 /// runs; counts the duplicates it reports into `duplicates`.
 async fn spawn_relay(app: &AppDb, broker: &TestBroker, duplicates: Arc<AtomicU64>) -> Child {
+    let fast = ["--poll-interval", "20ms", "--heartbeat-interval", "100ms"];
+    spawn_relay_with(app, broker, &fast, duplicates).await
+}
+
+/// [`spawn_relay`] with these flags added.
+async fn spawn_relay_with(
+    app: &AppDb,
+    broker: &TestBroker,
+    flags: &[&str],
+    duplicates: Arc<AtomicU64>,
+) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tidings"))
         .args(["--log-format", "json", "relay", "--broker", &broker.url])
         .args(["--database-url", app.url()])
-        .args(["--poll-interval", "20ms", "--retry-max", "200ms"])
-        .args(["--heartbeat-interval", "100ms", "--batch-size", "100"])
+        .args(["--retry-max", "200ms", "--batch-size", "100"])
+        .args(flags)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,6 +174,136 @@ backend_test! {
         drop(all);
         drop(watch);
         Arc::into_inner(app).expect("writers done").drop().await;
+        broker.stop().await;
+    }
+}
+
+/// `tidings stats --outbox URL` (the real binary) with `--output format`:
+/// its standard output.
+async fn outbox_stats(app: &AppDb, format: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["--output", format, "stats", "--outbox", app.url()])
+        .output()
+        .await
+        .expect("tidings stats");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The relay names in `tidings stats --output json --outbox`: the leaders,
+/// the live relays and the gone ones.
+async fn relays_seen(app: &AppDb) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let text = outbox_stats(app, "json").await;
+    let v: serde_json::Value = serde_json::from_str(&text).expect("stats JSON");
+    let names = |alive: bool| -> Vec<String> {
+        v["relays"]
+            .as_array()
+            .expect("relays")
+            .iter()
+            .filter(|r| r["alive"].as_bool() == Some(alive))
+            .map(|r| {
+                assert!(r["heartbeatAge"].as_str().is_some(), "{r}");
+                assert_eq!(r["heartbeatInterval"], "0.200s", "{r}");
+                r["relay"].as_str().expect("name").to_owned()
+            })
+            .collect()
+    };
+    let leaders = v["leaders"]
+        .as_array()
+        .expect("leaders")
+        .iter()
+        .map(|l| l.as_str().expect("name").to_owned())
+        .collect();
+    (leaders, names(true), names(false))
+}
+
+/// The relay a process runs: its name holds the process id.
+fn named(names: &[String], relay: &Child) -> bool {
+    let pid = format!("-{}-", relay.id().expect("running"));
+    names.iter().any(|n| n.contains(&pid))
+}
+
+/// Polls `tidings stats` until `done` holds of what it lists.
+async fn stats_until(
+    app: &AppDb,
+    what: &str,
+    done: impl Fn(&[String], &[String], &[String]) -> bool,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (leaders, alive, gone) = relays_seen(app).await;
+        if done(&leaders, &alive, &gone) {
+            return (leaders, alive, gone);
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{what}: leaders {leaders:?}, alive {alive:?}, gone {gone:?}"
+        );
+        tokio::time::sleep(ms(100)).await;
+    }
+}
+
+backend_test! {
+    async fn issue_15_a_killed_relay_shows_as_gone_and_the_survivor_leads(backend) {
+        // PostgreSQL elects one leader; SQLite has none (every relay
+        // publishes and reports itself leader), so there "leader" lists
+        // every live relay, and what holds is that a killed one leaves it.
+        let elected = !matches!(backend, crate::harness::Backend::Sqlite);
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "s", |_| {}).await;
+        let app = AppDb::create(&backend).await;
+        let flags = ["--poll-interval", "50ms", "--heartbeat-interval", "200ms"];
+        let none = Arc::new(AtomicU64::new(0));
+        let mut first = spawn_relay_with(&app, &broker, &flags, none.clone()).await;
+        stats_until(&app, "the first relay leads", |leaders, _, _| named(leaders, &first)).await;
+        let second = spawn_relay_with(&app, &broker, &flags, none.clone()).await;
+        let (leaders, _, gone) = stats_until(&app, "both relays report", |_, alive, _| {
+            named(alive, &first) && named(alive, &second)
+        })
+        .await;
+        assert!(gone.is_empty(), "{gone:?}");
+        assert!(named(&leaders, &first), "{leaders:?}");
+        assert_eq!(named(&leaders, &second), !elected, "{leaders:?}");
+        let first_pid = format!("-{}-", first.id().expect("running"));
+
+        first.start_kill().expect("SIGKILL");
+        first.wait().await.expect("relay exited");
+        let killed = |names: &[String]| names.iter().any(|n| n.contains(&first_pid));
+        let (leaders, alive, gone) = stats_until(&app, "the killed relay is gone, the other leads", |leaders, _, gone| {
+            killed(gone) && named(leaders, &second) && leaders.len() == 1
+        })
+        .await;
+        assert!(!killed(&alive), "{alive:?}");
+        // Nothing is lost on the way: the survivor publishes.
+        app.enqueue(&[Message::new("orders", "after the kill")], true).await;
+        let mut sub = broker.subscribe("s");
+        crate::outbox::receive(&mut sub, 1).await;
+
+        // The text output says the same: the leader by name, the killed
+        // relay as gone with how long since it was heard.
+        let text = outbox_stats(&app, "text").await;
+        assert!(text.contains(&format!("\nleader: {}\n", leaders[0])), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&gone[0]))
+            .expect("a line for the killed relay");
+        assert!(line.contains("state=gone"), "{line}");
+        assert!(line.contains("s ago"), "{line}");
+        assert!(line.contains("heartbeat_interval=200ms"), "{line}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("relay: ") && l.contains(&leaders[0]))
+            .expect("a line for the leader");
+        assert!(line.contains("state=alive leader=true"), "{line}");
+
+        drop(sub);
+        drop(second);
+        app.drop().await;
         broker.stop().await;
     }
 }

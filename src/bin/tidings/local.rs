@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
-use tidings::config::{self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, HumanDuration};
+use tidings::config::{
+    self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DatabaseTimeouts, HumanDuration,
+};
 use tidings::outbox::{Relay, RelayConfig};
 use tidings::server::{self, ClientAuth, ServerConfig, TlsFiles};
 use tidings::store::Storage;
@@ -24,6 +26,11 @@ fn served() -> ServerConfig {
 /// The relay's defaults.
 fn relayed() -> RelayConfig {
     RelayConfig::new(DEFAULT_BROKER)
+}
+
+/// The relay's database bounds by default.
+fn bounded() -> DatabaseTimeouts {
+    DatabaseTimeouts::default()
 }
 
 /// The bench's defaults.
@@ -162,6 +169,11 @@ pub(crate) struct ServeArgs {
     /// (a socket that never sends a request included).
     #[arg(long, env = "TIDINGS_IDLE_TIMEOUT", default_value_t = HumanDuration(served().network.idle_timeout), value_parser = interval)]
     idle_timeout: HumanDuration,
+    /// PostgreSQL: when the connection listening for other instances'
+    /// wake-ups heard nothing this long, ping it; unanswered within
+    /// --commit-timeout, it is replaced.
+    #[arg(long, env = "TIDINGS_LISTEN_CHECK_INTERVAL", default_value_t = HumanDuration(served().store.listen_check_interval), value_parser = interval)]
+    listen_check_interval: HumanDuration,
 }
 
 /// `--tls-client-auth`.
@@ -194,6 +206,10 @@ pub(crate) struct RelayArgs {
     /// Wake on the outbox trigger's NOTIFY (PostgreSQL); `false` polls only.
     #[arg(long, env = "TIDINGS_RELAY_LISTEN", default_value_t = relayed().listen, action = clap::ArgAction::Set)]
     listen: bool,
+    /// PostgreSQL: when the LISTEN connection heard nothing this long, ping
+    /// it; unanswered within --operation-timeout, it is replaced.
+    #[arg(long, env = "TIDINGS_RELAY_LISTEN_CHECK_INTERVAL", default_value_t = HumanDuration(relayed().listen_check_interval), value_parser = interval)]
+    listen_check_interval: HumanDuration,
     /// First delay before retrying while the broker or the database is
     /// unreachable; doubles up to `--retry-max`.
     #[arg(long, env = "TIDINGS_RELAY_RETRY_MIN", default_value_t = HumanDuration(relayed().retry.min), value_parser = duration)]
@@ -212,6 +228,11 @@ pub(crate) struct RelayArgs {
     /// How often the relay writes its row in `tidings_outbox_relays`.
     #[arg(long, env = "TIDINGS_RELAY_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(relayed().heartbeat_interval), value_parser = interval)]
     heartbeat_interval: HumanDuration,
+    /// PostgreSQL: the leader's lock session may be silent this long before
+    /// the server ends it and a standby takes over (a leader whose database
+    /// link froze); the leader checks its lock at a third of it.
+    #[arg(long, env = "TIDINGS_RELAY_LEADER_TIMEOUT", default_value_t = HumanDuration(relayed().leader_timeout), value_parser = interval)]
+    leader_timeout: HumanDuration,
     /// How often the relay logs outbox depth, oldest pending age and last
     /// publish.
     #[arg(long, env = "TIDINGS_RELAY_REPORT_INTERVAL", default_value_t = HumanDuration(relayed().report_interval), value_parser = interval)]
@@ -223,6 +244,18 @@ pub(crate) struct RelayArgs {
     /// missing file is refused: a mistyped path would relay nothing, forever).
     #[arg(long, env = "TIDINGS_RELAY_CREATE_IF_MISSING")]
     create_if_missing: bool,
+    /// PostgreSQL: longest one of the relay's statements may run or wait for
+    /// a lock.
+    #[arg(long, env = "TIDINGS_RELAY_STATEMENT_TIMEOUT", default_value_t = HumanDuration(bounded().statement), value_parser = interval)]
+    statement_timeout: HumanDuration,
+    /// Longest one outbox operation (a fetch, a delete, a heartbeat, the
+    /// leader-lock check) may take before it counts as failed and is retried;
+    /// on PostgreSQL also how long a session may sit idle in a transaction.
+    #[arg(long, env = "TIDINGS_RELAY_OPERATION_TIMEOUT", default_value_t = HumanDuration(bounded().operation), value_parser = interval)]
+    operation_timeout: HumanDuration,
+    /// PostgreSQL: longest a new or pooled database connection may take.
+    #[arg(long, env = "TIDINGS_RELAY_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(bounded().connect), value_parser = interval)]
+    database_connect_timeout: HumanDuration,
 }
 
 #[derive(Debug, Args)]
@@ -395,6 +428,7 @@ async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
     config.store.statement_timeout = args.statement_timeout.into();
     config.store.commit_timeout = args.commit_timeout.into();
     config.store.connect_timeout = args.database_connect_timeout.into();
+    config.store.listen_check_interval = args.listen_check_interval.into();
     config.limits.max_message_bytes = args.max_message_bytes;
     config.limits.max_response_bytes = args.max_response_bytes;
     config.limits.max_batch_messages = args.max_batch_messages;
@@ -466,15 +500,23 @@ async fn relay(args: RelayArgs, broker: String, tls: &TlsPaths) -> anyhow::Resul
     config.max_batch_bytes = args.max_batch_bytes;
     config.poll_interval = args.poll_interval.into();
     config.listen = args.listen;
+    config.listen_check_interval = args.listen_check_interval.into();
     config.retry.min = args.retry_min.into();
     config.retry.max = args.retry_max.into();
     config.hold_min = args.hold_min.into();
     config.hold_max = args.hold_max.into();
     config.heartbeat_interval = args.heartbeat_interval.into();
     config.report_interval = args.report_interval.into();
+    config.leader_timeout = args.leader_timeout.into();
     config.migrate = args.migrate;
     config.check()?;
-    let outbox = open_outbox(&args.database_url, args.create_if_missing).await?;
+    let timeouts = DatabaseTimeouts {
+        statement: args.statement_timeout.into(),
+        operation: args.operation_timeout.into(),
+        connect: args.database_connect_timeout.into(),
+    };
+    timeouts.check()?;
+    let outbox = open_outbox(&args.database_url, args.create_if_missing, timeouts).await?;
     let mut relay = Relay::start(outbox, config).await?;
     // Scripts and tests wait for this line.
     println!("tidings relay started");

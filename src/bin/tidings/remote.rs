@@ -13,7 +13,7 @@ use tidings::client::{
     self, Admin, Backoff, ConnectOptions, Connection, Event, FlowControl, Outgoing, Publisher,
     Serving, Subscriber,
 };
-use tidings::config::HumanDuration;
+use tidings::config::{DatabaseTimeouts, HumanDuration};
 use tidings::model::{
     AckOperation, AckStatus, MessageState, Micros, PublishOutcome, SeekTarget, StartPosition,
     SubscriptionPatch, SubscriptionSettings, TopicPatch, TopicSettings,
@@ -930,10 +930,14 @@ async fn show_until_done(
     }
 }
 
-/// Opens an outbox database for reading, refusing a SQLite file that does
-/// not exist (opening would create an empty one) and naming the database
-/// in every error.
-pub(crate) async fn open_outbox(url: &str, create_if_missing: bool) -> anyhow::Result<Outbox> {
+/// Opens an outbox database with these bounds, refusing a SQLite file that
+/// does not exist (opening would create an empty one) and naming the
+/// database in every error.
+pub(crate) async fn open_outbox(
+    url: &str,
+    create_if_missing: bool,
+    timeouts: DatabaseTimeouts,
+) -> anyhow::Result<Outbox> {
     if let Some(path) = sqlite_path(url)
         && !create_if_missing
         && !std::path::Path::new(&path).exists()
@@ -946,7 +950,7 @@ pub(crate) async fn open_outbox(url: &str, create_if_missing: bool) -> anyhow::R
         Some(path) => path,
         None => tidings::store::redact(url),
     };
-    Outbox::connect(url).await.map_err(|e| {
+    Outbox::connect_with(url, timeouts).await.map_err(|e| {
         anyhow!(
             "cannot open the outbox database {shown}: {}",
             tidy(&e.to_string())
@@ -988,7 +992,10 @@ pub(crate) fn tidy(text: &str) -> String {
 }
 
 async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
-    let s = open_outbox(url, false).await?.stats().await?;
+    let s = open_outbox(url, false, DatabaseTimeouts::default())
+        .await?
+        .stats()
+        .await?;
     let rfc = |t: SystemTime| output::rfc3339(tidings::model::time_micros(t));
     if format == Format::Json {
         let relays: Vec<_> = s
@@ -997,10 +1004,13 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             .map(|r| {
                 json!({
                     "relay": r.relay,
+                    "alive": r.alive,
                     "leader": r.leader,
                     "published": r.published,
                     "lastPublishTime": r.last_publish.map(rfc),
                     "heartbeatTime": rfc(r.heartbeat),
+                    "heartbeatAge": output::proto_duration(r.heartbeat_age),
+                    "heartbeatInterval": r.heartbeat_interval.map(output::proto_duration),
                     "lastError": r.last_error,
                 })
             })
@@ -1010,6 +1020,7 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             "held": s.held,
             "oldestPendingAge": s.oldest_age.map(output::proto_duration),
             "heldError": s.held_error,
+            "leaders": s.leaders,
             "relays": relays,
         }));
         return Ok(());
@@ -1020,22 +1031,42 @@ async fn outbox_stats(url: &str, format: Format) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "just now".into())
     };
     println!(
-        "outbox_depth: {}\nheld: {}\noldest_pending_age: {}\nheld_error: {}",
+        "outbox_depth: {}\nheld: {}\noldest_pending_age: {}\nheld_error: {}\nleader: {}",
         s.depth,
         s.held,
         s.oldest_age
             .map(|d| format!("{:.3}s", d.as_secs_f64()))
             .unwrap_or_else(|| "none".into()),
         s.held_error.as_deref().unwrap_or("none"),
+        if s.leaders.is_empty() {
+            "none".to_owned()
+        } else {
+            s.leaders.join(", ")
+        },
     );
     for r in &s.relays {
+        let interval = match r.heartbeat_interval {
+            Some(d) => output::human_duration(d),
+            None => format!(
+                "{} (default; not recorded)",
+                output::human_duration(tidings::outbox::DEFAULT_HEARTBEAT_INTERVAL)
+            ),
+        };
+        // A gone relay's leadership is only what it last said; a live one's
+        // is current.
+        let (state, leader) = if r.alive {
+            ("alive", "leader")
+        } else {
+            ("gone", "was_leader")
+        };
         println!(
-            "relay: {} leader={} published={} last_publish={} heartbeat={} last_error={}",
+            "relay: {} state={state} {leader}={} published={} last_publish={} heartbeat={:.1}s ago \
+             heartbeat_interval={interval} last_error={}",
             r.relay,
             r.leader,
             r.published,
             r.last_publish.map(ago).unwrap_or_else(|| "never".into()),
-            ago(r.heartbeat),
+            r.heartbeat_age.as_secs_f64(),
             r.last_error.as_deref().unwrap_or("none"),
         );
     }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::{Value, json};
@@ -166,9 +166,10 @@ impl<'a> View<'a> {
                 .map(|r| {
                     json!({
                         "relay": r.relay,
-                        "leader": r.leader,
+                        "alive": r.alive,
+                        "leader": r.alive && r.leader,
                         "published": r.published,
-                        "heartbeatAge": age(r.heartbeat).map(output::proto_duration),
+                        "heartbeatAge": output::proto_duration(r.heartbeat_age),
                         "lastError": r.last_error,
                     })
                 })
@@ -237,16 +238,17 @@ impl<'a> View<'a> {
                 age_text(o.oldest_age)
             ));
             out.push_str(&format!(
-                "{:<48} {:>8} {:>12} {:>10} {}\n",
-                "RELAY", "LEADER", "PUBLISHED", "HEARTBEAT", "LAST ERROR"
+                "{:<48} {:>6} {:>8} {:>12} {:>10} {}\n",
+                "RELAY", "STATE", "LEADER", "PUBLISHED", "HEARTBEAT", "LAST ERROR"
             ));
             for r in &o.relays {
                 out.push_str(&format!(
-                    "{:<48} {:>8} {:>12} {:>10} {}\n",
+                    "{:<48} {:>6} {:>8} {:>12} {:>10} {}\n",
                     r.relay,
-                    r.leader,
+                    if r.alive { "alive" } else { "gone" },
+                    r.alive && r.leader,
                     r.published,
-                    age_text(age(r.heartbeat)),
+                    age_text(Some(r.heartbeat_age)),
                     r.last_error.as_deref().unwrap_or("-")
                 ));
             }
@@ -256,11 +258,6 @@ impl<'a> View<'a> {
         }
         out
     }
-}
-
-/// How long ago `t` was (`None` if it is in the future).
-fn age(t: SystemTime) -> Option<Duration> {
-    t.elapsed().ok()
 }
 
 fn seconds(d: Duration) -> String {
@@ -276,7 +273,7 @@ pub(crate) async fn run(
     format: Format,
 ) -> anyhow::Result<()> {
     let outbox = match &a.outbox {
-        Some(db) => Some(crate::remote::open_outbox(db, false).await?),
+        Some(db) => Some(crate::remote::open_outbox(db, false, Default::default()).await?),
         None => None,
     };
     let every: Duration = a.interval.into();
