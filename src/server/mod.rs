@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::broker::{Broker, Limits};
 use crate::error::{Error, Result};
+use crate::metrics::{Counted, GrpcLayer, Metrics};
 use crate::proto::{
     admin_service_server::AdminServiceServer, publisher_service_server::PublisherServiceServer,
     subscriber_service_server::SubscriberServiceServer,
@@ -53,6 +55,10 @@ pub struct ServerConfig {
     /// remaining connections are closed (a health Watch, say, never ends by
     /// itself).
     pub drain_timeout: Duration,
+    /// Where the broker adds its metrics (`None`: it keeps no gRPC metrics;
+    /// the store counts all the same). Serve them with
+    /// [`Metrics::serve`].
+    pub metrics: Option<Metrics>,
 }
 
 impl ServerConfig {
@@ -67,6 +73,7 @@ impl ServerConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_pending_reset_streams: 100,
             drain_timeout: Duration::from_secs(30),
+            metrics: None,
         }
     }
 }
@@ -131,6 +138,7 @@ async fn serve_with_ready(
     ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
+    let grpc = config.metrics.as_ref().map(|m| m.broker(&store).grpc);
     let broker = Broker::new(store.clone(), config.limits, drain_rx.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Health follows storage from the start: a store opened on a full disk
@@ -212,11 +220,15 @@ async fn serve_with_ready(
     // Socket options must be set on the incoming stream: the builder's TCP
     // settings apply only to listeners tonic binds itself. Without
     // TCP_NODELAY, small responses wait for delayed ACKs (about 40 ms).
+    let counted = grpc.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(config.keepalive_interval));
+        .with_keepalive(Some(config.keepalive_interval))
+        .map(move |s| s.map(|s| Counted::new(s, counted.as_deref())));
     let served = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        // Outermost, so that it counts the codes the layers below settle.
+        .layer(GrpcLayer(grpc))
         .layer(deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decoding::answer as fn(_) -> _,
