@@ -25,6 +25,7 @@ use crate::config;
 use crate::error::{Error, Result};
 use crate::inbox::{Inbox, InboxDatabase, Recorded};
 use crate::model::{AckOperation, AckOutcome, AckStatus, Delivery, Micros, now_micros};
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::Transaction;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -207,7 +208,14 @@ struct Counters {
     prune_rounds: AtomicU64,
     watermark: AtomicI64,
     changed: Notify,
+    /// Seconds each handler ran (its commit included), for metrics.
+    handler_latency: Histogram,
 }
+
+/// Upper bounds of the handler latency histogram, in seconds.
+const HANDLER_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
 
 impl Counters {
     fn new() -> Counters {
@@ -224,6 +232,7 @@ impl Counters {
             prune_rounds: AtomicU64::new(0),
             watermark: AtomicI64::new(-1),
             changed: Notify::new(),
+            handler_latency: Histogram::new(HANDLER_BUCKETS),
         }
     }
 
@@ -258,6 +267,12 @@ impl Monitor {
     /// The stats now.
     pub fn stats(&self) -> ConsumerStats {
         self.0.snapshot()
+    }
+
+    /// How long handlers ran, their commit included (shared: it fills as
+    /// the consumer runs).
+    pub fn handler_latency(&self) -> Histogram {
+        self.0.handler_latency.clone()
     }
 
     /// Waits until `done` holds for the stats, and returns them.
@@ -331,6 +346,7 @@ struct Shared<DB: InboxDatabase, H> {
     permits: Semaphore,
     /// [`ConsumerConfig::database_timeout`].
     database_timeout: Duration,
+    handler_latency: Histogram,
 }
 
 /// Most acks sent in one request.
@@ -413,6 +429,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             subscription: self.subscription.clone(),
             permits: Semaphore::new(self.config.concurrency),
             database_timeout: self.config.database_timeout,
+            handler_latency: self.counters.handler_latency.clone(),
         });
         let admin = Admin::new(&self.connection);
         let counters = self.counters.clone();
@@ -722,7 +739,8 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
         rollback(tx, bound).await;
         return Outcome::Expired;
     }
-    match shared.handler.handle(&delivery, &mut tx).await {
+    let started = std::time::Instant::now();
+    let outcome = match shared.handler.handle(&delivery, &mut tx).await {
         Ok(()) => match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
             Ok(()) => Outcome::Processed,
             // Whether it committed is unknown; a redelivery finds out.
@@ -733,7 +751,11 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
             rollback(tx, bound).await;
             Outcome::Failed(reason)
         }
-    }
+    };
+    shared
+        .handler_latency
+        .observe(started.elapsed().as_secs_f64());
+    outcome
 }
 
 /// Runs one of the runtime's database steps within `bound`; past it the

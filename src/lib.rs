@@ -19,6 +19,8 @@ pub mod consumer;
 pub mod error;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod inbox;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod metrics;
 pub mod model;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod outbox;

@@ -137,6 +137,10 @@ pub struct RelayStatus {
     pub last_publish: Option<SystemTime>,
     /// The last failure, cleared by the next success.
     pub last_error: Option<String>,
+    /// Batches the broker acked.
+    pub batches: u64,
+    /// How long the last acked batch took, from sending it to its ack.
+    pub last_batch_latency: Option<Duration>,
 }
 
 /// A running relay. Dropping it stops it after its current batch; [`Relay::stop`]
@@ -537,6 +541,7 @@ impl Runner {
 
     /// Publishes one batch on the stream and waits for its durable ack.
     async fn publish(&mut self, rows: &[Row]) -> Result<Vec<PublishOutcome>> {
+        let started = Instant::now();
         let messages = rows.iter().map(outgoing).collect::<Result<Vec<_>>>()?;
         if self.session.is_none() {
             self.session = Some(self.publisher.stream(1).await?);
@@ -549,7 +554,13 @@ impl Runner {
             Err(s) => Err(s),
         };
         match answer {
-            Ok(Some(results)) if results.len() == rows.len() => Ok(results),
+            Ok(Some(results)) if results.len() == rows.len() => {
+                self.status.send_modify(|s| {
+                    s.batches += 1;
+                    s.last_batch_latency = Some(started.elapsed());
+                });
+                Ok(results)
+            }
             Ok(Some(results)) => {
                 self.session = None;
                 Err(Error::Storage(format!(

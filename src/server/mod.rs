@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::broker::{Broker, Limits};
 use crate::error::{Error, Result};
+use crate::metrics::{Counted, GrpcLayer, Metrics};
 use crate::proto::{
     admin_service_server::AdminServiceServer, publisher_service_server::PublisherServiceServer,
     subscriber_service_server::SubscriberServiceServer,
@@ -58,6 +60,10 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// TLS, the connection cap and the idle timeout.
     pub network: Network,
+    /// Where the broker adds its metrics (`None`: it keeps no gRPC metrics;
+    /// the store counts all the same). Serve them with
+    /// [`Metrics::serve`].
+    pub metrics: Option<Metrics>,
 }
 
 impl ServerConfig {
@@ -73,6 +79,7 @@ impl ServerConfig {
             max_pending_reset_streams: 100,
             drain_timeout: Duration::from_secs(30),
             network: Network::default(),
+            metrics: None,
         }
     }
 }
@@ -137,6 +144,7 @@ async fn serve_with_ready(
     ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<()> {
     let (drain_tx, drain_rx) = watch::channel(false);
+    let grpc = config.metrics.as_ref().map(|m| m.broker(&store).grpc);
     let broker = Broker::new(store.clone(), config.limits, drain_rx.clone());
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Health follows storage from the start: a store opened on a full disk
@@ -222,14 +230,18 @@ async fn serve_with_ready(
     // The broker accepts connections itself (`net.rs`): the cap, TLS and
     // the idle timeout. It sets TCP_NODELAY (without it, small responses
     // wait for delayed ACKs, about 40 ms) and TCP keepalive.
+    let counted = grpc.clone();
     let incoming = tokio_stream::wrappers::ReceiverStream::new(net::accept(
         listener,
         &config.network,
         tls,
         config.keepalive_interval,
-    ));
+    ))
+    .map(move |s| s.map(|s| Counted::new(s, counted.as_deref())));
     let served = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
+        // Outermost, so that it counts the codes the layers below settle.
+        .layer(GrpcLayer(grpc))
         .layer(net::ActivityLayer)
         .layer(deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(

@@ -344,6 +344,20 @@ pub(super) trait Backend: Send + 'static {
         now: Micros,
     ) -> Result<DeliveryCounts>;
 
+    /// Every topic's name, last sequence, first stored sequence and count
+    /// of messages expired by max age, in name order: for metrics. One
+    /// index lookup per topic, whatever the number of messages.
+    async fn topic_gauges(c: &mut Conn<Self>) -> Result<Vec<(String, i64, Option<i64>, i64)>>;
+
+    /// Every subscription's gauges in one statement, in name order: for
+    /// metrics. It reads the subscriptions, one pass over `deliveries`
+    /// (leased, waiting and dead rows, never the stored messages) and one
+    /// index lookup per subscription for its oldest unacked message.
+    async fn subscription_gauges(
+        c: &mut Conn<Self>,
+        now: Micros,
+    ) -> Result<Vec<super::counts::GaugeRow>>;
+
     /// Keys held back by a waiting redelivery: how many, and the first
     /// `sample` of them in order.
     async fn blocked_keys(

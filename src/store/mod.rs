@@ -11,6 +11,7 @@
 mod statements;
 mod backend;
 mod common;
+mod counts;
 #[cfg(feature = "sqlite")]
 mod datadir;
 #[cfg(feature = "postgres")]
@@ -39,12 +40,18 @@ use crate::model::{
     PublishOutcome, SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
 };
 pub use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
+pub use counts::{
+    StoreCounters, StoreGauges, SubscriptionCounts, SubscriptionGauges, TopicCounts, TopicGauges,
+};
 
 /// What a caller hears when the writer dropped its request unanswered: its
 /// group ran past the commit timeout while running it, or the writer
 /// stopped. A publish is safe to retry (ids deduplicate).
 const UNCONFIRMED: &str = "storage did not confirm the request (the database stopped \
      answering, or the writer stopped); it may or may not have been committed; retry";
+
+/// Operations the writer's queue holds before callers wait to queue.
+const QUEUE_CAPACITY: usize = 4096;
 
 /// Where the broker keeps its data: one choice, so that a URL can never
 /// silently override a folder.
@@ -403,6 +410,7 @@ pub struct Store {
     notifier: Notifier,
     healthy: watch::Receiver<bool>,
     disk: Option<DiskGate>,
+    counters: Arc<StoreCounters>,
 }
 
 /// Refuses publishes while the disk holding the store counts as full.
@@ -457,7 +465,8 @@ impl Store {
         config.check()?;
         let notifier = Notifier::default();
         let (healthy_tx, healthy) = watch::channel(true);
-        let (ops, rx) = mpsc::channel(4096);
+        let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let counters = Arc::new(StoreCounters::default());
         let weak = ops.downgrade();
         let alive = move || weak.upgrade().is_some_and(|ops| !ops.is_closed());
         let (reader, healthy, disk) = match &config.storage {
@@ -468,6 +477,7 @@ impl Store {
                 tokio::spawn(
                     writer
                         .with_commit_timeout(config.commit_timeout)
+                        .with_counters(counters.clone())
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
@@ -492,6 +502,7 @@ impl Store {
                 tokio::spawn(
                     writer
                         .with_commit_timeout(config.commit_timeout)
+                        .with_counters(counters.clone())
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(listener.run(alive));
@@ -511,6 +522,7 @@ impl Store {
             notifier,
             healthy,
             disk,
+            counters,
         };
         tokio::spawn(maintain(store.ops.downgrade(), config.maintenance_interval));
         Ok(store)
@@ -532,6 +544,27 @@ impl Store {
     /// the disk is full.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.healthy.clone()
+    }
+
+    /// What the writer committed since the store opened, and how its
+    /// group commits went: for metrics.
+    pub fn counters(&self) -> &Arc<StoreCounters> {
+        &self.counters
+    }
+
+    /// Operations queued for the writer and not yet taken into a group.
+    pub fn queue_depth(&self) -> usize {
+        self.ops.max_capacity() - self.ops.capacity()
+    }
+
+    /// Every topic's and subscription's gauges, read in two statements
+    /// whatever their number: a scrape's cost grows with the subscriptions
+    /// and their leased, waiting and dead rows, never with the stored
+    /// messages.
+    ///
+    /// Fails with `Unavailable` if storage does not answer.
+    pub async fn gauges(&self) -> Result<StoreGauges> {
+        self.reader.gauges().await
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
@@ -809,6 +842,10 @@ impl Reader {
 
     async fn stats(&self, name: &str) -> Result<SubscriptionStats> {
         read!(self, stats(name))
+    }
+
+    async fn gauges(&self) -> Result<StoreGauges> {
+        read!(self, gauges())
     }
 
     async fn list_dead_letters(

@@ -369,6 +369,26 @@ mod sql {
          JOIN messages m ON m.topic_id = $1 AND m.seq = d.seq \
          WHERE d.sub_id = $2 AND d.state IN (0, 1) AND d.seq > $3 ORDER BY d.seq LIMIT $4"
     );
+    pub(super) const TOPIC_GAUGES: &str = "SELECT t.name, t.last_seq, \
+         (SELECT min(m.seq) FROM messages m WHERE m.topic_id = t.id), t.expired_count \
+         FROM topics t ORDER BY t.name";
+    // As `DELIVERY_COUNTS` and `BLOCKED_KEY_COUNT` of every subscription at
+    // once, and the publish time of `oldest_unacked` (in `common.rs`).
+    pub(super) const SUBSCRIPTION_GAUGES: &str = "WITH d AS (SELECT sub_id, \
+         count(*) FILTER (WHERE state = 1 AND available_at > $1) AS leased, \
+         count(*) FILTER (WHERE state IN (0, 1)) AS undone, \
+         count(*) FILTER (WHERE state = 2) AS dead, \
+         min(seq) FILTER (WHERE state IN (0, 1)) AS first_undone, min(seq) AS first_any, \
+         count(DISTINCT key) FILTER (WHERE state = 0 AND attempt > 0) AS blocked \
+         FROM deliveries GROUP BY sub_id) \
+         SELECT s.name, t.name, s.cursor, t.last_seq, s.delivered, s.acked, s.redelivered, \
+         coalesce(d.leased, 0), coalesce(d.undone, 0), coalesce(d.dead, 0), \
+         d.first_undone, d.first_any, CASE WHEN s.ordered THEN coalesce(d.blocked, 0) ELSE 0 END, \
+         (SELECT m.published_at FROM messages m WHERE m.topic_id = s.topic_id AND m.seq = \
+           CASE WHEN s.cursor < t.last_seq THEN least(coalesce(d.first_undone, s.cursor + 1), s.cursor + 1) \
+           ELSE d.first_undone END) \
+         FROM subscriptions s JOIN topics t ON t.id = s.topic_id \
+         LEFT JOIN d ON d.sub_id = s.id ORDER BY s.name";
     pub(super) const DEAD_COUNT: &str =
         "SELECT count(*) FROM deliveries WHERE sub_id = $1 AND state = 2";
     pub(super) const LOW_WATER: &str = "SELECT min(least(coalesce((SELECT min(seq) FROM deliveries d \

@@ -9,6 +9,7 @@ use sqlx::pool::PoolConnection;
 
 use super::backend::Backend;
 use super::common::{SubRow, ack_watermark, duration_from, oldest_unacked, peek_page};
+use super::counts::{StoreGauges, SubscriptionGauges, TopicGauges};
 use crate::error::{Error, Result};
 use crate::model::{DeadLetter, PeekedMessage, Subscription, SubscriptionStats, Topic, now_micros};
 
@@ -199,6 +200,29 @@ impl<B: Backend> Reader<B> {
             let new = B::messages_after(c, sub.topic_id, &sub.topic, after.max(sub.cursor), limit)
                 .await?;
             Ok(peek_page(undone, new, wanted))
+        })
+    }
+
+    /// Every topic's and subscription's gauges, in two statements whatever
+    /// their number (see [`Backend::subscription_gauges`]).
+    pub(super) async fn gauges(&self) -> Result<StoreGauges> {
+        let now = now_micros();
+        let (topics, subs) = bounded!(self, |c| {
+            let topics = B::topic_gauges(&mut *c).await?;
+            let subs = B::subscription_gauges(c, now).await?;
+            Ok((topics, subs))
+        })?;
+        Ok(StoreGauges {
+            topics: topics
+                .into_iter()
+                .map(|(name, last_seq, first_seq, expired)| TopicGauges {
+                    name,
+                    last_seq,
+                    first_seq,
+                    expired,
+                })
+                .collect(),
+            subscriptions: subs.into_iter().map(SubscriptionGauges::from_row).collect(),
         })
     }
 

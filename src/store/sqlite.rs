@@ -502,6 +502,25 @@ mod sql {
          JOIN messages m ON m.topic_id = ? AND m.seq = d.seq \
          WHERE d.sub_id = ? AND d.state IN (0, 1) AND d.seq > ? ORDER BY d.seq LIMIT ?"
     );
+    pub(super) const TOPIC_GAUGES: &str = "SELECT t.name, t.last_seq, \
+         (SELECT min(m.seq) FROM messages m WHERE m.topic_id = t.id), t.expired_count \
+         FROM topics t ORDER BY t.name";
+    // As `DELIVERY_COUNTS` and `BLOCKED_KEY_COUNT` of every subscription at
+    // once, and the publish time of `oldest_unacked` (in `common.rs`).
+    pub(super) const SUBSCRIPTION_GAUGES: &str = "WITH d AS (SELECT sub_id, \
+         coalesce(sum(state = 1 AND available_at > ?1), 0) AS leased, \
+         coalesce(sum(state IN (0, 1)), 0) AS undone, coalesce(sum(state = 2), 0) AS dead, \
+         min(CASE WHEN state IN (0, 1) THEN seq END) AS first_undone, min(seq) AS first_any, \
+         count(DISTINCT CASE WHEN state = 0 AND attempt > 0 THEN key END) AS blocked \
+         FROM deliveries GROUP BY sub_id) \
+         SELECT s.name, t.name, s.cursor, t.last_seq, s.delivered, s.acked, s.redelivered, \
+         coalesce(d.leased, 0), coalesce(d.undone, 0), coalesce(d.dead, 0), \
+         d.first_undone, d.first_any, CASE WHEN s.ordered THEN coalesce(d.blocked, 0) ELSE 0 END, \
+         (SELECT m.published_at FROM messages m WHERE m.topic_id = s.topic_id AND m.seq = \
+           CASE WHEN s.cursor < t.last_seq THEN min(coalesce(d.first_undone, s.cursor + 1), s.cursor + 1) \
+           ELSE d.first_undone END) \
+         FROM subscriptions s JOIN topics t ON t.id = s.topic_id \
+         LEFT JOIN d ON d.sub_id = s.id ORDER BY s.name";
     pub(super) const DEAD_COUNT: &str =
         "SELECT count(*) FROM deliveries WHERE sub_id = ? AND state = 2";
     pub(super) const LOW_WATER: &str = "SELECT min(min(coalesce((SELECT min(seq) FROM deliveries d \

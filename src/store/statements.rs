@@ -546,5 +546,17 @@ macro_rules! shared_statements {
             let q = sqlx::query(sql::PRUNE_DEDUP).bind(before).bind(limit);
             Ok(q.execute(c).await?.rows_affected())
         }
+
+        async fn topic_gauges(c: &mut Conn) -> Result<Vec<(String, i64, Option<i64>, i64)>> {
+            Ok(sqlx::query_as(sql::TOPIC_GAUGES).fetch_all(c).await?)
+        }
+
+        async fn subscription_gauges(
+            c: &mut Conn,
+            now: Micros,
+        ) -> Result<Vec<super::counts::GaugeRow>> {
+            let q = sqlx::query_as(sql::SUBSCRIPTION_GAUGES).bind(now);
+            Ok(q.fetch_all(c).await?)
+        }
     };
 }

@@ -6,6 +6,7 @@
 //! the statements.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -17,6 +18,7 @@ use super::common::{
     SubRow, TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish,
     status_of,
 };
+use super::counts::{StoreCounters, Tally};
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
 use super::{
@@ -77,6 +79,11 @@ pub(super) struct Writer<B: Backend> {
     /// Bounds the lines about failing groups, across outages too: groups
     /// that fail and commit by turns (a full disk) must not log each turn.
     failure_log: LogLimit,
+    /// What this group did, for the counters; merged into `counters` only
+    /// if the group commits.
+    tally: Tally,
+    /// The store's counters, for metrics.
+    counters: Arc<StoreCounters>,
     /// Bounds the lines about storage working again, likewise.
     recovery_log: LogLimit,
 }
@@ -164,7 +171,15 @@ impl<B: Backend> Writer<B> {
             outage: None,
             failure_log: LogLimit::new(LOG_AGAIN),
             recovery_log: LogLimit::new(LOG_AGAIN),
+            tally: Tally::default(),
+            counters: Arc::default(),
         }
+    }
+
+    /// Counts what it commits into `counters`.
+    pub(super) fn with_counters(mut self, counters: Arc<StoreCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Bounds each group, BEGIN to COMMIT, by `timeout`.
@@ -291,6 +306,8 @@ impl<B: Backend> Writer<B> {
             }
         };
         let Some(failure) = failure else {
+            self.counters
+                .committed(size, started.elapsed(), &mut self.tally);
             self.log_recovery();
             self.healthy
                 .send_if_modified(|h| !std::mem::replace(h, true));
@@ -310,7 +327,9 @@ impl<B: Backend> Writer<B> {
             );
             return Round::Done;
         };
-        // What was cached during the group may not be what is stored.
+        // What was cached during the group may not be what is stored, and
+        // what it counted did not happen.
+        self.tally = Tally::default();
         self.topics.clear();
         self.subs.clear();
         self.maintenance_rolled_back();
@@ -341,6 +360,7 @@ impl<B: Backend> Writer<B> {
             }
         }
         let reason = failure.reason().to_owned();
+        self.counters.failed(&mut self.tally);
         self.log_failure(size, &reason);
         for (_, queued) in queue.drain(..) {
             queued.op.refuse(&format!(
@@ -688,6 +708,13 @@ impl<B: Backend> Writer<B> {
                 duplicate,
             });
         }
+        let counts = self.tally.topic(&topic.name);
+        counts.duplicates += (messages.len() - fresh.len()) as u64;
+        counts.published += fresh.len() as u64;
+        counts.bytes += fresh
+            .iter()
+            .map(|(m, _)| m.payload.len() as u64)
+            .sum::<u64>();
         if fresh.is_empty() {
             return Ok(outcomes);
         }
@@ -760,6 +787,7 @@ impl<B: Backend> Writer<B> {
             )));
         }
         B::delete_topic(self.c(), row.id).await?;
+        self.tally.deleted_topics.push(name.to_owned());
         self.topics.remove(name);
         // SQLite may give a later topic this id again.
         self.deleted_below.remove(&row.id);
@@ -862,6 +890,7 @@ impl<B: Backend> Writer<B> {
     async fn delete_subscription(&mut self, name: &str, t: &mut Touched) -> Result<()> {
         let row = self.sub(name).await?;
         B::delete_sub(self.c(), row.id).await?;
+        self.tally.deleted_subs.push(name.to_owned());
         self.topic_changed(&row.topic, i64::MIN);
         self.subs.remove(name);
         t.subs.insert(name.to_owned());
@@ -1097,6 +1126,9 @@ impl<B: Backend> Writer<B> {
         let before = self.expire_before;
         let rows = B::expired_leases(self.c(), sub.id, before, EXPIRE_LIMIT as i64).await?;
         let expired = rows.len() as u64;
+        if expired > 0 {
+            self.tally.sub(&sub.name).expired_leases += expired;
+        }
         for (seq, attempt, deadline) in rows {
             match after_attempt(&sub.settings, attempt, deadline, None) {
                 AfterAttempt::DeadLetter => {
@@ -1123,6 +1155,7 @@ impl<B: Backend> Writer<B> {
         t: &mut Touched,
     ) -> Result<()> {
         B::set_dead(self.c(), sub.id, seq, now, reason).await?;
+        self.tally.sub(&sub.name).dead_lettered += 1;
         if sub.settings.ordered {
             // A dead letter no longer holds its key back.
             B::promote_next(self.c(), sub.id, &[seq], now).await?;
@@ -1230,6 +1263,7 @@ impl<B: Backend> Writer<B> {
             let Check::Current { seq, attempt } = *check else {
                 continue;
             };
+            self.tally.sub(&sub.name).nacks += 1;
             match after_attempt(&sub.settings, attempt, now, item.delay) {
                 AfterAttempt::DeadLetter => {
                     let reason = if item.reason.is_empty() {

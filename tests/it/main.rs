@@ -13,6 +13,7 @@ mod hostile;
 mod inbox;
 mod instances;
 mod maintenance;
+mod metrics;
 mod ordering;
 mod outbox;
 mod overload;

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use tidings::config::{
     self, DEFAULT_BROKER, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DatabaseTimeouts, HumanDuration,
 };
+use tidings::metrics::Metrics;
 use tidings::outbox::{Relay, RelayConfig};
 use tidings::server::{self, ClientAuth, ServerConfig, TlsFiles};
 use tidings::store::Storage;
@@ -174,6 +175,10 @@ pub(crate) struct ServeArgs {
     /// --commit-timeout, it is replaced.
     #[arg(long, env = "TIDINGS_LISTEN_CHECK_INTERVAL", default_value_t = HumanDuration(served().store.listen_check_interval), value_parser = interval)]
     listen_check_interval: HumanDuration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless
+    /// given; 127.0.0.1:9464, say, keeps them on loopback).
+    #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 /// `--tls-client-auth`.
@@ -256,6 +261,10 @@ pub(crate) struct RelayArgs {
     /// PostgreSQL: longest a new or pooled database connection may take.
     #[arg(long, env = "TIDINGS_RELAY_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(bounded().connect), value_parser = interval)]
     database_connect_timeout: HumanDuration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off unless
+    /// given).
+    #[arg(long, env = "TIDINGS_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -473,6 +482,8 @@ async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
             tracing::info!(data_dir = %dir.display(), fsync = args.fsync, "starting tidings on SQLite")
         }
     }
+    let metrics = start_metrics(args.metrics_listen.as_deref()).await?;
+    config.metrics = metrics.as_ref().map(|(m, _)| m.clone());
     let stop = shutdown_signal();
     let storage = match &config.store.storage {
         Storage::Postgres(url) => tidings::store::redact(url),
@@ -481,15 +492,50 @@ async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
     // Scripts and tests read the bound address from this line, so it is
     // printed only once the storage is open and the broker serves.
     let ready = |addr| println!("tidings listening on {addr}");
-    server::run_with_ready(listener, config, stop, ready)
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot run the broker on {storage}: {}",
-                tidy(&e.to_string())
-            )
-        })?;
+    let served = server::run_with_ready(listener, config, stop, ready).await;
+    if let Some((_, endpoint)) = metrics {
+        endpoint.stop().await;
+    }
+    served.map_err(|e| {
+        anyhow!(
+            "cannot run the broker on {storage}: {}",
+            tidy(&e.to_string())
+        )
+    })?;
     Ok(())
+}
+
+/// The metrics endpoint's task, stopped when the command ends.
+struct Endpoint {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<tidings::Result<()>>,
+}
+
+impl Endpoint {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `--metrics-listen` and serves a new registry there. Prints
+/// `tidings metrics on ADDR` (scripts and tests read the bound port).
+async fn start_metrics(listen: Option<&str>) -> anyhow::Result<Option<(Metrics, Endpoint)>> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let listener = tidings::metrics::bind(listen)
+        .await
+        .context("--metrics-listen")?;
+    let addr = listener.local_addr().context("--metrics-listen")?;
+    let metrics = Metrics::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(metrics.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    tracing::info!(%addr, "serving metrics at /metrics");
+    println!("tidings metrics on {addr}");
+    Ok(Some((metrics, Endpoint { stop, task })))
 }
 
 async fn relay(args: RelayArgs, broker: String, tls: &TlsPaths) -> anyhow::Result<()> {
@@ -517,17 +563,25 @@ async fn relay(args: RelayArgs, broker: String, tls: &TlsPaths) -> anyhow::Resul
     };
     timeouts.check()?;
     let outbox = open_outbox(&args.database_url, args.create_if_missing, timeouts).await?;
-    let mut relay = Relay::start(outbox, config).await?;
+    let metrics = start_metrics(args.metrics_listen.as_deref()).await?;
+    let mut relay = Relay::start(outbox.clone(), config).await?;
+    if let Some((m, _)) = &metrics {
+        m.relay(&relay, outbox);
+    }
     // Scripts and tests wait for this line.
     println!("tidings relay started");
-    tokio::select! {
+    let result = tokio::select! {
         _ = stop => {
             tracing::info!("stopping the relay after the batch in flight");
             relay.stop().await;
             Ok(())
         }
-        _ = relay.finished() => bail!("the relay task ended unexpectedly"),
+        _ = relay.finished() => Err(anyhow!("the relay task ended unexpectedly")),
+    };
+    if let Some((_, endpoint)) = metrics {
+        endpoint.stop().await;
     }
+    result
 }
 
 async fn run_bench(args: BenchArgs, broker: Option<String>) -> anyhow::Result<()> {
