@@ -331,11 +331,7 @@ type Consuming = (
 
 /// The shared counters of the consuming tasks: publish→delivery latency,
 /// confirmed acks, redeliveries.
-type Counters = (
-    Arc<Mutex<Histogram<u64>>>,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-);
+type Counters = (Arc<Mutex<Histogram<u64>>>, Arc<AtomicU64>, Arc<AtomicU64>);
 
 /// Starts the subscribers on subscription `name`.
 ///
