@@ -42,6 +42,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_leases_by_deadline.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_out_of_turn.sql"),
+    ),
 ];
 
 /// The NOTIFY channel instances wake each other on.
@@ -313,7 +317,14 @@ mod sql {
     pub(super) const SET_CURSOR: &str = "UPDATE subscriptions SET cursor = $1 WHERE id = $2";
     pub(super) const COUNTERS: &str = "SELECT s.delivered, s.acked, s.redelivered, t.last_seq FROM subscriptions s \
          JOIN topics t ON t.id = s.topic_id WHERE s.id = $1";
-    // Rows another instance is leasing right now are skipped.
+    // Rows another instance is leasing right now are skipped. A due row
+    // is its key's head unless a row out of turn (a redriven dead letter, a
+    // row let go when ordering was switched off) is in progress before it,
+    // so only those are looked for, on their own small index (migration
+    // 3). Looking for any earlier row of the key in progress walked the
+    // dead index entries of every message of the key acked since the last
+    // VACUUM, for every due row: a lease cost more the more messages had
+    // been consumed (issue 16, item 3).
     pub(super) const DUE_ORDERED: &str = concat!(
         "SELECT d.attempt, ",
         message_columns!(),
@@ -322,7 +333,7 @@ mod sql {
          WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
          AND (d.key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e \
            WHERE e.sub_id = d.sub_id AND e.key = d.key AND e.seq < d.seq \
-           AND e.state IN (0, 1))) \
+           AND e.state IN (0, 1) AND e.out_of_turn)) \
          ORDER BY d.seq LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
     );
     pub(super) const DUE: &str = concat!(
@@ -417,9 +428,12 @@ mod sql {
          SET cursor = greatest(cursor, $1) WHERE topic_id = $2 RETURNING name";
     pub(super) const COUNT_EXPIRED: &str =
         "UPDATE topics SET expired_count = expired_count + $1 WHERE id = $2";
-    // 9223372036854775807 is `HELD`.
-    pub(super) const RELEASE_HELD: &str = "UPDATE deliveries SET available_at = $1 \
-         WHERE sub_id = $2 AND available_at = 9223372036854775807";
+    // 9223372036854775807 is `HELD`. Every keyed row in progress is out
+    // of turn from here on: should ordering be switched on again, a key's
+    // rows let go wait for its earlier ones in progress (`DUE_ORDERED`).
+    pub(super) const RELEASE_HELD: &str = "UPDATE deliveries SET available_at = \
+         CASE WHEN available_at = 9223372036854775807 THEN $1 ELSE available_at END, \
+         out_of_turn = true WHERE sub_id = $2 AND key IS NOT NULL AND state IN (0, 1)";
     pub(super) const HEAL_HELD: &str = "UPDATE deliveries h SET available_at = $1 \
          WHERE h.available_at = 9223372036854775807 \
          AND h.sub_id IN (SELECT id FROM subscriptions WHERE topic_id = $2) \
@@ -761,9 +775,12 @@ impl Backend for Postgres {
     }
 
     async fn redrive(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<i64> {
+        // A redriven dead letter is out of turn: its key's later messages
+        // went ahead when it died, and those not yet leased wait for it
+        // (`sql::DUE_ORDERED`).
         let done = sqlx::query(
-            "UPDATE deliveries SET state = 0, attempt = 0, available_at = $1, reason = NULL \
-             WHERE sub_id = $2 AND state = 2 AND (cardinality($3::BIGINT[]) = 0 \
+            "UPDATE deliveries SET state = 0, attempt = 0, available_at = $1, reason = NULL, \
+             out_of_turn = true WHERE sub_id = $2 AND state = 2 AND (cardinality($3::BIGINT[]) = 0 \
              OR seq IN (SELECT unnest($3::BIGINT[])))",
         )
         .persistent(false)

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use tidings::client::Outgoing;
+use tidings::model::SubscriptionPatch;
+use tidings::proto;
 
 use crate::harness::{TestBroker, backend_test, ms, payload, pb};
 
@@ -131,6 +133,72 @@ backend_test! {
             sub.ack(vec![m.ack_id.to_string()]);
         }
         drop(sub);
+        b.stop().await;
+    }
+}
+
+/// The payloads of `messages`, in order.
+fn names(messages: &[proto::ReceivedMessage]) -> Vec<String> {
+    messages.iter().map(payload).collect()
+}
+
+backend_test! {
+    async fn a_redriven_dead_letter_holds_back_the_later_messages_of_its_key(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| {
+            s.ordered = true;
+            s.max_attempts = 1;
+        })
+        .await;
+        publish_keyed(&b, &[("k", "k1"), ("k", "k2"), ("k", "k3")]).await;
+        let k1 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k1), vec!["k1"]);
+        b.nack("s", &k1[0].ack_id, None, "bad").await.unwrap();
+        let k2 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k2), vec!["k2"]);
+
+        // k1 comes back while k2 is in flight: it is the key's earliest.
+        let redriven = b.admin().redrive_dead_letters("s", vec![]).await.unwrap();
+        assert_eq!(redriven, 1);
+        let again = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&again), vec!["k1"]);
+
+        // Acking k2 makes k3 next, but k1, earlier, is still in progress.
+        b.ack("s", vec![k2[0].ack_id.clone()]).await.unwrap();
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k3 waits for the redriven k1, got {none:?}");
+        b.ack("s", vec![again[0].ack_id.clone()]).await.unwrap();
+        let k3 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k3), vec!["k3"]);
+        b.stop().await;
+    }
+}
+
+backend_test! {
+    async fn ordering_switched_off_and_on_keeps_a_key_behind_its_message_in_flight(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        publish_keyed(&b, &[("k", "k1"), ("k", "k2"), ("k", "k3")]).await;
+        let k1 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k1), vec!["k1"]);
+
+        // Unordered, then ordered again before anyone pulls: k2 and k3 are
+        // no longer held, yet k1 is in flight and k2 is earlier than k3.
+        for ordered in [false, true] {
+            let patch = SubscriptionPatch {
+                ordered: Some(ordered),
+                ..Default::default()
+            };
+            b.admin().update_subscription("s", patch).await.unwrap();
+        }
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k2 and k3 wait for k1, got {none:?}");
+        b.ack("s", vec![k1[0].ack_id.clone()]).await.unwrap();
+        let k2 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k2), vec!["k2"]);
+        b.ack("s", vec![k2[0].ack_id.clone()]).await.unwrap();
+        let k3 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k3), vec!["k3"]);
         b.stop().await;
     }
 }

@@ -59,6 +59,10 @@ pub(crate) struct BenchConfig {
     pub(crate) ordered: bool,
     /// Most unacked messages each plain subscriber holds (its flow control).
     pub(crate) window: i32,
+    /// Publish every message first and start the subscribers only then, so
+    /// that consumption starts with the whole backlog waiting; the
+    /// end-to-end figure is then the consumption rate.
+    pub(crate) backlog: bool,
 }
 
 impl Default for BenchConfig {
@@ -79,6 +83,7 @@ impl Default for BenchConfig {
             keys: 0,
             ordered: false,
             window: 2000,
+            backlog: false,
         }
     }
 }
@@ -253,6 +258,92 @@ async fn measure(
     let acked = Arc::new(AtomicU64::new(0));
     let redelivered = Arc::new(AtomicU64::new(0));
     let total = config.messages;
+    let counters = (e2e.clone(), acked.clone(), redelivered.clone());
+    let mut consuming = if config.backlog {
+        None
+    } else {
+        Some(start_consumers(config, connections, name, origin, &counters).await?)
+    };
+
+    let start = Instant::now();
+    let publish_hist = Arc::new(Mutex::new(histogram()));
+    let mut producers = Vec::new();
+    for p in 0..config.publishers {
+        let share = total / config.publishers as u64
+            + u64::from((p as u64) < total % config.publishers as u64);
+        let publisher = Publisher::new(&connections[p % connections.len()], Backoff::default());
+        let config = config.clone();
+        let name = name.to_owned();
+        let hist = publish_hist.clone();
+        producers.push(tokio::spawn(async move {
+            produce(publisher, &config, &name, share, origin, hist).await
+        }));
+    }
+    for p in producers {
+        p.await??;
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    // With a backlog, the subscribers start now and the end-to-end figure
+    // is the consumption rate of the messages waiting.
+    let mut consume_start = start;
+    if consuming.is_none() {
+        if config.subscribers > 0 {
+            // A mark for whoever measures the broker from outside: from
+            // here on it only delivers.
+            tracing::info!(messages = total, "backlog published; consuming");
+        }
+        consume_start = Instant::now();
+        consuming = Some(start_consumers(config, connections, name, origin, &counters).await?);
+    }
+    if let Some((consumers, inbox_consumers)) = consuming {
+        for c in consumers {
+            c.await??;
+        }
+        if let Some(running) = inbox_consumers {
+            redelivered.store(running.finish(total).await?, Ordering::Relaxed);
+        }
+    }
+    let e2e_secs = consume_start.elapsed().as_secs_f64();
+    let publish_hist = publish_hist.lock().await;
+    let e2e = e2e.lock().await;
+    let consumed = config.subscribers > 0;
+    Ok(BenchReport {
+        messages: total,
+        publish_msgs_per_sec: total as f64 / publish_secs,
+        e2e_msgs_per_sec: if consumed {
+            total as f64 / e2e_secs
+        } else {
+            0.0
+        },
+        publish_ack_p50_ms: ms(&publish_hist, 0.5),
+        publish_ack_p99_ms: ms(&publish_hist, 0.99),
+        e2e_p50_ms: if consumed { ms(&e2e, 0.5) } else { 0.0 },
+        e2e_p99_ms: if consumed { ms(&e2e, 0.99) } else { 0.0 },
+        redelivered: redelivered.load(Ordering::Relaxed),
+    })
+}
+
+/// Consuming tasks: plain subscribers, or inbox consumers with `--inbox-url`.
+type Consuming = (
+    Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    Option<InboxConsumers>,
+);
+
+/// The shared counters of the consuming tasks: publish→delivery latency,
+/// confirmed acks, redeliveries.
+type Counters = (Arc<Mutex<Histogram<u64>>>, Arc<AtomicU64>, Arc<AtomicU64>);
+
+/// Starts the subscribers on subscription `name`.
+///
+/// Fails if the inbox database cannot be opened or migrated.
+async fn start_consumers(
+    config: &BenchConfig,
+    connections: &[Connection],
+    name: &str,
+    origin: Instant,
+    (e2e, acked, redelivered): &Counters,
+) -> anyhow::Result<Consuming> {
+    let total = config.messages;
     let mut consumers = Vec::new();
     let inbox_consumers = match &config.inbox_url {
         Some(url) if config.subscribers > 0 => Some(if url.starts_with("sqlite:") {
@@ -291,49 +382,7 @@ async fn measure(
             .await
         }));
     }
-
-    let start = Instant::now();
-    let publish_hist = Arc::new(Mutex::new(histogram()));
-    let mut producers = Vec::new();
-    for p in 0..config.publishers {
-        let share = total / config.publishers as u64
-            + u64::from((p as u64) < total % config.publishers as u64);
-        let publisher = Publisher::new(&connections[p % connections.len()], Backoff::default());
-        let config = config.clone();
-        let name = name.to_owned();
-        let hist = publish_hist.clone();
-        producers.push(tokio::spawn(async move {
-            produce(publisher, &config, &name, share, origin, hist).await
-        }));
-    }
-    for p in producers {
-        p.await??;
-    }
-    let publish_secs = start.elapsed().as_secs_f64();
-    for c in consumers {
-        c.await??;
-    }
-    if let Some(running) = inbox_consumers {
-        redelivered.store(running.finish(total).await?, Ordering::Relaxed);
-    }
-    let e2e_secs = start.elapsed().as_secs_f64();
-    let publish_hist = publish_hist.lock().await;
-    let e2e = e2e.lock().await;
-    let consumed = config.subscribers > 0;
-    Ok(BenchReport {
-        messages: total,
-        publish_msgs_per_sec: total as f64 / publish_secs,
-        e2e_msgs_per_sec: if consumed {
-            total as f64 / e2e_secs
-        } else {
-            0.0
-        },
-        publish_ack_p50_ms: ms(&publish_hist, 0.5),
-        publish_ack_p99_ms: ms(&publish_hist, 0.99),
-        e2e_p50_ms: if consumed { ms(&e2e, 0.5) } else { 0.0 },
-        e2e_p99_ms: if consumed { ms(&e2e, 0.99) } else { 0.0 },
-        redelivered: redelivered.load(Ordering::Relaxed),
-    })
+    Ok((consumers, inbox_consumers))
 }
 
 async fn produce(

@@ -334,6 +334,11 @@ pub(crate) struct BenchArgs {
     /// Most unacked messages each plain subscriber holds.
     #[arg(long, default_value_t = benched().window)]
     window: i32,
+    /// Publish every message before the subscribers start, so that they
+    /// consume a waiting backlog; the end-to-end figure is then the
+    /// consumption rate.
+    #[arg(long)]
+    backlog: bool,
 }
 
 /// Runs a local command; `broker` is the global `--broker`.
@@ -620,6 +625,7 @@ async fn run_bench(args: BenchArgs, broker: Option<String>) -> anyhow::Result<()
                 keys: args.keys,
                 ordered: args.ordered,
                 window: args.window,
+                backlog: args.backlog,
             })
             .await?;
             print_report(args.json, &report, report.to_json());
