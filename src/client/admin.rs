@@ -5,9 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use tonic::transport::Channel;
-
-use super::Connection;
+use super::{Connection, Transport};
 use crate::error::{Error, Result};
 use crate::model::{
     DeadLetter, Page, SeekTarget, Subscription, SubscriptionStats, Topic, TopicSettings,
@@ -97,7 +95,7 @@ impl<T> Pages<T> {
 #[derive(Debug, Clone)]
 pub struct Admin {
     connection: Connection,
-    client: AdminServiceClient<Channel>,
+    client: AdminServiceClient<Transport>,
 }
 
 /// Calls one admin RPC and maps its status to the crate's error.
@@ -123,7 +121,7 @@ impl Admin {
     pub fn new(connection: &Connection) -> Self {
         Admin {
             connection: connection.clone(),
-            client: AdminServiceClient::new(connection.channel())
+            client: AdminServiceClient::new(connection.transport())
                 .max_decoding_message_size(usize::MAX),
         }
     }
@@ -370,7 +368,7 @@ impl Admin {
         let request = tonic_health::pb::HealthCheckRequest {
             service: service.to_owned(),
         };
-        let r = tonic_health::pb::health_client::HealthClient::new(self.connection.channel())
+        let r = tonic_health::pb::health_client::HealthClient::new(self.connection.transport())
             .check(request)
             .await
             .map_err(|s| self.connection.error(s))?

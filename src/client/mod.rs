@@ -66,7 +66,49 @@ impl Backoff {
 #[derive(Debug, Clone)]
 pub struct Connection {
     channel: Channel,
+    transport: Transport,
     url: Arc<str>,
+}
+
+/// The channel with the client's credentials on every call: what the
+/// generated clients of this crate's handles are made over.
+#[derive(Clone)]
+pub struct Transport {
+    channel: Channel,
+    authorization: Option<tonic::codegen::http::HeaderValue>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("Transport")
+            .field("token", &self.authorization.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Transport {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future =
+        <Channel as tower::Service<tonic::codegen::http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(
+        &mut self,
+        mut request: tonic::codegen::http::Request<tonic::body::Body>,
+    ) -> Self::Future {
+        if let Some(value) = &self.authorization {
+            request.headers_mut().insert("authorization", value.clone());
+        }
+        self.channel.call(request)
+    }
 }
 
 /// How long a connection attempt may take unless told otherwise.
@@ -81,6 +123,9 @@ pub struct ConnectOptions {
     /// TLS settings for an `https://` broker (`None`: the Mozilla roots, no
     /// client certificate).
     pub tls: Option<ClientTls>,
+    /// A bearer token sent with every call, for a broker with access
+    /// control.
+    pub token: Option<String>,
 }
 
 impl Default for ConnectOptions {
@@ -88,6 +133,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: None,
+            token: None,
         }
     }
 }
@@ -239,8 +285,29 @@ pub fn connect_with(url: &str, options: ConnectOptions) -> Result<Connection> {
         }
         (false, None) => {}
     }
+    let authorization = match &options.token {
+        None => None,
+        Some(token) => Some(
+            tonic::codegen::http::HeaderValue::try_from(format!("Bearer {}", token.trim()))
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                })
+                .map_err(|_| {
+                    Error::InvalidArgument(
+                        "the token has characters a header cannot carry (printable ASCII only)"
+                            .into(),
+                    )
+                })?,
+        ),
+    };
+    let channel = endpoint.connect_lazy();
     Ok(Connection {
-        channel: endpoint.connect_lazy(),
+        transport: Transport {
+            channel: channel.clone(),
+            authorization,
+        },
+        channel,
         url: url.into(),
     })
 }
@@ -269,9 +336,16 @@ impl Connection {
     }
 
     /// The underlying gRPC channel, for generated clients of services this
-    /// client does not wrap.
+    /// client does not wrap. It sends no token; [`Connection::transport`]
+    /// does.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// The channel with the connection's token on every call, for generated
+    /// clients (`SubscriberServiceClient::new(connection.transport())`).
+    pub fn transport(&self) -> Transport {
+        self.transport.clone()
     }
 
     /// The crate's error for a status this broker answered: the code picks
@@ -451,7 +525,7 @@ mod tests {
         );
         let zero = ConnectOptions {
             connect_timeout: Duration::ZERO,
-            tls: None,
+            ..ConnectOptions::default()
         };
         assert!(connect_with("h:1", zero).is_err());
         // TLS settings with a plain-text URL are a mistake, not a downgrade.

@@ -2,9 +2,8 @@
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
-use super::{Backoff, Connection, Outgoing, retry};
+use super::{Backoff, Connection, Outgoing, Transport, retry};
 use crate::error::{Error, Result};
 use crate::model::{NewMessage, PublishOutcome};
 use crate::proto::{self, publisher_service_client::PublisherServiceClient};
@@ -14,7 +13,7 @@ use crate::wire;
 #[derive(Debug, Clone)]
 pub struct Publisher {
     connection: Connection,
-    client: PublisherServiceClient<Channel>,
+    client: PublisherServiceClient<Transport>,
     backoff: Backoff,
 }
 
@@ -29,7 +28,7 @@ fn messages(batch: impl IntoIterator<Item = Outgoing>) -> Vec<proto::Message> {
 impl Publisher {
     /// A publisher on `connection`.
     pub fn new(connection: &Connection, backoff: Backoff) -> Self {
-        let client = PublisherServiceClient::new(connection.channel())
+        let client = PublisherServiceClient::new(connection.transport())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         Publisher {

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 
-use super::{Backoff, Connection, Pages};
+use super::{Backoff, Connection, Pages, Transport};
 use crate::error::{Error, Result};
 use crate::model::{
     self, AckOutcome, Delivery, LeaseExtension, Nack, Page, PeekedMessage, SessionCommand,
@@ -69,14 +68,14 @@ impl From<FlowControl> for model::FlowControl {
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     connection: Connection,
-    client: SubscriberServiceClient<Channel>,
+    client: SubscriberServiceClient<Transport>,
     backoff: Backoff,
 }
 
 impl Subscriber {
     /// A subscriber on `connection`; `backoff` paces reconnections.
     pub fn new(connection: &Connection, backoff: Backoff) -> Self {
-        let client = SubscriberServiceClient::new(connection.channel())
+        let client = SubscriberServiceClient::new(connection.transport())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         Subscriber {

@@ -2,6 +2,7 @@
 //! reflection onto one listener, and drains gracefully on shutdown.
 
 mod admin;
+mod auth;
 mod convert;
 mod deadline;
 mod decoding;
@@ -60,6 +61,14 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// TLS, the connection cap and the idle timeout.
     pub network: Network,
+    /// The access file: principals, their credentials and rights (`None`:
+    /// access control off, every caller may do everything).
+    pub access_file: Option<std::path::PathBuf>,
+    /// Whether server reflection answers callers without credentials when
+    /// access control is on.
+    pub public_reflection: bool,
+    /// Serve a non-loopback address without TLS and access control.
+    pub allow_insecure: bool,
     /// Where the broker adds its metrics (`None`: it keeps no gRPC metrics;
     /// the store counts all the same). Serve them with
     /// [`Metrics::serve`].
@@ -79,6 +88,9 @@ impl ServerConfig {
             max_pending_reset_streams: 100,
             drain_timeout: Duration::from_secs(30),
             network: Network::default(),
+            access_file: None,
+            public_reflection: true,
+            allow_insecure: false,
             metrics: None,
         }
     }
@@ -117,11 +129,58 @@ pub async fn run_with_ready(
     ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> Result<()> {
     crate::config::check_server_config(&config)?;
+    check_exposure(&listener, &config)?;
+    // The TLS and access files are read once here so that a bad one stops
+    // the broker before it opens its storage.
+    if let Some(files) = &config.network.tls {
+        net::Tls::load(files)?;
+    }
+    if let Some(path) = &config.access_file {
+        auth::Access::load(path, config.public_reflection)?;
+    }
     let store = Store::open(config.store.clone()).await?;
     let result = serve_with_ready(listener, store.clone(), &config, shutdown, ready).await;
     store.close().await;
     tracing::info!("broker stopped");
     result
+}
+
+/// Refuses to serve a non-loopback address without both TLS and access
+/// control, unless `allow_insecure` says to; says why either way.
+///
+/// Fails with `InvalidArgument` naming the address and the flags to give.
+fn check_exposure(listener: &TcpListener, config: &ServerConfig) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Unavailable(format!("the listener has no address: {e}")))?;
+    let missing: Vec<&str> = [
+        (config.network.tls.is_none(), "TLS (--tls-cert, --tls-key)"),
+        (
+            config.access_file.is_none(),
+            "access control (--access-file)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(absent, what)| absent.then_some(what))
+    .collect();
+    if addr.ip().is_loopback() || missing.is_empty() {
+        return Ok(());
+    }
+    if config.allow_insecure {
+        tracing::warn!(
+            %addr,
+            missing = %missing.join(" and "),
+            "serving a non-loopback address without TLS and access control (--allow-insecure): \
+             anyone who can reach it may publish, consume, seek and delete"
+        );
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "refusing to serve {addr} without {}: anyone who can reach it could publish, read any \
+         subscription, seek it back, purge dead letters or delete topics. Give them, listen on \
+         127.0.0.1, or pass --allow-insecure to accept the risk",
+        missing.join(" and ")
+    )))
 }
 
 /// Serves an already opened store; see [`run`]. The store stays open.
@@ -223,7 +282,23 @@ async fn serve_with_ready(
         Some(files) => Some(std::sync::Arc::new(net::Tls::load(files)?)),
         None => None,
     };
-    tracing::info!(%addr, tls = tls.is_some(), "serving gRPC");
+    let access = match &config.access_file {
+        Some(path) => Some(auth::Access::load(path, config.public_reflection)?),
+        None => None,
+    };
+    tracing::info!(%addr, tls = tls.is_some(), access_control = access.is_some(), "serving gRPC");
+    // The access file is reread when it changes, as the TLS files are.
+    let access_reload = access.clone().map(|access| {
+        let every = config.network.tls_reload_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                access.reload_if_changed();
+            }
+        })
+    });
     // The listener is bound and the store open: connections made from now
     // on are served, so this is when the broker is up.
     ready(addr);
@@ -243,6 +318,7 @@ async fn serve_with_ready(
         // Outermost, so that it counts the codes the layers below settle.
         .layer(GrpcLayer(grpc))
         .layer(net::ActivityLayer)
+        .layer(auth::AuthLayer(access))
         .layer(deadline::DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decoding::answer as fn(_) -> _,
@@ -275,5 +351,8 @@ async fn serve_with_ready(
         }
     };
     health_task.abort();
+    if let Some(task) = access_reload {
+        task.abort();
+    }
     served.map_err(|e| Error::Unavailable(format!("gRPC server failed: {e}")))
 }

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::auth::Caller;
 use super::convert::{status, unreadable};
 use crate::broker::Broker;
 use crate::model::PublishOutcome;
@@ -39,7 +40,10 @@ impl PublisherService for Publisher {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let messages = wire::new_messages(request.into_inner().messages).map_err(status)?;
+        let caller = Caller::of(&request);
+        let messages = request.into_inner().messages;
+        caller.may_publish(&messages)?;
+        let messages = wire::new_messages(messages).map_err(status)?;
         let outcomes = self.broker.publish(messages).await.map_err(status)?;
         Ok(Response::new(PublishResponse {
             results: results(outcomes),
@@ -53,6 +57,7 @@ impl PublisherService for Publisher {
         request: Request<Streaming<PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         self.broker.check_open().map_err(status)?;
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let broker = self.broker.clone();
@@ -103,9 +108,12 @@ impl PublisherService for Publisher {
                                 let in_request = move |s: Status| {
                                     Status::new(s.code(), format!("request {at}: {}", s.message()))
                                 };
-                                let queued = match wire::new_messages(req.messages) {
-                                    Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
-                                    Err(e) => Err(status(e)),
+                                let queued = match caller.may_publish(&req.messages) {
+                                    Err(denied) => Err(denied),
+                                    Ok(()) => match wire::new_messages(req.messages) {
+                                        Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
+                                        Err(e) => Err(status(e)),
+                                    },
                                 };
                                 match queued {
                                     Ok(done) => pending.push_back(Box::pin(async move {

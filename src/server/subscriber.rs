@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use super::auth::{Caller, Permission};
 use super::convert::{invalid, status, unreadable};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
@@ -93,6 +94,7 @@ impl SubscriberService for Subscriber {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.broker.check_open().map_err(status)?;
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -100,6 +102,7 @@ impl SubscriberService for Subscriber {
             .map_err(unreadable)?
             .ok_or_else(|| invalid("the stream ended before its first request"))?;
         let subscription = first.subscription.clone();
+        caller.may(Permission::Consume, &subscription)?;
         let first = SessionCommand::try_from(first).map_err(status)?;
         // The client closing its side ends the commands; a broken
         // transport (a cancelled stream, a reset connection, a request that
@@ -135,7 +138,9 @@ impl SubscriberService for Subscriber {
     }
 
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
+        caller.may(Permission::Consume, &req.subscription)?;
         let wait = wire::opt_duration(req.max_wait.as_ref(), "max_wait").map_err(status)?;
         let deliveries = self
             .broker
@@ -153,7 +158,9 @@ impl SubscriberService for Subscriber {
     }
 
     async fn peek(&self, request: Request<PeekRequest>) -> Result<Response<PeekResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
+        caller.may(Permission::Consume, &req.subscription)?;
         let page = self
             .broker
             .peek(
@@ -171,7 +178,9 @@ impl SubscriberService for Subscriber {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
+        caller.may(Permission::Consume, &req.subscription)?;
         let outcomes = self.broker.ack(&req.subscription, req.ack_ids).await;
         Ok(Response::new(AckResponse {
             outcomes: unary_outcomes(outcomes)?,
@@ -179,7 +188,9 @@ impl SubscriberService for Subscriber {
     }
 
     async fn nack(&self, request: Request<NackRequest>) -> Result<Response<NackResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
+        caller.may(Permission::Consume, &req.subscription)?;
         let nacks = wire::all(req.nacks).map_err(status)?;
         let outcomes = self.broker.nack(&req.subscription, nacks).await;
         Ok(Response::new(NackResponse {
@@ -191,7 +202,9 @@ impl SubscriberService for Subscriber {
         &self,
         request: Request<ExtendLeaseRequest>,
     ) -> Result<Response<ExtendLeaseResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
+        caller.may(Permission::Consume, &req.subscription)?;
         let extensions = wire::all(req.extensions).map_err(status)?;
         let outcomes = self.broker.extend(&req.subscription, extensions).await;
         Ok(Response::new(ExtendLeaseResponse {

@@ -220,6 +220,125 @@ async fn serve_listens_on_a_host_name() {
 }
 
 #[tokio::test]
+async fn serve_refuses_a_public_address_without_tls_and_access_control() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().to_str().expect("a UTF-8 temp dir");
+    let refusal = ["serve", "--listen", "0.0.0.0:0", "--data-dir", data_dir];
+    let output = tidings(&refusal, &[]).await;
+    refused(
+        &output,
+        "without TLS (--tls-cert, --tls-key) and access control",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--allow-insecure"), "{stderr}");
+    let args = [
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        data_dir,
+        "--allow-insecure",
+    ];
+    let (mut child, line) = first_line(&args, false, "tidings listening on").await;
+    assert!(line.contains("0.0.0.0:"), "{line}");
+    child.kill().await.expect("kill serve");
+}
+
+#[tokio::test]
+async fn admin_changes_are_audited_with_their_principal_and_tokens_come_from_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hash = |t: &str| {
+        let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
+    let access = dir.path().join("access.json");
+    let rules = serde_json::json!({"principals": [
+        {"name": "ops", "tokens": [hash("s3cret-admin")], "admin": true},
+        {"name": "reader", "tokens": [hash("s3cret-reader")], "consume": ["*"]},
+    ]});
+    std::fs::write(&access, rules.to_string()).expect("access file");
+    let data = dir.path().join("data");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tidings"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--access-file")
+        .arg(&access)
+        .env_remove("TIDINGS_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tidings");
+    let mut lines = BufReader::new(serve.stdout.take().expect("stdout")).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("listening in time")
+        .expect("read")
+        .expect("a line");
+    let addr = line.trim_start_matches("tidings listening on ").to_owned();
+    let broker = format!("http://{addr}");
+    let no_token = tidings(&["--broker", &broker, "topics", "create", "orders"], &[]).await;
+    let stderr = String::from_utf8_lossy(&no_token.stderr);
+    assert!(
+        !no_token.status.success() && stderr.contains("UNAUTHENTICATED"),
+        "{stderr}"
+    );
+    let reader = tidings(
+        &["--broker", &broker, "topics", "create", "orders"],
+        &[("TIDINGS_TOKEN", "s3cret-reader")],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&reader.stderr);
+    assert!(
+        !reader.status.success() && stderr.contains("PERMISSION_DENIED"),
+        "{stderr}"
+    );
+    let ops = tidings(
+        &[
+            "--broker",
+            &broker,
+            "--token",
+            "s3cret-admin",
+            "topics",
+            "create",
+            "orders",
+        ],
+        &[],
+    )
+    .await;
+    assert!(
+        ops.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ops.stderr)
+    );
+    serve.kill().await.expect("kill serve");
+    let mut log = String::new();
+    use tokio::io::AsyncReadExt;
+    serve
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .await
+        .expect("read the log");
+    let change = log
+        .lines()
+        .find(|l| l.contains("admin change") && l.contains("create_topic"))
+        .unwrap_or_else(|| panic!("no audit line for the change in: {log}"));
+    assert!(
+        change.contains("ops") && change.contains("orders"),
+        "{change}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin call refused") && l.contains("CreateTopic")),
+        "the refused call is audited too: {log}"
+    );
+    assert!(!log.contains("s3cret"), "tokens never reach the log: {log}");
+}
+
+#[tokio::test]
 async fn serve_raises_the_open_file_limit_to_the_hard_limit() {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = format!(

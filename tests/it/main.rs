@@ -2,6 +2,7 @@
 //! binary for crash tests. One binary, a module per area.
 
 mod admin;
+mod auth;
 mod cli;
 mod crash;
 mod delivery;

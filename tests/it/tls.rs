@@ -109,6 +109,7 @@ impl Broker {
         let options = ConnectOptions {
             connect_timeout: Duration::from_secs(2),
             tls: Some(tls),
+            token: None,
         };
         client::connect_with(&format!("https://{}", self.addr), options).expect("connect")
     }
@@ -160,6 +161,7 @@ async fn tls_serves_clients_that_trust_its_ca_and_nothing_in_plain_text() {
         ConnectOptions {
             connect_timeout: Duration::from_secs(2),
             tls: None,
+            token: None,
         },
     )
     .expect("connect");
@@ -303,6 +305,7 @@ async fn idle_connections_over_the_cap_are_closed_and_a_client_still_gets_in() {
     let options = ConnectOptions {
         connect_timeout: Duration::from_secs(2),
         tls: None,
+        token: None,
     };
     let connection =
         client::connect_with(&format!("http://{}", broker.addr), options).expect("connect");
@@ -381,5 +384,62 @@ async fn idle_connections_over_the_cap_are_closed_and_a_client_still_gets_in() {
     let m = response.messages[0].message.as_ref().expect("message");
     assert_eq!(m.payload, b"after the idle timeout");
     drop(requests);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_names_its_principal() {
+    let dir = TempDir::new().expect("tempdir");
+    let ca = Ca::new("tidings test CA");
+    let files = tls_files(dir.path(), &ca, Some(&ca), ClientAuth::Required);
+    let access = dir.path().join("access.json");
+    let rules = serde_json::json!({"principals": [
+        {"name": "ops", "certificates": ["ops.internal"], "admin": true},
+        {"name": "billing-service", "certificates": ["billing.internal"], "consume": ["billing"]},
+    ]});
+    std::fs::write(&access, rules.to_string()).expect("access file");
+    let broker = Broker::start(|c| {
+        c.network.tls = Some(files);
+        c.access_file = Some(access);
+    })
+    .await;
+    let ops = Admin::new(&broker.client(&ca.pem(), Some(ca.leaf("ops.internal", false))));
+    ops.create_topic("orders").await.expect("ops is admin");
+    for name in ["billing", "shipping"] {
+        ops.create_subscription(tidings::store::NewSubscription {
+            name: name.into(),
+            topic: "orders".into(),
+            settings: Default::default(),
+            start: tidings::model::StartPosition::Earliest,
+        })
+        .await
+        .expect("subscription");
+    }
+    let billing = broker.client(&ca.pem(), Some(ca.leaf("billing.internal", false)));
+    let subscriber = client::Subscriber::new(&billing, client::Backoff::default());
+    subscriber
+        .peek("billing", 10)
+        .await
+        .expect("its own subscription");
+    let e = subscriber
+        .peek("shipping", 10)
+        .await
+        .expect_err("another subscription");
+    assert!(e.to_string().contains("PERMISSION_DENIED"), "{e}");
+    let e = Admin::new(&billing)
+        .create_topic("x")
+        .await
+        .expect_err("no admin right");
+    assert!(e.to_string().contains("PERMISSION_DENIED"), "{e}");
+    // A good certificate whose name the access file does not list.
+    let stranger = broker.client(&ca.pem(), Some(ca.leaf("stranger.internal", false)));
+    let e = client::Subscriber::new(&stranger, client::Backoff::default())
+        .peek("billing", 10)
+        .await
+        .expect_err("no principal");
+    assert!(
+        e.to_string().contains("UNAUTHENTICATED") && e.to_string().contains("stranger.internal"),
+        "{e}"
+    );
     broker.stop().await;
 }

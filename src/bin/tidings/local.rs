@@ -17,7 +17,7 @@ use crate::bench::{self, BenchConfig};
 use crate::output::Format;
 use crate::relay_bench::{self, RelayBenchConfig};
 use crate::remote::{open_outbox, tidy};
-use crate::{TlsPaths, duration, interval, shutdown_signal};
+use crate::{Credentials, duration, interval, shutdown_signal};
 
 /// The server's defaults, which the flags show and fall back to.
 fn served() -> ServerConfig {
@@ -152,6 +152,18 @@ pub(crate) struct ServeArgs {
     /// PostgreSQL: longest a new or pooled database connection may take.
     #[arg(long, env = "TIDINGS_DATABASE_CONNECT_TIMEOUT", default_value_t = HumanDuration(served().store.connect_timeout), value_parser = interval)]
     database_connect_timeout: HumanDuration,
+    /// Principals, their credentials (token hashes, certificate names) and
+    /// rights: turns access control on (see the README).
+    #[arg(long, env = "TIDINGS_ACCESS_FILE")]
+    access_file: Option<PathBuf>,
+    /// With access control: whether server reflection answers callers
+    /// without credentials.
+    #[arg(long, env = "TIDINGS_PUBLIC_REFLECTION", default_value_t = served().public_reflection, action = clap::ArgAction::Set)]
+    public_reflection: bool,
+    /// Serve a non-loopback address without TLS and access control
+    /// (refused otherwise): anyone who reaches the port may do anything.
+    #[arg(long, env = "TIDINGS_ALLOW_INSECURE")]
+    allow_insecure: bool,
     /// With TLS: whether clients must present a certificate signed by
     /// --tls-ca (default: required when --tls-ca is given, else none).
     #[arg(long, env = "TIDINGS_TLS_CLIENT_AUTH", value_enum)]
@@ -345,7 +357,7 @@ pub(crate) struct BenchArgs {
 pub(crate) async fn run(
     command: Local,
     broker: Option<String>,
-    tls: &TlsPaths,
+    tls: &Credentials,
     format: Format,
 ) -> anyhow::Result<()> {
     match command {
@@ -405,7 +417,7 @@ fn raise_open_file_limit() -> Option<u64> {
 }
 
 /// The broker's TLS files, if --tls-cert names its certificate.
-fn server_tls(args: &ServeArgs, tls: &TlsPaths) -> anyhow::Result<Option<TlsFiles>> {
+fn server_tls(args: &ServeArgs, tls: &Credentials) -> anyhow::Result<Option<TlsFiles>> {
     let (cert, key) = match (&tls.tls_cert, &tls.tls_key) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         (None, None) => {
@@ -429,7 +441,7 @@ fn server_tls(args: &ServeArgs, tls: &TlsPaths) -> anyhow::Result<Option<TlsFile
     }))
 }
 
-async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, tls: &Credentials) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(&args.data_dir);
     if let Some(url) = &args.database_url {
         config.store.storage = Storage::Postgres(url.clone());
@@ -461,6 +473,9 @@ async fn serve(args: ServeArgs, tls: &TlsPaths) -> anyhow::Result<()> {
     config.network.tls_reload_interval = args.tls_reload_interval.into();
     config.network.max_connections = args.max_connections;
     config.network.idle_timeout = args.idle_timeout.into();
+    config.access_file = args.access_file.clone();
+    config.public_reflection = args.public_reflection;
+    config.allow_insecure = args.allow_insecure;
     // Before anything starts: a bad duration is refused here, not by a
     // panicking background task.
     config::check_server_config(&config)?;
@@ -543,10 +558,10 @@ async fn start_metrics(listen: Option<&str>) -> anyhow::Result<Option<(Metrics, 
     Ok(Some((metrics, Endpoint { stop, task })))
 }
 
-async fn relay(args: RelayArgs, broker: String, tls: &TlsPaths) -> anyhow::Result<()> {
+async fn relay(args: RelayArgs, broker: String, tls: &Credentials) -> anyhow::Result<()> {
     let stop = shutdown_signal();
     let mut config = RelayConfig::new(broker);
-    config.connect.tls = tls.client()?;
+    config.connect = tls.connect_options(config.connect.connect_timeout)?;
     config.batch_size = args.batch_size;
     config.max_batch_bytes = args.max_batch_bytes;
     config.poll_interval = args.poll_interval.into();

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, global = true, env = "TIDINGS_CONNECT_TIMEOUT", default_value_t = HumanDuration(DEFAULT_CONNECT_TIMEOUT), value_parser = interval)]
     connect_timeout: HumanDuration,
     #[command(flatten)]
-    tls: TlsPaths,
+    tls: Credentials,
     /// What commands print: text for people, or JSON (one object per result,
     /// field names as in the API's JSON mapping).
     #[arg(
@@ -59,9 +59,10 @@ struct Cli {
     command: Command,
 }
 
-/// TLS files, for the broker (`serve`) or for a client of it.
+/// TLS files, for the broker (`serve`) or for a client of it, and a
+/// client's token.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct TlsPaths {
+pub(crate) struct Credentials {
     /// PEM CA bundle. Client commands and the relay: the CAs that sign the
     /// broker's certificate (for an https:// broker; default: the Mozilla
     /// roots built in). serve: the CAs that sign client certificates
@@ -76,9 +77,25 @@ pub(crate) struct TlsPaths {
     /// PEM private key of --tls-cert.
     #[arg(long, global = true, env = "TIDINGS_TLS_KEY")]
     pub(crate) tls_key: Option<PathBuf>,
+    /// Bearer token for a broker with access control (client commands and
+    /// the relay).
+    #[arg(long, global = true, env = "TIDINGS_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
 }
 
-impl TlsPaths {
+impl Credentials {
+    /// How a client reaches the broker with these credentials.
+    pub(crate) fn connect_options(
+        &self,
+        connect_timeout: std::time::Duration,
+    ) -> anyhow::Result<ConnectOptions> {
+        Ok(ConnectOptions {
+            connect_timeout,
+            tls: self.client()?,
+            token: self.token.clone(),
+        })
+    }
+
     /// A client's TLS settings, if any file was named.
     pub(crate) fn client(&self) -> anyhow::Result<Option<ClientTls>> {
         if self.tls_ca.is_none() && self.tls_cert.is_none() && self.tls_key.is_none() {
@@ -175,14 +192,8 @@ async fn main() -> std::process::ExitCode {
         Command::Local(command) => local::run(command, cli.broker, &cli.tls, cli.output).await,
         Command::Remote(command) => {
             let broker = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER);
-            match cli.tls.client() {
-                Ok(tls) => {
-                    let options = ConnectOptions {
-                        connect_timeout: cli.connect_timeout.into(),
-                        tls,
-                    };
-                    remote::run(command, broker, options, cli.output).await
-                }
+            match cli.tls.connect_options(cli.connect_timeout.into()) {
+                Ok(options) => remote::run(command, broker, options, cli.output).await,
                 Err(e) => Err(e),
             }
         }

@@ -106,6 +106,7 @@ impl Ctx {
             ConnectOptions {
                 connect_timeout: self.config.call_timeout,
                 tls: None,
+                token: None,
             },
         )
         .expect("a broker URL")
