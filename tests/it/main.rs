@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod health;
 mod hostile;
+mod http2;
 mod inbox;
 mod instances;
 mod maintenance;
