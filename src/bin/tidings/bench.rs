@@ -29,6 +29,8 @@ pub(crate) struct BenchConfig {
     /// publisher `i` uses URL `i`, subscriber `j` URL `j + 1`, round robin,
     /// so that deliveries cross instances); `None` starts an embedded broker.
     pub(crate) broker: Option<String>,
+    /// How to reach `broker`: TLS, token (the global flags).
+    pub(crate) connect: client::ConnectOptions,
     /// Publishing tasks, each with its own stream.
     pub(crate) publishers: usize,
     /// Consuming tasks, all on one subscription.
@@ -69,6 +71,7 @@ impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig {
             broker: None,
+            connect: client::ConnectOptions::default(),
             publishers: 4,
             subscribers: 0,
             messages: 200_000,
@@ -186,7 +189,7 @@ pub(crate) async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     };
     let connections = url
         .split(',')
-        .map(|u| client::connect(u.trim()))
+        .map(|u| client::connect_with(u.trim(), config.connect.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     let admin = Admin::new(&connections[0]);
     let name = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);

@@ -368,7 +368,7 @@ pub(crate) async fn run(
         }
         Local::Bench(mut args) => {
             args.json |= format == Format::Json;
-            run_bench(args, broker).await
+            run_bench(args, broker, tls).await
         }
         Local::Migrate { database_url } => {
             tidings::store::migrate_postgres(&database_url)
@@ -604,7 +604,12 @@ async fn relay(args: RelayArgs, broker: String, tls: &Credentials) -> anyhow::Re
     result
 }
 
-async fn run_bench(args: BenchArgs, broker: Option<String>) -> anyhow::Result<()> {
+async fn run_bench(
+    args: BenchArgs,
+    broker: Option<String>,
+    credentials: &Credentials,
+) -> anyhow::Result<()> {
+    let connect = credentials.connect_options(tidings::client::DEFAULT_CONNECT_TIMEOUT)?;
     match args.outbox_url {
         Some(outbox_url) => {
             let report = relay_bench::run(RelayBenchConfig {
@@ -626,6 +631,7 @@ async fn run_bench(args: BenchArgs, broker: Option<String>) -> anyhow::Result<()
         None => {
             let report = bench::run(BenchConfig {
                 broker,
+                connect,
                 publishers: args.publishers,
                 subscribers: args.subscribers,
                 messages: args.messages,
