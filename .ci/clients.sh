@@ -3,7 +3,9 @@
 # need, checks that the generated code is up to date, runs `buf breaking`
 # against main, then both test suites against the real broker binary
 # (including the TypeScript-producer / Python-consumer exchange of 10,000
-# messages).
+# messages), each twice: against a plain-text broker, and against one with
+# TLS and access control (TIDINGS_TEST_SECURE=1: test certificates made with
+# openssl by clients/test-certs.sh, an admin token).
 #
 # Usage, from the repository root:
 #   bash .ci/clients.sh TIDINGS_BINARY CACHE_DIR BUF_BINARY
@@ -86,37 +88,45 @@ step "buf breaking against main"
 "$BUF" breaking --against '.git#branch=main'
 echo "no breaking change to the wire API"
 
-step "typescript: build and node --test"
+command -v openssl >/dev/null || { echo "the secure test runs need the openssl command" >&2; exit 1; }
+mode_name() { if [ "$1" = 1 ]; then echo "TLS + token broker"; else echo "plain-text broker"; fi; }
+
+step "typescript: build"
 (cd "$TS" && node_modules/.bin/tsc -p tsconfig.json)
 NODE_LOG="$(mktemp)"
 trap 'rm -f "$NODE_LOG"' EXIT
-set +e
-(cd "$TS" && TIDINGS_BIN="$TIDINGS" node --test dist/test/*.test.js) >"$NODE_LOG" 2>&1
-NODE_STATUS=$?
-set -e
-if [ "$NODE_STATUS" -ne 0 ] || ! grep -qE '^# pass [1-9]' "$NODE_LOG" || ! grep -qx '# fail 0' "$NODE_LOG"; then
-  cat "$NODE_LOG"
-  echo "typescript tests failed (exit $NODE_STATUS)" >&2
-  exit 1
-fi
-grep -E '^(ok|not ok) [0-9]+ - |^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms) ' "$NODE_LOG"
+for SECURE in 0 1; do
+  step "typescript: node --test, $(mode_name "$SECURE")"
+  set +e
+  (cd "$TS" && TIDINGS_BIN="$TIDINGS" TIDINGS_TEST_SECURE="$SECURE" node --test dist/test/*.test.js) >"$NODE_LOG" 2>&1
+  NODE_STATUS=$?
+  set -e
+  if [ "$NODE_STATUS" -ne 0 ] || ! grep -qE '^# pass [1-9]' "$NODE_LOG" || ! grep -qx '# fail 0' "$NODE_LOG"; then
+    cat "$NODE_LOG"
+    echo "typescript tests failed against a $(mode_name "$SECURE") (exit $NODE_STATUS)" >&2
+    exit 1
+  fi
+  grep -E '^(ok|not ok) [0-9]+ - |^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms) ' "$NODE_LOG"
+done
 
-step "python: pytest (with the cross-language test)"
 export TIDINGS_BIN="$TIDINGS"
 export TIDINGS_REQUIRE_CROSS_LANGUAGE=1
 if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
   export TIDINGS_TEST_POSTGRES="${TIDINGS_TEST_POSTGRES:-host=127.0.0.1 port=5432 user=postgres dbname=test}"
 fi
-set +e
-(cd clients/python && "$VENV/bin/python" -m pytest -p no:cacheprovider)
-PYTEST_STATUS=$?
-set -e
-if [ "$PYTEST_STATUS" -eq 5 ]; then
-  echo "pytest collected no tests" >&2
-  exit 1
-elif [ "$PYTEST_STATUS" -ne 0 ]; then
-  echo "python tests failed (exit $PYTEST_STATUS)" >&2
-  exit 1
-fi
+for SECURE in 0 1; do
+  step "python: pytest (with the cross-language test), $(mode_name "$SECURE")"
+  set +e
+  (cd clients/python && TIDINGS_TEST_SECURE="$SECURE" "$VENV/bin/python" -m pytest -p no:cacheprovider)
+  PYTEST_STATUS=$?
+  set -e
+  if [ "$PYTEST_STATUS" -eq 5 ]; then
+    echo "pytest collected no tests" >&2
+    exit 1
+  elif [ "$PYTEST_STATUS" -ne 0 ]; then
+    echo "python tests failed against a $(mode_name "$SECURE") (exit $PYTEST_STATUS)" >&2
+    exit 1
+  fi
+done
 
 step "clients: all green"

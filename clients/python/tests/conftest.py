@@ -1,4 +1,9 @@
-"""Fixtures: a real tidings broker per test, and a client connected to it."""
+"""Fixtures: a real tidings broker per test, and a client connected to it.
+
+With ``TIDINGS_TEST_SECURE=1`` each test's broker serves TLS (test
+certificates) and access control, and its client sends an admin token over
+TLS: the whole suite then runs against a secured broker.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,32 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import Broker
+from support import SECURE_MODE, Broker, Certs, Secure
 
 import tidings
 
 
+def pytest_report_header() -> str:
+    return f"tidings broker: {'TLS + access control (TIDINGS_TEST_SECURE=1)' if SECURE_MODE else 'plain text'}"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Test certificates (made once per session)."""
+    return Certs.make(tmp_path_factory.mktemp("certs"))
+
+
 @pytest.fixture
-def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Starts brokers (extra ``serve`` flags as arguments); each must shut
+def start_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Starts brokers (extra ``serve`` flags as arguments, ``secure=`` to
+    choose how it is secured; by default as the mode says); each must shut
     down cleanly with exit code 0 at the end of the test."""
     started: list[Broker] = []
 
-    def start(*extra: str) -> Broker:
-        b = Broker(tmp_path / f"broker-{len(started)}", *extra)
+    def start(*extra: str, secure: Secure | None = None) -> Broker:
+        if secure is None and SECURE_MODE:
+            secure = Secure(request.getfixturevalue("certs"))
+        b = Broker(tmp_path / f"broker-{len(started)}", *extra, secure=secure)
         started.append(b)
         return b
 
@@ -36,6 +54,6 @@ def broker(start_broker: Callable[..., Broker]) -> Broker:
 
 @pytest.fixture
 def client(broker: Broker) -> Iterator[tidings.Client]:
-    """A client connected to the test's broker."""
-    with tidings.Client(broker.address, timeout=10) as c:
+    """A client connected to the test's broker (with the mode's credentials)."""
+    with broker.client(timeout=10) as c:
         yield c

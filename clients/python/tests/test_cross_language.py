@@ -70,8 +70,7 @@ def producer_command(broker: Broker, ids_file: Path) -> list[str]:
     return [
         str(node),
         str(PRODUCER),
-        "--broker",
-        broker.url,
+        *broker.producer_args(),
         "--topic",
         "orders",
         "--count",

@@ -20,7 +20,7 @@ def test_the_server_and_each_service_are_serving(client: tidings.Client, service
 
 
 def test_the_standard_health_stub_works(broker: Broker) -> None:
-    with grpc.insecure_channel(broker.address) as channel:
+    with broker.channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
@@ -34,7 +34,7 @@ def test_an_unknown_service_is_not_found(client: tidings.Client) -> None:
 
 def test_a_stopped_broker_is_unavailable(start_broker: Callable[..., Broker]) -> None:
     b = start_broker()
-    with tidings.Client(b.address, timeout=2) as c:
+    with b.client(timeout=2) as c:
         assert c.health() == "SERVING"
         assert b.stop() == 0
         with pytest.raises(tidings.TidingsError) as caught:

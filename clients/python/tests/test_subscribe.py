@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from support import Broker
 
 import tidings
 from tidings.v1 import subscriber_pb2
@@ -157,7 +158,7 @@ def test_subscribing_to_an_unknown_subscription_fails_with_not_found(client: tid
 
 
 def test_a_cancelled_stream_uses_an_attempt_and_a_closed_one_does_not(
-    client: tidings.Client, broker: object
+    client: tidings.Client, broker: Broker
 ) -> None:
     import queue
 
@@ -175,7 +176,7 @@ def test_a_cancelled_stream_uses_an_attempt_and_a_closed_one_does_not(
     # Cancelling it (what a consumer that crashes does) uses one: after
     # max_attempts the message is dead-lettered, not delivered forever.
     for attempt in (1, 2):
-        channel = grpc.insecure_channel(broker.address)  # type: ignore[attr-defined]
+        channel = broker.channel()
         requests: queue.Queue[subscriber_pb2.SubscribeRequest | None] = queue.Queue()
         requests.put(subscriber_pb2.SubscribeRequest(subscription="billing"))
         call = subscriber_pb2_grpc.SubscriberServiceStub(channel).Subscribe(iter(requests.get, None))

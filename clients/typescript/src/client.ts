@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc/health/v1/health_pb.js";
 import {
@@ -21,15 +21,49 @@ import { MessageStream, type FlowControl } from "./subscriber.js";
 /** The broker's default address. */
 export const DEFAULT_BASE_URL = "http://127.0.0.1:50051";
 
+/**
+ * TLS settings of {@link TidingsClient}: PEM data (a string or a Buffer, as
+ * Node's `tls` module takes them; read files with `readFileSync`).
+ */
+export interface TlsOptions {
+  /** The CA bundle that signs the broker's certificate (default: Node's built-in roots). */
+  ca?: string | Buffer;
+  /** The client's certificate chain, for a broker that asks for one (mutual TLS); needs `key`. */
+  cert?: string | Buffer;
+  /** The private key of `cert`. */
+  key?: string | Buffer;
+  /**
+   * The name to check the broker's certificate against (and to send as
+   * SNI), when it differs from the host of `baseUrl`.
+   */
+  serverName?: string;
+}
+
 /** Options of {@link TidingsClient}. */
 export interface ClientOptions {
-  /** The broker, e.g. `http://127.0.0.1:50051` (plain-text HTTP/2). */
+  /**
+   * The broker: `http://host:port` (plain-text HTTP/2) or `https://host:port`
+   * (TLS; see `tls`). Default `http://127.0.0.1:50051`.
+   */
   baseUrl?: string;
   /** Deadline of unary calls in milliseconds (default 30 s). */
   timeoutMs?: number;
   /**
-   * A transport to use instead of the client's own gRPC transport (e.g. one
-   * with TLS or interceptors); {@link TidingsClient.close} leaves it open.
+   * TLS settings (CA bundle, client certificate and key for mutual TLS,
+   * server name). Needs an `https://` base URL, which without this option
+   * trusts Node's built-in roots.
+   */
+  tls?: TlsOptions;
+  /**
+   * A bearer token for a broker with access control: sent as
+   * `authorization: Bearer <token>` with every call, streams and health
+   * included.
+   */
+  token?: string;
+  /**
+   * A transport to use instead of the client's own gRPC transport (with
+   * your own interceptors, say); {@link TidingsClient.close} leaves it open.
+   * Cannot be combined with `tls` or `token`.
    */
   transport?: Transport;
 }
@@ -67,6 +101,35 @@ export interface SubscriptionOptions {
 /** Health status names of the standard `grpc.health.v1` service. */
 export type HealthStatus = keyof typeof HealthCheckResponse_ServingStatus;
 
+/** An interceptor that sends the bearer token with every call. */
+function bearerToken(token: string): Interceptor {
+  const value = `Bearer ${token}`;
+  return (next) => (request) => {
+    request.header.set("authorization", value);
+    return next(request);
+  };
+}
+
+/** The transport of a client's own: plain text or TLS, with the token if any. */
+function ownTransport(options: ClientOptions): { transport: Transport; sessions: Http2SessionManager } {
+  const baseUrl = options.baseUrl ?? DEFAULT_BASE_URL;
+  const secure = baseUrl.startsWith("https://");
+  if (options.tls && !secure) {
+    throw new Error(`TLS was asked for with the plain-text base URL ${baseUrl} (use https://)`);
+  }
+  if (options.token !== undefined && options.token.trim() === "") throw new Error("the token is empty");
+  const tls = options.tls ?? {};
+  if ((tls.cert === undefined) !== (tls.key === undefined)) {
+    throw new Error("TLS: cert and key go together (mutual TLS needs both)");
+  }
+  const nodeOptions = secure
+    ? { ca: tls.ca, cert: tls.cert, key: tls.key, servername: tls.serverName }
+    : undefined;
+  const sessions = new Http2SessionManager(baseUrl, undefined, nodeOptions);
+  const interceptors = options.token === undefined ? [] : [bearerToken(options.token)];
+  return { transport: createGrpcTransport({ baseUrl, sessionManager: sessions, interceptors }), sessions };
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -84,7 +147,18 @@ function sleep(ms: number): Promise<void> {
  * const client = new TidingsClient({ baseUrl: "http://127.0.0.1:50051" });
  * await client.publish([message("orders", JSON.stringify({ order: 42 }))]);
  * client.close();
+ *
+ * // TLS and a token; mutual TLS adds cert and key to tls.
+ * const secured = new TidingsClient({
+ *   baseUrl: "https://broker.internal:50051",
+ *   tls: { ca: readFileSync("ca.pem") },
+ *   token: process.env.TIDINGS_TOKEN,
+ * });
  * ```
+ *
+ * @throws `Error` for contradictory options: `tls` with an `http://` base
+ *   URL, `tls` or `token` with `transport`, a certificate without its key,
+ *   an empty token.
  */
 export class TidingsClient {
   /** Generated client of `tidings.v1.PublisherService`. */
@@ -100,12 +174,16 @@ export class TidingsClient {
   private readonly sessions?: Http2SessionManager;
 
   constructor(options: ClientOptions = {}) {
-    const baseUrl = options.baseUrl ?? DEFAULT_BASE_URL;
     this.timeoutMs = options.timeoutMs ?? 30_000;
     let transport = options.transport;
-    if (!transport) {
-      this.sessions = new Http2SessionManager(baseUrl);
-      transport = createGrpcTransport({ baseUrl, sessionManager: this.sessions });
+    if (transport) {
+      if (options.tls || options.token !== undefined) {
+        throw new Error("tls and token cannot be combined with transport (give them to your transport)");
+      }
+    } else {
+      const own = ownTransport(options);
+      transport = own.transport;
+      this.sessions = own.sessions;
     }
     this.publisher = createClient(PublisherService, transport);
     this.subscriber = createClient(SubscriberService, transport);

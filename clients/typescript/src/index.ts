@@ -17,6 +17,7 @@ export {
   type ClientOptions,
   type HealthStatus,
   type SubscriptionOptions,
+  type TlsOptions,
   type TopicOptions,
 } from "./client.js";
 export { AckRefused, StreamClosed } from "./errors.js";

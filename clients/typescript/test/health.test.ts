@@ -27,7 +27,7 @@ test("an unknown service is NotFound", { timeout: TEST_TIMEOUT }, () =>
 
 test("a stopped broker is unavailable", { timeout: TEST_TIMEOUT }, async () => {
   const broker = await startBroker();
-  const client = new TidingsClient({ baseUrl: broker.url, timeoutMs: 2000 });
+  const client = new TidingsClient({ ...broker.clientOptions(), timeoutMs: 2000 });
   try {
     assert.equal(await client.health(), "SERVING");
     assert.equal(await broker.stop(), 0);

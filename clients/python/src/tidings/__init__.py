@@ -10,9 +10,12 @@ layer on top:
   and :meth:`Client.health`.
 - :func:`message`: builds a message with a fresh UUID id.
 - :class:`Inbox`: processes each delivery once with a DB-API connection.
+- :class:`TLS`: TLS and mutual TLS settings of a :class:`Client` (with a
+  bearer token for a broker with access control).
 """
 
 from tidings.client import Client
+from tidings.credentials import TLS
 from tidings.errors import AckRefused, StreamClosed, TidingsError
 from tidings.inbox import Inbox, InboxResult
 from tidings.publisher import Message, PublishResult, PublishStream, message
@@ -29,6 +32,7 @@ __all__ = [
     "PublishResult",
     "PublishStream",
     "StreamClosed",
+    "TLS",
     "TidingsError",
     "message",
 ]

@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tidings.credentials import TLS, open_channel, with_token
 from tidings.errors import TidingsError
 from tidings.publisher import Message, PublishResult, PublishStream
 from tidings.subscriber import MessageStream
@@ -36,22 +37,44 @@ def _duration(value: timedelta) -> Duration:
 
 
 class Client:
-    """A connection to a tidings broker (plain-text gRPC over HTTP/2).
+    """A connection to a tidings broker: gRPC over HTTP/2, plain text or TLS.
 
     Args:
-        target: ``host:port`` of the broker (an ``http://`` prefix is
-            accepted and dropped).
+        target: ``host:port`` of the broker. An ``http://`` prefix is
+            accepted and dropped; an ``https://`` prefix turns TLS on (with
+            ``tls=None``, the default roots are trusted).
         timeout: Deadline in seconds for unary calls.
-        channel: An existing channel to use instead of opening one (e.g. a
-            secure channel); it is then not closed by :meth:`close`.
+        channel: An existing channel to use instead of opening one; it is
+            then not closed by :meth:`close`. Cannot be combined with
+            ``tls`` (``token`` is added to its calls).
+        tls: TLS settings (:class:`tidings.TLS`: the CA bundle, a client
+            certificate and key for mutual TLS, a server name), or ``True``
+            for TLS trusting the default roots. ``None`` (the default): TLS
+            only for an ``https://`` target.
+        token: A bearer token, sent as ``authorization: Bearer <token>`` with
+            every call (unary, streaming and health) to a broker with access
+            control (``tidings serve --access-file``). Over TLS it is sent as
+            grpcio call credentials; over plain text (a broker on loopback)
+            by an interceptor.
 
     The raw generated stubs are available as :attr:`publisher`,
     :attr:`subscriber`, :attr:`admin` and :attr:`health_stub` for calls this
-    layer does not wrap (Seek, dead letters, ...).
+    layer does not wrap (Seek, dead letters, ...); they share the channel
+    and so the credentials.
+
+    Raises:
+        ValueError: ``tls`` with an ``http://`` target or with ``channel``,
+            an empty token, a client certificate without its key, or a PEM
+            file that cannot be read.
 
     Example::
 
         with tidings.Client("127.0.0.1:50051") as client:
+            client.publish([tidings.message("orders", b'{"order": 42}')])
+
+        # TLS and a token; mutual TLS adds cert= and key= to TLS(...).
+        tls = tidings.TLS(ca="ca.pem")
+        with tidings.Client("https://broker.internal:50051", tls=tls, token=token) as client:
             client.publish([tidings.message("orders", b'{"order": 42}')])
     """
 
@@ -61,11 +84,31 @@ class Client:
         *,
         timeout: float = 30.0,
         channel: grpc.Channel | None = None,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
     ) -> None:
-        self.target = target.removeprefix("http://")
+        if token is not None and not token.strip():
+            raise ValueError("token is empty")
+        if target.startswith("https://"):
+            self.target = target.removeprefix("https://")
+            if tls is None or tls is True:
+                tls = TLS()
+            elif tls is False:
+                raise ValueError(f"tls=False contradicts the https:// target {target!r}")
+        else:
+            self.target = target.removeprefix("http://")
+            if tls is not None and tls is not False and target.startswith("http://"):
+                raise ValueError(f"TLS was asked for with the plain-text target {target!r} (use https://)")
+        settings = TLS() if tls is True else (tls or None)
+        if channel is not None and settings is not None:
+            raise ValueError("tls cannot be combined with channel (make the channel secure yourself)")
         self.timeout = timeout
+        self.tls = settings
         self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(self.target)
+        if channel is None:
+            self.channel = open_channel(self.target, settings, token)
+        else:
+            self.channel = with_token(channel, token)
         self.publisher = publisher_pb2_grpc.PublisherServiceStub(self.channel)
         self.subscriber = subscriber_pb2_grpc.SubscriberServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)

@@ -7,12 +7,13 @@ import { startBroker, type Broker } from "./broker.js";
 export const TEST_TIMEOUT = 60_000;
 
 /**
- * Runs `body` with a fresh broker and a client connected to it, then closes
+ * Runs `body` with a fresh broker (secured with `TIDINGS_TEST_SECURE=1`)
+ * and a client connected to it with the mode's credentials, then closes
  * the client and checks the broker stops cleanly (exit code 0 on SIGTERM).
  */
 export async function withBroker(body: (client: TidingsClient, broker: Broker) => Promise<void>): Promise<void> {
   const broker = await startBroker();
-  const client = new TidingsClient({ baseUrl: broker.url, timeoutMs: 10_000 });
+  const client = new TidingsClient({ ...broker.clientOptions(), timeoutMs: 10_000 });
   try {
     await body(client, broker);
   } finally {

@@ -9,9 +9,12 @@
  * summary on stdout. Exits non-zero on any failure.
  *
  *   node dist/test/support/producer.js --broker http://127.0.0.1:PORT \
- *     --topic T --count 10000 --ids-file ids.txt [--batch 100] [--republish 300]
+ *     --topic T --count 10000 --ids-file ids.txt [--batch 100] [--republish 300] \
+ *     [--ca ca.pem] [--token TOKEN]
+ *
+ * `--ca` is the CA bundle of an `https://` broker, `--token` a bearer token.
  */
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { TidingsClient, message, type Message, type PublishResult } from "../../src/index.js";
 
@@ -23,17 +26,25 @@ const { values } = parseArgs({
     batch: { type: "string", default: "100" },
     republish: { type: "string", default: "300" },
     "ids-file": { type: "string" },
+    ca: { type: "string" },
+    token: { type: "string" },
   },
 });
 if (!values.broker || !values.topic || !values["ids-file"]) {
-  console.error("usage: producer --broker URL --topic T --ids-file PATH [--count N] [--batch N] [--republish N]");
+  console.error(
+    "usage: producer --broker URL --topic T --ids-file PATH [--count N] [--batch N] [--republish N] [--ca PEM] [--token T]",
+  );
   process.exit(2);
 }
 const count = Number(values.count);
 const batchSize = Number(values.batch);
 const republish = Math.min(Number(values.republish), count);
 
-const client = new TidingsClient({ baseUrl: values.broker });
+const client = new TidingsClient({
+  baseUrl: values.broker,
+  tls: values.ca ? { ca: readFileSync(values.ca) } : undefined,
+  token: values.token,
+});
 try {
   const messages: Message[] = Array.from({ length: count }, (_, n) =>
     message(values.topic!, JSON.stringify({ n }), { attributes: { producer: "typescript" } }),
