@@ -4,6 +4,9 @@
 //! ```sh
 //! cargo run --example shipping -- --broker http://127.0.0.1:50051 \
 //!     --database-url sqlite://shipping.db        # or postgres://user@host/db
+//! # against a broker with TLS and access control:
+//! cargo run --example shipping -- --broker https://broker.internal:50051 \
+//!     --tls-ca ca.pem --token "$SHIPPING_TOKEN" --database-url sqlite://shipping.db
 //! ```
 //!
 //! It creates topic `orders` and the ordered subscription `shipping` if they
@@ -31,9 +34,23 @@ use tidings::store::NewSubscription;
 #[derive(Debug, Parser)]
 #[command(about = "Ships orders from the `orders` topic, once each, through the inbox")]
 struct Args {
-    /// Broker URL.
+    /// Broker URL (https:// for TLS).
     #[arg(long, env = "TIDINGS_BROKER", default_value = tidings::config::DEFAULT_BROKER)]
     broker: String,
+    /// PEM CA bundle that signs the broker's certificate (https://; default:
+    /// the Mozilla roots).
+    #[arg(long, env = "TIDINGS_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for a broker that asks for one.
+    #[arg(long, env = "TIDINGS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// See --tls-cert.
+    #[arg(long, env = "TIDINGS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Bearer token for a broker with access control (the principal needs
+    /// consume on the subscription, and admin to create it if missing).
+    #[arg(long, env = "TIDINGS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The shipping service's own database: sqlite://PATH or postgres://...
     #[arg(long, env = "SHIPPING_DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -59,7 +76,20 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let connection = client::connect(&args.broker)?;
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => None,
+        (ca, cert, key) => Some(client::ClientTls::from_files(
+            ca.as_deref(),
+            cert.as_deref(),
+            key.as_deref(),
+        )?),
+    };
+    let options = client::ConnectOptions {
+        tls,
+        token: args.token.clone(),
+        ..client::ConnectOptions::default()
+    };
+    let connection = client::connect_with(&args.broker, options)?;
     ensure_subscription(&Admin::new(&connection), &args.subscription).await?;
     let url = args.database_url.clone();
     if url.starts_with("sqlite:") {
