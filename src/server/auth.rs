@@ -2,8 +2,10 @@
 //!
 //! Off unless an access file is given (`--access-file`). Then every call but
 //! health (and reflection, if left public) must name a principal: by a
-//! bearer token (`authorization: Bearer …`) whose SHA-256 the file lists, or
-//! by a client certificate (mutual TLS) with a DNS name the file lists.
+//! bearer token (`authorization: Bearer …`) whose SHA-256 the file lists, by
+//! a JSON Web Token signed by one of the identity provider's keys the file
+//! names (its `sub`, or another claim, is the principal's name), or by a
+//! client certificate (mutual TLS) with a DNS name the file lists.
 //! Rights are per principal: publish on topics, consume on subscriptions,
 //! admin; names may be patterns with `*`. Everything not granted is denied.
 //!
@@ -19,7 +21,9 @@
 //! {"principals": [
 //!   {"name": "billing", "tokens": ["sha256:<hex>"], "certificates": ["billing.internal"],
 //!    "publish": ["orders.*"], "consume": ["billing"], "admin": false}
-//! ]}
+//! ],
+//!  "jwt": {"keys": ["idp-public.pem"], "issuer": "https://idp.example", "audience": "tidings",
+//!          "principal_claim": "sub"}}
 //! ```
 
 use std::collections::HashMap;
@@ -116,13 +120,116 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
 }
 
 /// The access file, read.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Rules {
     grants: Vec<Grant>,
     /// SHA-256 of a token → its principal's grant.
     tokens: HashMap<[u8; 32], usize>,
     /// A client certificate's DNS name → its principal's grant.
     certificates: HashMap<String, usize>,
+    /// How JSON Web Tokens are checked, if they are accepted.
+    jwt: Option<Jwt>,
+}
+
+impl fmt::Debug for Rules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rules")
+            .field("principals", &self.grants.len())
+            .field("jwt", &self.jwt.as_ref().map(|j| j.keys.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// JSON Web Tokens from an identity provider: its public keys (each with
+/// the algorithms of its kind), the issuer and audience they must name, and
+/// the claim that names the principal.
+struct Jwt {
+    keys: Vec<(jsonwebtoken::DecodingKey, Vec<jsonwebtoken::Algorithm>)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    claim: String,
+}
+
+impl Jwt {
+    fn read(value: &Value, path: &Path) -> Result<Jwt> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let text = |field: &str| -> Result<Option<String>> {
+            match value.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad_file(path, format!("jwt.{field} must be a string"))),
+            }
+        };
+        let mut keys = Vec::new();
+        for file in strings(value, "keys", path, "jwt")? {
+            // Relative to the access file.
+            let key_path = base.join(&file);
+            let pem = std::fs::read(&key_path)
+                .map_err(|e| bad_file(path, format!("jwt key {}: {e}", key_path.display())))?;
+            let key = if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (k, vec![Algorithm::ES256, Algorithm::ES384])
+            } else if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                let rsa = [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+                let pss = [Algorithm::PS256, Algorithm::PS384, Algorithm::PS512];
+                (k, rsa.into_iter().chain(pss).collect())
+            } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+                (k, vec![Algorithm::EdDSA])
+            } else {
+                return Err(bad_file(
+                    path,
+                    format!(
+                        "jwt key {} is not a PEM public key (EC, RSA or Ed25519)",
+                        key_path.display()
+                    ),
+                ));
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err(bad_file(path, "jwt.keys names no key"));
+        }
+        Ok(Jwt {
+            keys,
+            issuer: text("issuer")?,
+            audience: text("audience")?,
+            claim: text("principal_claim")?.unwrap_or_else(|| "sub".to_owned()),
+        })
+    }
+
+    /// The principal name a token carries, if one of the keys signed it and
+    /// it is in force (not expired, the right issuer and audience).
+    fn principal(&self, token: &str) -> std::result::Result<String, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        let mut last = "no key of the identity provider verifies it".to_owned();
+        for (key, algorithms) in &self.keys {
+            if !algorithms.contains(&header.alg) {
+                continue;
+            }
+            let mut validation = jsonwebtoken::Validation::new(header.alg);
+            validation.algorithms = algorithms.clone();
+            match &self.issuer {
+                Some(i) => validation.set_issuer(&[i]),
+                None => validation.iss = None,
+            }
+            match &self.audience {
+                Some(a) => validation.set_audience(&[a]),
+                None => validation.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<Value>(token, key, &validation) {
+                Ok(data) => {
+                    return data
+                        .claims
+                        .get(&self.claim)
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("it has no {:?} claim", self.claim));
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
 }
 
 fn bad_file(path: &Path, what: impl fmt::Display) -> Error {
@@ -228,6 +335,9 @@ impl Rules {
                 admin,
             });
         }
+        if let Some(jwt) = value.get("jwt") {
+            rules.jwt = Some(Jwt::read(jwt, path)?);
+        }
         Ok(rules)
     }
 }
@@ -296,10 +406,28 @@ impl Access {
                 .ok_or_else(|| {
                     unauthenticated("the authorization header is not `Bearer <token>`")
                 })?;
-            let hash = sha256(token.trim().as_bytes());
-            return match rules.tokens.get(&hash) {
-                Some(&i) => Ok(Caller::principal(&rules, i)),
-                None => Err(unauthenticated(
+            let token = token.trim();
+            if let Some(&i) = rules.tokens.get(&sha256(token.as_bytes())) {
+                return Ok(Caller::principal(&rules, i));
+            }
+            // A JSON Web Token has three dot-separated parts.
+            return match (&rules.jwt, token.matches('.').count()) {
+                (Some(jwt), 2) => match jwt.principal(token) {
+                    Ok(name) => rules
+                        .grants
+                        .iter()
+                        .position(|g| *g.name == name)
+                        .map(|i| Caller::principal(&rules, i))
+                        .ok_or_else(|| {
+                            unauthenticated(&format!(
+                                "the token's principal {name:?} is not in this broker's access file"
+                            ))
+                        }),
+                    Err(why) => Err(unauthenticated(&format!(
+                        "the JSON Web Token is not accepted: {why}"
+                    ))),
+                },
+                _ => Err(unauthenticated(
                     "the bearer token is not known to this broker",
                 )),
             };

@@ -583,3 +583,91 @@ async fn a_changed_access_file_takes_effect_without_a_restart() {
     assert_eq!(e.code(), Code::Unauthenticated);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_json_web_token_of_the_identity_provider_names_its_principal() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let dir = TempDir::new().expect("tempdir");
+    let idp = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(dir.path().join("idp.pem"), idp.public_key_pem()).expect("write key");
+    let rules = serde_json::json!({
+        "principals": [
+            {"name": "ops", "tokens": [hashed("admin-token")], "admin": true},
+            {"name": "billing-service", "consume": ["billing"]},
+        ],
+        "jwt": {"keys": ["idp.pem"], "issuer": "https://idp.test", "audience": "tidings"},
+    });
+    let path = dir.path().join("access.json");
+    std::fs::write(&path, rules.to_string()).expect("access file");
+    let b = TestBroker::start_with(Backend::Sqlite, |c: &mut ServerConfig| {
+        c.access_file = Some(path);
+    })
+    .await;
+    let admin = client::Admin::new(&connection(&b, Some("admin-token")));
+    admin.create_topic("orders").await.expect("topic");
+    for name in ["billing", "shipping"] {
+        admin
+            .create_subscription(tidings::store::NewSubscription {
+                name: name.into(),
+                topic: "orders".into(),
+                settings: Default::default(),
+                start: tidings::model::StartPosition::Earliest,
+            })
+            .await
+            .expect("subscription");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let sign = |key: &rcgen::KeyPair, claims: serde_json::Value| {
+        let key = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("signing key");
+        encode(&Header::new(Algorithm::ES256), &claims, &key).expect("sign")
+    };
+    let claims = |sub: &str, aud: &str, exp: u64| serde_json::json!({"sub": sub, "iss": "https://idp.test", "aud": aud, "exp": exp});
+    let peek = |token: String, sub: &'static str| {
+        let mut r = raw(&b, Some(&token));
+        async move {
+            r.subscriber
+                .peek(proto::PeekRequest {
+                    subscription: sub.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_owned()))
+        }
+    };
+    let good = sign(&idp, claims("billing-service", "tidings", now + 600));
+    assert_eq!(peek(good.clone(), "billing").await, Ok(()));
+    let denied = peek(good, "shipping")
+        .await
+        .expect_err("not its subscription");
+    assert_eq!(denied.0, Code::PermissionDenied, "{denied:?}");
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    for (token, why) in [
+        (
+            sign(&idp, claims("billing-service", "tidings", now - 600)),
+            "expired",
+        ),
+        (
+            sign(
+                &idp,
+                claims("billing-service", "another-service", now + 600),
+            ),
+            "wrong audience",
+        ),
+        (
+            sign(&other_key, claims("billing-service", "tidings", now + 600)),
+            "another key",
+        ),
+        (
+            sign(&idp, claims("mallory", "tidings", now + 600)),
+            "no such principal",
+        ),
+    ] {
+        let refused = peek(token, "billing").await.expect_err(why);
+        assert_eq!(refused.0, Code::Unauthenticated, "{why}: {refused:?}");
+    }
+    b.stop().await;
+}
