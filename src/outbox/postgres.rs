@@ -111,7 +111,8 @@ pub(super) async fn fetch(pool: &PgPool, after: i64, limit: usize) -> Result<Vec
 }
 
 pub(super) async fn delete(pool: &PgPool, seqs: &[i64]) -> Result<()> {
-    // Joined through unnest, like every id list (see ARCHITECTURE.md).
+    // Joined through unnest. Not yet one key lookup per id like the
+    // broker's lists (ARCHITECTURE.md): left for the outbox's own check.
     sqlx::query(
         "DELETE FROM tidings_outbox o USING unnest($1::BIGINT[]) AS u(seq) WHERE o.seq = u.seq",
     )

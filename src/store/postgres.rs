@@ -8,9 +8,10 @@
 //! numbers of a topic commit in order; leasing new messages locks the
 //! subscription's row; redeliveries, expiries and acks lock the delivery
 //! rows they touch (`FOR UPDATE SKIP LOCKED` where another instance may hold
-//! them). Id lists are passed as arrays and joined through `unnest`. The
-//! `sql` module holds the text of the statements written once in
-//! `statements.rs`; the statements that pass lists are written here.
+//! them). Id lists are passed as arrays and unpacked with `unnest`, each
+//! element looked up on its own by key (see `locked_rows!`). The `sql`
+//! module holds the text of the statements written once in `statements.rs`;
+//! the statements that pass lists are written here.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -47,6 +48,36 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0003_out_of_turn.sql"),
     ),
 ];
+
+// How a statement finds the rows of an id list: each id is a key lookup of
+// its own, `CROSS JOIN LATERAL (SELECT … WHERE <the whole key> = … LIMIT 1)`
+// (or `FOR UPDATE`, which also keeps the subquery apart). A plain join
+// (`unnest(…) JOIN t ON …`, `IN (SELECT unnest(…))`, `= ANY`) leaves the
+// plan to the statistics: on a table never analysed, or analysed while
+// nearly empty, PostgreSQL takes the subscription (or topic) for a few rows,
+// reads all of it and matches every id against every row, so each ack cost
+// more the longer the backlog (issue 16, item 3). A lateral subquery with
+// LIMIT or FOR UPDATE is never merged into a join, and an equality on every
+// column of a unique index is one row whatever the statistics say.
+//
+// UPDATE and DELETE cannot be written that way, so they find the rows' ctids
+// like that and change the rows by ctid (a TID scan). That is only right for
+// rows this transaction has locked in an earlier statement: an unlocked row
+// may get a new version, and so a new ctid, after the statement's snapshot.
+/// Where-clause of an UPDATE or DELETE of the subscription `$sub`'s rows
+/// `$seqs`, which the transaction has locked in an earlier statement.
+macro_rules! locked_rows {
+    ($sub:literal, $seqs:literal) => {
+        concat!(
+            "ctid = ANY(ARRAY(SELECT r.ctid FROM unnest(",
+            $seqs,
+            "::BIGINT[]) AS u(seq) CROSS JOIN LATERAL (SELECT ctid FROM deliveries \
+             WHERE sub_id = ",
+            $sub,
+            " AND seq = u.seq LIMIT 1) r))"
+        )
+    };
+}
 
 /// The NOTIFY channel instances wake each other on.
 const CHANNEL: &str = "tidings";
@@ -575,9 +606,10 @@ impl Backend for Postgres {
             // time, and one made while the table was small scans the whole
             // topic once it is large. Unprepared, each is planned for the
             // list and the table as they are.
+            // Each id a key lookup (see `locked_rows!`).
             let rows: Vec<(Vec<u8>, i64)> = sqlx::query_as(
-                "SELECT d.id, d.seq FROM unnest($2::BYTEA[]) AS u(id) \
-                 JOIN dedup d ON d.topic_id = $1 AND d.id = u.id",
+                "SELECT d.id, d.seq FROM unnest($2::BYTEA[]) AS u(id) CROSS JOIN LATERAL \
+                 (SELECT id, seq FROM dedup WHERE topic_id = $1 AND id = u.id LIMIT 1) d",
             )
             .persistent(false)
             .bind(topic_id)
@@ -676,10 +708,17 @@ impl Backend for Postgres {
             return Ok(HashSet::new());
         }
         // One probe per key that stops at its first row in progress, so
-        // the cost does not grow with the messages a key holds back.
+        // the cost does not grow with the messages a key holds back. As an
+        // EXISTS, PostgreSQL could turn it into a join that reads every row
+        // in progress of the subscription (see `locked_rows!`). The order
+        // keeps the probe on `deliveries_by_key` (a plain LIMIT 1 may scan
+        // the table from its start, past the rows acked since the last
+        // VACUUM), newest first: a key's newest row is the one in progress,
+        // and its acked rows' dead index entries are the oldest.
         let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) WHERE EXISTS (SELECT 1 \
-             FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1))",
+            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL (SELECT 1 \
+             FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1) \
+             ORDER BY d.seq DESC LIMIT 1) p",
         )
         .persistent(false)
         .bind(sub_id)
@@ -698,8 +737,9 @@ impl Backend for Postgres {
         for chunk in seqs.chunks(CHUNK) {
             let found: Vec<(i64, i64, i64, i64, i32)> = sqlx::query_as(
                 "SELECT d.seq, d.state, d.lease, d.available_at, d.attempt \
-                 FROM unnest($2::BIGINT[]) AS u(seq) \
-                 JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq FOR UPDATE OF d",
+                 FROM unnest($2::BIGINT[]) AS u(seq) CROSS JOIN LATERAL \
+                 (SELECT seq, state, lease, available_at, attempt FROM deliveries \
+                 WHERE sub_id = $1 AND seq = u.seq FOR UPDATE) d",
             )
             .persistent(false)
             .bind(sub_id)
@@ -714,30 +754,34 @@ impl Backend for Postgres {
     }
 
     async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
-        // Two statements, each a keyed lookup per element of a short list,
-        // and no condition on `available_at` in the UPDATE: as one UPDATE …
-        // FROM, or with that condition, a planner without statistics yet (a
-        // fresh table) walked every held row of the subscription.
-        let next: Vec<Option<i64>> = sqlx::query_scalar(
-            "SELECT (SELECT CASE WHEN e.available_at = 9223372036854775807 THEN e.seq END \
-             FROM deliveries e WHERE e.sub_id = $1 AND e.key = d.key \
-             AND e.seq > d.seq AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) \
-             FROM unnest($2::BIGINT[]) AS u(seq) \
-             JOIN deliveries d ON d.sub_id = $1 AND d.seq = u.seq WHERE d.key IS NOT NULL",
+        // Each row of `seqs` (key lookup), the first row in progress after
+        // it of its key (`deliveries_by_key`), and that row, locked, if it
+        // is held; then the locked rows are made due. Every step is a keyed
+        // lookup per element of a short list: as one UPDATE … FROM, or as
+        // joins, a planner without statistics (a fresh table) walked every
+        // row of the subscription (see `locked_rows!`). No condition on
+        // `available_at` in the UPDATE for the same reason.
+        let next: Vec<i64> = sqlx::query_scalar(
+            "SELECT h.seq FROM unnest($2::BIGINT[]) AS u(seq) \
+             CROSS JOIN LATERAL (SELECT seq, key FROM deliveries \
+             WHERE sub_id = $1 AND seq = u.seq LIMIT 1) d \
+             CROSS JOIN LATERAL (SELECT e.seq FROM deliveries e WHERE e.sub_id = $1 \
+             AND e.key = d.key AND e.seq > d.seq AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) n \
+             CROSS JOIN LATERAL (SELECT seq FROM deliveries WHERE sub_id = $1 AND seq = n.seq \
+             AND available_at = 9223372036854775807 FOR UPDATE) h",
         )
         .persistent(false)
         .bind(sub_id)
         .bind(seqs)
         .fetch_all(&mut *c)
         .await?;
-        let next: Vec<i64> = next.into_iter().flatten().collect();
         if next.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "UPDATE deliveries d SET available_at = $3 FROM unnest($2::BIGINT[]) AS u(seq) \
-             WHERE d.sub_id = $1 AND d.seq = u.seq",
-        )
+        sqlx::query(concat!(
+            "UPDATE deliveries SET available_at = $3 WHERE ",
+            locked_rows!("$1", "$2")
+        ))
         .persistent(false)
         .bind(sub_id)
         .bind(next)
@@ -748,10 +792,11 @@ impl Backend for Postgres {
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries d SET state = 0, available_at = $1, attempt = d.attempt - 1 \
-             FROM unnest($3::BIGINT[]) AS u(seq) WHERE d.sub_id = $2 AND d.seq = u.seq",
-        )
+        // The rows were locked by `deliveries` (the lease check).
+        sqlx::query(concat!(
+            "UPDATE deliveries SET state = 0, available_at = $1, attempt = attempt - 1 WHERE ",
+            locked_rows!("$2", "$3")
+        ))
         .persistent(false)
         .bind(now)
         .bind(sub_id)
@@ -762,10 +807,11 @@ impl Backend for Postgres {
     }
 
     async fn delete_deliveries(c: &mut Conn, sub_id: i64, seqs: &[i64]) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM deliveries d USING unnest($2::BIGINT[]) AS u(seq) \
-             WHERE d.sub_id = $1 AND d.seq = u.seq",
-        )
+        // The rows were locked by `deliveries` (the lease check).
+        sqlx::query(concat!(
+            "DELETE FROM deliveries WHERE ",
+            locked_rows!("$1", "$2")
+        ))
         .persistent(false)
         .bind(sub_id)
         .bind(seqs)
