@@ -671,3 +671,38 @@ async fn a_json_web_token_of_the_identity_provider_names_its_principal() {
     }
     b.stop().await;
 }
+
+/// Whether a reflection call without credentials is answered.
+async fn reflection_answers(b: &TestBroker) -> Result<(), Code> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let mut client = ServerReflectionClient::new(connection(b, None).channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    stream.message().await.map(|_| ()).map_err(|s| s.code())
+}
+
+#[tokio::test]
+async fn reflection_is_open_unless_told_otherwise() {
+    let dir = TempDir::new().expect("tempdir");
+    let b = start(dir.path()).await;
+    assert_eq!(reflection_answers(&b).await, Ok(()));
+    b.stop().await;
+    let path = access_file(dir.path());
+    let b = TestBroker::start_with(Backend::Sqlite, |c: &mut ServerConfig| {
+        c.access_file = Some(path);
+        c.public_reflection = false;
+    })
+    .await;
+    assert_eq!(reflection_answers(&b).await, Err(Code::Unauthenticated));
+    b.stop().await;
+}

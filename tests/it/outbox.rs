@@ -113,18 +113,28 @@ impl AppDb {
     }
 
     /// Enqueues `messages` in one transaction that commits or rolls back.
+    /// A transaction the database refuses as a conflict (`Unavailable`:
+    /// SQLite's busy snapshot under concurrent writers) is run again, as an
+    /// application would.
     pub(crate) async fn enqueue(&self, messages: &[Message], commit: bool) {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.expect("begin");
-            outbox::enqueue_all(&mut tx, messages)
-                .await
-                .expect("enqueue");
-            if commit {
-                tx.commit().await.expect("commit");
-            } else {
-                tx.rollback().await.expect("rollback");
+        for attempt in 1.. {
+            let result: Result<(), tidings::Error> = on_pool!(self, |pool| {
+                let mut tx = pool.begin().await.expect("begin");
+                match outbox::enqueue_all(&mut tx, messages).await {
+                    Err(e) => Err(e),
+                    Ok(_) if commit => tx.commit().await.map_err(tidings::Error::from),
+                    Ok(_) => tx.rollback().await.map_err(tidings::Error::from),
+                }
+            });
+            match result {
+                Ok(()) => return,
+                Err(tidings::Error::Unavailable(e)) if attempt < 50 => {
+                    eprintln!("enqueue attempt {attempt}: {e}; again");
+                    tokio::time::sleep(ms(10)).await;
+                }
+                Err(e) => panic!("enqueue: {e}"),
             }
-        })
+        }
     }
 
     /// One writer's transaction: takes the next number of `key` from the

@@ -443,3 +443,53 @@ async fn a_client_certificate_names_its_principal() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn the_relay_reaches_a_broker_with_tls_and_a_token() {
+    use tidings::outbox::{Message, Relay, RelayConfig};
+    let dir = TempDir::new().expect("tempdir");
+    let ca = Ca::new("tidings test CA");
+    // Client certificates optional: the admin shows one, the relay a token.
+    let files = tls_files(dir.path(), &ca, Some(&ca), ClientAuth::Optional);
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"relay-token");
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let rules = serde_json::json!({"principals": [
+        {"name": "ops", "certificates": ["ops.internal"], "admin": true},
+        {"name": "relay", "tokens": [format!("sha256:{hex}")], "publish": ["orders"]},
+    ]});
+    let access = dir.path().join("access.json");
+    std::fs::write(&access, rules.to_string()).expect("access file");
+    let broker = Broker::start(|c| {
+        c.network.tls = Some(files);
+        c.access_file = Some(access);
+    })
+    .await;
+    let app = crate::outbox::AppDb::create(&crate::harness::Backend::Sqlite).await;
+    app.enqueue(&[Message::new("orders", b"over TLS".to_vec())], true)
+        .await;
+    let mut config = RelayConfig::new(format!("https://{}", broker.addr));
+    config.poll_interval = Duration::from_millis(50);
+    config.connect = ConnectOptions {
+        connect_timeout: Duration::from_secs(2),
+        tls: Some(ClientTls {
+            ca: Some(ca.pem().into_bytes()),
+            identity: None,
+            domain: Some("localhost".into()),
+        }),
+        token: Some("relay-token".into()),
+    };
+    // The admin, by its certificate, makes the topic and watches it.
+    let ca_pem = ca.pem();
+    let ops = Admin::new(&broker.client(&ca_pem, Some(ca.leaf("ops.internal", false))));
+    ops.create_topic("orders").await.expect("topic");
+    let mut relay = Relay::start(app.outbox(), config).await.expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ops.get_topic("orders").await.expect("topic").last_sequence < 1 {
+        assert!(Instant::now() < deadline, "the relay never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.depth().await, 0, "the row left the outbox once stored");
+    relay.stop().await;
+    app.drop().await;
+    broker.stop().await;
+}
