@@ -482,7 +482,7 @@ async fn the_relay_reaches_a_broker_with_tls_and_a_token() {
     let ca_pem = ca.pem();
     let ops = Admin::new(&broker.client(&ca_pem, Some(ca.leaf("ops.internal", false))));
     ops.create_topic("orders").await.expect("topic");
-    let mut relay = Relay::start(app.outbox(), config).await.expect("relay");
+    let relay = Relay::start(app.outbox(), config).await.expect("relay");
     let deadline = Instant::now() + Duration::from_secs(10);
     while ops.get_topic("orders").await.expect("topic").last_sequence < 1 {
         assert!(Instant::now() < deadline, "the relay never published");
