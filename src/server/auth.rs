@@ -166,7 +166,13 @@ fn token_hash(text: &str) -> Option<[u8; 32]> {
 impl Rules {
     fn read(path: &Path) -> Result<Rules> {
         let text = std::fs::read_to_string(path).map_err(|e| bad_file(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| bad_file(path, e))?;
+        Rules::parse(&text, path)
+    }
+
+    /// The rules a file's text states; `path` only names the file in
+    /// errors.
+    fn parse(text: &str, path: &Path) -> Result<Rules> {
+        let value: Value = serde_json::from_str(text).map_err(|e| bad_file(path, e))?;
         let Some(principals) = value.get("principals").and_then(Value::as_array) else {
             return Err(bad_file(path, "no \"principals\" list"));
         };
@@ -230,6 +236,48 @@ impl Rules {
         }
         Ok(rules)
     }
+}
+
+/// One principal of an access file as read, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadPrincipal {
+    pub(crate) name: String,
+    pub(crate) tokens: Vec<[u8; 32]>,
+    pub(crate) certificates: Vec<String>,
+    pub(crate) publish: Vec<String>,
+    pub(crate) consume: Vec<String>,
+    pub(crate) admin: bool,
+}
+
+/// An access file's text read as `--access-file` reads it, laid out per
+/// principal (tokens and certificate names sorted), for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn read_principals(text: &str) -> Result<Vec<ReadPrincipal>> {
+    let rules = Rules::parse(text, Path::new("<fuzz>"))?;
+    let mut out: Vec<ReadPrincipal> = rules
+        .grants
+        .iter()
+        .map(|g| ReadPrincipal {
+            name: g.name.to_string(),
+            tokens: Vec::new(),
+            certificates: Vec::new(),
+            publish: g.publish.clone(),
+            consume: g.consume.clone(),
+            admin: g.admin,
+        })
+        .collect();
+    for (hash, &i) in &rules.tokens {
+        out[i].tokens.push(*hash);
+    }
+    for (name, &i) in &rules.certificates {
+        out[i].certificates.push(name.clone());
+    }
+    for p in &mut out {
+        p.tokens.sort();
+        p.certificates.sort();
+    }
+    Ok(out)
 }
 
 /// The access rules in force, reread when their file changes.
