@@ -153,7 +153,8 @@ fn strings(principal: &Value, field: &str, path: &Path, name: &str) -> Result<Ve
 /// Reads a `sha256:<64 hex digits>` token hash.
 fn token_hash(text: &str) -> Option<[u8; 32]> {
     let hex = text.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
+    // Hex digits only: `from_str_radix` alone would also take a sign.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -602,6 +603,16 @@ mod tests {
         assert_eq!(token_hash("secret"), None);
         assert_eq!(token_hash("sha256:abc"), None);
         assert_eq!(token_hash(&format!("sha256:{}", "zz".repeat(32))), None);
+    }
+
+    /// Issue 12, found by the access_file fuzz target: `+3` was read as the
+    /// hex pair `03`, so a malformed hash was accepted as another one.
+    #[test]
+    fn token_hashes_with_a_sign_are_refused() {
+        let hex = format!("+3{}", "0".repeat(62));
+        assert_eq!(token_hash(&format!("sha256:{hex}")), None);
+        let upper = "AB".repeat(32);
+        assert_eq!(token_hash(&format!("sha256:{upper}")), Some([0xab; 32]));
     }
 
     #[test]
