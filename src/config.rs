@@ -77,11 +77,16 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
         .checked_mul(nanos_per_unit)
         .filter(|n| *n <= max)
         .ok_or_else(too_long)?;
-    let mut place = nanos_per_unit;
-    for digit in fraction.bytes().take(30) {
-        place /= 10;
-        nanos += u128::from(digit - b'0') * place;
-    }
+    // The fraction as one integer over its power of ten, so that each digit
+    // counts at its exact weight: a place value divided down digit by digit
+    // loses its own fraction (3.6e12 ns, an hour's, became 3 at the twelfth
+    // digit). Twenty digits are more than a nanosecond of a day needs, and
+    // with the largest unit stay far inside u128.
+    let digits = &fraction.as_bytes()[..fraction.len().min(20)];
+    let scaled = digits
+        .iter()
+        .fold(0u128, |f, d| f * 10 + u128::from(d - b'0'));
+    nanos += scaled * nanos_per_unit / 10u128.pow(digits.len() as u32);
     if nanos > max {
         return Err(too_long());
     }
@@ -396,6 +401,22 @@ mod tests {
         ] {
             assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{d:?}");
         }
+    }
+
+    /// Issue 12, found by the fuzzer: each digit of a fraction counted at
+    /// a place value divided down in integers, so `1.777…h` came out 7 ns
+    /// short of what it says.
+    #[test]
+    fn fractions_count_every_digit_at_its_weight() {
+        let text = format!("1.{}5h", "7".repeat(56));
+        assert_eq!(
+            parse_duration(&text).unwrap(),
+            Duration::new(6399, 999_999_999)
+        );
+        assert_eq!(
+            parse_duration("0.123456789123d").unwrap(),
+            Duration::from_nanos(10_666_666_580_227)
+        );
     }
 
     /// Issue 12: a whole part just under u128::MAX nanoseconds plus a
