@@ -118,13 +118,13 @@ fn sequence_token(token: &str) -> Result<i64> {
 
 /// Page tokens are the last name (or sequence) of the previous page and a
 /// check value, in hex so that they are opaque and safe in any transport.
-fn encode_token(last: &str) -> String {
+pub(crate) fn encode_token(last: &str) -> String {
     let mut token: String = last.bytes().map(|b| format!("{b:02x}")).collect();
     token.push_str(&format!("{:08x}", token_check(last.as_bytes())));
     token
 }
 
-fn decode_token(token: &str) -> Result<Option<String>> {
+pub(crate) fn decode_token(token: &str) -> Result<Option<String>> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -135,8 +135,14 @@ fn decode_token(token: &str) -> Result<Option<String>> {
             token.len()
         ))
     };
-    // The longest token is that of a 255-byte name.
-    if !token.len().is_multiple_of(2) || token.len() < 10 || token.len() > 2 * 255 + 8 {
+    // The longest token is that of a 255-byte name. Only hex digits: the
+    // splits below are at byte offsets, which in other text may fall inside
+    // a character, and `from_str_radix` alone would take a sign too.
+    if !token.len().is_multiple_of(2)
+        || token.len() < 10
+        || token.len() > 2 * 255 + 8
+        || !token.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return Err(bad());
     }
     let (content, check) = token.split_at(token.len() - 8);
@@ -908,5 +914,42 @@ impl Broker {
         session.flow_control(&first.flow)?;
         tokio::spawn(session.run(first, commands).in_current_span());
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip() {
+        for last in ["orders", "a", &"z".repeat(255), "1234"] {
+            assert_eq!(
+                decode_token(&encode_token(last)).unwrap().as_deref(),
+                Some(last)
+            );
+        }
+        assert_eq!(decode_token("").unwrap(), None);
+    }
+
+    /// Issue 12: the fuzzer's first find. A token with a multi-byte
+    /// character where the check value starts made `split_at` panic in the
+    /// handler; a sign before a hex pair was read as a digit.
+    #[test]
+    fn page_tokens_of_other_text_are_refused_not_a_panic() {
+        for token in ["6\u{359} 6\u{359} 7 ", "ééééé", "0x6f72646572"] {
+            assert!(
+                matches!(decode_token(token), Err(Error::InvalidArgument(_))),
+                "{token:?}"
+            );
+        }
+        // "0f" and "+f" are both 15 to `from_str_radix`.
+        let good = encode_token("\u{f}rders");
+        let signed = format!("+{}", &good[1..]);
+        assert!(decode_token(&signed).is_err(), "{signed:?}");
+        assert_eq!(
+            decode_token(&good.to_ascii_uppercase()).unwrap().as_deref(),
+            Some("\u{f}rders")
+        );
     }
 }

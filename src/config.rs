@@ -69,13 +69,24 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     } else {
         whole.parse().map_err(|_| too_long())?
     };
-    let mut nanos = whole.checked_mul(nanos_per_unit).ok_or_else(too_long)?;
-    let mut place = nanos_per_unit;
-    for digit in fraction.bytes().take(30) {
-        place /= 10;
-        nanos += u128::from(digit - b'0') * place;
-    }
+    // The whole part is bounded before the fraction is added: the fraction
+    // adds up to one unit, which past u128::MAX less a unit would wrap
+    // (issue 12: `3938453320844195178974243.9d` was 18 hours).
     let max = MAX_DURATION.as_nanos();
+    let mut nanos = whole
+        .checked_mul(nanos_per_unit)
+        .filter(|n| *n <= max)
+        .ok_or_else(too_long)?;
+    // The fraction as one integer over its power of ten, so that each digit
+    // counts at its exact weight: a place value divided down digit by digit
+    // loses its own fraction (3.6e12 ns, an hour's, became 3 at the twelfth
+    // digit). Twenty digits are more than a nanosecond of a day needs, and
+    // with the largest unit stay far inside u128.
+    let digits = &fraction.as_bytes()[..fraction.len().min(20)];
+    let scaled = digits
+        .iter()
+        .fold(0u128, |f, d| f * 10 + u128::from(d - b'0'));
+    nanos += scaled * nanos_per_unit / 10u128.pow(digits.len() as u32);
     if nanos > max {
         return Err(too_long());
     }
@@ -119,7 +130,14 @@ pub fn format_duration(d: Duration) -> String {
             return format!("{}{unit}", nanos / size);
         }
     }
-    format!("{}us", d.as_secs_f64() * 1e6)
+    // Microseconds with their fraction in exact decimal digits: through
+    // f64 a long duration lost its last nanoseconds (issue 12).
+    let (us, ns) = (nanos / 1_000, nanos % 1_000);
+    if ns == 0 {
+        format!("{us}us")
+    } else {
+        format!("{us}.{}us", format!("{ns:03}").trim_end_matches('0'))
+    }
 }
 
 /// A duration read and shown as text (`30s`), for flags whose default is a
@@ -364,9 +382,54 @@ mod tests {
             (Duration::from_secs(90), "90s"),
             (Duration::from_secs(7 * 86_400), "7d"),
             (Duration::from_micros(1500), "1500us"),
+            (Duration::from_nanos(1_500), "1.5us"),
+            (Duration::from_nanos(7), "0.007us"),
         ] {
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(text).unwrap(), d);
+        }
+    }
+
+    /// Issue 12, found by the fuzzer: a long duration with nanoseconds
+    /// printed through f64 (`342876446007040.4us`) and read back rounded.
+    #[test]
+    fn long_durations_with_nanoseconds_read_back_exactly() {
+        for d in [
+            Duration::new(342_876_446, 7_040_377),
+            MAX_DURATION - Duration::from_nanos(1),
+            Duration::new(1, 1),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{d:?}");
+        }
+    }
+
+    /// Issue 12, found by the fuzzer: each digit of a fraction counted at
+    /// a place value divided down in integers, so `1.777…h` came out 7 ns
+    /// short of what it says.
+    #[test]
+    fn fractions_count_every_digit_at_its_weight() {
+        let text = format!("1.{}5h", "7".repeat(56));
+        assert_eq!(
+            parse_duration(&text).unwrap(),
+            Duration::new(6399, 999_999_999)
+        );
+        assert_eq!(
+            parse_duration("0.123456789123d").unwrap(),
+            Duration::from_nanos(10_666_666_580_227)
+        );
+    }
+
+    /// Issue 12: a whole part just under u128::MAX nanoseconds plus a
+    /// fraction overflowed (a panic in a debug build, a wrapped, short
+    /// duration in a release build) instead of being refused as too long.
+    #[test]
+    fn a_fraction_on_an_absurd_number_is_refused_not_wrapped() {
+        for text in [
+            "3938453320844195178974243.9d",
+            "340282366920938463463374607431.9s",
+        ] {
+            let err = parse_duration(text).unwrap_err();
+            assert!(err.to_string().contains("too long"), "{text}: {err}");
         }
     }
 

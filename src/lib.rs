@@ -17,6 +17,9 @@ pub mod config;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod consumer;
 pub mod error;
+#[cfg(all(feature = "fuzzing", any(feature = "sqlite", feature = "postgres")))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod inbox;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

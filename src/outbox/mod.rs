@@ -134,7 +134,7 @@ impl NewRow {
     }
 }
 
-fn encode_attributes(attributes: &HashMap<String, String>) -> String {
+pub(crate) fn encode_attributes(attributes: &HashMap<String, String>) -> String {
     let map: serde_json::Map<String, serde_json::Value> = attributes
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
@@ -144,7 +144,7 @@ fn encode_attributes(attributes: &HashMap<String, String>) -> String {
 
 /// Reads an attributes column: a JSON object; values that are not strings
 /// are sent as their JSON text.
-fn decode_attributes(seq: i64, text: Option<&str>) -> Result<HashMap<String, String>> {
+pub(crate) fn decode_attributes(seq: i64, text: Option<&str>) -> Result<HashMap<String, String>> {
     let Some(text) = text else {
         return Ok(HashMap::new());
     };

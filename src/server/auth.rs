@@ -260,7 +260,8 @@ fn strings(principal: &Value, field: &str, path: &Path, name: &str) -> Result<Ve
 /// Reads a `sha256:<64 hex digits>` token hash.
 fn token_hash(text: &str) -> Option<[u8; 32]> {
     let hex = text.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
+    // Hex digits only: `from_str_radix` alone would also take a sign.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -273,7 +274,13 @@ fn token_hash(text: &str) -> Option<[u8; 32]> {
 impl Rules {
     fn read(path: &Path) -> Result<Rules> {
         let text = std::fs::read_to_string(path).map_err(|e| bad_file(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| bad_file(path, e))?;
+        Rules::parse(&text, path)
+    }
+
+    /// The rules a file's text states; `path` only names the file in
+    /// errors.
+    fn parse(text: &str, path: &Path) -> Result<Rules> {
+        let value: Value = serde_json::from_str(text).map_err(|e| bad_file(path, e))?;
         let Some(principals) = value.get("principals").and_then(Value::as_array) else {
             return Err(bad_file(path, "no \"principals\" list"));
         };
@@ -340,6 +347,48 @@ impl Rules {
         }
         Ok(rules)
     }
+}
+
+/// One principal of an access file as read, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadPrincipal {
+    pub(crate) name: String,
+    pub(crate) tokens: Vec<[u8; 32]>,
+    pub(crate) certificates: Vec<String>,
+    pub(crate) publish: Vec<String>,
+    pub(crate) consume: Vec<String>,
+    pub(crate) admin: bool,
+}
+
+/// An access file's text read as `--access-file` reads it, laid out per
+/// principal (tokens and certificate names sorted), for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn read_principals(text: &str) -> Result<Vec<ReadPrincipal>> {
+    let rules = Rules::parse(text, Path::new("<fuzz>"))?;
+    let mut out: Vec<ReadPrincipal> = rules
+        .grants
+        .iter()
+        .map(|g| ReadPrincipal {
+            name: g.name.to_string(),
+            tokens: Vec::new(),
+            certificates: Vec::new(),
+            publish: g.publish.clone(),
+            consume: g.consume.clone(),
+            admin: g.admin,
+        })
+        .collect();
+    for (hash, &i) in &rules.tokens {
+        out[i].tokens.push(*hash);
+    }
+    for (name, &i) in &rules.certificates {
+        out[i].certificates.push(name.clone());
+    }
+    for p in &mut out {
+        p.tokens.sort();
+        p.certificates.sort();
+    }
+    Ok(out)
 }
 
 /// The access rules in force, reread when their file changes.
@@ -682,6 +731,16 @@ mod tests {
         assert_eq!(token_hash("secret"), None);
         assert_eq!(token_hash("sha256:abc"), None);
         assert_eq!(token_hash(&format!("sha256:{}", "zz".repeat(32))), None);
+    }
+
+    /// Issue 12, found by the access_file fuzz target: `+3` was read as the
+    /// hex pair `03`, so a malformed hash was accepted as another one.
+    #[test]
+    fn token_hashes_with_a_sign_are_refused() {
+        let hex = format!("+3{}", "0".repeat(62));
+        assert_eq!(token_hash(&format!("sha256:{hex}")), None);
+        let upper = "AB".repeat(32);
+        assert_eq!(token_hash(&format!("sha256:{upper}")), Some([0xab; 32]));
     }
 
     #[test]

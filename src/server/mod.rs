@@ -2,7 +2,7 @@
 //! reflection onto one listener, and drains gracefully on shutdown.
 
 mod admin;
-mod auth;
+pub(crate) mod auth;
 mod convert;
 mod deadline;
 mod decoding;

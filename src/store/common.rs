@@ -200,7 +200,7 @@ pub(super) const LEASED: i64 = 1;
 pub(super) const DEAD: i64 = 2;
 
 /// Attributes as stored: `(u32 LE length, bytes)` for each name and value.
-pub(super) fn encode_attributes(attributes: &[(String, String)]) -> Option<Vec<u8>> {
+pub(crate) fn encode_attributes(attributes: &[(String, String)]) -> Option<Vec<u8>> {
     if attributes.is_empty() {
         return None;
     }
@@ -214,7 +214,7 @@ pub(super) fn encode_attributes(attributes: &[(String, String)]) -> Option<Vec<u
     Some(out)
 }
 
-pub(super) fn decode_attributes(bytes: Option<Vec<u8>>) -> Result<Vec<(String, String)>> {
+pub(crate) fn decode_attributes(bytes: Option<Vec<u8>>) -> Result<Vec<(String, String)>> {
     let Some(bytes) = bytes else {
         return Ok(Vec::new());
     };

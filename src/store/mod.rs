@@ -26,6 +26,8 @@ mod sweep;
 mod writer;
 
 pub(crate) use common::LogLimit;
+#[cfg(feature = "fuzzing")]
+pub(crate) use common::{decode_attributes, encode_attributes};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
