@@ -104,7 +104,14 @@ backend_test! {
         const KILLS: usize = 30;
         for cycle in 0..KILLS {
             let mut relay = spawn_relay(&app, &broker, duplicates.clone()).await;
-            let lock = if cycle % 2 == 0 { Some(app.block_deletes().await) } else { None };
+            let lock = if cycle % 2 == 0 {
+                // Once the relay has written its first heartbeat: the lock
+                // is to hold its delete, not its start.
+                reported(&app, &relay).await;
+                Some(app.block_deletes().await)
+            } else {
+                None
+            };
             let m = tokio::time::timeout(Duration::from_secs(30), watch.next_message())
                 .await
                 .expect("the relay publishes")
@@ -220,6 +227,24 @@ async fn relays_seen(app: &AppDb) -> (Vec<String>, Vec<String>, Vec<String>) {
         .map(|l| l.as_str().expect("name").to_owned())
         .collect();
     (leaders, names(true), names(false))
+}
+
+/// Waits until the relay `relay` runs has written its row in
+/// `tidings_outbox_relays`.
+async fn reported(app: &AppDb, relay: &Child) {
+    let pid = format!("-{}-", relay.id().expect("running"));
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = app.outbox().stats().await.expect("outbox stats");
+        if stats.relays.iter().any(|r| r.relay.contains(&pid)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "relay {pid} never reported"
+        );
+        tokio::time::sleep(ms(10)).await;
+    }
 }
 
 /// The relay a process runs: its name holds the process id.
