@@ -34,11 +34,11 @@ pub fn timestamp(us: Micros) -> prost_types::Timestamp {
     }
 }
 
-/// A wire instant in microseconds since the Unix epoch (saturating).
+/// A wire instant in microseconds since the Unix epoch (saturating). The
+/// inverse of [`timestamp`] for every instant, the extremes included.
 pub fn micros_of(t: &prost_types::Timestamp) -> Micros {
-    t.seconds
-        .saturating_mul(1_000_000)
-        .saturating_add(i64::from(t.nanos) / 1000)
+    let us = i128::from(t.seconds) * 1_000_000 + i128::from(t.nanos) / 1000;
+    Micros::try_from(us).unwrap_or(if us < 0 { Micros::MIN } else { Micros::MAX })
 }
 
 /// The range of a valid `google.protobuf.Timestamp`: 0001-01-01T00:00:00Z
@@ -856,6 +856,26 @@ mod tests {
         for us in [0, 1, 1_500_000, -1, -1_500_001, 1_795_736_562_573_423] {
             assert_eq!(micros_of(&timestamp(us)), us);
         }
+        // The extremes too: the seconds times a million leave i64 there.
+        for us in [
+            i64::MIN,
+            i64::MIN + 1,
+            i64::MIN + 999_999,
+            i64::MAX,
+            i64::MAX - 1,
+        ] {
+            assert_eq!(micros_of(&timestamp(us)), us, "{us}");
+        }
+        let far = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        assert_eq!(micros_of(&far), i64::MAX, "saturates");
+        let before = prost_types::Timestamp {
+            seconds: i64::MIN,
+            nanos: 0,
+        };
+        assert_eq!(micros_of(&before), i64::MIN, "saturates");
     }
 
     #[test]

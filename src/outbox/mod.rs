@@ -40,8 +40,10 @@ pub const SQLITE_MIGRATION: &str = include_str!("../../migrations/outbox/sqlite.
 /// if and only if that transaction commits. Returns the message id, which is
 /// the id the broker and every consumer see.
 ///
-/// Fails with `InvalidArgument` for a bad topic name, or a storage error
-/// (then the caller's transaction should roll back).
+/// Fails with `InvalidArgument` for a bad topic name, a NUL character in the
+/// ordering key or an attribute, or an empty attribute name (the broker
+/// would refuse the message), or a storage error (then the caller's
+/// transaction should roll back).
 pub async fn enqueue<DB: OutboxDatabase>(
     tx: &mut Transaction<'_, DB>,
     message: &Message,
@@ -124,6 +126,30 @@ pub struct NewRow {
 impl NewRow {
     fn from_message(m: &Message) -> Result<NewRow> {
         validate_name("topic", &m.topic)?;
+        // What the broker would refuse anyway, refused here, in the
+        // application's own transaction, rather than held in the outbox:
+        // and PostgreSQL's jsonb cannot hold a NUL at all.
+        if m.key.as_deref().is_some_and(|k| k.contains('\0')) {
+            return Err(Error::InvalidArgument(format!(
+                "message {}: the ordering key contains a NUL character (U+0000)",
+                m.id
+            )));
+        }
+        for (name, value) in &m.attributes {
+            if name.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "message {}: an attribute has an empty name",
+                    m.id
+                )));
+            }
+            if name.contains('\0') || value.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "message {}: attribute {:?} contains a NUL character (U+0000)",
+                    m.id,
+                    name.replace('\0', "\\0")
+                )));
+            }
+        }
         Ok(NewRow {
             id: m.id.to_string(),
             topic: m.topic.clone(),
@@ -537,5 +563,23 @@ mod tests {
         // A row without its interval is judged by the default.
         assert!(relay_alive(Duration::from_secs(15), None));
         assert!(!relay_alive(Duration::from_secs(16), None));
+    }
+
+    #[test]
+    fn what_the_broker_would_refuse_is_refused_at_enqueue() {
+        let ok = Message::new("orders", "x").with_key("customer-7");
+        assert!(NewRow::from_message(&ok).is_ok());
+        let mut cases = vec![Message::new("orders", "x").with_key("a\0b")];
+        for (name, value) in [("", "v"), ("n\0", "v"), ("n", "v\0")] {
+            let mut m = Message::new("orders", "x");
+            m.attributes.insert(name.into(), value.into());
+            cases.push(m);
+        }
+        for m in cases {
+            match NewRow::from_message(&m) {
+                Err(Error::InvalidArgument(e)) => assert!(e.contains(&m.id.to_string()), "{e}"),
+                other => panic!("{:?}: {other:?}", m.attributes),
+            }
+        }
     }
 }
