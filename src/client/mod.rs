@@ -65,7 +65,6 @@ impl Backoff {
 /// every handle made from it shares the connection.
 #[derive(Debug, Clone)]
 pub struct Connection {
-    channel: Channel,
     transport: Transport,
     url: Arc<str>,
 }
@@ -301,13 +300,11 @@ pub fn connect_with(url: &str, options: ConnectOptions) -> Result<Connection> {
                 })?,
         ),
     };
-    let channel = endpoint.connect_lazy();
     Ok(Connection {
         transport: Transport {
-            channel: channel.clone(),
+            channel: endpoint.connect_lazy(),
             authorization,
         },
-        channel,
         url: url.into(),
     })
 }
@@ -339,7 +336,7 @@ impl Connection {
     /// client does not wrap. It sends no token; [`Connection::transport`]
     /// does.
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.transport.channel.clone()
     }
 
     /// The channel with the connection's token on every call, for generated

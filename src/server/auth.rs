@@ -28,11 +28,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use serde_json::Value;
 use tonic::Status;
@@ -41,6 +40,7 @@ use tonic::codegen::http::{HeaderMap, Request, Response};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::net::ConnInfo;
+use super::reload::Reloading;
 use crate::error::{Error, Result};
 
 /// A right a principal may hold.
@@ -122,7 +122,7 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
 /// The access file, read.
 #[derive(Default)]
 struct Rules {
-    grants: Vec<Grant>,
+    grants: Vec<Arc<Grant>>,
     /// SHA-256 of a token → its principal's grant.
     tokens: HashMap<[u8; 32], usize>,
     /// A client certificate's DNS name → its principal's grant.
@@ -335,12 +335,12 @@ impl Rules {
                     ));
                 }
             }
-            rules.grants.push(Grant {
+            rules.grants.push(Arc::new(Grant {
                 name: name.into(),
                 publish: strings(p, "publish", path, name)?,
                 consume: strings(p, "consume", path, name)?,
                 admin,
-            });
+            }));
         }
         if let Some(jwt) = value.get("jwt") {
             rules.jwt = Some(Jwt::read(jwt, path)?);
@@ -394,8 +394,7 @@ pub(crate) fn read_principals(text: &str) -> Result<Vec<ReadPrincipal>> {
 /// The access rules in force, reread when their file changes.
 #[derive(Debug, Clone)]
 pub(crate) struct Access {
-    path: PathBuf,
-    current: Arc<RwLock<(Arc<Rules>, Option<SystemTime>)>>,
+    rules: Arc<Reloading<Rules>>,
     /// Whether reflection answers without credentials.
     public_reflection: bool,
 }
@@ -405,10 +404,12 @@ impl Access {
     ///
     /// Fails with `InvalidArgument` naming what is wrong in it.
     pub(crate) fn load(path: &Path, public_reflection: bool) -> Result<Access> {
-        let rules = Rules::read(path)?;
+        let file = path.to_owned();
+        let rules = Reloading::new("access file", vec![file.clone()], move || {
+            Rules::read(&file)
+        })?;
         Ok(Access {
-            path: path.to_owned(),
-            current: Arc::new(RwLock::new((Arc::new(rules), stamp(path)))),
+            rules: Arc::new(rules),
             public_reflection,
         })
     }
@@ -416,29 +417,11 @@ impl Access {
     /// Rereads the file if it changed; a file that does not load keeps the
     /// rules in force, and is logged.
     pub(crate) fn reload_if_changed(&self) {
-        let now = stamp(&self.path);
-        if self.current.read().unwrap_or_else(|e| e.into_inner()).1 == now {
-            return;
-        }
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        current.1 = now;
-        match Rules::read(&self.path) {
-            Ok(rules) => {
-                current.0 = Arc::new(rules);
-                tracing::info!(file = %self.path.display(), "access file changed: new rules in force");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "access file changed but does not load; the previous rules stay in force");
-            }
-        }
+        self.rules.reload_if_changed();
     }
 
     fn rules(&self) -> Arc<Rules> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        self.rules.get()
     }
 
     /// Who is calling, from the request's token or client certificate.
@@ -508,10 +491,6 @@ impl Access {
     }
 }
 
-fn stamp(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
@@ -543,7 +522,7 @@ pub(crate) enum Caller {
 
 impl Caller {
     fn principal(rules: &Rules, index: usize) -> Caller {
-        Caller::Principal(Arc::new(rules.grants[index].clone()))
+        Caller::Principal(rules.grants[index].clone())
     }
 
     /// The caller of `request` (anyone if access control is off).

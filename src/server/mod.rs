@@ -8,6 +8,7 @@ mod deadline;
 mod decoding;
 mod net;
 mod publisher;
+mod reload;
 mod subscriber;
 
 use std::future::Future;
@@ -133,7 +134,7 @@ pub async fn run_with_ready(
     // The TLS and access files are read once here so that a bad one stops
     // the broker before it opens its storage.
     if let Some(files) = &config.network.tls {
-        net::Tls::load(files)?;
+        net::load_tls(files)?;
     }
     if let Some(path) = &config.access_file {
         auth::Access::load(path, config.public_reflection)?;
@@ -279,7 +280,7 @@ async fn serve_with_ready(
         .local_addr()
         .map_err(|e| Error::Unavailable(format!("the listener has no address: {e}")))?;
     let tls = match &config.network.tls {
-        Some(files) => Some(std::sync::Arc::new(net::Tls::load(files)?)),
+        Some(files) => Some(std::sync::Arc::new(net::load_tls(files)?)),
         None => None,
     };
     let access = match &config.access_file {
@@ -287,15 +288,21 @@ async fn serve_with_ready(
         None => None,
     };
     tracing::info!(%addr, tls = tls.is_some(), access_control = access.is_some(), "serving gRPC");
-    // The access file is reread when it changes, as the TLS files are.
-    let access_reload = access.clone().map(|access| {
+    // The TLS and access files are read again when they change.
+    let reload = (tls.is_some() || access.is_some()).then(|| {
+        let (tls, access) = (tls.clone(), access.clone());
         let every = config.network.tls_reload_interval;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                access.reload_if_changed();
+                if let Some(tls) = &tls {
+                    tls.reload_if_changed();
+                }
+                if let Some(access) = &access {
+                    access.reload_if_changed();
+                }
             }
         })
     });
@@ -351,7 +358,7 @@ async fn serve_with_ready(
         }
     };
     health_task.abort();
-    if let Some(task) = access_reload {
+    if let Some(task) = reload {
         task.abort();
     }
     served.map_err(|e| Error::Unavailable(format!("gRPC server failed: {e}")))

@@ -14,10 +14,10 @@
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -30,6 +30,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 
+use super::reload::Reloading;
 use crate::error::{Error, Result};
 
 /// Whether a TLS server asks clients for a certificate.
@@ -269,68 +270,25 @@ impl AsyncWrite for Conn {
 
 // ---- TLS ----
 
-/// The server's TLS configuration, replaced when its files change.
-#[derive(Debug)]
-pub(crate) struct Tls {
-    files: TlsFiles,
-    current: RwLock<(Arc<rustls::ServerConfig>, Vec<Option<SystemTime>>)>,
-}
+/// The server's TLS configuration, read again when its files change.
+pub(crate) type Tls = Reloading<rustls::ServerConfig>;
 
-impl Tls {
-    /// Reads the files.
-    ///
-    /// Fails with `InvalidArgument` naming the file that is missing or not
-    /// what it should be.
-    pub(crate) fn load(files: &TlsFiles) -> Result<Tls> {
-        let config = server_config(files)?;
-        Ok(Tls {
-            files: files.clone(),
-            current: RwLock::new((config, stamps(files))),
-        })
-    }
-
-    fn acceptor(&self) -> TlsAcceptor {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        TlsAcceptor::from(current.0.clone())
-    }
-
-    /// Rereads the files if any changed since they were read; a change that
-    /// does not load (a key and certificate that do not match, a file half
-    /// written) keeps the configuration in use and is logged.
-    pub(crate) fn reload_if_changed(&self) {
-        let now = stamps(&self.files);
-        {
-            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-            if current.1 == now {
-                return;
-            }
-        }
-        match server_config(&self.files) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = (config, now);
-                tracing::info!(cert = %self.files.cert.display(), "TLS files changed: serving the new certificate");
-            }
-            Err(e) => {
-                // Remember the stamps so the same bad files are logged once.
-                self.current.write().unwrap_or_else(|e| e.into_inner()).1 = now;
-                tracing::error!(error = %e, "TLS files changed but do not load; still serving the previous certificate");
-            }
-        }
-    }
-}
-
-/// Modification times of the TLS files (`None` for one that cannot be
-/// read).
-fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
-    [
+/// Reads the TLS files.
+///
+/// Fails with `InvalidArgument` naming the file that is missing or not
+/// what it should be.
+pub(crate) fn load_tls(files: &TlsFiles) -> Result<Tls> {
+    let paths = [
         Some(&files.cert),
         Some(&files.key),
         files.client_ca.as_ref(),
     ]
     .into_iter()
     .flatten()
-    .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-    .collect()
+    .cloned()
+    .collect();
+    let files = files.clone();
+    Reloading::new("TLS files", paths, move || server_config(&files))
 }
 
 fn tls_error(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> Error {
@@ -348,7 +306,7 @@ fn certificates(path: &std::path::Path, what: &str) -> Result<Vec<CertificateDer
     Ok(certs)
 }
 
-fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
+fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&files.cert, "--tls-cert")?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
@@ -385,7 +343,7 @@ fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
         .map_err(|e| tls_error("--tls-cert and --tls-key", &files.cert, e))?;
     // gRPC is HTTP/2 only.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 // ---- accepting ----
@@ -404,17 +362,9 @@ pub(crate) fn accept(
     let network = network.clone();
     tokio::spawn(async move {
         let mut refused = crate::store::LogLimit::new(Duration::from_secs(10));
-        let mut reload = tokio::time::interval(network.tls_reload_interval);
-        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let accepted = tokio::select! {
                 _ = tx.closed() => return,
-                _ = reload.tick(), if tls.is_some() => {
-                    if let Some(tls) = &tls {
-                        tls.reload_if_changed();
-                    }
-                    continue;
-                }
                 accepted = listener.accept() => accepted,
             };
             let (stream, remote) = match accepted {
@@ -443,7 +393,7 @@ pub(crate) fn accept(
             let keepalive = socket2::TcpKeepalive::new().with_time(tcp_keepalive);
             let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
             let tx = tx.clone();
-            let tls = tls.as_ref().map(|t| t.acceptor());
+            let tls = tls.as_ref().map(|t| TlsAcceptor::from(t.get()));
             let handshake_timeout = network.handshake_timeout;
             let idle_timeout = network.idle_timeout;
             tokio::spawn(async move {
