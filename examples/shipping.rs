@@ -64,18 +64,41 @@ struct Args {
     /// milliseconds.
     #[arg(long, default_value_t = 60_000)]
     prune_interval_ms: u64,
+    /// Export spans (each handler's `tidings.handle`, a child of the trace
+    /// context the message carries) to this OpenTelemetry collector, OTLP
+    /// over gRPC, such as http://127.0.0.1:4317.
+    #[arg(long, env = "TIDINGS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
     let args = Args::parse();
+    let exporter = args
+        .otlp_endpoint
+        .as_deref()
+        .map(|endpoint| tidings::trace::otlp::Exporter::new(endpoint, "shipping"))
+        .transpose()?;
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    let spans = exporter.as_ref().map(|e| {
+        e.layer()
+            .with_filter(EnvFilter::new(tidings::trace::otlp::DEFAULT_FILTER))
+    });
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    let result = ship(args).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    result
+}
+
+async fn ship(args: Args) -> anyhow::Result<()> {
     let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (None, None, None) => None,
         (ca, cert, key) => Some(client::ClientTls::from_files(

@@ -418,7 +418,13 @@ impl Broker {
     ) -> Result<impl Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static> {
         self.check_open()?;
         self.check_batch(&messages)?;
-        self.store.enqueue_publish(messages).await
+        let spans = crate::trace::publish_spans(&messages);
+        let done = self.store.enqueue_publish(messages).await?;
+        Ok(async move {
+            let outcome = done.await;
+            drop(spans);
+            outcome
+        })
     }
 
     /// Validates and publishes a batch; answers after the commit.
@@ -429,6 +435,7 @@ impl Broker {
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>> {
         self.check_open()?;
         self.check_batch(&messages)?;
+        let _spans = crate::trace::publish_spans(&messages);
         self.store.publish(messages).await
     }
 

@@ -30,6 +30,7 @@ use sqlx::Transaction;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// The user's code for one message. It runs inside the inbox transaction:
 /// write through `tx` (`sqlx::query(...).execute(&mut **tx)`) and the writes
@@ -740,7 +741,13 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
         return Outcome::Expired;
     }
     let started = std::time::Instant::now();
-    let outcome = match shared.handler.handle(&delivery, &mut tx).await {
+    let span = crate::trace::handler_span(&shared.subscription, &delivery);
+    let outcome = match shared
+        .handler
+        .handle(&delivery, &mut tx)
+        .instrument(span)
+        .await
+    {
         Ok(()) => match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
             Ok(()) => Outcome::Processed,
             // Whether it committed is unknown; a redelivery finds out.

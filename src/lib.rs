@@ -33,6 +33,7 @@ pub mod server;
 mod session;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod store;
+pub mod trace;
 pub mod wire;
 
 /// Generated protobuf and gRPC code for `tidings.v1`.

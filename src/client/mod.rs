@@ -438,6 +438,15 @@ impl Outgoing {
         self.id = id;
         self
     }
+
+    /// Adds the current span's W3C trace context as attributes
+    /// `traceparent` (and `tracestate`), unless the message has a
+    /// `traceparent` already; see [`crate::trace`]. The outbox does this at
+    /// enqueue by itself.
+    pub fn with_trace_context(mut self) -> Self {
+        crate::trace::inject_current(&mut self.attributes);
+        self
+    }
 }
 
 impl From<Outgoing> for NewMessage {

@@ -155,8 +155,25 @@ impl NewRow {
             topic: m.topic.clone(),
             key: m.key.clone().filter(|k| !k.is_empty()),
             payload: m.payload.clone(),
-            attributes: (!m.attributes.is_empty()).then(|| encode_attributes(&m.attributes)),
+            attributes: encode_with_trace_context(&m.attributes),
         })
+    }
+}
+
+/// A row's attributes column: the message's attributes, with the current
+/// span's trace context added unless the message has one (see
+/// [`crate::trace`]); `None` when there are none.
+fn encode_with_trace_context(attributes: &HashMap<String, String>) -> Option<String> {
+    if attributes.contains_key(crate::trace::TRACEPARENT) {
+        return Some(encode_attributes(attributes));
+    }
+    match crate::trace::current() {
+        Some(_) => {
+            let mut traced = attributes.clone();
+            crate::trace::inject_current(&mut traced);
+            Some(encode_attributes(&traced))
+        }
+        None => (!attributes.is_empty()).then(|| encode_attributes(attributes)),
     }
 }
 

@@ -543,6 +543,11 @@ impl Runner {
     async fn publish(&mut self, rows: &[Row]) -> Result<Vec<PublishOutcome>> {
         let started = Instant::now();
         let messages = rows.iter().map(outgoing).collect::<Result<Vec<_>>>()?;
+        // Each traced message's span lasts until the broker's answer.
+        let _spans: Vec<tracing::Span> = messages
+            .iter()
+            .filter_map(crate::trace::relay_span)
+            .collect();
         if self.session.is_none() {
             self.session = Some(self.publisher.stream(1).await?);
         }

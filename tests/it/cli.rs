@@ -174,7 +174,7 @@ async fn serve_on_an_unusable_data_dir_never_says_listening() {
 /// Starts `tidings` with `args` and returns the first line it prints on
 /// `stdout` (or `stderr`) that contains `wanted`, within 20 seconds; the
 /// child is killed when the returned handle drops.
-async fn first_line(
+pub(crate) async fn first_line(
     args: &[&str],
     from_stderr: bool,
     wanted: &str,

@@ -26,3 +26,4 @@ mod publish;
 mod relay;
 mod storage;
 mod tls;
+mod trace;

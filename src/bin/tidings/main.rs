@@ -55,6 +55,12 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Export spans to this OpenTelemetry collector (OTLP over gRPC, such
+    /// as http://127.0.0.1:4317): the broker's and the relay's span for
+    /// each message that carries a trace context (a child of it), and the
+    /// commands' own spans at info.
+    #[arg(long, global = true, env = "TIDINGS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,20 +142,40 @@ fn interval(s: &str) -> Result<HumanDuration, tidings::Error> {
 }
 
 /// Logs to standard error, as text or JSON, at `default` unless `RUST_LOG`
-/// says otherwise.
-fn init_logs(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// says otherwise; with `otlp` (endpoint, service name), also exports spans
+/// there. Returns the exporter, to be shut down before exit.
+fn init_logs(
+    format: LogFormat,
+    default: &str,
+    otlp: Option<(&str, &str)>,
+) -> anyhow::Result<Option<tidings::trace::otlp::Exporter>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt::layer()
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    let exporter = otlp
+        .map(|(endpoint, service)| tidings::trace::otlp::Exporter::new(endpoint, service))
+        .transpose()?;
+    let spans = exporter.as_ref().map(|e| {
+        e.layer()
+            .with_filter(EnvFilter::new(tidings::trace::otlp::DEFAULT_FILTER))
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
+    Ok(exporter)
 }
+
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is
 /// called, not when it is first polled, so a signal that arrives while the
 /// broker is still opening its storage drains it instead of killing it.
@@ -187,7 +213,19 @@ async fn main() -> std::process::ExitCode {
         Command::Local(local::Local::Serve(_) | local::Local::Relay(_)) => "info",
         _ => "warn",
     };
-    init_logs(cli.log_format, default_level);
+    let service = match &cli.command {
+        Command::Local(local::Local::Serve(_)) => "tidings-broker",
+        Command::Local(local::Local::Relay(_)) => "tidings-relay",
+        _ => "tidings",
+    };
+    let otlp = cli.otlp_endpoint.as_deref().map(|e| (e, service));
+    let exporter = match init_logs(cli.log_format, default_level, otlp) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Local(command) => local::run(command, cli.broker, &cli.tls, cli.output).await,
         Command::Remote(command) => {
@@ -198,6 +236,9 @@ async fn main() -> std::process::ExitCode {
             }
         }
     };
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
