@@ -11,6 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import SECURE_MODE, Broker, Certs, Secure
 
 import tidings
@@ -57,3 +61,22 @@ def client(broker: Broker) -> Iterator[tidings.Client]:
     """A client connected to the test's broker (with the mode's credentials)."""
     with broker.client(timeout=10) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> InMemorySpanExporter:
+    """The OpenTelemetry SDK as the global tracer provider (it can be set
+    only once per process), exporting every ended span to memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+@pytest.fixture
+def spans(span_exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    """The spans ended during the test (``get_finished_spans()``), with
+    tracing on."""
+    span_exporter.clear()
+    return span_exporter

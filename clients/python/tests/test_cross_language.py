@@ -9,6 +9,10 @@ some messages on their first attempt (rolled back and nacked) and drops the
 ack of others after their commit (redelivered when the lease ends, then
 skipped as duplicates).
 
+A second, smaller exchange checks trace context across the languages: the
+producer publishes inside an OpenTelemetry span (``--trace``), and the
+Python inbox runs every handler in a child span of it.
+
 Skipped when Node.js or the built producer is missing, unless
 ``TIDINGS_REQUIRE_CROSS_LANGUAGE=1`` (as in CI), which makes that a failure.
 """
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support import REPO, Broker
 
 import tidings
@@ -58,7 +64,9 @@ class DroppedAck:
         pass
 
 
-def producer_command(broker: Broker, ids_file: Path) -> list[str]:
+def producer_command(
+    broker: Broker, ids_file: Path, *, count: int = COUNT, republish: int = 300, trace: bool = False
+) -> list[str]:
     node = shutil.which("node")
     missing = "node is not on PATH" if node is None else None
     if node is not None and not PRODUCER.is_file():
@@ -74,11 +82,12 @@ def producer_command(broker: Broker, ids_file: Path) -> list[str]:
         "--topic",
         "orders",
         "--count",
-        str(COUNT),
+        str(count),
         "--ids-file",
         str(ids_file),
         "--republish",
-        "300",
+        str(republish),
+        *(["--trace"] if trace else []),
     ]
 
 
@@ -174,3 +183,49 @@ def test_typescript_producer_python_consumer_exactly_once(
     assert (stats.backlog, stats.in_flight) == (0, 0)
     assert stats.redelivered >= expected_failures + expected_lost_acks
     db.close()
+
+
+@pytest.mark.timeout(120)
+def test_typescript_producer_span_is_the_parent_of_python_handler_spans(
+    broker: Broker, client: tidings.Client, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    count = 50
+    client.create_topic("orders")
+    client.create_subscription("fulfilment", "orders", start="earliest")
+    ids_file = tmp_path / "ids.txt"
+    done = subprocess.run(
+        producer_command(broker, ids_file, count=count, republish=10, trace=True),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["published"], summary["duplicates"]) == (count, 10)
+    producer_trace, producer_span = int(summary["trace_id"], 16), int(summary["span_id"], 16)
+
+    db = sqlite3.connect(tmp_path / "consumer.db")
+    inbox = tidings.Inbox(db, "fulfilment")
+    inbox.create_table()
+    handler_spans: dict[str, trace.SpanContext] = {}
+
+    def ship(delivery: tidings.Delivery, conn: sqlite3.Connection) -> None:
+        handler_spans[delivery.id] = trace.get_current_span().get_span_context()
+
+    with client.subscribe("fulfilment") as stream:
+        for _ in range(count):
+            delivery = stream.receive(timeout=10)
+            assert delivery is not None
+            traceparent = delivery.message.attributes.get("traceparent", "")
+            assert traceparent.startswith(f"00-{producer_trace:032x}-{producer_span:016x}-"), traceparent
+            assert inbox.handle(delivery, ship) is tidings.InboxResult.PROCESSED
+    db.close()
+
+    assert set(handler_spans) == set(ids_file.read_text().split())
+    process = [s for s in spans.get_finished_spans() if s.name == "process orders"]
+    assert len(process) == count
+    for span in process:
+        assert span.context.trace_id == producer_trace
+        assert span.parent is not None and span.parent.span_id == producer_span
+        assert span.parent.is_remote
+        assert handler_spans[str(span.attributes["messaging.message.id"])] == span.context

@@ -17,6 +17,7 @@ import { PublisherService, type PublishResult } from "./gen/tidings/v1/publisher
 import { SubscriberService, type AckOutcome, type PeekedMessage } from "./gen/tidings/v1/subscriber_pb.js";
 import { PublishStream } from "./publisher.js";
 import { MessageStream, type FlowControl } from "./subscriber.js";
+import { withTraceContext } from "./trace.js";
 
 /** The broker's default address. */
 export const DEFAULT_BASE_URL = "http://127.0.0.1:50051";
@@ -264,6 +265,11 @@ export class TidingsClient {
   /**
    * Publishes a batch of messages in one commit.
    *
+   * Messages without a `traceparent` attribute are sent with the active
+   * OpenTelemetry span's (see {@link messageContext}), when
+   * `@opentelemetry/api` is installed and a span is active; the objects
+   * passed in are not modified.
+   *
    * `Unavailable` failures are retried with exponential backoff, which is
    * safe because message ids make publishing idempotent: a message stored
    * before the failure comes back with `duplicate: true`.
@@ -278,6 +284,8 @@ export class TidingsClient {
    *   none of it.
    */
   async publish(messages: Message[], retries = 3): Promise<PublishResult[]> {
+    // Read before the first await: the active span is the caller's.
+    messages = withTraceContext(messages);
     let delay = 100;
     for (let attempt = 0; ; attempt++) {
       try {

@@ -1,4 +1,6 @@
+import type { Span } from "@opentelemetry/api";
 import type { Delivery } from "./subscriber.js";
+import { inConsumerSpan, markFailed } from "./trace.js";
 
 /**
  * The part of a synchronous SQLite connection the inbox uses; a
@@ -59,6 +61,11 @@ const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]*$/;
  * For each delivery: begin, insert the id (a conflict means it was
  * processed already: skip the handler), run the handler, commit, then ack.
  * A handler error rolls back and nacks with the error as reason.
+ *
+ * With `@opentelemetry/api` installed, each delivery is handled in a
+ * `process <topic>` consumer span (active while the handler runs) whose
+ * parent is the producer's span, from the message's `traceparent`
+ * attribute (see {@link messageContext}).
  *
  * Calls to {@link Inbox.handle} on one inbox run one at a time (the handler
  * may be async); do not write through the same connection elsewhere
@@ -131,7 +138,15 @@ export class Inbox<Db extends SqliteDatabase = SqliteDatabase> {
     return run;
   }
 
-  private async handleNow(delivery: Delivery, handler: InboxHandler<Db>): Promise<InboxResult> {
+  private handleNow(delivery: Delivery, handler: InboxHandler<Db>): Promise<InboxResult> {
+    return inConsumerSpan(delivery, this.subscription, async (span) => {
+      const result = await this.process(delivery, handler, span);
+      span?.setAttribute("tidings.inbox.result", result);
+      return result;
+    });
+  }
+
+  private async process(delivery: Delivery, handler: InboxHandler<Db>, span: Span | undefined): Promise<InboxResult> {
     const db = this.db;
     db.exec("BEGIN IMMEDIATE");
     let claimed: boolean;
@@ -151,6 +166,7 @@ export class Inbox<Db extends SqliteDatabase = SqliteDatabase> {
     } catch (e) {
       if (db.inTransaction) db.exec("ROLLBACK");
       const reason = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+      markFailed(span, e);
       void delivery.nack({ reason });
       return InboxResult.Failed;
     }

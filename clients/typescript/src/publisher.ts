@@ -6,6 +6,7 @@ import { MessageSchema, type Message } from "./gen/tidings/v1/message_pb.js";
 import { PublisherService, type PublishResult } from "./gen/tidings/v1/publisher_pb.js";
 import { StreamClosed } from "./errors.js";
 import { AsyncQueue, settleable } from "./queue.js";
+import { withTraceContext } from "./trace.js";
 
 /** Optional fields of {@link message}. */
 export interface MessageOptions {
@@ -17,7 +18,11 @@ export interface MessageOptions {
   id?: string;
   /** Ordering key (see ordered subscriptions). */
   key?: string;
-  /** Free-form string attributes. */
+  /**
+   * Free-form string attributes. `traceparent` and `tracestate` are the W3C
+   * trace context: publishing fills them in from the active OpenTelemetry
+   * span unless `traceparent` is given.
+   */
   attributes?: Record<string, string>;
   /** When the producer created the message, e.g. its outbox row's commit. */
   createTime?: Date;
@@ -112,12 +117,16 @@ export class PublishStream {
   }
 
   /**
-   * Sends one batch (one commit on the broker).
+   * Sends one batch (one commit on the broker). Messages without a
+   * `traceparent` attribute are sent with the active OpenTelemetry span's
+   * (see {@link TidingsClient.publish}).
    *
    * @param messages - Messages to publish, each naming its topic.
    * @returns The results, one per message in order, after the commit.
    */
   async publish(messages: Message[]): Promise<PublishResult[]> {
+    // Read before the first await: the active span is the caller's.
+    messages = withTraceContext(messages);
     if (this.error !== undefined) throw this.error;
     if (this.closed) throw new StreamClosed("the publish stream is closed");
     if (this.inFlight >= this.maxInFlight || this.slotWaiters.length > 0) {

@@ -12,6 +12,11 @@ layer on top:
 - :class:`Inbox`: processes each delivery once with a DB-API connection.
 - :class:`TLS`: TLS and mutual TLS settings of a :class:`Client` (with a
   bearer token for a broker with access control).
+- :func:`message_context`: the OpenTelemetry context of a received message,
+  whose span is the producer's. Publishing writes the current span into the
+  ``traceparent`` and ``tracestate`` attributes (W3C Trace Context), and the
+  inbox runs handlers in a child span of it, when ``opentelemetry-api`` is
+  installed (the ``otel`` extra): see :mod:`tidings.tracing`.
 """
 
 from tidings.client import Client
@@ -20,6 +25,7 @@ from tidings.errors import AckRefused, StreamClosed, TidingsError
 from tidings.inbox import Inbox, InboxResult
 from tidings.publisher import Message, PublishResult, PublishStream, message
 from tidings.subscriber import Delivery, MessageStream
+from tidings.tracing import message_context
 
 __all__ = [
     "AckRefused",
@@ -35,4 +41,5 @@ __all__ = [
     "TLS",
     "TidingsError",
     "message",
+    "message_context",
 ]

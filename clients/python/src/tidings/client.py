@@ -16,6 +16,7 @@ from tidings.credentials import TLS, open_channel, with_token
 from tidings.errors import TidingsError
 from tidings.publisher import Message, PublishResult, PublishStream
 from tidings.subscriber import MessageStream
+from tidings.tracing import inject_trace_context
 from tidings.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -253,6 +254,10 @@ class Client:
     def publish(self, messages: Iterable[Message], *, retries: int = 3) -> list[PublishResult]:
         """Publishes a batch of messages in one commit.
 
+        Messages without a ``traceparent`` attribute get the current
+        OpenTelemetry span's (see :mod:`tidings.tracing`), when there is
+        one and ``opentelemetry-api`` is installed.
+
         Retryable failures (``UNAVAILABLE``) are retried with exponential
         backoff, which is safe because message ids make publishing
         idempotent: a message that was stored before the failure comes back
@@ -273,7 +278,10 @@ class Client:
                 ``NOT_FOUND`` for an unknown topic. A batch with any bad
                 message stores none of it.
         """
+        # The request holds copies of the messages: the current span's trace
+        # context is added to those, leaving the caller's objects as they are.
         request = publisher_pb2.PublishRequest(messages=list(messages))
+        inject_trace_context(request.messages)
         delay = 0.1
         for attempt in range(retries + 1):
             try:

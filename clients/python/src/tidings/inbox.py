@@ -20,6 +20,10 @@ For each delivery: insert the id first (a conflict means it was processed
 already: skip the handler), run the handler with the same connection and
 transaction, commit, then ack. A handler error rolls back and nacks the
 delivery with the error as reason.
+
+With OpenTelemetry installed (the ``otel`` extra), each delivery is handled
+in a ``process <topic>`` consumer span whose parent is the producer's span,
+from the message's ``traceparent`` attribute (see :mod:`tidings.tracing`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tidings import tracing
 from tidings.subscriber import Delivery
 
 log = logging.getLogger("tidings.inbox")
@@ -155,7 +160,9 @@ class Inbox:
             delivery: The delivery from a :class:`~tidings.MessageStream`.
             handler: Called as ``handler(delivery, connection)`` inside the
                 transaction that records the message id; it must not commit
-                or roll back. Raising makes the delivery fail.
+                or roll back. Raising makes the delivery fail. With
+                OpenTelemetry, it runs in the delivery's ``process <topic>``
+                span, a child of the producer's span.
 
         Returns:
             What happened (see :class:`InboxResult`). The ack or nack is sent
@@ -167,6 +174,15 @@ class Inbox:
                 the commit, after rolling back; the delivery is then left to
                 be redelivered.
         """
+        with tracing.consumer_span(delivery, self.subscription) as span:
+            result = self._handle(delivery, handler, span)
+            if span is not None:
+                span.set_attribute("tidings.inbox.result", result.value)
+            return result
+
+    def _handle(
+        self, delivery: Delivery, handler: Callable[[Delivery, Any], object], span: tracing.Span | None
+    ) -> InboxResult:
         conn = self.connection
         try:
             cursor = conn.cursor()
@@ -187,6 +203,7 @@ class Inbox:
         except Exception as e:  # the handler's failure is the message's
             conn.rollback()
             log.warning("handler failed for message %s (attempt %d): %s", delivery.id, delivery.attempt, e)
+            tracing.mark_failed(span, e)
             delivery.nack(reason=f"{type(e).__name__}: {e}")
             return InboxResult.FAILED
         except BaseException:

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tidings.errors import StreamClosed, TidingsError
+from tidings.tracing import inject_trace_context
 from tidings.v1 import message_pb2, publisher_pb2, publisher_pb2_grpc
 
 Message = message_pb2.Message
@@ -40,7 +41,10 @@ def message(
             Keep the id when retrying: the broker stores a message id once per
             topic and answers a repeat with ``duplicate=True``.
         key: Optional ordering key (see ordered subscriptions).
-        attributes: Optional string attributes.
+        attributes: Optional string attributes. ``traceparent`` and
+            ``tracestate`` are the W3C trace context: publishing fills them
+            in from the current OpenTelemetry span unless ``traceparent`` is
+            given (see :mod:`tidings.tracing`).
         create_time: When the producer created the message, e.g. the commit
             time of the outbox row.
 
@@ -126,6 +130,9 @@ class PublishStream:
     def publish(self, messages: Iterable[Message]) -> Future[list[PublishResult]]:
         """Sends one batch (one commit on the broker).
 
+        Messages without a ``traceparent`` attribute get the trace context
+        of the span current in the calling thread (see :mod:`tidings.tracing`).
+
         Args:
             messages: Messages to publish, each naming its topic.
 
@@ -137,7 +144,10 @@ class PublishStream:
             TidingsError: The stream failed earlier.
             StreamClosed: The stream was closed.
         """
+        # The request holds copies: the trace context goes into those, in
+        # the caller's thread, whose current span is the publisher's.
         request = publisher_pb2.PublishStreamRequest(messages=list(messages))
+        inject_trace_context(request.messages)
         self._window.acquire()
         with self._lock:
             if self._error is not None or self._closed:

@@ -13,9 +13,16 @@
  *     [--ca ca.pem] [--token TOKEN]
  *
  * `--ca` is the CA bundle of an `https://` broker, `--token` a bearer token.
+ * With `--trace`, an OpenTelemetry tracer provider is registered and
+ * everything is published inside one span, whose ids the summary adds
+ * (`trace_id`, `span_id`): the consumer checks that every message carries
+ * it as its `traceparent`.
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
+import { context, trace } from "@opentelemetry/api";
+import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
+import { BasicTracerProvider } from "@opentelemetry/sdk-trace-base";
 import { TidingsClient, message, type Message, type PublishResult } from "../../src/index.js";
 
 const { values } = parseArgs({
@@ -28,28 +35,39 @@ const { values } = parseArgs({
     "ids-file": { type: "string" },
     ca: { type: "string" },
     token: { type: "string" },
+    trace: { type: "boolean", default: false },
   },
 });
 if (!values.broker || !values.topic || !values["ids-file"]) {
   console.error(
-    "usage: producer --broker URL --topic T --ids-file PATH [--count N] [--batch N] [--republish N] [--ca PEM] [--token T]",
+    "usage: producer --broker URL --topic T --ids-file PATH [--count N] [--batch N] [--republish N] [--ca PEM] [--token T] [--trace]",
   );
   process.exit(2);
 }
 const count = Number(values.count);
 const batchSize = Number(values.batch);
 const republish = Math.min(Number(values.republish), count);
+const topic = values.topic;
+const idsFile = values["ids-file"];
+
+if (values.trace) {
+  trace.setGlobalTracerProvider(new BasicTracerProvider());
+  context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
+}
+const tracer = trace.getTracer("tidings-test-producer");
 
 const client = new TidingsClient({
   baseUrl: values.broker,
   tls: values.ca ? { ca: readFileSync(values.ca) } : undefined,
   token: values.token,
 });
-try {
+
+/** Publishes everything; returns the summary. */
+async function produce(): Promise<Record<string, unknown>> {
   const messages: Message[] = Array.from({ length: count }, (_, n) =>
-    message(values.topic!, JSON.stringify({ n }), { attributes: { producer: "typescript" } }),
+    message(topic, JSON.stringify({ n }), { attributes: { producer: "typescript" } }),
   );
-  writeFileSync(values["ids-file"], messages.map((m) => m.id).join("\n") + "\n");
+  writeFileSync(idsFile, messages.map((m) => m.id).join("\n") + "\n");
 
   const stream = client.publishStream(8);
   const answers: Array<Promise<PublishResult[]>> = [];
@@ -70,15 +88,27 @@ try {
     }
   });
 
-  console.log(
-    JSON.stringify({
-      published: fresh,
-      republished: retried.length,
-      duplicates: retried.filter((r) => r.duplicate).length,
-      first_sequence: Number(results[0]?.sequence ?? 0),
-      last_sequence: Number(results[results.length - 1]?.sequence ?? 0),
-    }),
-  );
+  return {
+    published: fresh,
+    republished: retried.length,
+    duplicates: retried.filter((r) => r.duplicate).length,
+    first_sequence: Number(results[0]?.sequence ?? 0),
+    last_sequence: Number(results[results.length - 1]?.sequence ?? 0),
+  };
+}
+
+try {
+  const summary = values.trace
+    ? await tracer.startActiveSpan(`publish ${topic}`, async (span) => {
+        try {
+          const { traceId, spanId } = span.spanContext();
+          return { ...(await produce()), trace_id: traceId, span_id: spanId };
+        } finally {
+          span.end();
+        }
+      })
+    : await produce();
+  console.log(JSON.stringify(summary));
 } finally {
   client.close();
 }
