@@ -48,6 +48,38 @@ pub enum Recorded {
     Duplicate,
 }
 
+/// The consumer runtime's steps around each delivery of a batch, within
+/// the batch's one transaction (issue 14). Both backends speak the same
+/// standard savepoint SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Savepoint {
+    /// Opens the delivery's savepoint (the batch's first delivery).
+    Open,
+    /// Releases the previous delivery's savepoint (it succeeded, its work
+    /// stays in the transaction) and opens the next one: one round trip.
+    ReleaseAndOpen,
+    /// Undoes everything since the savepoint opened (the delivery's inbox
+    /// row and its handler's writes) and releases it, so the transaction
+    /// goes on with the next delivery as if this one had never run.
+    Undo,
+}
+
+impl Savepoint {
+    /// A name the handler's own nested transactions (sqlx names them
+    /// `_sqlx_savepoint_N`) never take.
+    fn sql(self) -> &'static str {
+        match self {
+            Savepoint::Open => "SAVEPOINT tidings_delivery",
+            Savepoint::ReleaseAndOpen => {
+                "RELEASE SAVEPOINT tidings_delivery; SAVEPOINT tidings_delivery"
+            }
+            Savepoint::Undo => {
+                "ROLLBACK TO SAVEPOINT tidings_delivery; RELEASE SAVEPOINT tidings_delivery"
+            }
+        }
+    }
+}
+
 /// Databases that hold an inbox: PostgreSQL and SQLite.
 pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
@@ -61,6 +93,11 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
         message_id: &str,
         sequence: i64,
     ) -> impl Future<Output = Result<Recorded>> + Send;
+    #[doc(hidden)]
+    fn execute(
+        tx: &mut Transaction<'_, Self>,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<()>> + Send;
     #[doc(hidden)]
     fn prune_through(
         pool: &Pool<Self>,
@@ -132,6 +169,15 @@ macro_rules! inbox_database {
                 } else {
                     Recorded::Duplicate
                 })
+            }
+
+            async fn execute(tx: &mut Transaction<'_, Self>, sql: &'static str) -> Result<()> {
+                // Unprepared, so that one call may carry several statements.
+                sqlx::raw_sql(sql)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(Error::from)?;
+                Ok(())
             }
 
             async fn prune_through(
@@ -285,6 +331,13 @@ impl<DB: InboxDatabase> Inbox<DB> {
         sequence: i64,
     ) -> Result<Recorded> {
         DB::record(tx, subscription, &message_id.to_string(), sequence).await
+    }
+
+    /// Runs one savepoint step of the consumer runtime in `tx`.
+    ///
+    /// Fails on any database error; the transaction should then roll back.
+    pub(crate) async fn savepoint(tx: &mut Transaction<'_, DB>, step: Savepoint) -> Result<()> {
+        DB::execute(tx, step.sql()).await
     }
 
     /// Deletes the rows of `subscription` with a sequence at or below
