@@ -1146,3 +1146,39 @@ async fn wait_opt(task: &mut Option<JoinHandle<()>>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_size_of_zero_is_refused() {
+        let config = ConsumerConfig {
+            max_batch: 0,
+            ..ConsumerConfig::default()
+        };
+        assert!(matches!(config.check(), Err(Error::InvalidArgument(_))));
+        assert!(ConsumerConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn the_window_lets_every_transaction_take_a_full_batch() {
+        let config = ConsumerConfig {
+            concurrency: 4,
+            max_batch: 32,
+            prefetch: 8,
+            ..ConsumerConfig::default()
+        };
+        assert_eq!(config.window(), 4 * 32 + 8);
+        let one = ConsumerConfig {
+            max_batch: 1,
+            ..config.clone()
+        };
+        assert_eq!(one.window(), 4 + 8, "one message per transaction");
+        let huge = ConsumerConfig {
+            concurrency: usize::MAX,
+            ..config
+        };
+        assert_eq!(huge.window(), usize::MAX);
+    }
+}
