@@ -100,12 +100,14 @@ pub struct ConsumerConfig {
     /// writer the inbox transaction takes at its start, the transactions
     /// run one at a time whatever this says.
     pub concurrency: usize,
-    /// Most deliveries in one inbox transaction (default 64). A transaction
-    /// takes the deliveries waiting when it begins, up to this many; none
-    /// waits for company, so a lone message is handled at once. Larger
-    /// batches share one commit (one fsync) among more messages. 64 keeps
-    /// a batch's savepoints within PostgreSQL's per-transaction cache of
-    /// subtransaction ids.
+    /// Most deliveries in one inbox transaction (default 256). A
+    /// transaction takes the deliveries waiting when it begins, up to this
+    /// many; none waits for company, so a lone message is handled at once.
+    /// Larger batches share one commit (one fsync) among more messages. On
+    /// PostgreSQL a batch of more than 64 deliveries overflows the
+    /// backend's cache of subtransaction ids (one per savepoint), which
+    /// slows other sessions' visibility checks while it is open: use 64 if
+    /// the consumer's database serves heavy concurrent reads.
     pub max_batch: usize,
     /// Deliveries held beyond those that full batches take (default 8), so
     /// that transactions never wait for the broker: a slot on the stream
@@ -150,7 +152,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             concurrency: 8,
-            max_batch: 64,
+            max_batch: 256,
             prefetch: 8,
             extend_leases: true,
             lease_extension: None,
@@ -558,6 +560,11 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         // session commits a stream's requests one after the other.
         let mut acks: Vec<String> = Vec::new();
         let mut flush_at: Option<Instant> = None;
+        // When the next lease extension may be due: never later than the
+        // earliest `extend_at` of `held`, but not raised when deliveries
+        // leave (scanning `held` at every event would cost the whole
+        // window per message); the extension branch sets it exactly.
+        let mut next_extension: Option<Micros> = None;
         tokio::pin!(shutdown);
 
         let result = loop {
@@ -568,11 +575,6 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             {
                 break Ok(());
             }
-            let next_extension = if self.config.extend_leases {
-                held.values().filter_map(|h| h.extend_at).min()
-            } else {
-                None
-            };
             tokio::select! {
                 () = &mut shutdown, if drain_until.is_none() => {
                     tracing::info!(subscription = %self.subscription, running = workers.len(), "consumer shutting down");
@@ -660,6 +662,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                             extend_at: Some(now + span / 2),
                             started: started.clone(),
                         });
+                        next_extension = earliest(next_extension, Some(now + span / 2));
                         // Start only with a tenth of the lease (at most a
                         // second) left: room for clock skew between broker
                         // and consumer.
@@ -678,11 +681,14 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         counters.add(&counters.errors, 1);
                         sub.nack(ack_id, None, reason);
                     }
-                    Some(Ok(Event::Outcome(o))) => self.outcome(o, &mut held, &mut unconfirmed),
+                    Some(Ok(Event::Outcome(o))) => {
+                        let extend_at = self.outcome(o, &mut held, &mut unconfirmed);
+                        next_extension = earliest(next_extension, extend_at);
+                    }
                     Some(Err(e)) => break Err(e),
                     None => break Err(Error::Unavailable("the subscription stream ended".into())),
                 },
-                () = sleep_until_opt(next_extension.map(instant_of)), if next_extension.is_some() => {
+                () = sleep_until_opt(next_extension.map(instant_of)), if self.config.extend_leases && next_extension.is_some() => {
                     // Every lease due within the next tenth of a second
                     // goes in this request: one broker commit for all.
                     let soon = now_micros() + 100_000;
@@ -698,6 +704,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                     }
                     sub.extend_all(due);
+                    next_extension = held.values().filter_map(|h| h.extend_at).min();
                 }
                 _ = tick_opt(&mut prune_timer), if pruning.is_none() && drain_until.is_none() => {
                     pruning = Some(tokio::spawn(prune(
@@ -790,13 +797,14 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         }
     }
 
-    /// Books the broker's answer to an ack, nack or extension.
+    /// Books the broker's answer to an ack, nack or extension; returns
+    /// when an extended lease is to be extended next.
     fn outcome(
         &self,
         o: AckOutcome,
         held: &mut HashMap<String, Held>,
         unconfirmed: &mut HashMap<String, Instant>,
-    ) {
+    ) -> Option<Micros> {
         let c = &self.counters;
         let (deadline, detail) = match &o.status {
             AckStatus::Ok(deadline) => (*deadline, ""),
@@ -825,14 +833,13 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 }
             }
             AckOperation::Extend => {
-                let Some(h) = held.get_mut(&o.ack_id) else {
-                    return;
-                };
+                let h = held.get_mut(&o.ack_id)?;
                 match deadline {
                     Some(deadline) => {
                         h.deadline.store(deadline, Ordering::Relaxed);
                         let now = now_micros();
                         h.extend_at = Some(now + (deadline - now).max(0) / 2);
+                        return h.extend_at;
                     }
                     None => {
                         // The lease is gone; a handler still running may
@@ -844,6 +851,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 }
             }
         }
+        None
     }
 }
 
@@ -906,11 +914,7 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
         } else {
             Savepoint::Open
         };
-        let done = match bounded(bound, "savepoint", Inbox::<DB>::savepoint(&mut tx, step)).await {
-            Ok(()) => process(&shared, &mut tx, &job, &mut ran).await,
-            Err(e) => Err(e),
-        };
-        let fatal = match done {
+        let fatal = match process(&shared, &mut tx, step, &job, &mut ran).await {
             Ok((outcome, Keep::Yes)) => {
                 open = true;
                 outcomes.push((job.ack_id, outcome));
@@ -972,17 +976,20 @@ enum Keep {
     No,
 }
 
-/// Processes one delivery of a batch inside its savepoint: record, check
-/// the lease, handle. An `Err` leaves the transaction unusable.
+/// Processes one delivery of a batch inside its savepoint, which `step`
+/// opens: record, check the lease, handle. An `Err` leaves the transaction
+/// unusable.
 async fn process<DB: InboxDatabase, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     tx: &mut Transaction<'static, DB>,
+    step: Savepoint,
     job: &Job,
     ran: &mut Vec<Duration>,
 ) -> Result<(Outcome, Keep)> {
     let message = &job.delivery.message;
-    let record = Inbox::<DB>::record(tx, &shared.subscription, message.id, message.sequence);
-    match bounded(shared.database_timeout, "recording the message id", record).await {
+    let record =
+        Inbox::<DB>::open_and_record(tx, step, &shared.subscription, message.id, message.sequence);
+    match bounded(shared.database_timeout, "recording the message id", record).await? {
         Ok(Recorded::New) => {}
         // Nothing was written.
         Ok(Recorded::Duplicate) => return Ok((Outcome::Duplicate, Keep::Yes)),
@@ -1113,6 +1120,14 @@ async fn prune<DB: InboxDatabase>(
             }
         }
         Err(e) => tracing::warn!(%subscription, error = %e, "inbox pruning failed"),
+    }
+}
+
+/// The earlier of two optional times.
+fn earliest(a: Option<Micros>, b: Option<Micros>) -> Option<Micros> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
