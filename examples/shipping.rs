@@ -57,7 +57,7 @@ struct Args {
     /// Subscription to consume (created on topic `orders`, ordered, if missing).
     #[arg(long, default_value = "shipping")]
     subscription: String,
-    /// Handlers running at once.
+    /// Inbox transactions running at once (each a batch of deliveries).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// How often the inbox is pruned by the broker's ack watermark, in

@@ -2,32 +2,48 @@
 //! for each delivery inside an inbox transaction, so that the handler's
 //! database effects happen once per message id (G5).
 //!
-//! For each delivery: begin a transaction in the consumer's database, record
-//! the message id in `tidings_inbox` (a conflict means a duplicate: skip the
-//! handler), run the handler with that transaction, commit, then ack. A
-//! handler error rolls back and nacks with the error text as reason and no
-//! delay, so the subscription's backoff applies. Handlers run at most
-//! [`ConsumerConfig::concurrency`] at a time; leases are extended while they
-//! run; a periodic task prunes the inbox by the broker's `ack_watermark`.
+//! Deliveries are processed in batches, one transaction each in the
+//! consumer's database (group commit, issue 14): begin, then for each
+//! delivery in turn open a savepoint, record the message id in
+//! `tidings_inbox` (a conflict means a duplicate: skip the handler), run the
+//! handler with the transaction and release the savepoint; then commit once,
+//! and only then ack the batch's processed and duplicate deliveries. A
+//! handler error rolls back to its savepoint, which undoes that delivery
+//! alone, and nacks it with the error text as reason and no delay, so the
+//! subscription's backoff applies. A failed commit nacks the whole batch
+//! (whether it committed is unknown; the redeliveries find out in the
+//! inbox).
+//!
+//! A batch is whatever deliveries wait when its transaction has begun, up
+//! to [`ConsumerConfig::max_batch`]: a lone message starts a transaction at
+//! once, and batches grow only when deliveries come faster than
+//! transactions commit. At most [`ConsumerConfig::concurrency`]
+//! transactions run at a time; leases are extended while deliveries wait
+//! or run; a periodic task prunes the inbox by the broker's
+//! `ack_watermark`.
 //!
 //! Per-key order comes from the broker: an ordered subscription leases the
 //! next message of a key only after the previous one is acked, and the ack
-//! is sent only after the commit.
+//! is sent only after the commit. Within a batch deliveries run in the
+//! order they arrived, so a redelivery of a message whose first delivery is
+//! earlier in the same batch finds that delivery's inbox row (a duplicate,
+//! acked only if the transaction commits) or, if its handler failed, no row
+//! (it runs again).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::client::{Admin, Backoff, Connection, Event, FlowControl, Subscriber};
 use crate::config;
 use crate::error::{Error, Result};
-use crate::inbox::{Inbox, InboxDatabase, Recorded};
+use crate::inbox::{Inbox, InboxDatabase, Recorded, Savepoint};
 use crate::model::{AckOperation, AckOutcome, AckStatus, Delivery, Micros, now_micros};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::Transaction;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -79,15 +95,26 @@ pub trait Handler<DB: InboxDatabase>: Send + Sync + 'static {
 /// How a [`Consumer`] runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerConfig {
-    /// Most handlers running at once (default 8). On SQLite, whose one
-    /// writer the inbox transaction takes at its start, handlers' database
-    /// work runs one at a time whatever this says.
+    /// Most inbox transactions running at once (default 8), each a batch of
+    /// up to `max_batch` deliveries whose handlers run one after the other;
+    /// so at most `concurrency` handlers run at once. On SQLite, whose one
+    /// writer the inbox transaction takes at its start, the transactions
+    /// run one at a time whatever this says.
     pub concurrency: usize,
-    /// Deliveries held beyond those being handled (default 8), so that
-    /// handlers never wait for the broker: a slot on the stream frees only
-    /// when the broker has committed its ack. The stream's flow control is
-    /// `concurrency + prefetch` messages; their leases are extended while
-    /// they wait.
+    /// Most deliveries in one inbox transaction (default 256). A
+    /// transaction takes the deliveries waiting when it begins, up to this
+    /// many; none waits for company, so a lone message is handled at once.
+    /// Larger batches share one commit (one fsync) among more messages. On
+    /// PostgreSQL a batch of more than 64 deliveries overflows the
+    /// backend's cache of subtransaction ids (one per savepoint), which
+    /// slows other sessions' visibility checks while it is open: use 64 if
+    /// the consumer's database serves heavy concurrent reads.
+    pub max_batch: usize,
+    /// Deliveries held beyond those that full batches take (default 8), so
+    /// that transactions never wait for the broker: a slot on the stream
+    /// frees only when the broker has committed its ack. The stream's flow
+    /// control is [`window`](ConsumerConfig::window) messages; their leases
+    /// are extended while they wait.
     pub prefetch: usize,
     /// Extend the lease of every held delivery while it waits or its
     /// handler runs (default true). Without it, a handler that outlives
@@ -126,6 +153,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             concurrency: 8,
+            max_batch: 256,
             prefetch: 8,
             extend_leases: true,
             lease_extension: None,
@@ -141,13 +169,18 @@ impl Default for ConsumerConfig {
 impl ConsumerConfig {
     /// Checks the settings before a consumer runs with them.
     ///
-    /// Fails with `InvalidArgument` for a concurrency of zero, a zero prune
-    /// interval or lease extension, or a duration longer than
-    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    /// Fails with `InvalidArgument` for a concurrency or batch size of
+    /// zero, a zero prune interval or lease extension, or a duration longer
+    /// than [`config::MAX_DURATION`](crate::config::MAX_DURATION).
     pub fn check(&self) -> Result<()> {
         if self.concurrency == 0 {
             return Err(Error::InvalidArgument(
                 "consumer concurrency must be at least 1".into(),
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err(Error::InvalidArgument(
+                "consumer max_batch must be at least 1".into(),
             ));
         }
         if let Some(d) = self.prune_interval {
@@ -163,6 +196,18 @@ impl ConsumerConfig {
         config::check_interval("consumer database_timeout", self.database_timeout)?;
         self.reconnect.check("consumer reconnect")
     }
+
+    /// The most messages the consumer holds, its stream's flow control:
+    /// `concurrency * max_batch + prefetch`. Every transaction can then
+    /// take a full batch while `prefetch` more wait, so batches fill under
+    /// load (with `max_batch` 1 this is the window of a consumer that
+    /// commits each message alone). On SQLite the transactions run one at
+    /// a time, and the deliveries the others would take wait their turn.
+    pub fn window(&self) -> usize {
+        self.concurrency
+            .saturating_mul(self.max_batch)
+            .saturating_add(self.prefetch)
+    }
 }
 
 /// What a consumer did so far.
@@ -177,8 +222,13 @@ pub struct ConsumerStats {
     /// Handlers that failed: rolled back and nacked.
     pub failed: u64,
     /// Deliveries the inbox itself failed on (the database refused or was
-    /// unreachable): rolled back and nacked.
+    /// unreachable, or their batch's commit failed): rolled back and
+    /// nacked.
     pub errors: u64,
+    /// Inbox transactions committed, each a batch of one or more
+    /// deliveries: `(processed + duplicates) / batches` is roughly the
+    /// mean batch size.
+    pub batches: u64,
     /// Deliveries whose lease ended before their handler could start:
     /// dropped, the broker redelivers them.
     pub expired: u64,
@@ -202,6 +252,7 @@ struct Counters {
     duplicates: AtomicU64,
     failed: AtomicU64,
     errors: AtomicU64,
+    batches: AtomicU64,
     expired: AtomicU64,
     acked: AtomicU64,
     ack_refused: AtomicU64,
@@ -209,7 +260,7 @@ struct Counters {
     prune_rounds: AtomicU64,
     watermark: AtomicI64,
     changed: Notify,
-    /// Seconds each handler ran (its commit included), for metrics.
+    /// Seconds each handler ran (its batch's commit included), for metrics.
     handler_latency: Histogram,
 }
 
@@ -226,6 +277,7 @@ impl Counters {
             duplicates: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             ack_refused: AtomicU64::new(0),
@@ -250,6 +302,7 @@ impl Counters {
             duplicates: get(&self.duplicates),
             failed: get(&self.failed),
             errors: get(&self.errors),
+            batches: get(&self.batches),
             expired: get(&self.expired),
             acked: get(&self.acked),
             ack_refused: get(&self.ack_refused),
@@ -317,7 +370,8 @@ impl<DB: InboxDatabase, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
 enum Outcome {
     /// Committed: ack.
     Processed,
-    /// Recorded before: ack.
+    /// Recorded before: ack (once the batch committed: the row found may
+    /// be the batch's own).
     Duplicate,
     /// The handler failed: nack with this reason.
     Failed(String),
@@ -338,16 +392,69 @@ struct Held {
     /// When to extend next (Unix µs); `None` while an extension is pending
     /// or after the lease was lost.
     extend_at: Option<Micros>,
+    /// Set when its handler starts: a batch cancelled at shutdown nacks
+    /// the deliveries whose handler ran and releases the others.
+    started: Arc<AtomicBool>,
+}
+
+/// A delivery waiting for a batch to take it.
+struct Job {
+    delivery: Delivery,
+    ack_id: String,
+    /// Shared with its [`Held`].
+    deadline: Arc<AtomicI64>,
+    /// Lease left below which the handler does not start, µs.
+    margin: i64,
+    /// Shared with its [`Held`].
+    started: Arc<AtomicBool>,
+}
+
+/// The ack ids a batch took, so that they are settled even if its task
+/// panics or is cancelled.
+type Taken = Arc<Mutex<Vec<String>>>;
+
+/// What a batch did: each delivery's outcome, and whether its transaction
+/// committed.
+#[derive(Default)]
+struct Batch {
+    outcomes: Vec<(String, Outcome)>,
+    committed: bool,
 }
 
 struct Shared<DB: InboxDatabase, H> {
     inbox: Inbox<DB>,
     handler: Arc<H>,
     subscription: String,
-    permits: Semaphore,
+    /// Deliveries no batch has taken yet, in arrival order.
+    waiting: Mutex<VecDeque<Job>>,
+    /// [`ConsumerConfig::max_batch`].
+    max_batch: usize,
+    /// Set at shutdown: batches start no further handler.
+    stopping: AtomicBool,
     /// [`ConsumerConfig::database_timeout`].
     database_timeout: Duration,
     handler_latency: Histogram,
+}
+
+impl<DB: InboxDatabase, H> Shared<DB, H> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        // The lock is only held to push or drain, which cannot panic.
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes up to `n` waiting deliveries, in order, noting them in `taken`.
+    fn take(&self, n: usize, taken: &Taken) -> Vec<Job> {
+        let jobs: Vec<Job> = {
+            let mut waiting = self.waiting();
+            let n = n.min(waiting.len());
+            waiting.drain(..n).collect()
+        };
+        taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(jobs.iter().map(|j| j.ack_id.clone()));
+        jobs
+    }
 }
 
 /// Most acks sent in one request.
@@ -417,7 +524,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
     /// reconnects.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<ConsumerStats> {
         self.config.check()?;
-        let window = self.config.concurrency + self.config.prefetch;
+        let window = self.config.window();
         let flow = FlowControl {
             max_messages: i32::try_from(window).unwrap_or(i32::MAX),
             ..FlowControl::default()
@@ -428,16 +535,23 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             inbox: self.inbox.clone(),
             handler: self.handler.clone(),
             subscription: self.subscription.clone(),
-            permits: Semaphore::new(self.config.concurrency),
+            waiting: Mutex::new(VecDeque::new()),
+            max_batch: self.config.max_batch,
+            stopping: AtomicBool::new(false),
             database_timeout: self.config.database_timeout,
             handler_latency: self.counters.handler_latency.clone(),
         });
         let admin = Admin::new(&self.connection);
         let counters = self.counters.clone();
-        tracing::info!(subscription = %self.subscription, concurrency = self.config.concurrency, "consumer started");
+        tracing::info!(
+            subscription = %self.subscription,
+            concurrency = self.config.concurrency,
+            max_batch = self.config.max_batch,
+            "consumer started"
+        );
 
-        let mut workers: JoinSet<Outcome> = JoinSet::new();
-        let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut workers: JoinSet<Batch> = JoinSet::new();
+        let mut tasks: HashMap<tokio::task::Id, Taken> = HashMap::new();
         let mut held: HashMap<String, Held> = HashMap::new();
         let mut unconfirmed: HashMap<String, Instant> = HashMap::new();
         let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
@@ -447,6 +561,11 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         // session commits a stream's requests one after the other.
         let mut acks: Vec<String> = Vec::new();
         let mut flush_at: Option<Instant> = None;
+        // When the next lease extension may be due: never later than the
+        // earliest `extend_at` of `held`, but not raised when deliveries
+        // leave (scanning `held` at every event would cost the whole
+        // window per message); the extension branch sets it exactly.
+        let mut next_extension: Option<Micros> = None;
         tokio::pin!(shutdown);
 
         let result = loop {
@@ -457,18 +576,21 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             {
                 break Ok(());
             }
-            let next_extension = if self.config.extend_leases {
-                held.values().filter_map(|h| h.extend_at).min()
-            } else {
-                None
-            };
             tokio::select! {
                 () = &mut shutdown, if drain_until.is_none() => {
                     tracing::info!(subscription = %self.subscription, running = workers.len(), "consumer shutting down");
                     drain_until = Some(Instant::now() + self.config.shutdown_timeout);
                     // Handlers not started yet give up their message: it
                     // is released, without counting an attempt.
-                    shared.permits.close();
+                    shared.stopping.store(true, Ordering::Relaxed);
+                    let unstarted: Vec<String> =
+                        shared.waiting().drain(..).map(|j| j.ack_id).collect();
+                    for ack_id in &unstarted {
+                        held.remove(ack_id);
+                    }
+                    if !unstarted.is_empty() {
+                        sub.release(unstarted);
+                    }
                     if let Some(p) = pruning.take() {
                         p.abort();
                     }
@@ -485,18 +607,28 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 Some(joined) = workers.join_next_with_id(), if !workers.is_empty() => {
                     let mut next = Some(joined);
                     while let Some(joined) = next {
-                        let (id, outcome) = match joined {
-                            Ok((id, outcome)) => (id, outcome),
+                        let (id, batch) = match joined {
+                            Ok((id, batch)) => (id, batch),
                             Err(e) => {
+                                // The transaction was dropped, so it
+                                // rolled back: every delivery it took fails.
                                 let reason = if e.is_panic() { "handler panicked" } else { "handler cancelled" };
-                                (e.id(), Outcome::Error(reason.into()))
+                                let taken = tasks.get(&e.id()).map(take_all).unwrap_or_default();
+                                (e.id(), Batch::failed_ids(taken, reason))
                             }
                         };
-                        if let Some(ack_id) = tasks.remove(&id) {
+                        tasks.remove(&id);
+                        if batch.committed {
+                            counters.add(&counters.batches, 1);
+                        }
+                        for (ack_id, outcome) in batch.outcomes {
                             held.remove(&ack_id);
                             self.settle(&sub, ack_id, outcome, &mut acks, &mut unconfirmed);
                         }
                         next = workers.try_join_next_with_id();
+                    }
+                    if drain_until.is_none() {
+                        start_batches(&shared, &mut workers, &mut tasks, self.config.concurrency, usize::MAX);
                     }
                     if acks.len() >= ACK_BATCH {
                         flush(&sub, &mut acks, &mut unconfirmed);
@@ -524,17 +656,22 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         let now = now_micros();
                         let span = (delivery.lease_deadline - now).max(1_000);
                         let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
+                        let started = Arc::new(AtomicBool::new(false));
                         held.insert(ack_id.clone(), Held {
                             deadline: deadline.clone(),
                             span,
                             extend_at: Some(now + span / 2),
+                            started: started.clone(),
                         });
+                        next_extension = earliest(next_extension, Some(now + span / 2));
                         // Start only with a tenth of the lease (at most a
                         // second) left: room for clock skew between broker
                         // and consumer.
                         let margin = (span / 10).min(1_000_000);
-                        let task = workers.spawn(process(shared.clone(), delivery, deadline, margin));
-                        tasks.insert(task.id(), ack_id);
+                        shared.waiting().push_back(Job { delivery, ack_id, deadline, margin, started });
+                        // One new transaction per arrival at most: it takes
+                        // this delivery, or joins it to a batch beginning.
+                        start_batches(&shared, &mut workers, &mut tasks, self.config.concurrency, 1);
                     }
                     Some(Ok(Event::Malformed { ack_id, reason })) => {
                         if drain_until.is_some() {
@@ -545,11 +682,14 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         counters.add(&counters.errors, 1);
                         sub.nack(ack_id, None, reason);
                     }
-                    Some(Ok(Event::Outcome(o))) => self.outcome(o, &mut held, &mut unconfirmed),
+                    Some(Ok(Event::Outcome(o))) => {
+                        let extend_at = self.outcome(o, &mut held, &mut unconfirmed);
+                        next_extension = earliest(next_extension, extend_at);
+                    }
                     Some(Err(e)) => break Err(e),
                     None => break Err(Error::Unavailable("the subscription stream ended".into())),
                 },
-                () = sleep_until_opt(next_extension.map(instant_of)), if next_extension.is_some() => {
+                () = sleep_until_opt(next_extension.map(instant_of)), if self.config.extend_leases && next_extension.is_some() => {
                     // Every lease due within the next tenth of a second
                     // goes in this request: one broker commit for all.
                     let soon = now_micros() + 100_000;
@@ -565,6 +705,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                     }
                     sub.extend_all(due);
+                    next_extension = held.values().filter_map(|h| h.extend_at).min();
                 }
                 _ = tick_opt(&mut prune_timer), if pruning.is_none() && drain_until.is_none() => {
                     pruning = Some(tokio::spawn(prune(
@@ -583,20 +724,30 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         // Acks not sent yet go now (the stream may take them before it ends;
         // if not, those messages come again and are skipped as duplicates).
         flush(&sub, &mut acks, &mut unconfirmed);
-        // Handlers still running are cancelled: their transactions roll back.
+        // Batches still running are cancelled: their transactions roll back.
         workers.shutdown().await;
         if let Some(p) = pruning.take() {
             p.abort();
         }
         // A handler cancelled while it ran is a failed attempt (one that
         // never finishes must reach the dead letters in the end); its
-        // message comes again at once.
-        for ack_id in tasks.into_values() {
-            sub.nack(
-                ack_id,
-                Some(Duration::ZERO),
-                "the consumer stopped while the handler ran (shutdown_timeout)",
-            );
+        // message comes again at once. A delivery whose handler had not
+        // started goes back without counting an attempt, as do those no
+        // batch took (the stream ended).
+        let mut release: Vec<String> = shared.waiting().drain(..).map(|j| j.ack_id).collect();
+        for ack_id in tasks.values().flat_map(take_all) {
+            match held.remove(&ack_id) {
+                Some(h) if h.started.load(Ordering::Relaxed) => sub.nack(
+                    ack_id,
+                    Some(Duration::ZERO),
+                    "the consumer stopped while the handler ran (shutdown_timeout)",
+                ),
+                Some(_) => release.push(ack_id),
+                None => {}
+            }
+        }
+        if !release.is_empty() {
+            sub.release(release);
         }
         sub.close(CLOSE_TIMEOUT).await;
         let stats = counters.snapshot();
@@ -647,13 +798,14 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         }
     }
 
-    /// Books the broker's answer to an ack, nack or extension.
+    /// Books the broker's answer to an ack, nack or extension; returns
+    /// when an extended lease is to be extended next.
     fn outcome(
         &self,
         o: AckOutcome,
         held: &mut HashMap<String, Held>,
         unconfirmed: &mut HashMap<String, Instant>,
-    ) {
+    ) -> Option<Micros> {
         let c = &self.counters;
         let (deadline, detail) = match &o.status {
             AckStatus::Ok(deadline) => (*deadline, ""),
@@ -682,14 +834,13 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 }
             }
             AckOperation::Extend => {
-                let Some(h) = held.get_mut(&o.ack_id) else {
-                    return;
-                };
+                let h = held.get_mut(&o.ack_id)?;
                 match deadline {
                     Some(deadline) => {
                         h.deadline.store(deadline, Ordering::Relaxed);
                         let now = now_micros();
                         h.extend_at = Some(now + (deadline - now).max(0) / 2);
+                        return h.extend_at;
                     }
                     None => {
                         // The lease is gone; a handler still running may
@@ -701,68 +852,209 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                 }
             }
         }
+        None
     }
 }
 
-/// Processes one delivery: begin, record, check the lease, handle, commit.
-async fn process<DB: InboxDatabase, H: Handler<DB>>(
+/// Starts batches while deliveries wait and fewer than `concurrency`
+/// transactions run, `most` at a time.
+fn start_batches<DB: InboxDatabase, H: Handler<DB>>(
+    shared: &Arc<Shared<DB, H>>,
+    workers: &mut JoinSet<Batch>,
+    tasks: &mut HashMap<tokio::task::Id, Taken>,
+    concurrency: usize,
+    most: usize,
+) {
+    let waiting = shared.waiting().len();
+    let free = concurrency.saturating_sub(workers.len());
+    for _ in 0..waiting.min(free).min(most) {
+        let taken = Taken::default();
+        let task = workers.spawn(process_batch(shared.clone(), taken.clone()));
+        tasks.insert(task.id(), taken);
+    }
+}
+
+/// The ack ids a batch took (emptied: each is settled once).
+fn take_all(taken: &Taken) -> Vec<String> {
+    std::mem::take(&mut *taken.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Runs one batch: takes the first waiting delivery, begins, takes what
+/// else waits then (up to `max_batch` in all), processes each within its
+/// savepoint, and commits once.
+async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     shared: Arc<Shared<DB, H>>,
-    delivery: Delivery,
-    deadline: Arc<AtomicI64>,
-    margin: i64,
-) -> Outcome {
-    let Ok(_permit) = shared.permits.acquire().await else {
-        return Outcome::Released;
-    };
+    taken: Taken,
+) -> Batch {
+    let mut jobs = shared.take(1, &taken);
+    if jobs.is_empty() {
+        // Another batch took it.
+        return Batch::default();
+    }
     let bound = shared.database_timeout;
     let mut tx = match bounded(bound, "begin", shared.inbox.begin()).await {
         Ok(tx) => tx,
-        Err(e) => return Outcome::Error(e.to_string()),
+        Err(e) => return Batch::failed(jobs, &e.to_string()),
     };
-    let message = &delivery.message;
-    let record = Inbox::<DB>::record(&mut tx, &shared.subscription, message.id, message.sequence);
-    match bounded(bound, "recording the message id", record).await {
+    jobs.extend(shared.take(shared.max_batch - 1, &taken));
+    tracing::debug!(deliveries = jobs.len(), "inbox batch began");
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    // How long each handler that ran took, for the latency histogram.
+    let mut ran = Vec::with_capacity(jobs.len());
+    // Whether the previous delivery's savepoint is still open: it is
+    // released together with the next one's opening, or by the commit.
+    let mut open = false;
+    let mut jobs = jobs.into_iter();
+    while let Some(job) = jobs.next() {
+        if shared.stopping.load(Ordering::Relaxed) {
+            outcomes.push((job.ack_id, Outcome::Released));
+            continue;
+        }
+        let step = if open {
+            Savepoint::ReleaseAndOpen
+        } else {
+            Savepoint::Open
+        };
+        let fatal = match process(&shared, &mut tx, step, &job, &mut ran).await {
+            Ok((outcome, Keep::Yes)) => {
+                open = true;
+                outcomes.push((job.ack_id, outcome));
+                continue;
+            }
+            Ok((outcome, Keep::No)) => {
+                open = false;
+                outcomes.push((job.ack_id, outcome));
+                let undo = Inbox::<DB>::savepoint(&mut tx, Savepoint::Undo);
+                match bounded(bound, "rollback to savepoint", undo).await {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => {
+                outcomes.push((job.ack_id, Outcome::Error(e.to_string())));
+                e
+            }
+        };
+        // The transaction is unusable: nothing of it will commit.
+        rollback(tx, bound).await;
+        let reason = format!("inbox transaction failed: {fatal}");
+        let mut batch = Batch::failed(jobs, &reason);
+        batch.outcomes.splice(0..0, fail_kept(outcomes, &reason));
+        observe(&shared.handler_latency, &ran, Duration::ZERO);
+        return batch;
+    }
+    let keeps = outcomes
+        .iter()
+        .any(|(_, o)| matches!(o, Outcome::Processed | Outcome::Duplicate));
+    let started = std::time::Instant::now();
+    let committed = if keeps {
+        match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
+            Ok(()) => true,
+            // Whether it committed is unknown; the redeliveries find out.
+            Err(e) => {
+                outcomes = fail_kept(outcomes, &format!("inbox commit failed: {e}"));
+                false
+            }
+        }
+    } else {
+        rollback(tx, bound).await;
+        false
+    };
+    observe(&shared.handler_latency, &ran, started.elapsed());
+    if committed {
+        tracing::debug!(deliveries = outcomes.len(), "inbox batch committed");
+    }
+    Batch {
+        outcomes,
+        committed,
+    }
+}
+
+/// Whether a delivery's work stays in the batch's transaction.
+enum Keep {
+    Yes,
+    /// Roll back to its savepoint.
+    No,
+}
+
+/// Processes one delivery of a batch inside its savepoint, which `step`
+/// opens: record, check the lease, handle. An `Err` leaves the transaction
+/// unusable.
+async fn process<DB: InboxDatabase, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    tx: &mut Transaction<'static, DB>,
+    step: Savepoint,
+    job: &Job,
+    ran: &mut Vec<Duration>,
+) -> Result<(Outcome, Keep)> {
+    let message = &job.delivery.message;
+    let record =
+        Inbox::<DB>::open_and_record(tx, step, &shared.subscription, message.id, message.sequence);
+    match bounded(shared.database_timeout, "recording the message id", record).await? {
         Ok(Recorded::New) => {}
-        Ok(Recorded::Duplicate) => {
-            rollback(tx, bound).await;
-            return Outcome::Duplicate;
-        }
-        Err(e) => {
-            rollback(tx, bound).await;
-            return Outcome::Error(e.to_string());
-        }
+        // Nothing was written.
+        Ok(Recorded::Duplicate) => return Ok((Outcome::Duplicate, Keep::Yes)),
+        // PostgreSQL aborts the transaction on an error; rolling back to
+        // the savepoint revives it for the batch's other deliveries.
+        Err(e) => return Ok((Outcome::Error(e.to_string()), Keep::No)),
     }
     // The id is ours until this transaction ends: a redelivery elsewhere
     // would wait for it. But if the lease ended before we had it, the
     // message may have been redelivered, processed, acked and its row
     // pruned already, so running the handler could repeat its effects.
-    if now_micros() + margin >= deadline.load(Ordering::Relaxed) {
-        rollback(tx, bound).await;
-        return Outcome::Expired;
+    if now_micros() + job.margin >= job.deadline.load(Ordering::Relaxed) {
+        return Ok((Outcome::Expired, Keep::No));
     }
+    job.started.store(true, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let span = crate::trace::handler_span(&shared.subscription, &delivery);
-    let outcome = match shared
+    let span = crate::trace::handler_span(&shared.subscription, &job.delivery);
+    let result = shared
         .handler
-        .handle(&delivery, &mut tx)
+        .handle(&job.delivery, tx)
         .instrument(span)
-        .await
-    {
-        Ok(()) => match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
-            Ok(()) => Outcome::Processed,
-            // Whether it committed is unknown; a redelivery finds out.
-            Err(e) => Outcome::Error(format!("inbox commit failed: {e}")),
-        },
-        Err(e) => {
-            let reason = e.to_string();
-            rollback(tx, bound).await;
-            Outcome::Failed(reason)
+        .await;
+    ran.push(started.elapsed());
+    Ok(match result {
+        Ok(()) => (Outcome::Processed, Keep::Yes),
+        Err(e) => (Outcome::Failed(e.to_string()), Keep::No),
+    })
+}
+
+impl Batch {
+    /// Every delivery of `jobs` failed in the inbox with `reason`.
+    fn failed(jobs: impl IntoIterator<Item = Job>, reason: &str) -> Batch {
+        Batch::failed_ids(jobs.into_iter().map(|j| j.ack_id), reason)
+    }
+
+    /// Every delivery of `ack_ids` failed in the inbox with `reason`.
+    fn failed_ids(ack_ids: impl IntoIterator<Item = String>, reason: &str) -> Batch {
+        Batch {
+            outcomes: ack_ids
+                .into_iter()
+                .map(|a| (a, Outcome::Error(reason.to_owned())))
+                .collect(),
+            committed: false,
         }
-    };
-    shared
-        .handler_latency
-        .observe(started.elapsed().as_secs_f64());
-    outcome
+    }
+}
+
+/// The outcomes of a transaction that did not commit: what would have been
+/// acked fails with `reason` instead.
+fn fail_kept(outcomes: Vec<(String, Outcome)>, reason: &str) -> Vec<(String, Outcome)> {
+    outcomes
+        .into_iter()
+        .map(|(ack_id, o)| match o {
+            Outcome::Processed | Outcome::Duplicate => (ack_id, Outcome::Error(reason.to_owned())),
+            o => (ack_id, o),
+        })
+        .collect()
+}
+
+/// Books each handler's run time plus its batch's `commit` time.
+fn observe(histogram: &Histogram, ran: &[Duration], commit: Duration) {
+    for d in ran {
+        histogram.observe((*d + commit).as_secs_f64());
+    }
 }
 
 /// Runs one of the runtime's database steps within `bound`; past it the
@@ -837,6 +1129,14 @@ async fn prune<DB: InboxDatabase>(
     }
 }
 
+/// The earlier of two optional times.
+fn earliest(a: Option<Micros>, b: Option<Micros>) -> Option<Micros> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The monotonic instant of a Unix-µs wall-clock time.
 fn instant_of(at: Micros) -> Instant {
     let ahead = at.saturating_sub(now_micros()).max(0);
@@ -865,5 +1165,41 @@ async fn wait_opt(task: &mut Option<JoinHandle<()>>) {
             let _ = t.await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_size_of_zero_is_refused() {
+        let config = ConsumerConfig {
+            max_batch: 0,
+            ..ConsumerConfig::default()
+        };
+        assert!(matches!(config.check(), Err(Error::InvalidArgument(_))));
+        assert!(ConsumerConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn the_window_lets_every_transaction_take_a_full_batch() {
+        let config = ConsumerConfig {
+            concurrency: 4,
+            max_batch: 32,
+            prefetch: 8,
+            ..ConsumerConfig::default()
+        };
+        assert_eq!(config.window(), 4 * 32 + 8);
+        let one = ConsumerConfig {
+            max_batch: 1,
+            ..config.clone()
+        };
+        assert_eq!(one.window(), 4 + 8, "one message per transaction");
+        let huge = ConsumerConfig {
+            concurrency: usize::MAX,
+            ..config
+        };
+        assert_eq!(huge.window(), usize::MAX);
     }
 }

@@ -48,6 +48,39 @@ pub enum Recorded {
     Duplicate,
 }
 
+/// The consumer runtime's steps around each delivery of a batch, within
+/// the batch's one transaction (issue 14). Both backends speak the same
+/// standard savepoint SQL.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Savepoint {
+    /// Opens the delivery's savepoint (the batch's first delivery).
+    Open,
+    /// Releases the previous delivery's savepoint (it succeeded, its work
+    /// stays in the transaction) and opens the next one: one round trip.
+    ReleaseAndOpen,
+    /// Undoes everything since the savepoint opened (the delivery's inbox
+    /// row and its handler's writes) and releases it, so the transaction
+    /// goes on with the next delivery as if this one had never run.
+    Undo,
+}
+
+impl Savepoint {
+    /// A name the handler's own nested transactions (sqlx names them
+    /// `_sqlx_savepoint_N`) never take.
+    fn sql(self) -> &'static str {
+        match self {
+            Savepoint::Open => "SAVEPOINT tidings_delivery",
+            Savepoint::ReleaseAndOpen => {
+                "RELEASE SAVEPOINT tidings_delivery; SAVEPOINT tidings_delivery"
+            }
+            Savepoint::Undo => {
+                "ROLLBACK TO SAVEPOINT tidings_delivery; RELEASE SAVEPOINT tidings_delivery"
+            }
+        }
+    }
+}
+
 /// Databases that hold an inbox: PostgreSQL and SQLite.
 pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
@@ -61,6 +94,19 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
         message_id: &str,
         sequence: i64,
     ) -> impl Future<Output = Result<Recorded>> + Send;
+    #[doc(hidden)]
+    fn open_and_record(
+        tx: &mut Transaction<'_, Self>,
+        step: Savepoint,
+        subscription: &str,
+        message_id: &str,
+        sequence: i64,
+    ) -> impl Future<Output = Result<Result<Recorded>>> + Send;
+    #[doc(hidden)]
+    fn execute(
+        tx: &mut Transaction<'_, Self>,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<()>> + Send;
     #[doc(hidden)]
     fn prune_through(
         pool: &Pool<Self>,
@@ -99,7 +145,7 @@ mod sealed {
 
 /// Implements [`InboxDatabase`] for `$db` with the statements of module
 /// `$sql` (`RECORD`, `PRUNE_THROUGH`, `PRUNE_OLDER_THAN`, `FORGET_FROM`,
-/// `CONTAINS`) and its `connect` and `migrate`. The statements differ per
+/// `CONTAINS`, and `record_in_savepoint`) and its `connect` and `migrate`. The statements differ per
 /// backend; how they are bound and read does not.
 macro_rules! inbox_database {
     ($db:ty, $sql:ident) => {
@@ -132,6 +178,44 @@ macro_rules! inbox_database {
                 } else {
                     Recorded::Duplicate
                 })
+            }
+
+            async fn open_and_record(
+                tx: &mut Transaction<'_, Self>,
+                step: Savepoint,
+                subscription: &str,
+                message_id: &str,
+                sequence: i64,
+            ) -> Result<Result<Recorded>> {
+                let Some(sql) = $sql::record_in_savepoint(step) else {
+                    Self::execute(tx, step.sql()).await?;
+                    return Ok(Self::record(tx, subscription, message_id, sequence).await);
+                };
+                // One round trip. A failure may come from the savepoint
+                // step as well as the record, so it gives up the
+                // transaction. The statements run to the end: a statement
+                // left in progress would block the next RELEASE.
+                let rows = sqlx::query(sql)
+                    .bind(subscription)
+                    .bind(message_id)
+                    .bind(sequence)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(Error::from)?;
+                Ok(Ok(if rows.is_empty() {
+                    Recorded::Duplicate
+                } else {
+                    Recorded::New
+                }))
+            }
+
+            async fn execute(tx: &mut Transaction<'_, Self>, sql: &'static str) -> Result<()> {
+                // Unprepared, so that one call may carry several statements.
+                sqlx::raw_sql(sql)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(Error::from)?;
+                Ok(())
             }
 
             async fn prune_through(
@@ -285,6 +369,33 @@ impl<DB: InboxDatabase> Inbox<DB> {
         sequence: i64,
     ) -> Result<Recorded> {
         DB::record(tx, subscription, &message_id.to_string(), sequence).await
+    }
+
+    /// Runs one savepoint step of the consumer runtime in `tx`.
+    ///
+    /// Fails on any database error; the transaction should then roll back.
+    pub(crate) async fn savepoint(tx: &mut Transaction<'_, DB>, step: Savepoint) -> Result<()> {
+        DB::execute(tx, step.sql()).await
+    }
+
+    /// Opens a delivery's savepoint (`step`: [`Savepoint::Open`] or
+    /// [`Savepoint::ReleaseAndOpen`]) and records the id in it, as
+    /// [`Inbox::record`] does: in one round trip where the backend takes
+    /// several statements with arguments (SQLite), in two otherwise.
+    ///
+    /// Fails (the outer result) when the savepoint may not have opened, so
+    /// that rolling back to it could undo the previous delivery's work: the
+    /// transaction must then roll back. The inner result is the record's,
+    /// within the open savepoint.
+    pub(crate) async fn open_and_record(
+        tx: &mut Transaction<'_, DB>,
+        step: Savepoint,
+        subscription: &str,
+        message_id: Uuid,
+        sequence: i64,
+    ) -> Result<Result<Recorded>> {
+        debug_assert!(step != Savepoint::Undo);
+        DB::open_and_record(tx, step, subscription, &message_id.to_string(), sequence).await
     }
 
     /// Deletes the rows of `subscription` with a sequence at or below

@@ -8,7 +8,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::SQLITE_MIGRATION;
+use super::{SQLITE_MIGRATION, Savepoint};
 use crate::error::{Error, Result};
 
 /// Records an id; the conflict target names the primary key, so only a
@@ -17,6 +17,27 @@ use crate::error::{Error, Result};
 /// transaction ends.
 pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, message_id, sequence) VALUES (?1, ?2, ?3) \
      ON CONFLICT (subscription, message_id) DO NOTHING";
+
+/// [`RECORD`] after a savepoint step, in one call (SQLite runs several
+/// statements with arguments, each taking its numbered ones): a returned
+/// row means the id is new. `rows_affected` cannot tell, since SQLite
+/// reports the last data change for a statement that makes none.
+pub(super) fn record_in_savepoint(step: Savepoint) -> Option<&'static str> {
+    macro_rules! record_returning {
+        ($($before:literal),*) => {
+            concat!($($before, "; ",)* "INSERT INTO tidings_inbox (subscription, message_id, sequence) \
+                VALUES (?1, ?2, ?3) ON CONFLICT (subscription, message_id) DO NOTHING RETURNING 1")
+        };
+    }
+    match step {
+        Savepoint::Open => Some(record_returning!("SAVEPOINT tidings_delivery")),
+        Savepoint::ReleaseAndOpen => Some(record_returning!(
+            "RELEASE SAVEPOINT tidings_delivery",
+            "SAVEPOINT tidings_delivery"
+        )),
+        Savepoint::Undo => None,
+    }
+}
 
 /// One batch of rows at or below the watermark.
 pub(super) const PRUNE_THROUGH: &str = "DELETE FROM tidings_inbox WHERE subscription = ?1 \

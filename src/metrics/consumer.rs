@@ -30,7 +30,7 @@ impl Collector for ConsumerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let stats = self.monitor.stats();
         let labels = [("subscription", self.subscription.as_str())];
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "consumer_received_messages",
                 "Deliveries received",
@@ -61,6 +61,11 @@ impl Collector for ConsumerCollector {
                 "Deliveries whose lease ended before their handler could start",
                 stats.expired,
             ),
+            (
+                "consumer_batches",
+                "Inbox transactions committed, each a batch of one or more deliveries",
+                stats.batches,
+            ),
             ("consumer_acks", "Acks the broker confirmed", stats.acked),
             (
                 "consumer_acks_refused",
@@ -86,7 +91,7 @@ impl Collector for ConsumerCollector {
         super::broker::gauge(stats.watermark, metric.encode_family(&labels)?)?;
         let mut metric = encoder.encode_descriptor(
             "consumer_handler_seconds",
-            "How long handlers ran, their commit included",
+            "How long handlers ran, their batch's commit included",
             None,
             MetricType::Histogram,
         )?;

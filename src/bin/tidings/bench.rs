@@ -51,9 +51,11 @@ pub(crate) struct BenchConfig {
     /// `postgres://...`): each subscriber is a [`Consumer`] with a trivial
     /// handler. `None`: plain subscribers that ack at once.
     pub(crate) inbox_url: Option<String>,
-    /// Handlers running at once in each inbox consumer.
+    /// Inbox transactions running at once in each inbox consumer.
     pub(crate) inbox_concurrency: usize,
-    /// Deliveries each inbox consumer holds beyond those being handled.
+    /// Most deliveries in one inbox transaction.
+    pub(crate) inbox_max_batch: usize,
+    /// Deliveries each inbox consumer holds beyond those full batches take.
     pub(crate) inbox_prefetch: usize,
     /// Ordering keys the messages cycle through (0: no keys).
     pub(crate) keys: usize,
@@ -82,6 +84,7 @@ impl Default for BenchConfig {
             fsync: true,
             inbox_url: None,
             inbox_concurrency: ConsumerConfig::default().concurrency,
+            inbox_max_batch: ConsumerConfig::default().max_batch,
             inbox_prefetch: ConsumerConfig::default().prefetch,
             keys: 0,
             ordered: false,
@@ -605,6 +608,7 @@ async fn inbox_consumers<DB: InboxDatabase>(
             },
             ConsumerConfig {
                 concurrency: config.inbox_concurrency.max(1),
+                max_batch: config.inbox_max_batch.max(1),
                 prefetch: config.inbox_prefetch,
                 ..ConsumerConfig::default()
             },

@@ -331,10 +331,13 @@ pub(crate) struct BenchArgs {
     /// trivial handler.
     #[arg(long, env = "TIDINGS_BENCH_INBOX_URL", hide_env_values = true)]
     inbox_url: Option<String>,
-    /// Handlers running at once in each inbox consumer.
+    /// Inbox transactions running at once in each inbox consumer.
     #[arg(long, default_value_t = benched().inbox_concurrency)]
     inbox_concurrency: usize,
-    /// Deliveries each inbox consumer holds beyond those being handled.
+    /// Most deliveries in one inbox transaction (group commit).
+    #[arg(long, default_value_t = benched().inbox_max_batch)]
+    inbox_max_batch: usize,
+    /// Deliveries each inbox consumer holds beyond those full batches take.
     #[arg(long, default_value_t = benched().inbox_prefetch)]
     inbox_prefetch: usize,
     /// Ordering keys the published messages cycle through (0: none).
@@ -642,6 +645,7 @@ async fn run_bench(
                 fsync: args.fsync,
                 inbox_url: args.inbox_url,
                 inbox_concurrency: args.inbox_concurrency,
+                inbox_max_batch: args.inbox_max_batch,
                 inbox_prefetch: args.inbox_prefetch,
                 keys: args.keys,
                 ordered: args.ordered,
