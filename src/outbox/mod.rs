@@ -29,7 +29,7 @@ pub use crate::client::Outgoing as Message;
 use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::validate_name;
-pub use relay::{Relay, RelayConfig, RelayStatus};
+pub use relay::{MAX_PIPELINE, Relay, RelayConfig, RelayStatus};
 
 /// The outbox migration for PostgreSQL (`migrations/outbox/postgres.sql`).
 pub const POSTGRES_MIGRATION: &str = include_str!("../../migrations/outbox/postgres.sql");
