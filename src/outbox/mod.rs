@@ -194,7 +194,8 @@ fn age(created: i64, now: i64) -> Duration {
     Duration::from_micros(u64::try_from(now.saturating_sub(created)).unwrap_or(0))
 }
 
-/// Reads a pending row: seq, id, topic, key, payload, attributes, attempts.
+/// Reads a pending row: seq, id, topic, key, payload, attributes, attempts,
+/// ready (not held).
 fn row_from<R>(r: &R) -> Result<Row, sqlx::Error>
 where
     R: sqlx::Row,
@@ -203,6 +204,7 @@ where
     for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(Row {
         seq: r.try_get(0)?,
@@ -212,6 +214,7 @@ where
         payload: r.try_get(4)?,
         attributes: r.try_get(5)?,
         attempts: r.try_get(6)?,
+        ready: r.try_get(7)?,
     })
 }
 
@@ -292,6 +295,8 @@ struct Row {
     payload: Vec<u8>,
     attributes: Option<String>,
     attempts: i32,
+    /// False while the row is held after a refusal (`not_before` ahead).
+    ready: bool,
 }
 
 impl Row {

@@ -34,6 +34,13 @@
 //! in order as their answers come; a crash between an ack and its delete, or
 //! after later batches were stored, only leaves rows that are resent as
 //! duplicates. A relay that loses the leader lock abandons its pipeline too.
+//!
+//! Held rows. A row the broker refused waits in the outbox until its hold
+//! ends. The fetch reads it anyway, flagged, and the relay skips it and,
+//! for the rest of its sweep, every later row of its key: when the hold
+//! ends, or the row is published, the cursor may already be past it, and a
+//! later row of its key above the cursor must not go first. The next sweep
+//! from the lowest row sees the held row before the rest of its key.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -249,6 +256,7 @@ impl Relay {
             stream: None,
             in_flight: VecDeque::new(),
             cursor: 0,
+            stalled: HashSet::new(),
             at_end: false,
             config,
             name,
@@ -429,6 +437,9 @@ struct Runner {
     in_flight: VecDeque<InFlight>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
+    /// Keys with a held row in this sweep: their later rows are skipped
+    /// until the next sweep from the lowest row (see [`plan`]).
+    stalled: HashSet<(String, String)>,
     /// The last read found the end of the outbox: send nothing more until
     /// the batches in flight are answered, then sweep from the lowest row.
     at_end: bool,
@@ -569,16 +580,14 @@ impl Runner {
             // pending row, which finds rows that committed late with lower
             // numbers; after a sweep from there, wait.
             let swept = self.cursor == 0;
-            self.cursor = 0;
-            self.at_end = false;
+            self.sweep_again();
             return Ok(!swept);
         }
         self.settle().await?;
         if self.in_flight.is_empty() && self.at_end {
             // Caught up, and nothing is in flight any more (a sweep from the
             // lowest row now would resend what is still unanswered).
-            self.cursor = 0;
-            self.at_end = false;
+            self.sweep_again();
         }
         Ok(true)
     }
@@ -594,17 +603,32 @@ impl Runner {
                 break;
             }
             let fenced = fenced_keys(&self.in_flight);
-            let keep = batch_len(&rows, &fenced, self.config.max_batch_bytes);
-            if keep == 0 {
+            let (take, walked) = plan(
+                &rows,
+                &fenced,
+                &mut self.stalled,
+                self.config.max_batch_bytes,
+            );
+            if walked == 0 {
                 // The next row's key has a row in flight: it waits for that
                 // batch's answer.
                 break;
             }
-            let caught_up = rows.len() < limit && keep == rows.len();
-            rows.truncate(keep);
-            self.cursor = rows[rows.len() - 1].seq;
+            let caught_up = rows.len() < limit && walked == rows.len();
+            self.cursor = rows[walked - 1].seq;
             self.at_end = caught_up;
-            self.send(rows).await?;
+            if take.is_empty() {
+                // Every row read was held or behind a held row.
+                continue;
+            }
+            rows.truncate(walked);
+            let mut wanted = take.iter().peekable();
+            let batch = rows
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, r)| wanted.next_if_eq(&&i).map(|_| r))
+                .collect();
+            self.send(batch).await?;
         }
         Ok(())
     }
@@ -702,8 +726,15 @@ impl Runner {
     fn abandon(&mut self) {
         self.stream = None;
         self.in_flight.clear();
+        self.sweep_again();
+    }
+
+    /// The next read starts from the lowest pending row, where every held
+    /// row is seen again before the rows behind it.
+    fn sweep_again(&mut self) {
         self.cursor = 0;
         self.at_end = false;
+        self.stalled.clear();
     }
 
     /// Settles the batches in flight before the relay stops (a failure
@@ -757,6 +788,7 @@ impl Runner {
                         held_topics.insert(row.topic.clone());
                     } else if !row.key.is_empty() {
                         held_keys.insert((row.topic.clone(), row.key.clone()));
+                        self.stalled.insert((row.topic.clone(), row.key.clone()));
                     }
                 }
                 Err(e) => return Err(Failure::Broker(e)),
@@ -881,24 +913,47 @@ fn fenced_keys(in_flight: &VecDeque<InFlight>) -> HashSet<(&str, &str)> {
         .collect()
 }
 
-/// How many of `rows` (in `seq` order) the next batch takes: rows up to
-/// `max_bytes` (at least one), ending before the first row whose (topic,
-/// key) is `fenced` (has a row in a batch in flight). Zero when the first
-/// row is fenced: it waits for that batch's answer.
-fn batch_len(rows: &[Row], fenced: &HashSet<(&str, &str)>, max_bytes: usize) -> usize {
+/// What the next batch takes of `rows` (pending rows in `seq` order): the
+/// indices of the rows to send, and how many rows were walked (the cursor
+/// moves past them; rows after them are read again).
+///
+/// A held row (not ready) is skipped, and its key is `stalled`: the later
+/// rows of a stalled key are skipped too until the next sweep from the
+/// lowest row (which clears `stalled`). Whether the held row's hold ends or
+/// it is published meanwhile, the cursor may be past it, and only that sweep
+/// sends its key again, from its lowest row. Rows up to `max_bytes` are
+/// taken (at least one); the batch ends before the first row whose (topic,
+/// key) is `fenced` (has a row in a batch in flight). Nothing walked when
+/// the first row is fenced: it waits for that batch's answer.
+fn plan(
+    rows: &[Row],
+    fenced: &HashSet<(&str, &str)>,
+    stalled: &mut HashSet<(String, String)>,
+    max_bytes: usize,
+) -> (Vec<usize>, usize) {
+    let mut take = Vec::new();
     let mut bytes = 0;
-    let mut n = 0;
-    for r in rows {
-        if !r.key.is_empty() && fenced.contains(&(r.topic.as_str(), r.key.as_str())) {
-            break;
+    for (i, r) in rows.iter().enumerate() {
+        let keyed = !r.key.is_empty();
+        if keyed && !stalled.is_empty() && stalled.contains(&(r.topic.clone(), r.key.clone())) {
+            continue;
+        }
+        if !r.ready {
+            if keyed {
+                stalled.insert((r.topic.clone(), r.key.clone()));
+            }
+            continue;
+        }
+        if keyed && fenced.contains(&(r.topic.as_str(), r.key.as_str())) {
+            return (take, i);
         }
         bytes += r.bytes();
-        if n > 0 && bytes > max_bytes {
-            break;
+        if !take.is_empty() && bytes > max_bytes {
+            return (take, i);
         }
-        n += 1;
+        take.push(i);
     }
-    n
+    (take, rows.len())
 }
 
 /// The message a row holds. A row the broker would refuse as malformed (a
@@ -928,7 +983,17 @@ mod tests {
             payload: vec![0; payload],
             attributes: None,
             attempts: 0,
+            ready: true,
         }
+    }
+
+    /// `plan` with nothing stalled before.
+    fn plan_of(
+        rows: &[Row],
+        fenced: &HashSet<(&str, &str)>,
+        max_bytes: usize,
+    ) -> (Vec<usize>, usize) {
+        plan(rows, fenced, &mut HashSet::new(), max_bytes)
     }
 
     #[test]
@@ -940,26 +1005,63 @@ mod tests {
             row(4, "", 10),
         ];
         let none = HashSet::new();
-        assert_eq!(batch_len(&rows, &none, 1 << 20), 4);
+        assert_eq!(plan_of(&rows, &none, 1 << 20), (vec![0, 1, 2, 3], 4));
         let b: HashSet<(&str, &str)> = [("t", "b")].into();
         assert_eq!(
-            batch_len(&rows, &b, 1 << 20),
-            2,
-            "stops before b, keyless rows after it wait too"
+            plan_of(&rows, &b, 1 << 20),
+            (vec![0, 1], 2),
+            "keyless rows after b wait too"
         );
         let a: HashSet<(&str, &str)> = [("t", "a")].into();
-        assert_eq!(batch_len(&rows, &a, 1 << 20), 1);
-        assert_eq!(batch_len(&rows[1..], &a, 1 << 20), 0, "the first row waits");
+        assert_eq!(plan_of(&rows, &a, 1 << 20), (vec![0], 1));
+        assert_eq!(
+            plan_of(&rows[1..], &a, 1 << 20),
+            (vec![], 0),
+            "the first row waits"
+        );
         let other_topic: HashSet<(&str, &str)> = [("u", "a")].into();
-        assert_eq!(batch_len(&rows, &other_topic, 1 << 20), 4);
+        assert_eq!(plan_of(&rows, &other_topic, 1 << 20).1, 4);
     }
 
     #[test]
     fn a_batch_holds_at_least_one_row_and_at_most_its_bytes() {
         let rows = [row(1, "", 100), row(2, "", 100), row(3, "", 100)];
         let none = HashSet::new();
-        assert_eq!(batch_len(&rows, &none, 1), 1);
-        assert_eq!(batch_len(&rows, &none, 2 * rows[0].bytes()), 2);
+        assert_eq!(plan_of(&rows, &none, 1), (vec![0], 1));
+        assert_eq!(plan_of(&rows, &none, 2 * rows[0].bytes()), (vec![0, 1], 2));
+    }
+
+    #[test]
+    fn a_held_row_stalls_its_key_for_the_rest_of_the_sweep() {
+        let mut held = row(2, "a", 10);
+        held.ready = false;
+        let rows = [
+            row(1, "a", 10),
+            held,
+            row(3, "b", 10),
+            row(4, "a", 10),
+            row(5, "", 10),
+        ];
+        let mut stalled = HashSet::new();
+        let none = HashSet::new();
+        assert_eq!(
+            plan(&rows, &none, &mut stalled, 1 << 20),
+            (vec![0, 2, 4], 5)
+        );
+        assert!(stalled.contains(&("t".to_owned(), "a".to_owned())));
+        // Later in the same sweep, a's rows are still skipped, even once
+        // the held row is gone or ready.
+        let later = [row(6, "a", 10), row(7, "b", 10)];
+        assert_eq!(plan(&later, &none, &mut stalled, 1 << 20), (vec![1], 2));
+        // A held row without a key stalls nothing.
+        let mut loose = row(8, "", 10);
+        loose.ready = false;
+        let mut stalled = HashSet::new();
+        assert_eq!(
+            plan(&[loose, row(9, "", 10)], &none, &mut stalled, 1 << 20),
+            (vec![1], 2)
+        );
+        assert!(stalled.is_empty());
     }
 
     #[test]
