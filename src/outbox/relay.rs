@@ -189,7 +189,7 @@ pub struct RelayStatus {
     pub last_batch_latency: Option<Duration>,
 }
 
-/// A running relay. Dropping it stops it after its current batch; [`Relay::stop`]
+/// A running relay. Dropping it stops it after the batches in flight; [`Relay::stop`]
 /// also waits for that.
 #[derive(Debug)]
 pub struct Relay {
@@ -298,8 +298,8 @@ impl Relay {
         let _ = (&mut self.task).await;
     }
 
-    /// Stops after the batch in flight (its rows are deleted if the broker
-    /// acked it) and waits for that.
+    /// Stops sending, settles the batches in flight (their rows are deleted
+    /// if the broker acked them) and waits for that.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
