@@ -29,7 +29,7 @@ pub use crate::client::Outgoing as Message;
 use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 use crate::model::validate_name;
-pub use relay::{Relay, RelayConfig, RelayStatus};
+pub use relay::{MAX_PIPELINE, Relay, RelayConfig, RelayStatus};
 
 /// The outbox migration for PostgreSQL (`migrations/outbox/postgres.sql`).
 pub const POSTGRES_MIGRATION: &str = include_str!("../../migrations/outbox/postgres.sql");
@@ -211,7 +211,8 @@ fn age(created: i64, now: i64) -> Duration {
     Duration::from_micros(u64::try_from(now.saturating_sub(created)).unwrap_or(0))
 }
 
-/// Reads a pending row: seq, id, topic, key, payload, attributes, attempts.
+/// Reads a pending row: seq, id, topic, key, payload, attributes, attempts,
+/// ready (not held).
 fn row_from<R>(r: &R) -> Result<Row, sqlx::Error>
 where
     R: sqlx::Row,
@@ -220,6 +221,7 @@ where
     for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     Ok(Row {
         seq: r.try_get(0)?,
@@ -229,6 +231,7 @@ where
         payload: r.try_get(4)?,
         attributes: r.try_get(5)?,
         attempts: r.try_get(6)?,
+        ready: r.try_get(7)?,
     })
 }
 
@@ -309,6 +312,8 @@ struct Row {
     payload: Vec<u8>,
     attributes: Option<String>,
     attempts: i32,
+    /// False while the row is held after a refusal (`not_before` ahead).
+    ready: bool,
 }
 
 impl Row {

@@ -88,17 +88,13 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Postgres>, rows: &[NewRow]) 
 }
 
 pub(super) async fn fetch(pool: &PgPool, after: i64, limit: usize) -> Result<Vec<Row>> {
-    // Rows held after a refusal wait until not_before, and so do the later
-    // rows of their key (the partial index makes that check a probe).
+    // Every pending row, held ones too (flagged not ready): the relay skips
+    // a held row and, for the rest of its sweep, the later rows of its key
+    // (see relay.rs).
     let rows = sqlx::query(
         "SELECT o.seq, o.id::text, o.topic, coalesce(o.key, ''), o.payload, o.attributes::text, \
-                o.attempts \
-         FROM tidings_outbox o \
-         WHERE o.seq > $1 AND (o.not_before IS NULL OR o.not_before <= now()) \
-           AND NOT EXISTS (SELECT 1 FROM tidings_outbox h \
-                           WHERE h.not_before > now() AND h.topic = o.topic \
-                             AND h.key = o.key AND h.seq < o.seq) \
-         ORDER BY o.seq LIMIT $2",
+                o.attempts, (o.not_before IS NULL OR o.not_before <= now()) \
+         FROM tidings_outbox o WHERE o.seq > $1 ORDER BY o.seq LIMIT $2",
     )
     .bind(after)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))

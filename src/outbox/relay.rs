@@ -1,20 +1,48 @@
 //! The relay: moves committed outbox rows to the broker in `seq` order over
-//! a PublishStream, and deletes each row only after the broker's durable ack.
+//! a PublishStream, several batches in flight, and deletes each row only
+//! after the broker's durable ack.
 //!
 //! Why the order is safe: on SQLite one write transaction runs at a time, so
 //! `seq` order is commit order; on PostgreSQL the insert trigger makes rows of
 //! one (topic, key) take their numbers under a lock held until commit, so a
 //! row never becomes visible after a later row of its key. A row that commits
 //! late with a lower number (of another key) is found by the next sweep,
-//! which starts from the lowest pending row whenever the relay has caught up:
-//! rows are deleted, never skipped by a cursor. One batch is in flight at a
-//! time, so a failed batch is resent before anything after it. Publishing is
-//! idempotent (the broker deduplicates message ids), so a relay killed
-//! between the broker's ack and the delete resends rows the broker answers as
+//! which starts from the lowest pending row whenever the relay has caught up
+//! and nothing is in flight: rows are deleted, never skipped by a cursor.
+//! Publishing is idempotent (the broker deduplicates message ids and answers
+//! a duplicate with its first sequence number), so a relay killed between
+//! the broker's ack and the delete resends rows the broker answers as
 //! duplicates, and two relays running at once cannot store a message twice;
 //! on PostgreSQL they still elect one leader so that only one does the work.
+//!
+//! The pipeline. Up to [`RelayConfig::pipeline`] batches are in flight on one
+//! stream; the broker stores a stream's requests in the order sent, so while
+//! every batch succeeds each key keeps its order. A failure is the danger:
+//! when batch n is refused or fails, the broker may still store batches sent
+//! after it (they were already queued behind it, or a refusal of one message
+//! is not a refusal of the next request). So the rule is a **key fence**: a
+//! batch never carries a row whose (topic, key) has a row in a batch still
+//! unanswered; the batch being built ends before such a row (rows without a
+//! key order nothing and never wait). Whatever the broker then does with
+//! the later batches, none holds a later row of a key of the failed batch,
+//! and no order can be broken. On any failure the relay abandons the whole
+//! pipeline (answers still to come are not awaited; their rows stay), deals
+//! with the failed batch (a refused one is retried row by row, refused rows
+//! held with the later rows of their key), and sweeps again from the lowest
+//! pending row: rows of abandoned batches that the broker did store come back
+//! as duplicates with their first sequence numbers. Acked batches are deleted
+//! in order as their answers come; a crash between an ack and its delete, or
+//! after later batches were stored, only leaves rows that are resent as
+//! duplicates. A relay that loses the leader lock abandons its pipeline too.
+//!
+//! Held rows. A row the broker refused waits in the outbox until its hold
+//! ends. The fetch reads it anyway, flagged, and the relay skips it and,
+//! for the rest of its sweep, every later row of its key: when the hold
+//! ends, or the row is published, the cursor may already be past it, and a
+//! later row of its key above the cursor must not go first. The next sweep
+//! from the lowest row sees the held row before the rest of its key.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,10 +55,14 @@ use super::Backend;
 #[cfg(feature = "postgres")]
 use super::postgres::{LeaderTiming, Leadership};
 use super::{Outbox, Row};
-use crate::client::{self, Backoff, Outgoing, PublishSession, Publisher};
+use crate::client::{self, Backoff, Outgoing, PublishReceiver, PublishSender, Publisher};
 use crate::config;
 use crate::error::{Error, Result};
 use crate::model::{self, PublishOutcome};
+
+/// Most batches a relay keeps in flight ([`RelayConfig::pipeline`]); the
+/// broker awaits at most 256 requests of one stream at once.
+pub const MAX_PIPELINE: usize = 64;
 
 /// How a relay runs. Every duration is a parameter so that tests stay fast.
 #[derive(Debug, Clone)]
@@ -43,6 +75,12 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// Most payload bytes per publish request (at least one row is sent).
     pub max_batch_bytes: usize,
+    /// Most batches in flight on the publish stream at once (1 to
+    /// [`MAX_PIPELINE`]): the relay publishes the next batches while the
+    /// broker commits earlier ones and their rows are deleted. A batch never
+    /// carries a row of a key that has a row in a batch still in flight
+    /// (see the module docs).
+    pub pipeline: usize,
     /// How often to look for rows without a wake-up (NOTIFY on PostgreSQL,
     /// [`Outbox::committed`] in process); also how often a standby relay
     /// tries to take over on PostgreSQL.
@@ -85,6 +123,7 @@ impl RelayConfig {
             connect: client::ConnectOptions::default(),
             batch_size: 500,
             max_batch_bytes: 4 * 1024 * 1024,
+            pipeline: 4,
             poll_interval: Duration::from_millis(250),
             listen: true,
             listen_check_interval: Duration::from_secs(10),
@@ -107,9 +146,16 @@ impl RelayConfig {
     /// Checks the settings before a relay runs with them.
     ///
     /// Fails with `InvalidArgument` for a zero poll, heartbeat or report
-    /// interval or leader timeout, or a duration longer than
-    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION).
+    /// interval or leader timeout, a duration longer than
+    /// [`config::MAX_DURATION`](crate::config::MAX_DURATION), or a pipeline
+    /// of 0 or more than [`MAX_PIPELINE`] batches.
     pub fn check(&self) -> Result<()> {
+        if !(1..=MAX_PIPELINE).contains(&self.pipeline) {
+            return Err(Error::InvalidArgument(format!(
+                "relay pipeline must be 1 to {MAX_PIPELINE} batches (got {})",
+                self.pipeline
+            )));
+        }
         config::check_interval("relay poll_interval", self.poll_interval)?;
         config::check_interval("relay listen_check_interval", self.listen_check_interval)?;
         config::check_interval("relay heartbeat_interval", self.heartbeat_interval)?;
@@ -143,7 +189,7 @@ pub struct RelayStatus {
     pub last_batch_latency: Option<Duration>,
 }
 
-/// A running relay. Dropping it stops it after its current batch; [`Relay::stop`]
+/// A running relay. Dropping it stops it after the batches in flight; [`Relay::stop`]
 /// also waits for that.
 #[derive(Debug)]
 pub struct Relay {
@@ -207,8 +253,11 @@ impl Relay {
             },
             outbox,
             publisher: Publisher::new(&connection, config.retry),
-            session: None,
+            stream: None,
+            in_flight: VecDeque::new(),
             cursor: 0,
+            stalled: HashSet::new(),
+            at_end: false,
             config,
             name,
             started: SystemTime::now(),
@@ -249,8 +298,8 @@ impl Relay {
         let _ = (&mut self.task).await;
     }
 
-    /// Stops after the batch in flight (its rows are deleted if the broker
-    /// acked it) and waits for that.
+    /// Stops sending, settles the batches in flight (their rows are deleted
+    /// if the broker acked them) and waits for that.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -381,9 +430,19 @@ struct Runner {
     #[cfg(feature = "postgres")]
     leadership: Option<Leadership>,
     publisher: Publisher,
-    session: Option<PublishSession>,
+    /// The publish stream, split so that batches go out while earlier ones
+    /// are answered.
+    stream: Option<(PublishSender, PublishReceiver)>,
+    /// Batches sent and not answered yet, oldest first.
+    in_flight: VecDeque<InFlight>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
+    /// Keys with a held row in this sweep: their later rows are skipped
+    /// until the next sweep from the lowest row (see [`plan`]).
+    stalled: HashSet<(String, String)>,
+    /// The last read found the end of the outbox: send nothing more until
+    /// the batches in flight are answered, then sweep from the lowest row.
+    at_end: bool,
     name: String,
     started: SystemTime,
     stop: watch::Receiver<bool>,
@@ -463,6 +522,7 @@ impl Runner {
                 reported_published = published;
             }
         }
+        self.drain().await;
         if let Err(e) = self.outbox.retire(&self.name).await {
             tracing::debug!(error = %e, "could not remove the relay's report row");
         }
@@ -486,6 +546,9 @@ impl Runner {
                     self.cursor = 0;
                 } else {
                     tracing::info!(relay = %self.name, "another relay publishes the outbox; standing by");
+                    // The new leader sweeps from the lowest row and resends
+                    // what is in flight here; nothing more is sent from here.
+                    self.abandon();
                 }
                 *heartbeat = Instant::now();
                 self.heartbeat().await;
@@ -503,85 +566,189 @@ impl Runner {
         true
     }
 
-    /// One batch: read, publish, delete. `Ok(true)` if there may be more to
-    /// do at once, `Ok(false)` when the outbox has nothing ready.
+    /// One step of the pipeline: sends batches while there is room, then
+    /// settles the oldest batch in flight (deletes its rows after the ack).
+    /// `Ok(true)` if there may be more to do at once, `Ok(false)` when the
+    /// outbox has nothing ready and nothing is in flight.
     async fn pass(&mut self) -> Result<bool, Failure> {
-        let limit = self.config.batch_size.clamp(1, 1000);
-        let mut rows = self.outbox.fetch(self.cursor, limit).await?;
-        if rows.is_empty() {
+        if let Err(f) = self.fill().await {
+            self.abandon();
+            return Err(f);
+        }
+        if self.in_flight.is_empty() {
+            // Nothing ready from the cursor: sweep again from the lowest
+            // pending row, which finds rows that committed late with lower
+            // numbers; after a sweep from there, wait.
             let swept = self.cursor == 0;
-            self.cursor = 0;
+            self.sweep_again();
             return Ok(!swept);
         }
-        let more = rows.len() == limit;
-        let mut bytes = 0;
-        let keep = rows
-            .iter()
-            .take_while(|r| {
-                bytes += r.bytes();
-                bytes <= self.config.max_batch_bytes
-            })
-            .count()
-            .max(1);
-        let trimmed = keep < rows.len();
-        rows.truncate(keep);
-        let last = rows[rows.len() - 1].seq;
-        match self.publish(&rows).await {
-            Ok(results) => {
-                self.done(&rows, &results).await?;
-            }
-            Err(e) if refused(&e) => self.one_by_one(&rows).await?,
-            Err(e) => return Err(Failure::Broker(e)),
+        self.settle().await?;
+        if self.in_flight.is_empty() && self.at_end {
+            // Caught up, and nothing is in flight any more (a sweep from the
+            // lowest row now would resend what is still unanswered).
+            self.sweep_again();
         }
-        // Caught up: the next sweep starts from the lowest pending row, which
-        // finds rows that committed late with lower numbers.
-        self.cursor = if more || trimmed { last } else { 0 };
         Ok(true)
     }
 
-    /// Publishes one batch on the stream and waits for its durable ack.
-    async fn publish(&mut self, rows: &[Row]) -> Result<Vec<PublishOutcome>> {
-        let started = Instant::now();
-        let messages = rows.iter().map(outgoing).collect::<Result<Vec<_>>>()?;
-        // Each traced message's span lasts until the broker's answer.
-        let _spans: Vec<tracing::Span> = messages
+    /// Reads and sends batches until the pipeline is full, the outbox has
+    /// nothing more from the cursor, or the next row waits for the key fence.
+    async fn fill(&mut self) -> Result<(), Failure> {
+        let limit = self.config.batch_size.clamp(1, 1000);
+        while self.in_flight.len() < self.config.pipeline && !self.at_end && !self.stopping() {
+            let mut rows = self.outbox.fetch(self.cursor, limit).await?;
+            if rows.is_empty() {
+                self.at_end = true;
+                break;
+            }
+            let fenced = fenced_keys(&self.in_flight);
+            let (take, walked) = plan(
+                &rows,
+                &fenced,
+                &mut self.stalled,
+                self.config.max_batch_bytes,
+            );
+            if walked == 0 {
+                // The next row's key has a row in flight: it waits for that
+                // batch's answer.
+                break;
+            }
+            let caught_up = rows.len() < limit && walked == rows.len();
+            self.cursor = rows[walked - 1].seq;
+            self.at_end = caught_up;
+            if take.is_empty() {
+                // Every row read was held or behind a held row.
+                continue;
+            }
+            rows.truncate(walked);
+            let mut wanted = take.iter().peekable();
+            let batch = rows
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, r)| wanted.next_if_eq(&&i).map(|_| r))
+                .collect();
+            self.send(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one batch on the stream (opening it if needed).
+    async fn send(&mut self, rows: Vec<Row>) -> Result<(), Failure> {
+        let messages = match rows.iter().map(outgoing).collect::<Result<Vec<_>>>() {
+            Ok(messages) => messages,
+            Err(_) => {
+                // A row the broker would refuse as malformed: the batch goes
+                // row by row, which holds it with the later rows of its key;
+                // nothing after it is sent meanwhile.
+                self.abandon();
+                self.one_by_one(&rows).await?;
+                self.cursor = 0;
+                return Ok(());
+            }
+        };
+        if self.stream.is_none() {
+            let session = self
+                .publisher
+                .stream(self.config.pipeline)
+                .await
+                .map_err(Failure::Broker)?;
+            self.stream = Some(session.split());
+        }
+        let Some((sender, _)) = &self.stream else {
+            return Err(Failure::Broker(Error::Unavailable(
+                "no publish stream".into(),
+            )));
+        };
+        let spans = messages
             .iter()
             .filter_map(crate::trace::relay_span)
             .collect();
-        if self.session.is_none() {
-            self.session = Some(self.publisher.stream(1).await?);
-        }
-        let Some(session) = &mut self.session else {
-            return Err(Error::Unavailable("no publish stream".into()));
+        sender.send(messages).await.map_err(Failure::Broker)?;
+        self.in_flight.push_back(InFlight {
+            rows,
+            sent: Instant::now(),
+            _spans: spans,
+        });
+        Ok(())
+    }
+
+    /// Waits for the answer to the oldest batch in flight and deletes its
+    /// rows; on a refusal publishes them row by row. Any failure abandons
+    /// the pipeline.
+    async fn settle(&mut self) -> Result<(), Failure> {
+        let answer = match &mut self.stream {
+            Some((_, receiver)) => receiver.next().await,
+            None => Err(Error::Unavailable("no publish stream".into())),
         };
-        let answer = match session.send(messages).await {
-            Ok(()) => session.next().await,
-            Err(s) => Err(s),
+        let Some(batch) = self.in_flight.pop_front() else {
+            return Ok(());
         };
         match answer {
-            Ok(Some(results)) if results.len() == rows.len() => {
+            Ok(Some(results)) if results.len() == batch.rows.len() => {
                 self.status.send_modify(|s| {
                     s.batches += 1;
-                    s.last_batch_latency = Some(started.elapsed());
+                    s.last_batch_latency = Some(batch.sent.elapsed());
                 });
-                Ok(results)
+                if let Err(e) = self.done(&batch.rows, &results).await {
+                    self.abandon();
+                    return Err(Failure::Database(e));
+                }
+                Ok(())
             }
             Ok(Some(results)) => {
-                self.session = None;
-                Err(Error::Storage(format!(
+                self.abandon();
+                Err(Failure::Broker(Error::Storage(format!(
                     "broker answered {} results for {} messages",
                     results.len(),
-                    rows.len()
-                )))
+                    batch.rows.len()
+                ))))
             }
             Ok(None) => {
-                self.session = None;
-                Err(Error::Unavailable("publish stream ended".into()))
+                self.abandon();
+                Err(Failure::Broker(Error::Unavailable(
+                    "publish stream ended".into(),
+                )))
             }
-            Err(s) => {
-                // A failed request ends the stream; open a new one next time.
-                self.session = None;
-                Err(s)
+            Err(e) if refused(&e) => {
+                // The stream ends with the refusal. Batches sent after this
+                // one hold no row of its keys (the key fence), so whether
+                // the broker stored them or not, publishing this batch row
+                // by row now keeps every key in order.
+                self.abandon();
+                self.one_by_one(&batch.rows).await
+            }
+            Err(e) => {
+                self.abandon();
+                Err(Failure::Broker(e))
+            }
+        }
+    }
+
+    /// Forgets the stream and every batch still in flight (their rows stay
+    /// in the outbox and are sent again, as duplicates if the broker stored
+    /// them), and sweeps again from the lowest pending row.
+    fn abandon(&mut self) {
+        self.stream = None;
+        self.in_flight.clear();
+        self.sweep_again();
+    }
+
+    /// The next read starts from the lowest pending row, where every held
+    /// row is seen again before the rows behind it.
+    fn sweep_again(&mut self) {
+        self.cursor = 0;
+        self.at_end = false;
+        self.stalled.clear();
+    }
+
+    /// Settles the batches in flight before the relay stops (a failure
+    /// leaves the rest to be resent by the next relay).
+    async fn drain(&mut self) {
+        while !self.in_flight.is_empty() {
+            if let Err(f) = self.settle().await {
+                tracing::info!(error = %f, "stopping with batches unanswered; they will be resent");
+                break;
             }
         }
     }
@@ -600,7 +767,10 @@ impl Runner {
                 continue;
             }
             let result = match outgoing(row) {
-                Ok(m) => self.publisher.publish_once(&[m]).await,
+                Ok(m) => {
+                    let _span = crate::trace::relay_span(&m);
+                    self.publisher.publish_once(&[m]).await
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -626,6 +796,7 @@ impl Runner {
                         held_topics.insert(row.topic.clone());
                     } else if !row.key.is_empty() {
                         held_keys.insert((row.topic.clone(), row.key.clone()));
+                        self.stalled.insert((row.topic.clone(), row.key.clone()));
                     }
                 }
                 Err(e) => return Err(Failure::Broker(e)),
@@ -734,6 +905,68 @@ impl Runner {
     }
 }
 
+/// A batch sent on the stream and not answered yet.
+struct InFlight {
+    rows: Vec<Row>,
+    sent: Instant,
+    /// The relay spans of its traced messages; each lasts until the broker's
+    /// answer (or until the batch is abandoned).
+    _spans: Vec<tracing::Span>,
+}
+
+/// The (topic, key) pairs with a row in a batch in flight.
+fn fenced_keys(in_flight: &VecDeque<InFlight>) -> HashSet<(&str, &str)> {
+    in_flight
+        .iter()
+        .flat_map(|b| &b.rows)
+        .filter(|r| !r.key.is_empty())
+        .map(|r| (r.topic.as_str(), r.key.as_str()))
+        .collect()
+}
+
+/// What the next batch takes of `rows` (pending rows in `seq` order): the
+/// indices of the rows to send, and how many rows were walked (the cursor
+/// moves past them; rows after them are read again).
+///
+/// A held row (not ready) is skipped, and its key is `stalled`: the later
+/// rows of a stalled key are skipped too until the next sweep from the
+/// lowest row (which clears `stalled`). Whether the held row's hold ends or
+/// it is published meanwhile, the cursor may be past it, and only that sweep
+/// sends its key again, from its lowest row. Rows up to `max_bytes` are
+/// taken (at least one); the batch ends before the first row whose (topic,
+/// key) is `fenced` (has a row in a batch in flight). Nothing walked when
+/// the first row is fenced: it waits for that batch's answer.
+fn plan(
+    rows: &[Row],
+    fenced: &HashSet<(&str, &str)>,
+    stalled: &mut HashSet<(String, String)>,
+    max_bytes: usize,
+) -> (Vec<usize>, usize) {
+    let mut take = Vec::new();
+    let mut bytes = 0;
+    for (i, r) in rows.iter().enumerate() {
+        let keyed = !r.key.is_empty();
+        if keyed && !stalled.is_empty() && stalled.contains(&(r.topic.clone(), r.key.clone())) {
+            continue;
+        }
+        if !r.ready {
+            if keyed {
+                stalled.insert((r.topic.clone(), r.key.clone()));
+            }
+            continue;
+        }
+        if keyed && fenced.contains(&(r.topic.as_str(), r.key.as_str())) {
+            return (take, i);
+        }
+        bytes += r.bytes();
+        if !take.is_empty() && bytes > max_bytes {
+            return (take, i);
+        }
+        take.push(i);
+    }
+    (take, rows.len())
+}
+
 /// The message a row holds. A row the broker would refuse as malformed (a
 /// bad id, undecodable attributes) is refused here the same way.
 fn outgoing(row: &Row) -> Result<Outgoing> {
@@ -746,4 +979,110 @@ fn outgoing(row: &Row) -> Result<Outgoing> {
         payload: row.payload.clone(),
         attributes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, key: &str, payload: usize) -> Row {
+        Row {
+            seq,
+            id: Uuid::now_v7().to_string(),
+            topic: "t".into(),
+            key: key.into(),
+            payload: vec![0; payload],
+            attributes: None,
+            attempts: 0,
+            ready: true,
+        }
+    }
+
+    /// `plan` with nothing stalled before.
+    fn plan_of(
+        rows: &[Row],
+        fenced: &HashSet<(&str, &str)>,
+        max_bytes: usize,
+    ) -> (Vec<usize>, usize) {
+        plan(rows, fenced, &mut HashSet::new(), max_bytes)
+    }
+
+    #[test]
+    fn a_batch_ends_before_a_key_with_a_row_in_flight() {
+        let rows = [
+            row(1, "", 10),
+            row(2, "a", 10),
+            row(3, "b", 10),
+            row(4, "", 10),
+        ];
+        let none = HashSet::new();
+        assert_eq!(plan_of(&rows, &none, 1 << 20), (vec![0, 1, 2, 3], 4));
+        let b: HashSet<(&str, &str)> = [("t", "b")].into();
+        assert_eq!(
+            plan_of(&rows, &b, 1 << 20),
+            (vec![0, 1], 2),
+            "keyless rows after b wait too"
+        );
+        let a: HashSet<(&str, &str)> = [("t", "a")].into();
+        assert_eq!(plan_of(&rows, &a, 1 << 20), (vec![0], 1));
+        assert_eq!(
+            plan_of(&rows[1..], &a, 1 << 20),
+            (vec![], 0),
+            "the first row waits"
+        );
+        let other_topic: HashSet<(&str, &str)> = [("u", "a")].into();
+        assert_eq!(plan_of(&rows, &other_topic, 1 << 20).1, 4);
+    }
+
+    #[test]
+    fn a_batch_holds_at_least_one_row_and_at_most_its_bytes() {
+        let rows = [row(1, "", 100), row(2, "", 100), row(3, "", 100)];
+        let none = HashSet::new();
+        assert_eq!(plan_of(&rows, &none, 1), (vec![0], 1));
+        assert_eq!(plan_of(&rows, &none, 2 * rows[0].bytes()), (vec![0, 1], 2));
+    }
+
+    #[test]
+    fn a_held_row_stalls_its_key_for_the_rest_of_the_sweep() {
+        let mut held = row(2, "a", 10);
+        held.ready = false;
+        let rows = [
+            row(1, "a", 10),
+            held,
+            row(3, "b", 10),
+            row(4, "a", 10),
+            row(5, "", 10),
+        ];
+        let mut stalled = HashSet::new();
+        let none = HashSet::new();
+        assert_eq!(
+            plan(&rows, &none, &mut stalled, 1 << 20),
+            (vec![0, 2, 4], 5)
+        );
+        assert!(stalled.contains(&("t".to_owned(), "a".to_owned())));
+        // Later in the same sweep, a's rows are still skipped, even once
+        // the held row is gone or ready.
+        let later = [row(6, "a", 10), row(7, "b", 10)];
+        assert_eq!(plan(&later, &none, &mut stalled, 1 << 20), (vec![1], 2));
+        // A held row without a key stalls nothing.
+        let mut loose = row(8, "", 10);
+        loose.ready = false;
+        let mut stalled = HashSet::new();
+        assert_eq!(
+            plan(&[loose, row(9, "", 10)], &none, &mut stalled, 1 << 20),
+            (vec![1], 2)
+        );
+        assert!(stalled.is_empty());
+    }
+
+    #[test]
+    fn only_keys_in_flight_are_fenced() {
+        let mut in_flight = VecDeque::new();
+        in_flight.push_back(InFlight {
+            rows: vec![row(1, "a", 1), row(2, "", 1)],
+            sent: Instant::now(),
+        });
+        let fenced = fenced_keys(&in_flight);
+        assert_eq!(fenced, [("t", "a")].into());
+    }
 }

@@ -70,18 +70,14 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, rows: &[NewRow]) ->
 }
 
 pub(super) async fn fetch(pool: &SqlitePool, after: i64, limit: usize) -> Result<Vec<Row>> {
-    // Rows held after a refusal wait until not_before, and so do the later
-    // rows of their key (the partial index makes that check a probe).
+    // Every pending row, held ones too (flagged not ready): the relay skips
+    // a held row and, for the rest of its sweep, the later rows of its key
+    // (see relay.rs).
     let now = now_micros();
     let rows = sqlx::query(
         "SELECT o.seq, o.id, o.topic, coalesce(o.key, ''), CAST(o.payload AS BLOB), o.attributes, \
-                o.attempts \
-         FROM tidings_outbox o \
-         WHERE o.seq > ?1 AND (o.not_before IS NULL OR o.not_before <= ?2) \
-           AND NOT EXISTS (SELECT 1 FROM tidings_outbox h \
-                           WHERE h.not_before > ?2 AND h.topic = o.topic \
-                             AND h.key = o.key AND h.seq < o.seq) \
-         ORDER BY o.seq LIMIT ?3",
+                o.attempts, (o.not_before IS NULL OR o.not_before <= ?2) \
+         FROM tidings_outbox o WHERE o.seq > ?1 ORDER BY o.seq LIMIT ?3",
     )
     .bind(after)
     .bind(now)

@@ -643,3 +643,85 @@ backend_test! {
         app.drop().await;
     }
 }
+
+backend_test! {
+    async fn issue_14_a_refusal_in_the_middle_of_a_pipeline_neither_reorders_a_key_nor_loses_a_row(backend) {
+        // The broker refuses messages over 1 KiB: one row of each key "k0"
+        // to "k3" in the middle of the outbox is over it. With several
+        // batches in flight, batches after a refused one may well be stored
+        // by the broker; none of them may hold a later row of its key.
+        let broker = TestBroker::start_with(backend.clone(), |c| c.limits.max_message_bytes = 1024).await;
+        broker.topic_and_sub("orders", "s", |s| s.ordered = true).await;
+        let app = AppDb::create(&backend).await;
+        const KEYS: usize = 4;
+        const ROWS: usize = 12;
+        let refused_at = |key: usize| 3 + 2 * key;
+        let mut messages = Vec::new();
+        let mut refused = Vec::new();
+        for i in 0..ROWS {
+            for key in 0..KEYS {
+                let text = format!("k{key}-{i}");
+                let body = if i == refused_at(key) { format!("{text}{}", "x".repeat(2048)) } else { text };
+                let m = Message::new("orders", body).with_key(format!("k{key}"));
+                if i == refused_at(key) {
+                    refused.push((m.id, format!("k{key}-{i}")));
+                }
+                messages.push(m);
+                for j in 0..3 {
+                    messages.push(Message::new("orders", format!("free-{i}-{key}-{j}")));
+                }
+            }
+        }
+        app.enqueue(&messages, true).await;
+        let mut config = relay_config(&broker);
+        config.batch_size = 2;
+        config.pipeline = 8;
+        let relay = Relay::start(app.outbox(), config).await.expect("relay");
+        let mut status = relay.watch();
+
+        // Everything but each key from its refused row on reaches the
+        // broker; those rows wait in the outbox, and none of them was stored.
+        let waiting: usize = (0..KEYS).map(|key| ROWS - refused_at(key)).sum();
+        let through = (messages.len() - waiting) as u64;
+        status
+            .wait_for(|s| s.held >= KEYS as u64 && s.published >= through)
+            .await
+            .expect("relay running");
+        let mut sub = broker.subscribe("s");
+        let got = receive(&mut sub, through as usize).await;
+        let of_key = |got: &[tidings::model::Delivery], key: usize| -> Vec<String> {
+            got.iter().map(payload).filter(|p| p.starts_with(&format!("k{key}-"))).collect()
+        };
+        for key in 0..KEYS {
+            let expected: Vec<String> = (0..refused_at(key)).map(|i| format!("k{key}-{i}")).collect();
+            assert_eq!(of_key(&got, key), expected, "k{key}'s rows before its refused one, in order");
+        }
+        assert_eq!(app.depth().await, waiting as i64, "the refused rows and the later rows of their keys wait");
+        assert_eq!(stored(&broker, "orders").await, through as i64, "nothing after a refused row was stored");
+
+        // The application fixes the rows: they go through, and the rest of
+        // their keys after them, in order.
+        for (id, text) in &refused {
+            let small = match &app {
+                AppDb::Sqlite { .. } => format!("CAST('{text}' AS BLOB)"),
+                AppDb::Postgres { .. } => format!("convert_to('{text}', 'UTF8')"),
+            };
+            app.exec(&format!("UPDATE tidings_outbox SET payload = {small} WHERE id = '{id}'")).await;
+        }
+        // (A redelivery of an earlier message, its ack overtaken by a lease
+        // expiry on a loaded machine, is not one of these.)
+        let early: HashSet<Uuid> = got.iter().map(id_of).collect();
+        let mut rest = Vec::new();
+        while rest.len() < waiting {
+            let more = receive(&mut sub, waiting - rest.len()).await;
+            rest.extend(more.into_iter().filter(|m| !early.contains(&id_of(m))));
+        }
+        for key in 0..KEYS {
+            let expected: Vec<String> = (refused_at(key)..ROWS).map(|i| format!("k{key}-{i}")).collect();
+            assert_eq!(of_key(&rest, key), expected, "then the rest of k{key}, in order");
+        }
+        assert_eq!(stored(&broker, "orders").await, messages.len() as i64, "each row stored once");
+        drop(sub);
+        Scene { broker, app, relay }.finish().await;
+    }
+}

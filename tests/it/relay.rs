@@ -332,3 +332,108 @@ backend_test! {
         broker.stop().await;
     }
 }
+
+backend_test! {
+    async fn issue_14_pipelined_relay_keeps_each_key_in_order_across_kills(backend) {
+        let broker = TestBroker::start(backend.clone()).await;
+        broker.topic_and_sub("orders", "watch", |_| {}).await;
+        broker.topic_and_sub("orders", "all", |_| {}).await;
+        let app = Arc::new(AppDb::create(&backend).await);
+
+        // Writers under load: keyed rows numbered per key (the counters
+        // table serializes a key's writers, as an application's row would),
+        // and bursts of rows without a key, which the pipeline never fences.
+        let writing = Arc::new(AtomicBool::new(true));
+        let keyed = Arc::new(AtomicU64::new(0));
+        let loose = Arc::new(AtomicU64::new(0));
+        let mut writers = Vec::new();
+        for w in 0..3u64 {
+            let (app, writing, keyed) = (app.clone(), writing.clone(), keyed.clone());
+            writers.push(tokio::spawn(async move {
+                let mut rng = Rng::new(w + 7);
+                while writing.load(Ordering::Relaxed) {
+                    app.next_in_key("orders", &format!("k{}", rng.below(6))).await;
+                    keyed.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        {
+            let (app, writing, loose) = (app.clone(), writing.clone(), loose.clone());
+            writers.push(tokio::spawn(async move {
+                while writing.load(Ordering::Relaxed) {
+                    let batch: Vec<Message> =
+                        (0..20).map(|i| Message::new("orders", format!("free-{i}"))).collect();
+                    app.enqueue(&batch, true).await;
+                    loose.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tokio::time::sleep(ms(2)).await;
+                }
+            }));
+        }
+
+        // Each cycle: a relay with small batches (about 8 rows: the byte
+        // limit), several in flight, killed
+        // at a random moment after the broker stored something of it.
+        let flags = [
+            "--poll-interval", "20ms", "--heartbeat-interval", "100ms",
+            "--max-batch-bytes", "700", "--pipeline", "6",
+        ];
+        let none = Arc::new(AtomicU64::new(0));
+        let mut watch = broker.subscribe("watch");
+        let mut rng = Rng::new(99);
+        const KILLS: usize = 12;
+        for _ in 0..KILLS {
+            let mut relay = spawn_relay_with(&app, &broker, &flags, none.clone()).await;
+            let m = tokio::time::timeout(Duration::from_secs(30), watch.next_message())
+                .await
+                .expect("the relay publishes")
+                .expect("subscription open")
+                .expect("no error");
+            tokio::time::sleep(ms(rng.below(40))).await;
+            relay.start_kill().expect("SIGKILL");
+            relay.wait().await.expect("relay exited");
+            watch.ack(vec![m.ack_id.to_string()]);
+        }
+        writing.store(false, Ordering::Relaxed);
+        for w in writers {
+            w.await.expect("writer");
+        }
+
+        // A last relay drains the outbox.
+        let mut relay = spawn_relay_with(&app, &broker, &flags, none.clone()).await;
+        let mut drained = false;
+        for _ in 0..1500 {
+            if app.depth().await == 0 {
+                drained = true;
+                break;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+        assert!(drained, "the outbox drains after the kills");
+        relay.start_kill().expect("SIGKILL");
+        relay.wait().await.expect("relay exited");
+
+        let total = keyed.load(Ordering::Relaxed) + loose.load(Ordering::Relaxed);
+        assert_eq!(stored(&broker, "orders").await, total as i64, "each row stored exactly once");
+        let mut all = broker.subscribe("all");
+        let got = receive(&mut all, total as usize).await;
+        // The order the broker stored (its sequence numbers), per key: what
+        // the relay decides.
+        let mut by_seq: Vec<_> = got.iter().collect();
+        by_seq.sort_by_key(|m| m.message.sequence);
+        let mut last: std::collections::HashMap<String, i64> = Default::default();
+        let mut keyed_seen = 0;
+        for m in by_seq {
+            let Some(key) = m.message.key.clone().filter(|k| !k.is_empty()) else { continue };
+            keyed_seen += 1;
+            let n: i64 = crate::harness::payload(m).parse().expect("number");
+            let prev = last.insert(key.clone(), n).unwrap_or(0);
+            assert_eq!(n, prev + 1, "key {key}: {n} stored after {prev}");
+        }
+        assert_eq!(keyed_seen, keyed.load(Ordering::Relaxed));
+        eprintln!("{total} messages ({keyed_seen} keyed), {KILLS} kills");
+        drop(all);
+        drop(watch);
+        Arc::into_inner(app).expect("writers done").drop().await;
+        broker.stop().await;
+    }
+}

@@ -352,15 +352,9 @@ async fn start_consumers(
     let total = config.messages;
     let mut consumers = Vec::new();
     let inbox_consumers = match &config.inbox_url {
-        Some(url) if config.subscribers > 0 => Some(if url.starts_with("sqlite:") {
-            inbox_consumers::<sqlx::Sqlite>(config, url, connections, name, origin, e2e.clone())
-                .await?
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            inbox_consumers::<sqlx::Postgres>(config, url, connections, name, origin, e2e.clone())
-                .await?
-        } else {
-            anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
-        }),
+        Some(url) if config.subscribers > 0 => {
+            Some(start_inbox(config, url, connections, name, origin, e2e.clone()).await?)
+        }
         _ => None,
     };
     let plain_subscribers = if inbox_consumers.is_some() {
@@ -389,6 +383,30 @@ async fn start_consumers(
         }));
     }
     Ok((consumers, inbox_consumers))
+}
+
+/// Starts `config.subscribers` inbox consumers on subscription `name`, each
+/// recording its deliveries in the inbox of `url` with the [`Trivial`]
+/// handler, which reads a stamp (nanoseconds since `origin`) from the first
+/// 8 bytes of each payload into `e2e`.
+///
+/// Fails for a URL of another kind, or if the inbox cannot be opened or
+/// migrated.
+pub(crate) async fn start_inbox(
+    config: &BenchConfig,
+    url: &str,
+    connections: &[Connection],
+    name: &str,
+    origin: Instant,
+    e2e: Arc<Mutex<Histogram<u64>>>,
+) -> anyhow::Result<InboxConsumers> {
+    if url.starts_with("sqlite:") {
+        inbox_consumers::<sqlx::Sqlite>(config, url, connections, name, origin, e2e).await
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        inbox_consumers::<sqlx::Postgres>(config, url, connections, name, origin, e2e).await
+    } else {
+        anyhow::bail!("--inbox-url must start with sqlite: or postgres:")
+    }
 }
 
 async fn produce(
@@ -517,7 +535,7 @@ async fn consume(
 }
 
 /// Inbox consumers running for the bench.
-struct InboxConsumers {
+pub(crate) struct InboxConsumers {
     monitors: Vec<Monitor>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<tidings::Result<tidings::consumer::ConsumerStats>>>,
@@ -526,7 +544,7 @@ struct InboxConsumers {
 impl InboxConsumers {
     /// Waits until `total` acks are confirmed, stops the consumers, and
     /// returns how many deliveries they received beyond one per message.
-    async fn finish(self, total: u64) -> anyhow::Result<u64> {
+    pub(crate) async fn finish(self, total: u64) -> anyhow::Result<u64> {
         // Polling the monitors every few ms adds at most that much to a run
         // of seconds.
         let mut tick = tokio::time::interval(Duration::from_millis(5));

@@ -15,7 +15,7 @@ use tidings::store::Storage;
 
 use crate::bench::{self, BenchConfig};
 use crate::output::Format;
-use crate::relay_bench::{self, RelayBenchConfig};
+use crate::relay_bench::{self, InboxSide, RelayBenchConfig};
 use crate::remote::{open_outbox, tidy};
 use crate::{Credentials, duration, interval, shutdown_signal};
 
@@ -216,6 +216,11 @@ pub(crate) struct RelayArgs {
     /// Most payload bytes per publish request (at least one row is sent).
     #[arg(long, env = "TIDINGS_RELAY_MAX_BATCH_BYTES", default_value_t = relayed().max_batch_bytes)]
     max_batch_bytes: usize,
+    /// Most batches in flight at once (1 to 64): the next batches are sent
+    /// while the broker commits earlier ones and their rows are deleted. A
+    /// batch never carries a row of a key that has a row in flight.
+    #[arg(long, env = "TIDINGS_RELAY_PIPELINE", default_value_t = relayed().pipeline)]
+    pipeline: usize,
     /// How often to look for rows without a wake-up; on PostgreSQL also how
     /// often a standby relay tries to take over.
     #[arg(long, env = "TIDINGS_RELAY_POLL_INTERVAL", default_value_t = HumanDuration(relayed().poll_interval), value_parser = interval)]
@@ -293,9 +298,10 @@ pub(crate) struct BenchArgs {
     /// Payload bytes.
     #[arg(long, default_value_t = benched().payload_size)]
     payload_size: usize,
-    /// Messages per publish request.
-    #[arg(long, default_value_t = benched().batch_size)]
-    batch_size: usize,
+    /// Messages per publish request; with `--outbox-url`, per transaction
+    /// [default: 100; with both `--outbox-url` and `--inbox-url`, 1].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Requests in flight per publisher.
     #[arg(long, default_value_t = benched().pipeline)]
     pipeline: usize,
@@ -313,7 +319,9 @@ pub(crate) struct BenchArgs {
     /// hold no pending rows), `--publishers` of them, `--batch-size` messages
     /// per transaction, `--rate` transactions per second. Without `--rate`
     /// the outbox is filled first and then drained by a relay (throughput);
-    /// with it, each message's commit→broker-ack latency is measured.
+    /// with it, each message's commit→broker-ack latency is measured. With
+    /// `--inbox-url` too, the whole pipeline: commit, relay, broker, inbox
+    /// consumers, all at once, measured from commit to processed.
     #[arg(long)]
     outbox_url: Option<String>,
     /// With `--outbox-url`: wake the relay with NOTIFY (PostgreSQL); `false`
@@ -326,6 +334,9 @@ pub(crate) struct BenchArgs {
     /// With `--outbox-url`: rows per relay publish request.
     #[arg(long, default_value_t = relayed().batch_size)]
     relay_batch_size: usize,
+    /// With `--outbox-url`: batches the relay keeps in flight.
+    #[arg(long, default_value_t = relayed().pipeline)]
+    relay_pipeline: usize,
     /// Consume through the inbox of this database (sqlite://PATH or
     /// postgres://...): each subscriber runs the consumer runtime with a
     /// trivial handler.
@@ -567,6 +578,7 @@ async fn relay(args: RelayArgs, broker: String, tls: &Credentials) -> anyhow::Re
     config.connect = tls.connect_options(config.connect.connect_timeout)?;
     config.batch_size = args.batch_size;
     config.max_batch_bytes = args.max_batch_bytes;
+    config.pipeline = args.pipeline;
     config.poll_interval = args.poll_interval.into();
     config.listen = args.listen;
     config.listen_check_interval = args.listen_check_interval.into();
@@ -595,7 +607,7 @@ async fn relay(args: RelayArgs, broker: String, tls: &Credentials) -> anyhow::Re
     println!("tidings relay started");
     let result = tokio::select! {
         _ = stop => {
-            tracing::info!("stopping the relay after the batch in flight");
+            tracing::info!("stopping the relay after the batches in flight");
             relay.stop().await;
             Ok(())
         }
@@ -615,18 +627,35 @@ async fn run_bench(
     let connect = credentials.connect_options(tidings::client::DEFAULT_CONNECT_TIMEOUT)?;
     match args.outbox_url {
         Some(outbox_url) => {
+            let inbox = args.inbox_url.map(|url| InboxSide {
+                url,
+                subscribers: args.subscribers.max(1),
+                concurrency: args.inbox_concurrency,
+                prefetch: args.inbox_prefetch,
+                ordered: args.ordered,
+            });
+            // The whole pipeline commits one message per transaction unless
+            // told otherwise, as an application does.
+            let per_commit = args.batch_size.unwrap_or(if inbox.is_some() {
+                1
+            } else {
+                benched().batch_size
+            });
             let report = relay_bench::run(RelayBenchConfig {
                 broker,
                 outbox_url,
                 writers: args.publishers,
                 messages: args.messages,
                 payload_size: args.payload_size,
-                per_commit: args.batch_size,
+                per_commit,
                 rate: args.rate,
                 listen: args.relay_listen,
                 poll_interval: args.relay_poll_interval.into(),
                 relay_batch: args.relay_batch_size,
+                relay_pipeline: args.relay_pipeline,
                 fsync: args.fsync,
+                keys: args.keys,
+                inbox,
             })
             .await?;
             print_report(args.json, &report, report.to_json());
@@ -639,7 +668,7 @@ async fn run_bench(
                 subscribers: args.subscribers,
                 messages: args.messages,
                 payload_size: args.payload_size,
-                batch_size: args.batch_size,
+                batch_size: args.batch_size.unwrap_or(benched().batch_size),
                 pipeline: args.pipeline,
                 rate: args.rate,
                 fsync: args.fsync,

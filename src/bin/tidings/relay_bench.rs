@@ -1,10 +1,15 @@
 //! `tidings bench --outbox-url`: the producer side measured end to end, from
-//! the application's commit to the broker's durable ack, through the relay.
+//! the application's commit to the broker's durable ack, through the relay;
+//! with `--inbox-url` as well, the whole pipeline, from the commit to the
+//! consumer's handler.
 //!
 //! Without a rate it measures relay throughput: writers fill the outbox first,
 //! then a relay drains it. With `--rate` (commits per second) the relay runs
 //! while writers commit, and each message's commit→broker-ack latency is
-//! recorded.
+//! recorded. The whole pipeline runs everything at once: writers commit (at
+//! the rate, if one is given), the library relay publishes, and inbox
+//! consumers (the consumer runtime) process; each payload carries the time
+//! of its enqueue, which the handler turns into commit→processed latency.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +24,9 @@ use uuid::Uuid;
 use tidings::client::{self, Admin};
 use tidings::outbox::{self, Message, Outbox, OutboxDatabase, Relay, RelayConfig};
 
-use crate::bench::{Embedded, histogram, ms};
+use crate::bench::{self, BenchConfig, Embedded, histogram, ms};
+use tidings::model::{StartPosition, SubscriptionSettings};
+use tidings::store::NewSubscription;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -45,8 +52,29 @@ pub(crate) struct RelayBenchConfig {
     pub(crate) poll_interval: Duration,
     /// The relay's batch size.
     pub(crate) relay_batch: usize,
+    /// Batches the relay keeps in flight.
+    pub(crate) relay_pipeline: usize,
     /// Fsync every commit on the embedded broker.
     pub(crate) fsync: bool,
+    /// Ordering keys the messages cycle through (0: no keys).
+    pub(crate) keys: usize,
+    /// The whole pipeline: consume through the inbox of this database.
+    pub(crate) inbox: Option<InboxSide>,
+}
+
+/// The consumers of the whole pipeline.
+#[derive(Debug, Clone)]
+pub(crate) struct InboxSide {
+    /// The consumer's database (`sqlite://PATH` or `postgres://...`).
+    pub(crate) url: String,
+    /// Consumer runtimes on the one subscription.
+    pub(crate) subscribers: usize,
+    /// Handlers running at once in each.
+    pub(crate) concurrency: usize,
+    /// Deliveries each holds beyond those being handled.
+    pub(crate) prefetch: usize,
+    /// Make the subscription ordered.
+    pub(crate) ordered: bool,
 }
 
 /// What was measured.
@@ -64,6 +92,17 @@ pub(crate) struct RelayBenchReport {
     pub(crate) commit_ack_p99_ms: f64,
     /// Commit→broker-ack latency, maximum, ms (only with a rate).
     pub(crate) commit_ack_max_ms: f64,
+    /// Whole pipeline: messages per second from the first commit to the
+    /// last processed (zero otherwise).
+    pub(crate) e2e_msgs_per_sec: f64,
+    /// Whole pipeline: commit→processed latency, median, ms.
+    pub(crate) e2e_p50_ms: f64,
+    /// Whole pipeline: commit→processed latency, 99th percentile, ms.
+    pub(crate) e2e_p99_ms: f64,
+    /// Whole pipeline: commit→processed latency, maximum, ms.
+    pub(crate) e2e_max_ms: f64,
+    /// Whole pipeline: deliveries beyond the first per message.
+    pub(crate) redelivered: u64,
 }
 
 impl RelayBenchReport {
@@ -71,13 +110,20 @@ impl RelayBenchReport {
     pub(crate) fn to_json(&self) -> String {
         format!(
             "{{\"messages\":{},\"commit_msgs_per_sec\":{:.0},\"relay_msgs_per_sec\":{:.0},\
-             \"commit_ack_p50_ms\":{:.3},\"commit_ack_p99_ms\":{:.3},\"commit_ack_max_ms\":{:.3}}}",
+             \"commit_ack_p50_ms\":{:.3},\"commit_ack_p99_ms\":{:.3},\"commit_ack_max_ms\":{:.3},\
+             \"e2e_msgs_per_sec\":{:.0},\"e2e_p50_ms\":{:.3},\"e2e_p99_ms\":{:.3},\
+             \"e2e_max_ms\":{:.3},\"redelivered\":{}}}",
             self.messages,
             self.commit_msgs_per_sec,
             self.relay_msgs_per_sec,
             self.commit_ack_p50_ms,
             self.commit_ack_p99_ms,
-            self.commit_ack_max_ms
+            self.commit_ack_max_ms,
+            self.e2e_msgs_per_sec,
+            self.e2e_p50_ms,
+            self.e2e_p99_ms,
+            self.e2e_max_ms,
+            self.redelivered
         )
     }
 }
@@ -90,17 +136,32 @@ impl std::fmt::Display for RelayBenchReport {
             "committed:           {:.0} msgs/s",
             self.commit_msgs_per_sec
         )?;
-        writeln!(
-            f,
-            "relayed:             {:.0} msgs/s",
-            self.relay_msgs_per_sec
-        )?;
+        if self.relay_msgs_per_sec > 0.0 {
+            writeln!(
+                f,
+                "relayed:             {:.0} msgs/s",
+                self.relay_msgs_per_sec
+            )?;
+        }
         if self.commit_ack_p99_ms > 0.0 {
             writeln!(
                 f,
                 "commit→broker ack:   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                 self.commit_ack_p50_ms, self.commit_ack_p99_ms, self.commit_ack_max_ms
             )?;
+        }
+        if self.e2e_msgs_per_sec > 0.0 {
+            writeln!(
+                f,
+                "committed→processed: {:.0} msgs/s",
+                self.e2e_msgs_per_sec
+            )?;
+            writeln!(
+                f,
+                "commit→processed:    p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                self.e2e_p50_ms, self.e2e_p99_ms, self.e2e_max_ms
+            )?;
+            writeln!(f, "redelivered:         {}", self.redelivered)?;
         }
         Ok(())
     }
@@ -139,10 +200,16 @@ pub(crate) async fn run(config: RelayBenchConfig) -> anyhow::Result<RelayBenchRe
         pending == 0,
         "the outbox holds {pending} rows; the bench needs an empty one"
     );
-    let report = match (outbox.postgres_pool(), outbox.sqlite_pool()) {
-        (Some(pool), _) => measure(&config, &url, &topic, pool.clone(), outbox).await,
-        (None, Some(pool)) => measure(&config, &url, &topic, pool.clone(), outbox).await,
-        (None, None) => Err(anyhow::anyhow!("the outbox has no database pool")),
+    let report = match (outbox.postgres_pool(), outbox.sqlite_pool(), &config.inbox) {
+        (Some(pool), _, None) => measure(&config, &url, &topic, pool.clone(), outbox).await,
+        (None, Some(pool), None) => measure(&config, &url, &topic, pool.clone(), outbox).await,
+        (Some(pool), _, Some(inbox)) => {
+            pipeline(&config, inbox, &url, &topic, pool.clone(), outbox).await
+        }
+        (None, Some(pool), Some(inbox)) => {
+            pipeline(&config, inbox, &url, &topic, pool.clone(), outbox).await
+        }
+        (None, None, _) => Err(anyhow::anyhow!("the outbox has no database pool")),
     };
     if let Some(e) = embedded {
         e.stop().await;
@@ -157,11 +224,7 @@ async fn measure<DB: OutboxDatabase>(
     pool: Pool<DB>,
     outbox: Outbox,
 ) -> anyhow::Result<RelayBenchReport> {
-    let mut relay_config = RelayConfig::new(url);
-    relay_config.listen = config.listen;
-    relay_config.poll_interval = config.poll_interval;
-    relay_config.batch_size = config.relay_batch;
-    relay_config.migrate = false;
+    let relay_config = relay_config(config, url);
     let total = config.messages;
     let times = Arc::new(std::sync::Mutex::new(Times {
         committed: HashMap::new(),
@@ -211,7 +274,11 @@ async fn measure<DB: OutboxDatabase>(
         let share =
             total / config.writers as u64 + u64::from((w as u64) < total % config.writers as u64);
         writers.push(tokio::spawn(async move {
-            write(pool, outbox, &config, &topic, share, timed.then_some(times)).await
+            let stamps = Stamps {
+                times: timed.then_some(times),
+                origin: None,
+            };
+            write(pool, outbox, &config, &topic, w, share, stamps).await
         }));
     }
     for w in writers {
@@ -241,18 +308,121 @@ async fn measure<DB: OutboxDatabase>(
         commit_ack_p50_ms: if timed { ms(&hist, 0.5) } else { 0.0 },
         commit_ack_p99_ms: if timed { ms(&hist, 0.99) } else { 0.0 },
         commit_ack_max_ms: if timed { ms(&hist, 1.0) } else { 0.0 },
+        ..RelayBenchReport::default()
     })
 }
 
-/// One writer: commits `count` messages, `per_commit` per transaction, at
-/// its share of the rate; records each commit instant if `times` is given.
+/// The relay's settings for the bench.
+fn relay_config(config: &RelayBenchConfig, url: &str) -> RelayConfig {
+    let mut relay_config = RelayConfig::new(url);
+    relay_config.listen = config.listen;
+    relay_config.poll_interval = config.poll_interval;
+    relay_config.batch_size = config.relay_batch;
+    relay_config.pipeline = config.relay_pipeline;
+    relay_config.migrate = false;
+    relay_config
+}
+
+/// The whole pipeline: writers commit into the outbox while the relay
+/// publishes and inbox consumers process, all at once.
+async fn pipeline<DB: OutboxDatabase>(
+    config: &RelayBenchConfig,
+    inbox: &InboxSide,
+    url: &str,
+    topic: &str,
+    pool: Pool<DB>,
+    outbox: Outbox,
+) -> anyhow::Result<RelayBenchReport> {
+    anyhow::ensure!(inbox.subscribers > 0, "--subscribers must be at least 1");
+    let connection = client::connect(url)?;
+    Admin::new(&connection)
+        .create_subscription(NewSubscription {
+            name: topic.to_owned(),
+            topic: topic.to_owned(),
+            settings: SubscriptionSettings {
+                ordered: inbox.ordered,
+                ..Default::default()
+            },
+            start: StartPosition::Earliest,
+        })
+        .await?;
+    let origin = Instant::now();
+    let e2e = Arc::new(tokio::sync::Mutex::new(histogram()));
+    let consumers_config = BenchConfig {
+        subscribers: inbox.subscribers,
+        inbox_concurrency: inbox.concurrency,
+        inbox_prefetch: inbox.prefetch,
+        ..BenchConfig::default()
+    };
+    let consumers = bench::start_inbox(
+        &consumers_config,
+        &inbox.url,
+        std::slice::from_ref(&connection),
+        topic,
+        origin,
+        e2e.clone(),
+    )
+    .await?;
+    let relay = Relay::start(outbox.clone(), relay_config(config, url)).await?;
+    let total = config.messages;
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..config.writers {
+        let (pool, outbox, config, topic) = (
+            pool.clone(),
+            outbox.clone(),
+            config.clone(),
+            topic.to_owned(),
+        );
+        let share =
+            total / config.writers as u64 + u64::from((w as u64) < total % config.writers as u64);
+        writers.push(tokio::spawn(async move {
+            let stamps = Stamps {
+                times: None,
+                origin: Some(origin),
+            };
+            write(pool, outbox, &config, &topic, w, share, stamps).await
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let commit_secs = started.elapsed().as_secs_f64();
+    let redelivered = consumers.finish(total).await?;
+    let e2e_secs = started.elapsed().as_secs_f64();
+    relay.stop().await;
+    let hist = e2e.lock().await;
+    Ok(RelayBenchReport {
+        messages: total,
+        commit_msgs_per_sec: total as f64 / commit_secs,
+        e2e_msgs_per_sec: total as f64 / e2e_secs,
+        e2e_p50_ms: ms(&hist, 0.5),
+        e2e_p99_ms: ms(&hist, 0.99),
+        e2e_max_ms: ms(&hist, 1.0),
+        redelivered,
+        ..RelayBenchReport::default()
+    })
+}
+
+/// What a writer records of its commits: each commit instant (for the
+/// commit→broker-ack latency), or a stamp in each payload (nanoseconds since
+/// `origin`, taken just before the enqueue, for the inbox handler).
+struct Stamps {
+    times: Option<Arc<std::sync::Mutex<Times>>>,
+    origin: Option<Instant>,
+}
+
+/// Writer `writer`: commits `count` messages, `per_commit` per transaction,
+/// at its share of the rate, cycling through `keys` ordering keys; records
+/// what `stamps` asks for.
 async fn write<DB: OutboxDatabase>(
     pool: Pool<DB>,
     outbox: Outbox,
     config: &RelayBenchConfig,
     topic: &str,
+    writer: usize,
     count: u64,
-    times: Option<Arc<std::sync::Mutex<Times>>>,
+    stamps: Stamps,
 ) -> anyhow::Result<()> {
     let per_writer_rate = config.rate.map(|r| r as f64 / config.writers as f64);
     let payload = vec![b'x'; config.payload_size];
@@ -264,8 +434,20 @@ async fn write<DB: OutboxDatabase>(
             tokio::time::sleep_until(start + Duration::from_secs_f64(commits as f64 / rate)).await;
         }
         let n = (count - sent).min(config.per_commit as u64) as usize;
+        let mut payload = payload.clone();
+        if let Some(origin) = stamps.origin {
+            let stamp = (origin.elapsed().as_nanos() as u64).to_le_bytes();
+            let len = stamp.len().min(payload.len());
+            payload[..len].copy_from_slice(&stamp[..len]);
+        }
         let messages: Vec<Message> = (0..n)
-            .map(|_| Message::new(topic, payload.clone()))
+            .map(|i| {
+                let m = Message::new(topic, payload.clone());
+                match config.keys {
+                    0 => m,
+                    keys => m.with_key(format!("k{}", (writer + sent as usize + i) % keys)),
+                }
+            })
             .collect();
         let mut tx = pool.begin().await?;
         outbox::enqueue_all(&mut tx, &messages).await?;
@@ -276,7 +458,7 @@ async fn write<DB: OutboxDatabase>(
         if outbox.sqlite_pool().is_some() {
             outbox.committed();
         }
-        if let Some(times) = &times {
+        if let Some(times) = &stamps.times {
             let mut t = times.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
             for m in &messages {
                 // The ack may arrive before this task records the commit:
