@@ -1081,6 +1081,7 @@ mod tests {
         in_flight.push_back(InFlight {
             rows: vec![row(1, "a", 1), row(2, "", 1)],
             sent: Instant::now(),
+            _spans: Vec::new(),
         });
         let fenced = fenced_keys(&in_flight);
         assert_eq!(fenced, [("t", "a")].into());
