@@ -87,6 +87,29 @@ impl DirLock {
     }
 }
 
+/// How long a broker opening a folder waits for the lock of one that is
+/// stopping: a broker restarted at once, in the same process or by a
+/// supervisor, may find the lock still held for a moment, since a process
+/// being spawned anywhere in the old broker's process keeps a copy of every
+/// descriptor (the lock file's too) until it starts its program.
+pub(super) const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl DirLock {
+    /// [`DirLock::take`], trying again for up to `wait` while another broker
+    /// holds the lock.
+    pub(super) async fn take_within(dir: &Path, wait: std::time::Duration) -> Result<DirLock> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match DirLock::take(dir) {
+                Err(Error::FailedPrecondition(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                taken => return taken,
+            }
+        }
+    }
+}
+
 /// Free bytes on the filesystem holding `dir` for an unprivileged writer;
 /// `None` if the system cannot tell.
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -425,5 +448,24 @@ mod tests {
         );
         drop(first);
         DirLock::take(dir.path()).expect("the lock is free again");
+    }
+
+    #[tokio::test]
+    async fn a_lock_let_go_within_the_wait_is_taken_and_one_kept_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = DirLock::take(dir.path()).expect("first lock");
+        let short = std::time::Duration::from_millis(100);
+        let err = DirLock::take_within(dir.path(), short)
+            .await
+            .expect_err("the lock is still held after the wait");
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        let letting_go = tokio::spawn(async move {
+            tokio::time::sleep(short).await;
+            drop(first);
+        });
+        DirLock::take_within(dir.path(), LOCK_WAIT)
+            .await
+            .expect("the lock let go within the wait is taken");
+        letting_go.await.expect("task");
     }
 }

@@ -21,7 +21,7 @@ use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
     encode_attributes, message_from_row, peeked_from_row, uuid_from,
 };
-use super::datadir::{DirLock, LOW_SPACE, Space};
+use super::datadir::{DirLock, LOCK_WAIT, LOW_SPACE, Space};
 use super::reader::Reader;
 use super::writer::Writer;
 use super::{Notifier, StoreConfig};
@@ -92,7 +92,7 @@ pub(super) async fn open(
     })?;
     // Before the database is touched: a second broker on this folder would
     // run a second writer with its own caches beside ours.
-    let lock = DirLock::take(data_dir)?;
+    let lock = DirLock::take_within(data_dir, LOCK_WAIT).await?;
     // A full disk gives its reserve up before migrations need to write.
     let space = Space::open(data_dir, config.disk_reserve).await;
     let path = data_dir.join(DB_FILE);
