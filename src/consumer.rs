@@ -22,15 +22,19 @@
 //! or run; a periodic task prunes the inbox by the broker's
 //! `ack_watermark`.
 //!
-//! Per-key order comes from the broker: an ordered subscription leases the
-//! next message of a key only after the previous one is acked, and the ack
-//! is sent only after the commit. Within a batch deliveries run in the
+//! Per-key order: an ordered subscription hands a key's messages to one
+//! stream at a time, several at once (a run), and takes their acks in
+//! order. The runtime runs a key's deliveries one batch at a time, in
+//! arrival order, and queues a batch's acks (sent after its commit) before
+//! the next batch of its keys starts; a delivery that fails gives back the
+//! later ones of its key that the consumer holds, unprocessed (the broker
+//! redelivers them after it). Within a batch deliveries run in the
 //! order they arrived, so a redelivery of a message whose first delivery is
 //! earlier in the same batch finds that delivery's inbox row (a duplicate,
 //! acked only if the transaction commits) or, if its handler failed, no row
 //! (it runs again).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -383,6 +387,13 @@ enum Outcome {
     Released,
 }
 
+impl Outcome {
+    /// Whether the delivery's work committed (it is acked).
+    fn keeps(&self) -> bool {
+        matches!(self, Outcome::Processed | Outcome::Duplicate)
+    }
+}
+
 /// A delivery the consumer holds, from receipt until its ack or nack is sent.
 struct Held {
     /// The lease deadline (Unix µs) as last confirmed by the broker.
@@ -395,6 +406,8 @@ struct Held {
     /// Set when its handler starts: a batch cancelled at shutdown nacks
     /// the deliveries whose handler ran and releases the others.
     started: Arc<AtomicBool>,
+    /// Its message's ordering key.
+    key: Option<String>,
 }
 
 /// A delivery waiting for a batch to take it.
@@ -407,6 +420,8 @@ struct Job {
     margin: i64,
     /// Shared with its [`Held`].
     started: Arc<AtomicBool>,
+    /// Its message's ordering key, if it has one.
+    key: Option<String>,
 }
 
 /// The ack ids a batch took, so that they are settled even if its task
@@ -427,6 +442,10 @@ struct Shared<DB: InboxDatabase, H> {
     subscription: String,
     /// Deliveries no batch has taken yet, in arrival order.
     waiting: Mutex<VecDeque<Job>>,
+    /// The ordering keys of the deliveries running batches took, and which
+    /// batch took them (the address of its [`Taken`]): one batch at a time
+    /// runs a key's deliveries, in arrival order.
+    busy: Mutex<HashMap<String, usize>>,
     /// [`ConsumerConfig::max_batch`].
     max_batch: usize,
     /// Set at shutdown: batches start no further handler.
@@ -442,12 +461,38 @@ impl<DB: InboxDatabase, H> Shared<DB, H> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes up to `n` waiting deliveries, in order, noting them in `taken`.
+    fn busy(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes up to `n` waiting deliveries, in order, noting them in `taken`;
+    /// a delivery whose key another running batch holds is left waiting
+    /// (and so are the later ones of its key), and the keys taken are this
+    /// batch's until it is settled ([`Shared::free`]).
     fn take(&self, n: usize, taken: &Taken) -> Vec<Job> {
+        let owner = batch_id(taken);
         let jobs: Vec<Job> = {
             let mut waiting = self.waiting();
-            let n = n.min(waiting.len());
-            waiting.drain(..n).collect()
+            let mut busy = self.busy();
+            let mut jobs = Vec::new();
+            let mut i = 0;
+            while jobs.len() < n && i < waiting.len() {
+                let free = match &waiting[i].key {
+                    None => true,
+                    Some(key) => match busy.get(key) {
+                        Some(&holder) => holder == owner,
+                        None => {
+                            busy.insert(key.clone(), owner);
+                            true
+                        }
+                    },
+                };
+                match free.then(|| waiting.remove(i)).flatten() {
+                    Some(job) => jobs.push(job),
+                    None => i += 1,
+                }
+            }
+            jobs
         };
         taken
             .lock()
@@ -455,6 +500,31 @@ impl<DB: InboxDatabase, H> Shared<DB, H> {
             .extend(jobs.iter().map(|j| j.ack_id.clone()));
         jobs
     }
+}
+
+impl<DB: InboxDatabase, H> Shared<DB, H> {
+    /// Lets the keys of a settled batch go to the next batch.
+    fn free(&self, taken: &Taken) {
+        let owner = batch_id(taken);
+        self.busy().retain(|_, holder| *holder != owner);
+    }
+
+    /// Takes the waiting deliveries of `keys` out of the queue: a key whose
+    /// delivery failed goes back to the broker with its later deliveries,
+    /// which an ordered subscription redelivers only after the failed one.
+    fn withdraw(&self, keys: &HashSet<String>) -> Vec<Job> {
+        let mut waiting = self.waiting();
+        let (out, kept): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut *waiting)
+            .into_iter()
+            .partition(|j| j.key.as_ref().is_some_and(|k| keys.contains(k)));
+        *waiting = kept;
+        out.into()
+    }
+}
+
+/// A batch's identity while it runs: the address of its [`Taken`].
+fn batch_id(taken: &Taken) -> usize {
+    Arc::as_ptr(taken) as usize
 }
 
 /// Most acks sent in one request.
@@ -536,6 +606,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             handler: self.handler.clone(),
             subscription: self.subscription.clone(),
             waiting: Mutex::new(VecDeque::new()),
+            busy: Mutex::new(HashMap::new()),
             max_batch: self.config.max_batch,
             stopping: AtomicBool::new(false),
             database_timeout: self.config.database_timeout,
@@ -617,13 +688,34 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                                 (e.id(), Batch::failed_ids(taken, reason))
                             }
                         };
-                        tasks.remove(&id);
                         if batch.committed {
                             counters.add(&counters.batches, 1);
                         }
+                        let mut failed_keys = HashSet::new();
                         for (ack_id, outcome) in batch.outcomes {
-                            held.remove(&ack_id);
+                            let key = held.remove(&ack_id).and_then(|h| h.key);
+                            if let Some(key) = key.filter(|_| !outcome.keeps()) {
+                                failed_keys.insert(key);
+                            }
                             self.settle(&sub, ack_id, outcome, &mut acks, &mut unconfirmed);
+                        }
+                        // The batch's acks are queued: its keys' next
+                        // deliveries may run, their acks queued after.
+                        if let Some(taken) = tasks.remove(&id) {
+                            shared.free(&taken);
+                        }
+                        if !failed_keys.is_empty() {
+                            let back: Vec<String> = shared
+                                .withdraw(&failed_keys)
+                                .into_iter()
+                                .map(|j| j.ack_id)
+                                .collect();
+                            for ack_id in &back {
+                                held.remove(ack_id);
+                            }
+                            if !back.is_empty() {
+                                sub.release(back);
+                            }
                         }
                         next = workers.try_join_next_with_id();
                     }
@@ -657,18 +749,20 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         let span = (delivery.lease_deadline - now).max(1_000);
                         let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
                         let started = Arc::new(AtomicBool::new(false));
+                        let key = delivery.message.key.clone().filter(|k| !k.is_empty());
                         held.insert(ack_id.clone(), Held {
                             deadline: deadline.clone(),
                             span,
                             extend_at: Some(now + span / 2),
                             started: started.clone(),
+                            key: key.clone(),
                         });
                         next_extension = earliest(next_extension, Some(now + span / 2));
                         // Start only with a tenth of the lease (at most a
                         // second) left: room for clock skew between broker
                         // and consumer.
                         let margin = (span / 10).min(1_000_000);
-                        shared.waiting().push_back(Job { delivery, ack_id, deadline, margin, started });
+                        shared.waiting().push_back(Job { delivery, ack_id, deadline, margin, started, key });
                         // One new transaction per arrival at most: it takes
                         // this delivery, or joins it to a batch beginning.
                         start_batches(&shared, &mut workers, &mut tasks, self.config.concurrency, 1);
@@ -904,9 +998,15 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     // Whether the previous delivery's savepoint is still open: it is
     // released together with the next one's opening, or by the commit.
     let mut open = false;
+    // Keys whose delivery failed here: their later deliveries in the batch
+    // do not run (an ordered subscription would refuse their acks, and
+    // their effects would come before the failed one's).
+    let mut failed_keys: HashSet<String> = HashSet::new();
     let mut jobs = jobs.into_iter();
     while let Some(job) = jobs.next() {
-        if shared.stopping.load(Ordering::Relaxed) {
+        if shared.stopping.load(Ordering::Relaxed)
+            || job.key.as_ref().is_some_and(|k| failed_keys.contains(k))
+        {
             outcomes.push((job.ack_id, Outcome::Released));
             continue;
         }
@@ -923,6 +1023,9 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
             }
             Ok((outcome, Keep::No)) => {
                 open = false;
+                if let Some(key) = job.key {
+                    failed_keys.insert(key);
+                }
                 outcomes.push((job.ack_id, outcome));
                 let undo = Inbox::<DB>::savepoint(&mut tx, Savepoint::Undo);
                 match bounded(bound, "rollback to savepoint", undo).await {

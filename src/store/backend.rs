@@ -297,6 +297,34 @@ pub(super) trait Backend: Send + 'static {
     async fn promote_next(c: &mut Conn<Self>, sub_id: i64, seqs: &[i64], now: Micros)
     -> Result<()>;
 
+    /// For each keyed row of `seqs`: its key, and the nearest earlier
+    /// message of that key in progress (waiting, held or leased) that was
+    /// last delivered no later than it (a dead letter redriven after it was
+    /// delivered does not count: it is out of turn), if any. Rows without a
+    /// key are left out.
+    async fn earlier_in_progress(
+        c: &mut Conn<Self>,
+        sub_id: i64,
+        seqs: &[i64],
+    ) -> Result<HashMap<i64, (String, Option<i64>)>>;
+
+    /// Holds back (`HELD`) every message of `key` from sequence `from` on
+    /// that is in progress and not held yet: a leased one's lease ends and
+    /// its attempt is taken back; a waiting one keeps its attempt. Returns
+    /// the sequences it changed.
+    async fn hold_from(c: &mut Conn<Self>, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>>;
+
+    /// The held-back messages of `key` that follow `after` with no message
+    /// of the key in progress between (with their attempts), in order, at
+    /// most `limit`: the run a lease of `after` takes with it (locked).
+    async fn held_followers(
+        c: &mut Conn<Self>,
+        sub: &SubRow,
+        key: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i32, StoredMessage)>>;
+
     /// Makes every held-back message of the subscription due at `now` (it
     /// is no longer ordered).
     async fn release_held(c: &mut Conn<Self>, sub_id: i64, now: Micros) -> Result<()>;

@@ -104,6 +104,34 @@ where
     })
 }
 
+/// Reads the rows of a key in progress after a message a lease takes (its
+/// `available_at`, attempt, then the message's columns, in sequence order)
+/// and keeps those held back up to the first that is not: the run that goes
+/// with that message. A row in progress that is not held (a redriven dead
+/// letter, say) ends the run, since it must go first.
+pub(super) fn followers<'r, R>(rows: &'r [R], topic: &str) -> Result<Vec<(i32, StoredMessage)>>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut run = Vec::new();
+    for row in rows {
+        let available_at: i64 = row.try_get(0).map_err(decode_err)?;
+        if available_at != HELD {
+            break;
+        }
+        let attempt: i32 = row.try_get(1).map_err(decode_err)?;
+        run.push((attempt, message_from_row(row, 2, topic)?));
+    }
+    Ok(run)
+}
+
 /// Reads a dead letter from a row of either backend: attempt, first and
 /// last delivery, reason, when it died, then the message's columns
 /// (`dead_letter_columns!`).

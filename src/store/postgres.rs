@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::backend::{Backend, LeaseState};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, message_from_row, peeked_from_row, uuid_from,
+    encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
 };
 use super::listener::{Heard, ListenCheck, WatchedListener};
 use super::reader::Reader;
@@ -789,6 +789,75 @@ impl Backend for Postgres {
         .execute(c)
         .await?;
         Ok(())
+    }
+
+    async fn earlier_in_progress(
+        c: &mut Conn,
+        sub_id: i64,
+        seqs: &[i64],
+    ) -> Result<HashMap<i64, (String, Option<i64>)>> {
+        // Keyed lookups per element, as `promote_next`; newest first down
+        // `deliveries_by_key` from each row, as `keys_in_progress`.
+        let found: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
+            "SELECT d.seq, d.key, p.seq FROM unnest($2::BIGINT[]) AS u(seq) \
+             CROSS JOIN LATERAL (SELECT seq, key, last_delivery_at FROM deliveries \
+             WHERE sub_id = $1 AND seq = u.seq LIMIT 1) d \
+             LEFT JOIN LATERAL (SELECT e.seq FROM deliveries e WHERE e.sub_id = $1 \
+             AND e.key = d.key AND e.seq < d.seq AND e.state IN (0, 1) \
+             AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
+             ORDER BY e.seq DESC LIMIT 1) p ON true WHERE d.key IS NOT NULL",
+        )
+        .persistent(false)
+        .bind(sub_id)
+        .bind(seqs)
+        .fetch_all(c)
+        .await?;
+        Ok(found
+            .into_iter()
+            .map(|(seq, key, earlier)| (seq, (key, earlier)))
+            .collect())
+    }
+
+    async fn hold_from(c: &mut Conn, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>> {
+        // 9223372036854775807 is `HELD`.
+        let held = sqlx::query_scalar(
+            "UPDATE deliveries SET attempt = CASE WHEN state = 1 THEN attempt - 1 ELSE attempt END, \
+             state = 0, available_at = 9223372036854775807 WHERE sub_id = $1 AND key = $2 \
+             AND seq >= $3 AND state IN (0, 1) AND available_at <> 9223372036854775807 \
+             RETURNING seq",
+        )
+        .persistent(false)
+        .bind(sub_id)
+        .bind(key)
+        .bind(from)
+        .fetch_all(c)
+        .await?;
+        Ok(held)
+    }
+
+    async fn held_followers(
+        c: &mut Conn,
+        sub: &SubRow,
+        key: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i32, StoredMessage)>> {
+        let rows = sqlx::query(concat!(
+            "SELECT d.available_at, d.attempt, ",
+            message_columns!(),
+            " FROM deliveries d JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
+             WHERE d.sub_id = $1 AND d.key = $2 AND d.seq > $4 AND d.state IN (0, 1) \
+             ORDER BY d.seq LIMIT $5 FOR UPDATE OF d"
+        ))
+        .persistent(false)
+        .bind(sub.id)
+        .bind(key)
+        .bind(sub.topic_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(c)
+        .await?;
+        followers(&rows, &sub.topic)
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

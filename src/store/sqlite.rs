@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::backend::{Backend, LeaseState};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, message_from_row, peeked_from_row, uuid_from,
+    encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
 };
 use super::datadir::{DirLock, LOCK_WAIT, LOW_SPACE, Space};
 use super::reader::Reader;
@@ -773,6 +773,79 @@ impl Backend for Sqlite {
             q.execute(&mut *c).await?;
         }
         Ok(())
+    }
+
+    async fn earlier_in_progress(
+        c: &mut Conn,
+        sub_id: i64,
+        seqs: &[i64],
+    ) -> Result<HashMap<i64, (String, Option<i64>)>> {
+        let mut out = HashMap::new();
+        for chunk in seqs.chunks(CHUNK) {
+            // As `promote_next`: no `d.key IS NOT NULL` on the outer rows.
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 2)).collect();
+            let sql = format!(
+                "SELECT d.seq, d.key, (SELECT e.seq FROM deliveries e INDEXED BY deliveries_by_key \
+                 WHERE e.sub_id = d.sub_id AND e.key IS NOT NULL AND e.key = d.key \
+                 AND e.seq < d.seq AND e.state IN (0, 1) \
+                 AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
+                 ORDER BY e.seq DESC LIMIT 1) \
+                 FROM deliveries d WHERE d.sub_id = ?1 AND d.seq IN ({})",
+                list.join(",")
+            );
+            let mut q = sqlx::query_as::<_, (i64, Option<String>, Option<i64>)>(AssertSqlSafe(sql))
+                .bind(sub_id);
+            for seq in chunk {
+                q = q.bind(*seq);
+            }
+            for (seq, key, earlier) in q.fetch_all(&mut *c).await? {
+                if let Some(key) = key {
+                    out.insert(seq, (key, earlier));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn hold_from(c: &mut Conn, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>> {
+        // 9223372036854775807 is `HELD`.
+        let held = sqlx::query_scalar(
+            "UPDATE deliveries SET attempt = CASE WHEN state = 1 THEN attempt - 1 ELSE attempt END, \
+             state = 0, available_at = 9223372036854775807 WHERE sub_id = ?1 \
+             AND key IS NOT NULL AND key = ?2 AND seq >= ?3 AND state IN (0, 1) \
+             AND available_at <> 9223372036854775807 RETURNING seq",
+        )
+        .bind(sub_id)
+        .bind(key)
+        .bind(from)
+        .fetch_all(&mut *c)
+        .await?;
+        Ok(held)
+    }
+
+    async fn held_followers(
+        c: &mut Conn,
+        sub: &SubRow,
+        key: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i32, StoredMessage)>> {
+        let rows = sqlx::query(concat!(
+            "SELECT d.available_at, d.attempt, ",
+            message_columns!(),
+            " FROM deliveries d INDEXED BY deliveries_by_key \
+             JOIN messages m ON m.topic_id = ?3 AND m.seq = d.seq \
+             WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?2 AND d.seq > ?4 \
+             AND d.state IN (0, 1) ORDER BY d.seq LIMIT ?5"
+        ))
+        .bind(sub.id)
+        .bind(key)
+        .bind(sub.topic_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&mut *c)
+        .await?;
+        followers(&rows, &sub.topic)
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

@@ -28,7 +28,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::{
     AckId, AckStatus, Delivery, Micros, NackItem, NewMessage, PublishOutcome, SeekTarget,
-    StartPosition, Subscription, Topic, TopicSettings, micros,
+    StartPosition, StoredMessage, Subscription, Topic, TopicSettings, micros,
 };
 
 /// How often one instance of a shared database sweeps one subscription for
@@ -944,37 +944,32 @@ impl<B: Backend> Writer<B> {
             Vec::new()
         };
         let due_found = due.len();
-        for (attempt, message) in due {
-            if !batch.deliveries.is_empty() && bytes + message.payload.len() > req.max_bytes {
+        // Each due row, then (on an ordered subscription, where a due row is
+        // its key's first in progress) the held-back messages right behind
+        // it: a run this caller processes in order (issue 14).
+        let mut due: VecDeque<(i32, StoredMessage, bool)> =
+            due.into_iter().map(|(a, m)| (a, m, true)).collect();
+        while let Some((attempt, message, was_due)) = due.pop_front() {
+            if batch.deliveries.len() >= req.max_messages
+                || (!batch.deliveries.is_empty() && bytes + message.payload.len() > req.max_bytes)
+            {
                 break;
             }
-            let attempt = attempt + 1;
-            let token = self.clock.token();
-            B::lease_again(
-                self.c(),
-                sub.id,
-                message.sequence,
-                attempt,
-                deadline,
-                token,
-                now,
-            )
-            .await?;
-            if attempt > 1 {
-                redelivered += 1;
+            let key = message.key.clone().filter(|_| ordered && was_due);
+            let seq = message.sequence;
+            let leased = self
+                .lease_waiting(&sub, attempt, message, deadline, now)
+                .await?;
+            bytes += leased.message.payload.len();
+            redelivered += i64::from(leased.attempt > 1);
+            batch.deliveries.push(leased);
+            let room = req.max_messages.saturating_sub(batch.deliveries.len());
+            if let Some(key) = key.filter(|_| room > 0) {
+                let run = B::held_followers(self.c(), &sub, &key, seq, room as i64).await?;
+                for (attempt, message) in run.into_iter().rev() {
+                    due.push_front((attempt, message, false));
+                }
             }
-            bytes += message.payload.len();
-            batch.deliveries.push(Delivery {
-                ack_id: AckId {
-                    subscription: sub.id,
-                    sequence: message.sequence,
-                    token,
-                    deadline: Some(deadline),
-                },
-                message,
-                attempt,
-                lease_deadline: deadline,
-            });
         }
 
         // Then new messages past the cursor. A shared database's cursor is
@@ -993,7 +988,7 @@ impl<B: Backend> Writer<B> {
         if let Some(from) = locked_cursor {
             let messages =
                 B::messages_after(self.c(), sub.topic_id, &sub.topic, from, room as i64).await?;
-            let mut blocked = if ordered {
+            let blocked = if ordered {
                 let keys: HashSet<String> = messages.iter().filter_map(|m| m.key.clone()).collect();
                 let keys: Vec<String> = keys.into_iter().collect();
                 B::keys_in_progress(self.c(), sub.id, &keys).await?
@@ -1008,7 +1003,7 @@ impl<B: Backend> Writer<B> {
             let plan = plan_new(
                 messages.iter().map(|m| (m.key.as_deref(), m.payload.len())),
                 ordered,
-                &mut blocked,
+                &blocked,
                 budget,
             );
             let mut rows: Vec<DeliveryRow> = Vec::with_capacity(plan.len());
@@ -1071,6 +1066,48 @@ impl<B: Backend> Writer<B> {
         Ok(batch)
     }
 
+    /// Leases a waiting row again (attempt `attempt` + 1) until `deadline`.
+    async fn lease_waiting(
+        &mut self,
+        sub: &SubRow,
+        attempt: i32,
+        message: StoredMessage,
+        deadline: Micros,
+        now: Micros,
+    ) -> Result<Delivery> {
+        let attempt = attempt + 1;
+        let token = self.clock.token();
+        let seq = message.sequence;
+        B::lease_again(self.c(), sub.id, seq, attempt, deadline, token, now).await?;
+        Ok(Delivery {
+            ack_id: AckId {
+                subscription: sub.id,
+                sequence: seq,
+                token,
+                deadline: Some(deadline),
+            },
+            message,
+            attempt,
+            lease_deadline: deadline,
+        })
+    }
+
+    /// Keeps a key's order once the lease of `seq` ended without an ack on
+    /// an ordered subscription (the row waits now): if an earlier message
+    /// of its key is still in progress, it is held back behind that one;
+    /// either way every later message of its key in progress is held back
+    /// too, their leases ended without counting an attempt, so none of them
+    /// is acked before `seq` is settled (issue 14). Returns the sequences
+    /// held here.
+    async fn keep_order(&mut self, sub: &SubRow, seq: i64) -> Result<Vec<i64>> {
+        let found = B::earlier_in_progress(self.c(), sub.id, &[seq]).await?;
+        let Some((key, earlier)) = found.get(&seq) else {
+            return Ok(Vec::new());
+        };
+        let from = if earlier.is_some() { seq } else { seq + 1 };
+        B::hold_from(self.c(), sub.id, key, from).await
+    }
+
     /// Exclusive writers: when `sub` next needs a look for redeliveries and
     /// expired leases, kept in the cache and told to the caller.
     #[allow(clippy::too_many_arguments)]
@@ -1124,12 +1161,20 @@ impl<B: Backend> Writer<B> {
     /// by each maintenance round) applies [`after_attempt`] to it.
     async fn expire(&mut self, sub: &SubRow, now: Micros, t: &mut Touched) -> Result<u64> {
         let before = self.expire_before;
-        let rows = B::expired_leases(self.c(), sub.id, before, EXPIRE_LIMIT as i64).await?;
+        let mut rows = B::expired_leases(self.c(), sub.id, before, EXPIRE_LIMIT as i64).await?;
         let expired = rows.len() as u64;
-        if expired > 0 {
-            self.tally.sub(&sub.name).expired_leases += expired;
-        }
+        // In sequence order, so that a key's first expired lease holds back
+        // the later ones of its run before they are looked at.
+        rows.sort_unstable_by_key(|&(seq, _, _)| seq);
+        let mut held = HashSet::new();
+        let mut ended = 0;
         for (seq, attempt, deadline) in rows {
+            if held.contains(&seq) {
+                // Held back behind an earlier message of its key: not an
+                // attempt of its own.
+                continue;
+            }
+            ended += 1;
             match after_attempt(&sub.settings, attempt, deadline, None) {
                 AfterAttempt::DeadLetter => {
                     let reason = format!("lease expired on attempt {attempt}");
@@ -1138,8 +1183,14 @@ impl<B: Backend> Writer<B> {
                 AfterAttempt::RetryAt(at) => {
                     B::set_waiting(self.c(), sub.id, seq, at, Some("lease expired")).await?;
                     self.due_at(&sub.name, at);
+                    if sub.settings.ordered {
+                        held.extend(self.keep_order(sub, seq).await?);
+                    }
                 }
             }
+        }
+        if ended > 0 {
+            self.tally.sub(&sub.name).expired_leases += ended;
         }
         Ok(expired)
     }
@@ -1154,9 +1205,17 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<()> {
+        // Whether an earlier message of its key is still in progress (a run
+        // whose later message was nacked for the last time): then the key
+        // stays with that one, which lets the next go when it is settled.
+        let first_of_key = !sub.settings.ordered
+            || B::earlier_in_progress(self.c(), sub.id, &[seq])
+                .await?
+                .get(&seq)
+                .is_none_or(|(_, earlier)| earlier.is_none());
         B::set_dead(self.c(), sub.id, seq, now, reason).await?;
         self.tally.sub(&sub.name).dead_lettered += 1;
-        if sub.settings.ordered {
+        if sub.settings.ordered && first_of_key {
             // A dead letter no longer holds its key back.
             B::promote_next(self.c(), sub.id, &[seq], now).await?;
         }
@@ -1231,7 +1290,10 @@ impl<B: Backend> Writer<B> {
         at: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let (sub, checks, current) = self.current(sub, &ids, at).await?;
+        let (sub, mut checks, mut current) = self.current(sub, &ids, at).await?;
+        if sub.settings.ordered && !current.is_empty() {
+            self.in_key_order(&sub, &mut checks, &mut current).await?;
+        }
         if !current.is_empty() {
             if sub.settings.ordered {
                 // The next message of each acked key may go.
@@ -1248,6 +1310,56 @@ impl<B: Backend> Writer<B> {
         Ok(checks.into_iter().map(status_of).collect())
     }
 
+    /// Ordered subscriptions take a key's acks in order: an ack whose key
+    /// has an earlier message in progress that this request does not ack
+    /// too is refused, and that message and the later ones of its key are
+    /// held back (their leases end without counting an attempt) until the
+    /// earlier one is settled. Otherwise a later message could be acked
+    /// and the earlier one then nacked or expire (issue 14).
+    async fn in_key_order(
+        &mut self,
+        sub: &SubRow,
+        checks: &mut [Check],
+        current: &mut Vec<i64>,
+    ) -> Result<()> {
+        let found = B::earlier_in_progress(self.c(), sub.id, current).await?;
+        current.sort_unstable();
+        let mut accepted = HashSet::new();
+        let mut refused: HashMap<String, (i64, i64)> = HashMap::new();
+        for &seq in current.iter() {
+            match found.get(&seq) {
+                Some((key, Some(earlier))) if !accepted.contains(earlier) => {
+                    refused.entry(key.clone()).or_insert((seq, *earlier));
+                }
+                _ => {
+                    accepted.insert(seq);
+                }
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        current.retain(|seq| accepted.contains(seq));
+        let mut held = HashMap::new();
+        for (key, (from, earlier)) in refused {
+            for seq in B::hold_from(self.c(), sub.id, &key, from).await? {
+                held.insert(seq, earlier);
+            }
+        }
+        for check in checks.iter_mut() {
+            if let Check::Current { seq, .. } = *check
+                && let Some(earlier) = held.get(&seq)
+            {
+                *check = Check::Refused(AckStatus::Stale(format!(
+                    "ack of sequence {seq} refused: sequence {earlier} of the same ordering key \
+                     is still in progress and must be acked first; the lease ended, and the \
+                     message comes again after that one"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn nack(
         &mut self,
         sub: &str,
@@ -1259,10 +1371,16 @@ impl<B: Backend> Writer<B> {
         let sub = self.sub(sub).await?;
         let ids: Vec<AckId> = items.iter().map(|n| n.ack_id).collect();
         let checks = self.check(&sub, &ids, at).await?;
+        let mut held = HashSet::new();
         for (check, item) in checks.iter().zip(&items) {
             let Check::Current { seq, attempt } = *check else {
                 continue;
             };
+            if held.contains(&seq) {
+                // Held back behind an earlier message of its key nacked in
+                // this request: its lease ended there, uncounted.
+                continue;
+            }
             self.tally.sub(&sub.name).nacks += 1;
             match after_attempt(&sub.settings, attempt, now, item.delay) {
                 AfterAttempt::DeadLetter => {
@@ -1276,6 +1394,9 @@ impl<B: Backend> Writer<B> {
                 AfterAttempt::RetryAt(at) => {
                     B::set_waiting(self.c(), sub.id, seq, at, Some(&item.reason)).await?;
                     self.due_at(&sub.name, at);
+                    if sub.settings.ordered {
+                        held.extend(self.keep_order(&sub, seq).await?);
+                    }
                 }
             }
             t.subs.insert(sub.name.clone());
@@ -1315,9 +1436,20 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<Vec<AckStatus>> {
-        let (sub, checks, current) = self.current(sub, &ids, at).await?;
+        let (sub, checks, mut current) = self.current(sub, &ids, at).await?;
         if !current.is_empty() {
             B::release(self.c(), sub.id, &current, now).await?;
+            if sub.settings.ordered {
+                // Each key's first released message keeps its place; the
+                // later ones of its key wait behind it.
+                current.sort_unstable();
+                let mut held = HashSet::new();
+                for &seq in &current {
+                    if !held.contains(&seq) {
+                        held.extend(self.keep_order(&sub, seq).await?);
+                    }
+                }
+            }
             self.due_at(&sub.name, now);
             t.subs.insert(sub.name.clone());
         }

@@ -717,6 +717,15 @@ async fn publish_keyed(broker: &TestBroker, keys: usize, per_key: usize) {
         .expect("publish");
 }
 
+/// The number `n` of a [`publish_keyed`] message (0 for any other).
+fn keyed_n(d: &tidings::model::Delivery) -> u64 {
+    let text = String::from_utf8_lossy(&d.message.payload);
+    text.rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Asserts that the effects are those of [`publish_keyed`]'s messages,
 /// each once, and in publish order within each key.
 fn assert_keyed_order(effects: &[Effect], keys: usize, per_key: usize) {
@@ -748,12 +757,7 @@ async fn order_case<DB: TestDb>(backend: Backend) {
         .topic_and_sub("t", "s", quick(|s| s.ordered = true))
         .await;
     let handler = Recorder::new(|d| {
-        let text = String::from_utf8_lossy(&d.message.payload).into_owned();
-        let n: u64 = text
-            .rsplit(' ')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let n = keyed_n(d);
         Plan {
             sleep: Some(ms(n % 4)),
             fail: n % 7 == 3 && d.attempt == 1,
@@ -777,6 +781,67 @@ async fn order_case<DB: TestDb>(backend: Backend) {
             "handlers ran concurrently"
         );
     }
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// Issue 14: an ordered subscription hands a consumer several messages
+    /// of a key at once; when the first of a key outlives its lease (no
+    /// extension) or fails, the later ones are held back behind it, and
+    /// the effects stay once each, in publish order per key.
+    async fn per_key_order_holds_across_lease_expiries_of_runs(backend) {
+        on_backend!(backend, run_expiry_case)
+    }
+}
+
+async fn run_expiry_case<DB: TestDb>(backend: Backend) {
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 12;
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub(
+            "t",
+            "s",
+            quick(|s| {
+                s.ordered = true;
+                s.ack_deadline = Some(pb(ms(400)));
+            }),
+        )
+        .await;
+    // Published before the consumer starts, so that its first lease takes
+    // each key's messages as one run.
+    publish_keyed(&broker, KEYS, PER_KEY).await;
+    let handler = Recorder::new(|d| {
+        let n = keyed_n(d);
+        Plan {
+            // The first message of each key outlives its lease once.
+            sleep: (n == 1 && d.attempt == 1).then(|| ms(700)),
+            fail: n % 5 == 2 && d.attempt == 1,
+            ..Plan::default()
+        }
+    });
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 4;
+        c.extend_leases = false;
+    });
+    let total = (KEYS * PER_KEY) as u64;
+    eventually("every message to take effect", || async {
+        db.effects().await.len() >= KEYS * PER_KEY
+    })
+    .await;
+    eventually("the subscription to drain", || async {
+        let s = broker.stats("s").await;
+        s.backlog == 0 && s.in_flight == 0
+    })
+    .await;
+    let stats = running.stop().await;
+    assert!(stats.processed >= total, "{stats:?}");
+    assert!(stats.failed > 0, "some messages failed once: {stats:?}");
+    assert!(
+        broker.stats("s").await.redelivered > 0,
+        "leases expired and runs came again"
+    );
+    assert_keyed_order(&db.effects().await, KEYS, PER_KEY);
     teardown(broker, db).await;
 }
 

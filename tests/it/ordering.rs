@@ -5,6 +5,7 @@ use std::time::Duration;
 use tidings::client::Outgoing;
 use tidings::model::SubscriptionPatch;
 use tidings::proto;
+use tonic_types::StatusExt;
 
 use crate::harness::{TestBroker, backend_test, ms, payload, pb};
 
@@ -38,45 +39,32 @@ backend_test! {
         )
         .await;
 
-        // Only the head of each key is handed out.
-        let heads = b.pull("s", 10, Duration::from_secs(5)).await;
-        let mut names: Vec<String> = heads.iter().map(payload).collect();
-        names.sort();
-        assert_eq!(names, vec!["a1", "b1"]);
-        let a1 = heads.iter().find(|m| payload(m) == "a1").unwrap();
-        let b1 = heads.iter().find(|m| payload(m) == "b1").unwrap();
-        b.nack("s", &a1.ack_id, None, "a is broken").await.unwrap();
-        b.ack("s", vec![b1.ack_id.clone()]).await.unwrap();
-
+        // Each key's messages go out together, in order: a run the caller
+        // processes in order (issue 14).
+        let all = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&all), vec!["a1", "b1", "a2", "b2", "a3", "b3"]);
+        let id = |name: &str| all.iter().find(|m| payload(m) == name).unwrap().ack_id.clone();
+        b.nack("s", &id("a1"), None, "a is broken").await.unwrap();
+        // The nack ended the leases of a2 and a3: they wait behind a1.
+        let (late, _) = refused(b.ack("s", vec![id("a2"), id("a3")]).await);
+        assert_eq!(late, vec![id("a2"), id("a3")]);
         // Key b keeps flowing while a waits for its backoff.
-        let mut b_seen = Vec::new();
-        while b_seen.len() < 2 {
-            let got = b.pull("s", 10, Duration::from_secs(5)).await;
-            assert!(!got.is_empty(), "key b is not blocked by key a");
-            for m in got {
-                let p = payload(&m);
-                assert!(p.starts_with('b'), "key a is held back, got {p}");
-                b_seen.push(p);
-                b.ack("s", vec![m.ack_id.to_string()]).await.unwrap();
-            }
-        }
-        assert_eq!(b_seen, vec!["b2", "b3"]);
+        b.ack("s", vec![id("b1"), id("b2"), id("b3")]).await.expect("acked");
         let stats = b.stats("s").await;
         assert_eq!(stats.blocked_keys, 1);
         assert_eq!(stats.blocked_key_sample, vec!["a"]);
 
-        // After the backoff, a1 again, then a2 and a3 in order, one at a time.
-        let mut a_seen = Vec::new();
-        while a_seen.len() < 3 {
-            let got = b.pull("s", 10, Duration::from_secs(5)).await;
-            assert_eq!(got.len(), 1, "one message per key at a time");
-            a_seen.push((payload(&got[0]), got[0].attempt));
-            b.ack("s", vec![got[0].ack_id.clone()]).await.unwrap();
-        }
+        // After the backoff, a1 again with a2 and a3 behind it; their ended
+        // leases did not count as attempts.
+        let again = b.pull("s", 10, Duration::from_secs(5)).await;
+        let seen: Vec<(String, i32)> = again.iter().map(|m| (payload(m), m.attempt)).collect();
         assert_eq!(
-            a_seen,
+            seen,
             vec![("a1".into(), 2), ("a2".into(), 1), ("a3".into(), 1)]
         );
+        b.ack("s", again.iter().map(|m| m.ack_id.clone()).collect())
+            .await
+            .expect("acked in order");
         assert_eq!(b.stats("s").await.blocked_keys, 0);
         b.stop().await;
     }
@@ -91,7 +79,7 @@ backend_test! {
         })
         .await;
         publish_keyed(&b, &[("k", "k1"), ("k", "k2")]).await;
-        let head = b.pull("s", 10, Duration::from_secs(5)).await;
+        let head = b.pull("s", 1, Duration::from_secs(5)).await;
         assert_eq!(head.len(), 1);
         b.nack("s", &head[0].ack_id, None, "bad").await.unwrap();
         let next = b.pull("s", 10, Duration::from_secs(5)).await;
@@ -142,6 +130,122 @@ fn names(messages: &[proto::ReceivedMessage]) -> Vec<String> {
     messages.iter().map(payload).collect()
 }
 
+/// The ack ids a unary Ack refused, as its status's details name them
+/// (none if it succeeded), and its message.
+fn refused(result: Result<proto::AckResponse, tonic::Status>) -> (Vec<String>, String) {
+    match result {
+        Ok(_) => (Vec::new(), String::new()),
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            let details = status.get_error_details();
+            let failure = details.precondition_failure().expect("the refused ids");
+            let ids = failure
+                .violations
+                .iter()
+                .map(|v| v.subject.clone())
+                .collect();
+            (ids, status.message().to_owned())
+        }
+    }
+}
+
+backend_test! {
+    /// Issue 14: several consecutive messages of a key go out at once, and
+    /// a key's acks are taken in order: an ack whose key has an earlier
+    /// message in progress, delivered with it, is refused, and the message
+    /// comes again after that one.
+    async fn a_run_of_a_key_goes_out_at_once_and_its_acks_are_taken_in_order(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        publish_keyed(
+            &b,
+            &[("k", "k1"), ("k", "k2"), ("j", "j1"), ("k", "k3"), ("k", "k4")],
+        )
+        .await;
+        let all = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&all), vec!["k1", "k2", "j1", "k3", "k4"]);
+        let id = |name: &str| all.iter().find(|m| payload(m) == name).unwrap().ack_id.clone();
+
+        // k3 before k1 and k2: refused, and k3 and k4 wait behind them.
+        let (early, text) = refused(b.ack("s", vec![id("k3"), id("j1")]).await);
+        assert_eq!(early, vec![id("k3")], "j1 is acked");
+        assert!(text.contains("ordering key"), "says why: {text}");
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k3 and k4 wait for k1 and k2, got {none:?}");
+        let (late, _) = refused(b.ack("s", vec![id("k4")]).await);
+        assert_eq!(late, vec![id("k4")], "k4's lease ended with k3's");
+
+        // k1 and k2 in one request, in order: both taken; then k3 and k4
+        // come again together, their first attempt still.
+        b.ack("s", vec![id("k2"), id("k1")]).await.expect("both acked");
+        let again = b.pull("s", 10, Duration::from_secs(5)).await;
+        let seen: Vec<(String, i32)> = again.iter().map(|m| (payload(m), m.attempt)).collect();
+        assert_eq!(seen, vec![("k3".into(), 1), ("k4".into(), 1)]);
+        b.ack("s", again.iter().map(|m| m.ack_id.clone()).collect())
+            .await
+            .expect("acked");
+        let stats = b.stats("s").await;
+        assert_eq!((stats.backlog, stats.in_flight), (0, 0), "{stats:?}");
+        b.stop().await;
+    }
+}
+
+backend_test! {
+    /// Issue 14: when a run's leases expire, its first message counts the
+    /// attempt and the later ones wait behind it, uncounted; the run comes
+    /// again whole, in order. A run's last message dead-lettered while an
+    /// earlier one is in progress does not let the key's next go ahead.
+    async fn an_expired_run_comes_again_whole_and_in_order(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| {
+            s.ordered = true;
+            s.ack_deadline = Some(pb(ms(400)));
+            s.min_backoff = Some(pb(ms(10)));
+            s.max_backoff = Some(pb(ms(10)));
+        })
+        .await;
+        publish_keyed(&b, &[("k", "k1"), ("k", "k2"), ("k", "k3")]).await;
+        let first = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&first), vec!["k1", "k2", "k3"]);
+        tokio::time::sleep(ms(600)).await;
+        // Long leases from here on: the rest must not depend on timing.
+        let patch = SubscriptionPatch {
+            ack_deadline: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        b.admin().update_subscription("s", patch).await.unwrap();
+        let again = b.pull("s", 10, Duration::from_secs(5)).await;
+        let seen: Vec<(String, i32)> = again.iter().map(|m| (payload(m), m.attempt)).collect();
+        assert_eq!(
+            seen,
+            vec![("k1".into(), 2), ("k2".into(), 1), ("k3".into(), 1)]
+        );
+        let first_ids: Vec<String> = first.iter().map(|m| m.ack_id.clone()).collect();
+        let (stale, _) = refused(b.ack("s", first_ids.clone()).await);
+        assert_eq!(stale, first_ids);
+
+        // A later message comes while the run is out; k3 is dead-lettered
+        // (as on its last attempt): k4 still waits for k1 and k2.
+        publish_keyed(&b, &[("k", "k4")]).await;
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k4 waits behind the run, got {none:?}");
+        let id = |name: &str| again.iter().find(|m| payload(m) == name).unwrap().ack_id.clone();
+        let patch = SubscriptionPatch {
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        b.admin().update_subscription("s", patch).await.unwrap();
+        b.nack("s", &id("k3"), None, "poison").await.unwrap();
+        assert_eq!(b.stats("s").await.dead_lettered, 1);
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k4 still waits for k1 and k2, got {none:?}");
+        b.ack("s", vec![id("k1"), id("k2")]).await.expect("acked");
+        let k4 = b.pull("s", 10, Duration::from_secs(5)).await;
+        assert_eq!(names(&k4), vec!["k4"]);
+        b.stop().await;
+    }
+}
+
 backend_test! {
     async fn a_redriven_dead_letter_holds_back_the_later_messages_of_its_key(backend) {
         let b = TestBroker::start(backend).await;
@@ -151,10 +255,10 @@ backend_test! {
         })
         .await;
         publish_keyed(&b, &[("k", "k1"), ("k", "k2"), ("k", "k3")]).await;
-        let k1 = b.pull("s", 10, Duration::from_secs(5)).await;
+        let k1 = b.pull("s", 1, Duration::from_secs(5)).await;
         assert_eq!(names(&k1), vec!["k1"]);
         b.nack("s", &k1[0].ack_id, None, "bad").await.unwrap();
-        let k2 = b.pull("s", 10, Duration::from_secs(5)).await;
+        let k2 = b.pull("s", 1, Duration::from_secs(5)).await;
         assert_eq!(names(&k2), vec!["k2"]);
 
         // k1 comes back while k2 is in flight: it is the key's earliest.
@@ -164,7 +268,8 @@ backend_test! {
         assert_eq!(names(&again), vec!["k1"]);
 
         // Acking k2 makes k3 next, but k1, earlier, is still in progress.
-        b.ack("s", vec![k2[0].ack_id.clone()]).await.unwrap();
+        // (k1 went out after k2: its redelivery does not make k2's ack wait.)
+        b.ack("s", vec![k2[0].ack_id.clone()]).await.expect("acked");
         let none = b.pull("s", 10, ms(300)).await;
         assert!(none.is_empty(), "k3 waits for the redriven k1, got {none:?}");
         b.ack("s", vec![again[0].ack_id.clone()]).await.unwrap();
@@ -178,9 +283,13 @@ backend_test! {
     async fn ordering_switched_off_and_on_keeps_a_key_behind_its_message_in_flight(backend) {
         let b = TestBroker::start(backend).await;
         b.topic_and_sub("t", "s", |s| s.ordered = true).await;
-        publish_keyed(&b, &[("k", "k1"), ("k", "k2"), ("k", "k3")]).await;
+        publish_keyed(&b, &[("k", "k1")]).await;
         let k1 = b.pull("s", 10, Duration::from_secs(5)).await;
         assert_eq!(names(&k1), vec!["k1"]);
+        // k2 and k3 come while k1 is in flight: they are held behind it.
+        publish_keyed(&b, &[("k", "k2"), ("k", "k3")]).await;
+        let none = b.pull("s", 10, ms(300)).await;
+        assert!(none.is_empty(), "k2 and k3 wait for k1, got {none:?}");
 
         // Unordered, then ordered again before anyone pulls: k2 and k3 are
         // no longer held, yet k1 is in flight and k2 is earlier than k3.
