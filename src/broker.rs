@@ -17,7 +17,7 @@ use crate::model::{
     SessionEvent, Subscription, SubscriptionStats, Topic, TopicSettings, validate_name,
 };
 use crate::session::{self, Session};
-use crate::store::{LeaseBatch, NewSubscription, Store, SubscriptionPatch, TopicPatch};
+use crate::store::{Holder, LeaseBatch, NewSubscription, Store, SubscriptionPatch, TopicPatch};
 
 /// Limits on what clients may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -878,9 +878,11 @@ impl Broker {
         subscription: &str,
         max_messages: usize,
         max_bytes: usize,
+        holder: Holder,
+        runs: Vec<(String, i64)>,
     ) -> Result<LeaseBatch> {
         self.store
-            .lease(subscription, max_messages, max_bytes)
+            .lease_as(subscription, max_messages, max_bytes, Some((holder, runs)))
             .await
     }
 

@@ -241,12 +241,12 @@ pub(super) trait Backend: Send + 'static {
         limit: i64,
     ) -> Result<Vec<(i32, StoredMessage)>>;
 
-    /// Leases a waiting row again.
-    async fn lease_again(
+    /// Leases waiting rows again, each on its next attempt, all under one
+    /// token (a run of a key, issue 14).
+    async fn lease_run(
         c: &mut Conn<Self>,
         sub_id: i64,
-        seq: i64,
-        attempt: i32,
+        seqs: &[i64],
         deadline: Micros,
         token: i64,
         now: Micros,
@@ -256,11 +256,14 @@ pub(super) trait Backend: Send + 'static {
     async fn insert_deliveries(c: &mut Conn<Self>, sub_id: i64, rows: &[DeliveryRow])
     -> Result<()>;
 
-    /// Of `keys`, those with a waiting or leased row.
+    /// Of `keys`, those with a waiting or leased row, except those whose
+    /// newest row in progress is leased by `holder` (not 0): that stream
+    /// holds the key's run, which it may extend (issue 14).
     async fn keys_in_progress(
         c: &mut Conn<Self>,
         sub_id: i64,
         keys: &[String],
+        holder: i64,
     ) -> Result<HashSet<String>>;
 
     /// When the earliest waiting or leased row falls due after `now`.
@@ -314,16 +317,18 @@ pub(super) trait Backend: Send + 'static {
     /// the sequences it changed.
     async fn hold_from(c: &mut Conn<Self>, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>>;
 
-    /// The held-back messages of `key` that follow `after` with no message
-    /// of the key in progress between (with their attempts), in order, at
-    /// most `limit`: the run a lease of `after` takes with it (locked).
+    /// For each (key, sequence) of `heads`, the held-back messages of the
+    /// key that follow it with no message of the key in progress between
+    /// (with their attempts), in order, at most `per_key` of each: the runs
+    /// a lease of the heads takes with them (locked). With a `holder` (not
+    /// 0), only behind heads that holder has leased.
     async fn held_followers(
         c: &mut Conn<Self>,
         sub: &SubRow,
-        key: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i32, StoredMessage)>>;
+        heads: &[(String, i64)],
+        per_key: i64,
+        holder: i64,
+    ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>>;
 
     /// Makes every held-back message of the subscription due at `now` (it
     /// is no longer ordered).

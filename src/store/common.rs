@@ -104,32 +104,50 @@ where
     })
 }
 
-/// Reads the rows of a key in progress after a message a lease takes (its
-/// `available_at`, attempt, then the message's columns, in sequence order)
-/// and keeps those held back up to the first that is not: the run that goes
-/// with that message. A row in progress that is not held (a redriven dead
-/// letter, say) ends the run, since it must go first.
-pub(super) fn followers<'r, R>(rows: &'r [R], topic: &str) -> Result<Vec<(i32, StoredMessage)>>
+/// Reads the rows in progress of the keys of `heads` (key, `available_at`,
+/// attempt, then the message's columns; in sequence order) and keeps, for
+/// each head, those held back right after it, up to the first that is not
+/// held: the run that goes with the head. A row in progress that is not
+/// held (a redriven dead letter, say) ends its key's run, since it must go
+/// first.
+pub(super) fn followers<'r, R>(
+    rows: &'r [R],
+    heads: &[(String, i64)],
+    topic: &str,
+) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>>
 where
     R: sqlx::Row,
     usize: sqlx::ColumnIndex<R>,
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let mut run = Vec::new();
+    let heads: HashMap<&str, i64> = heads.iter().map(|(k, seq)| (k.as_str(), *seq)).collect();
+    let mut runs: HashMap<String, Vec<(i32, StoredMessage)>> = HashMap::new();
+    let mut ended = HashSet::new();
     for row in rows {
-        let available_at: i64 = row.try_get(0).map_err(decode_err)?;
-        if available_at != HELD {
-            break;
+        let key: String = row.try_get(0).map_err(decode_err)?;
+        let seq: i64 = row.try_get(3).map_err(decode_err)?;
+        let Some(&head) = heads.get(key.as_str()) else {
+            continue;
+        };
+        if seq <= head || ended.contains(&key) {
+            continue;
         }
-        let attempt: i32 = row.try_get(1).map_err(decode_err)?;
-        run.push((attempt, message_from_row(row, 2, topic)?));
+        let available_at: i64 = row.try_get(1).map_err(decode_err)?;
+        if available_at != HELD {
+            ended.insert(key);
+            continue;
+        }
+        let attempt: i32 = row.try_get(2).map_err(decode_err)?;
+        let message = message_from_row(row, 3, topic)?;
+        runs.entry(key).or_default().push((attempt, message));
     }
-    Ok(run)
+    Ok(runs)
 }
 
 /// Reads a dead letter from a row of either backend: attempt, first and
@@ -588,13 +606,17 @@ impl Clock {
         self.now
     }
 
-    /// A fresh lease token (splitmix64 over a random seed).
-    pub(super) fn token(&mut self) -> i64 {
+    /// A fresh lease token for `holder` (0: none): the holder in the high
+    /// bits (`token >> 24`, see `Holder`), 24 random bits below
+    /// (splitmix64 over a random seed), so that a lease given again, even
+    /// to the same stream, almost surely has another token.
+    pub(super) fn token(&mut self, holder: i64) -> i64 {
         self.token_state = self.token_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.token_state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as i64
+        let random = ((z ^ (z >> 31)) & 0xFF_FFFF) as i64;
+        (holder << 24) | random
     }
 }
 

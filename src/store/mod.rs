@@ -333,6 +333,33 @@ struct LeaseRequest {
     subscription: String,
     max_messages: usize,
     max_bytes: usize,
+    /// The stream leasing (a [`Holder`]), 0 for none.
+    holder: i64,
+    /// The keys whose messages the stream holds, with the sequence of the
+    /// latest of each.
+    runs: Vec<(String, i64)>,
+}
+
+/// The identity of a Subscribe stream in its leases: random, 39 bits, never
+/// 0. A lease token carries its holder in its high bits (`token >> 24`), so
+/// that an ordered subscription can tell a key's run held by the stream
+/// asking (which may grow: the key stays with that stream, issue 14) from
+/// one held by another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder(i64);
+
+impl Holder {
+    /// A fresh random holder.
+    pub fn new() -> Holder {
+        let bits = (uuid::Uuid::new_v4().as_u64_pair().0 >> 25) as i64;
+        Holder(bits.max(1))
+    }
+}
+
+impl Default for Holder {
+    fn default() -> Self {
+        Holder::new()
+    }
 }
 
 /// Wakes tasks waiting for news of a topic or a subscription.
@@ -692,10 +719,28 @@ impl Store {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<LeaseBatch> {
+        self.lease_as(subscription, max_messages, max_bytes, None)
+            .await
+    }
+
+    /// As [`Store::lease`], for the stream `holder` holding `runs` (the
+    /// keys of the messages it holds, each with the sequence of its latest
+    /// one): on an ordered subscription it may be given more messages of a
+    /// key whose messages in progress it alone holds (leased), after them.
+    pub async fn lease_as(
+        &self,
+        subscription: &str,
+        max_messages: usize,
+        max_bytes: usize,
+        holder: Option<(Holder, Vec<(String, i64)>)>,
+    ) -> Result<LeaseBatch> {
+        let (holder, runs) = holder.map_or((0, Vec::new()), |(h, runs)| (h.0, runs));
         let req = LeaseRequest {
             subscription: subscription.to_owned(),
             max_messages: max_messages.max(1),
             max_bytes: max_bytes.max(1),
+            holder,
+            runs,
         };
         self.call(|r| Op::Lease(req, r)).await
     }

@@ -375,9 +375,6 @@ mod sql {
          WHERE d.sub_id = $1 AND d.state = 0 AND d.available_at <= $2 \
          ORDER BY d.available_at LIMIT $4 FOR UPDATE OF d SKIP LOCKED"
     );
-    pub(super) const LEASE_AGAIN: &str = "UPDATE deliveries SET state = 1, attempt = $1, available_at = $2, lease = $3, \
-         first_delivery_at = coalesce(first_delivery_at, $4), last_delivery_at = $4, \
-         reason = NULL WHERE sub_id = $5 AND seq = $6";
     pub(super) const NEXT_DUE: &str = "SELECT min(available_at) FROM deliveries \
          WHERE sub_id = $1 AND state IN (0, 1) AND available_at > $2";
     pub(super) const EXPIRED_LEASES: &str = "SELECT seq, attempt, available_at FROM deliveries \
@@ -703,6 +700,7 @@ impl Backend for Postgres {
         c: &mut Conn,
         sub_id: i64,
         keys: &[String],
+        holder: i64,
     ) -> Result<HashSet<String>> {
         if keys.is_empty() {
             return Ok(HashSet::new());
@@ -714,15 +712,19 @@ impl Backend for Postgres {
         // keeps the probe on `deliveries_by_key` (a plain LIMIT 1 may scan
         // the table from its start, past the rows acked since the last
         // VACUUM), newest first: a key's newest row is the one in progress,
-        // and its acked rows' dead index entries are the oldest.
+        // and its acked rows' dead index entries are the oldest. A key
+        // whose newest row in progress is leased by `holder` is that
+        // stream's (issue 14).
         let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL (SELECT 1 \
-             FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key AND d.state IN (0, 1) \
-             ORDER BY d.seq DESC LIMIT 1) p",
+            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL \
+             (SELECT d.state, d.lease FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key \
+             AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1) p \
+             WHERE NOT (p.state = 1 AND $3 <> 0 AND (p.lease >> 24) = $3)",
         )
         .persistent(false)
         .bind(sub_id)
         .bind(keys)
+        .bind(holder)
         .fetch_all(c)
         .await?;
         Ok(blocked.into_iter().collect())
@@ -818,6 +820,32 @@ impl Backend for Postgres {
             .collect())
     }
 
+    async fn lease_run(
+        c: &mut Conn,
+        sub_id: i64,
+        seqs: &[i64],
+        deadline: Micros,
+        token: i64,
+        now: Micros,
+    ) -> Result<()> {
+        // The rows were locked by `held_followers`.
+        sqlx::query(concat!(
+            "UPDATE deliveries SET state = 1, attempt = attempt + 1, available_at = $1, \
+             lease = $2, first_delivery_at = coalesce(first_delivery_at, $3), \
+             last_delivery_at = $3, reason = NULL WHERE ",
+            locked_rows!("$4", "$5")
+        ))
+        .persistent(false)
+        .bind(deadline)
+        .bind(token)
+        .bind(now)
+        .bind(sub_id)
+        .bind(seqs)
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
     async fn hold_from(c: &mut Conn, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>> {
         // 9223372036854775807 is `HELD`.
         let held = sqlx::query_scalar(
@@ -838,26 +866,38 @@ impl Backend for Postgres {
     async fn held_followers(
         c: &mut Conn,
         sub: &SubRow,
-        key: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i32, StoredMessage)>> {
+        heads: &[(String, i64)],
+        per_key: i64,
+        holder: i64,
+    ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
+        if heads.is_empty() {
+            return Ok(HashMap::new());
+        }
+        // One walk of `deliveries_by_key` per head, from the head on, at
+        // most `per_key` rows (locked): a key's backlog is never read whole.
+        let keys: Vec<&str> = heads.iter().map(|(k, _)| k.as_str()).collect();
+        let seqs: Vec<i64> = heads.iter().map(|(_, s)| *s).collect();
         let rows = sqlx::query(concat!(
-            "SELECT d.available_at, d.attempt, ",
+            "SELECT f.key, f.available_at, f.attempt, ",
             message_columns!(),
-            " FROM deliveries d JOIN messages m ON m.topic_id = $3 AND m.seq = d.seq \
-             WHERE d.sub_id = $1 AND d.key = $2 AND d.seq > $4 AND d.state IN (0, 1) \
-             ORDER BY d.seq LIMIT $5 FOR UPDATE OF d"
+            " FROM unnest($3::TEXT[], $4::BIGINT[]) AS h(key, seq) \
+             CROSS JOIN LATERAL (SELECT d.key, d.seq, d.available_at, d.attempt \
+             FROM deliveries d WHERE d.sub_id = $1 AND d.key = h.key AND d.seq > h.seq \
+             AND d.state IN (0, 1) AND ($6 = 0 OR EXISTS (SELECT 1 FROM deliveries o \
+             WHERE o.sub_id = $1 AND o.seq = h.seq AND o.state = 1 AND (o.lease >> 24) = $6)) \
+             ORDER BY d.seq LIMIT $5 FOR UPDATE) f \
+             JOIN messages m ON m.topic_id = $2 AND m.seq = f.seq ORDER BY f.seq"
         ))
         .persistent(false)
         .bind(sub.id)
-        .bind(key)
         .bind(sub.topic_id)
-        .bind(after)
-        .bind(limit)
+        .bind(&keys)
+        .bind(&seqs)
+        .bind(per_key)
+        .bind(holder)
         .fetch_all(c)
         .await?;
-        followers(&rows, &sub.topic)
+        followers(&rows, heads, &sub.topic)
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

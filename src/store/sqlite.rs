@@ -467,9 +467,6 @@ mod sql {
          WHERE d.sub_id = ?1 AND d.state = 0 AND d.available_at <= ?2 \
          ORDER BY d.available_at LIMIT ?4"
     );
-    pub(super) const LEASE_AGAIN: &str = "UPDATE deliveries SET state = 1, attempt = ?1, available_at = ?2, lease = ?3, \
-         first_delivery_at = coalesce(first_delivery_at, ?4), last_delivery_at = ?4, \
-         reason = NULL WHERE sub_id = ?5 AND seq = ?6";
     pub(super) const NEXT_DUE: &str = "SELECT min(available_at) FROM deliveries \
          WHERE sub_id = ? AND state IN (0, 1) AND available_at > ?";
     pub(super) const EXPIRED_LEASES: &str = "SELECT seq, attempt, available_at FROM deliveries \
@@ -705,19 +702,25 @@ impl Backend for Sqlite {
         c: &mut Conn,
         sub_id: i64,
         keys: &[String],
+        holder: i64,
     ) -> Result<HashSet<String>> {
         let mut blocked = HashSet::new();
         for chunk in keys.chunks(CHUNK) {
-            // One probe per key that stops at its first row in progress, so
-            // the cost does not grow with the messages a key holds back.
-            let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 2)).collect();
+            // One probe per key that stops at its newest row in progress,
+            // so the cost does not grow with the messages a key holds back;
+            // no row: the key is free; its newest leased by `holder`: the
+            // key is that stream's.
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 3)).collect();
             let sql = format!(
-                "SELECT column1 FROM (VALUES {}) WHERE EXISTS (SELECT 1 FROM deliveries d \
-                 INDEXED BY deliveries_by_key WHERE d.sub_id = ?1 AND d.key IS NOT NULL \
-                 AND d.key = column1 AND d.state IN (0, 1))",
+                "SELECT column1 FROM (VALUES {}) WHERE (SELECT NOT (d.state = 1 AND ?2 <> 0 \
+                 AND (d.lease >> 24) = ?2) FROM deliveries d INDEXED BY deliveries_by_key \
+                 WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = column1 \
+                 AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1)",
                 list.join(",")
             );
-            let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).bind(sub_id);
+            let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+                .bind(sub_id)
+                .bind(holder);
             for k in chunk {
                 q = q.bind(k.clone());
             }
@@ -807,6 +810,35 @@ impl Backend for Sqlite {
         Ok(out)
     }
 
+    async fn lease_run(
+        c: &mut Conn,
+        sub_id: i64,
+        seqs: &[i64],
+        deadline: Micros,
+        token: i64,
+        now: Micros,
+    ) -> Result<()> {
+        for chunk in seqs.chunks(CHUNK) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 5)).collect();
+            let sql = format!(
+                "UPDATE deliveries SET state = 1, attempt = attempt + 1, available_at = ?1, \
+                 lease = ?2, first_delivery_at = coalesce(first_delivery_at, ?3), \
+                 last_delivery_at = ?3, reason = NULL WHERE sub_id = ?4 AND seq IN ({})",
+                list.join(",")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(deadline)
+                .bind(token)
+                .bind(now)
+                .bind(sub_id);
+            for seq in chunk {
+                q = q.bind(*seq);
+            }
+            q.execute(&mut *c).await?;
+        }
+        Ok(())
+    }
+
     async fn hold_from(c: &mut Conn, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>> {
         // 9223372036854775807 is `HELD`.
         let held = sqlx::query_scalar(
@@ -826,26 +858,51 @@ impl Backend for Sqlite {
     async fn held_followers(
         c: &mut Conn,
         sub: &SubRow,
-        key: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<(i32, StoredMessage)>> {
-        let rows = sqlx::query(concat!(
-            "SELECT d.available_at, d.attempt, ",
-            message_columns!(),
-            " FROM deliveries d INDEXED BY deliveries_by_key \
-             JOIN messages m ON m.topic_id = ?3 AND m.seq = d.seq \
-             WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?2 AND d.seq > ?4 \
-             AND d.state IN (0, 1) ORDER BY d.seq LIMIT ?5"
-        ))
-        .bind(sub.id)
-        .bind(key)
-        .bind(sub.topic_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&mut *c)
-        .await?;
-        followers(&rows, &sub.topic)
+        heads: &[(String, i64)],
+        per_key: i64,
+        holder: i64,
+    ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
+        // One walk of `deliveries_by_key` per head, from the head on, at
+        // most `per_key` rows: a key's backlog is never read whole. The
+        // heads go in chunks of one size, padded with heads that match
+        // nothing, so that the statement is prepared once.
+        const HEADS: usize = 32;
+        let mut rows = Vec::new();
+        for chunk in heads.chunks(HEADS) {
+            let walks: Vec<String> = (0..HEADS)
+                .map(|i| {
+                    format!(
+                        concat!(
+                            "SELECT * FROM (SELECT d.key, d.available_at, d.attempt, ",
+                            message_columns!(),
+                            " FROM deliveries d INDEXED BY deliveries_by_key \
+                             JOIN messages m ON m.topic_id = ?2 AND m.seq = d.seq \
+                             WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?{k} \
+                             AND d.seq > ?{s} AND d.state IN (0, 1) AND (?4 = 0 OR EXISTS \
+                             (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 AND h.seq = ?{s} \
+                             AND h.state = 1 AND (h.lease >> 24) = ?4)) ORDER BY d.seq LIMIT ?3)"
+                        ),
+                        k = 2 * i + 5,
+                        s = 2 * i + 6
+                    )
+                })
+                .collect();
+            // In sequence order (the fourth column), each key's run in order.
+            let sql = walks.join(" UNION ALL ") + " ORDER BY 4";
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(sub.id)
+                .bind(sub.topic_id)
+                .bind(per_key)
+                .bind(holder);
+            for (key, seq) in chunk {
+                q = q.bind(key.clone()).bind(*seq);
+            }
+            for _ in chunk.len()..HEADS {
+                q = q.bind("").bind(i64::MAX);
+            }
+            rows.extend(q.fetch_all(&mut *c).await?);
+        }
+        followers(&rows, heads, &sub.topic)
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {

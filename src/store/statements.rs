@@ -310,27 +310,6 @@ macro_rules! shared_statements {
                 .collect()
         }
 
-        async fn lease_again(
-            c: &mut Conn,
-            sub_id: i64,
-            seq: i64,
-            attempt: i32,
-            deadline: Micros,
-            token: i64,
-            now: Micros,
-        ) -> Result<()> {
-            sqlx::query(sql::LEASE_AGAIN)
-                .bind(attempt)
-                .bind(deadline)
-                .bind(token)
-                .bind(now)
-                .bind(sub_id)
-                .bind(seq)
-                .execute(c)
-                .await?;
-            Ok(())
-        }
-
         async fn next_due(c: &mut Conn, sub_id: i64, now: Micros) -> Result<Option<Micros>> {
             let q = sqlx::query_scalar(sql::NEXT_DUE).bind(sub_id).bind(now);
             Ok(q.fetch_one(c).await?)

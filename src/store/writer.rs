@@ -944,31 +944,54 @@ impl<B: Backend> Writer<B> {
             Vec::new()
         };
         let due_found = due.len();
-        // Each due row, then (on an ordered subscription, where a due row is
-        // its key's first in progress) the held-back messages right behind
-        // it: a run this caller processes in order (issue 14).
-        let mut due: VecDeque<(i32, StoredMessage, bool)> =
-            due.into_iter().map(|(a, m)| (a, m, true)).collect();
-        while let Some((attempt, message, was_due)) = due.pop_front() {
-            if batch.deliveries.len() >= req.max_messages
-                || (!batch.deliveries.is_empty() && bytes + message.payload.len() > req.max_bytes)
+        // The due rows the budget has room for; on an ordered subscription,
+        // where a due row is its key's first in progress, each with the
+        // held messages right behind it, a run the caller processes in
+        // order (issue 14); then the held messages right behind the runs
+        // this stream holds (a key stays with the stream holding it). All
+        // are leased in one statement under one token.
+        let mut heads = Vec::new();
+        for (attempt, message) in due {
+            if heads.len() >= req.max_messages
+                || (!heads.is_empty() && bytes + message.payload.len() > req.max_bytes)
             {
                 break;
             }
-            let key = message.key.clone().filter(|_| ordered && was_due);
-            let seq = message.sequence;
-            let leased = self
-                .lease_waiting(&sub, attempt, message, deadline, now)
-                .await?;
-            bytes += leased.message.payload.len();
-            redelivered += i64::from(leased.attempt > 1);
-            batch.deliveries.push(leased);
-            let room = req.max_messages.saturating_sub(batch.deliveries.len());
-            if let Some(key) = key.filter(|_| room > 0) {
-                let run = B::held_followers(self.c(), &sub, &key, seq, room as i64).await?;
-                for (attempt, message) in run.into_iter().rev() {
-                    due.push_front((attempt, message, false));
-                }
+            bytes += message.payload.len();
+            heads.push((attempt, message));
+        }
+        let mut taken = Vec::with_capacity(heads.len());
+        let mut runs = HashMap::new();
+        if ordered && heads.len() < req.max_messages {
+            let keyed: Vec<(String, i64)> = heads
+                .iter()
+                .filter_map(|(_, m)| m.key.clone().map(|k| (k, m.sequence)))
+                .collect();
+            let per_key = share(req.max_messages - heads.len(), keyed.len());
+            runs = B::held_followers(self.c(), &sub, &keyed, per_key, 0).await?;
+        }
+        for head in heads {
+            let run = head.1.key.as_ref().and_then(|k| runs.remove(k));
+            taken.push(head);
+            take_run(&mut taken, &mut bytes, run.into_iter().flatten(), &req);
+        }
+        if ordered && req.holder != 0 && !req.runs.is_empty() && taken.len() < req.max_messages {
+            let per_key = share(req.max_messages - taken.len(), req.runs.len());
+            let held = B::held_followers(self.c(), &sub, &req.runs, per_key, req.holder).await?;
+            for run in held.into_values() {
+                take_run(&mut taken, &mut bytes, run, &req);
+            }
+        }
+        if !taken.is_empty() {
+            let token = self.clock.token(req.holder);
+            let seqs: Vec<i64> = taken.iter().map(|(_, m)| m.sequence).collect();
+            B::lease_run(self.c(), sub.id, &seqs, deadline, token, now).await?;
+            for (attempt, message) in taken {
+                let attempt = attempt + 1;
+                redelivered += i64::from(attempt > 1);
+                batch
+                    .deliveries
+                    .push(leased(sub.id, message, attempt, token, deadline));
             }
         }
 
@@ -991,7 +1014,7 @@ impl<B: Backend> Writer<B> {
             let blocked = if ordered {
                 let keys: HashSet<String> = messages.iter().filter_map(|m| m.key.clone()).collect();
                 let keys: Vec<String> = keys.into_iter().collect();
-                B::keys_in_progress(self.c(), sub.id, &keys).await?
+                B::keys_in_progress(self.c(), sub.id, &keys, req.holder).await?
             } else {
                 HashSet::new()
             };
@@ -1014,19 +1037,11 @@ impl<B: Backend> Writer<B> {
                     rows.push((message.sequence, WAITING, 0, HELD, 0, None, key));
                     continue;
                 }
-                let token = self.clock.token();
+                let token = self.clock.token(req.holder);
                 rows.push((message.sequence, LEASED, 1, deadline, token, Some(now), key));
-                batch.deliveries.push(Delivery {
-                    ack_id: AckId {
-                        subscription: sub.id,
-                        sequence: message.sequence,
-                        token,
-                        deadline: Some(deadline),
-                    },
-                    message,
-                    attempt: 1,
-                    lease_deadline: deadline,
-                });
+                batch
+                    .deliveries
+                    .push(leased(sub.id, message, 1, token, deadline));
             }
             if !rows.is_empty() {
                 B::insert_deliveries(self.c(), sub.id, &rows).await?;
@@ -1064,32 +1079,6 @@ impl<B: Backend> Writer<B> {
         // last VACUUM. Waiting streams are woken by NOTIFY, and otherwise by
         // the poll interval.
         Ok(batch)
-    }
-
-    /// Leases a waiting row again (attempt `attempt` + 1) until `deadline`.
-    async fn lease_waiting(
-        &mut self,
-        sub: &SubRow,
-        attempt: i32,
-        message: StoredMessage,
-        deadline: Micros,
-        now: Micros,
-    ) -> Result<Delivery> {
-        let attempt = attempt + 1;
-        let token = self.clock.token();
-        let seq = message.sequence;
-        B::lease_again(self.c(), sub.id, seq, attempt, deadline, token, now).await?;
-        Ok(Delivery {
-            ack_id: AckId {
-                subscription: sub.id,
-                sequence: seq,
-                token,
-                deadline: Some(deadline),
-            },
-            message,
-            attempt,
-            lease_deadline: deadline,
-        })
     }
 
     /// Keeps a key's order once the lease of `seq` ended without an ack on
@@ -1857,5 +1846,52 @@ impl<B: Backend> Writer<B> {
             "unacked messages expired by the topic's max age"
         );
         Ok(unacked)
+    }
+}
+
+/// How many held messages of each of `keys` keys a lease with `room` left
+/// reads: each key's share, twice over (a run cut short goes on when its
+/// leased part is acked), at least one.
+fn share(room: usize, keys: usize) -> i64 {
+    let per_key = (room / keys.max(1)).max(1).saturating_mul(2).min(room);
+    per_key as i64
+}
+
+/// Adds the messages of a run to `taken` while the lease's budget allows;
+/// the rest of the run stays held behind what was taken.
+fn take_run(
+    taken: &mut Vec<(i32, StoredMessage)>,
+    bytes: &mut usize,
+    run: impl IntoIterator<Item = (i32, StoredMessage)>,
+    req: &LeaseRequest,
+) {
+    for (attempt, message) in run {
+        if taken.len() >= req.max_messages || *bytes + message.payload.len() > req.max_bytes {
+            break;
+        }
+        *bytes += message.payload.len();
+        taken.push((attempt, message));
+    }
+}
+
+/// A delivery of `message` on attempt `attempt`, leased under `token` until
+/// `deadline`.
+fn leased(
+    sub_id: i64,
+    message: StoredMessage,
+    attempt: i32,
+    token: i64,
+    deadline: Micros,
+) -> Delivery {
+    Delivery {
+        ack_id: AckId {
+            subscription: sub_id,
+            sequence: message.sequence,
+            token,
+            deadline: Some(deadline),
+        },
+        message,
+        attempt,
+        lease_deadline: deadline,
     }
 }

@@ -311,3 +311,67 @@ backend_test! {
         b.stop().await;
     }
 }
+
+/// The next event of `sub` within five seconds.
+async fn next_event(sub: &mut tidings::client::Subscription) -> tidings::client::Event {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("an event in time")
+        .expect("the subscription goes on")
+        .expect("no error")
+}
+
+backend_test! {
+    /// Issue 14: a key stays with the stream that holds its messages: a
+    /// later message of the key goes to that stream before the earlier
+    /// ones are acked, not to another stream, and the stream's acks are
+    /// taken in key order.
+    async fn a_key_stays_with_the_stream_holding_it(backend) {
+        use tidings::client::Event;
+        use tidings::model::AckStatus;
+
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        let mut first = b.subscribe("s");
+        publish_keyed(&b, &[("k", "k1")]).await;
+        let Event::Message(k1) = next_event(&mut first).await else {
+            panic!("k1 first");
+        };
+        // A second stream is there, asking, when k2 comes.
+        let mut second = b.subscribe("s");
+        tokio::time::sleep(ms(200)).await;
+        publish_keyed(&b, &[("k", "k2")]).await;
+        let Event::Message(k2) = next_event(&mut first).await else {
+            panic!("k2 next, on the stream holding k1");
+        };
+        assert_eq!(k2.message.payload, b"k2");
+        let nothing = tokio::time::timeout(ms(300), second.next_message()).await;
+        assert!(nothing.is_err(), "the other stream gets nothing of k: {nothing:?}");
+
+        // k2's ack before k1's is refused, and ends k2's lease.
+        first.ack(vec![k2.ack_id.to_string()]);
+        let Event::Outcome(refused) = next_event(&mut first).await else {
+            panic!("the ack's outcome");
+        };
+        assert!(
+            matches!(&refused.status, AckStatus::Stale(why) if why.contains("ordering key")),
+            "{refused:?}"
+        );
+        first.ack(vec![k1.ack_id.to_string()]);
+        drop(second);
+        // k1's ack is taken; k2 comes again, its first attempt still.
+        let (mut acked, mut again) = (None, None);
+        while acked.is_none() || again.is_none() {
+            match next_event(&mut first).await {
+                Event::Outcome(o) => acked = Some(o.status),
+                Event::Message(m) => again = Some(m),
+                Event::Malformed { reason, .. } => panic!("{reason}"),
+            }
+        }
+        assert_eq!(acked, Some(AckStatus::Ok(None)));
+        let again = again.expect("k2 again");
+        assert_eq!((again.message.payload.as_slice(), again.attempt), (&b"k2"[..], 1));
+        drop(first);
+        b.stop().await;
+    }
+}

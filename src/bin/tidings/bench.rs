@@ -59,7 +59,7 @@ pub(crate) struct BenchConfig {
     pub(crate) inbox_prefetch: usize,
     /// Ordering keys the messages cycle through (0: no keys).
     pub(crate) keys: usize,
-    /// Make the subscription ordered (one message in flight per key).
+    /// Make the subscription ordered (a key in flight on one stream at a time).
     pub(crate) ordered: bool,
     /// Most unacked messages each plain subscriber holds (its flow control).
     pub(crate) window: i32,

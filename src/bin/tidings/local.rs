@@ -354,7 +354,7 @@ pub(crate) struct BenchArgs {
     /// Ordering keys the published messages cycle through (0: none).
     #[arg(long, default_value_t = benched().keys)]
     keys: usize,
-    /// Make the subscription ordered (one message in flight per key).
+    /// Make the subscription ordered (a key in flight on one stream at a time).
     #[arg(long)]
     ordered: bool,
     /// Most unacked messages each plain subscriber holds.
