@@ -522,6 +522,56 @@ impl<DB: InboxDatabase, H> Shared<DB, H> {
     }
 }
 
+/// Keys fenced after a failed delivery (see `Consumer::run`): per key, the
+/// ack ids whose answer is awaited and when the fence lifts regardless.
+#[derive(Default)]
+struct Fences {
+    keys: HashMap<String, (HashSet<String>, Instant)>,
+    by_ack: HashMap<String, String>,
+}
+
+impl Fences {
+    /// Fences `key` until the answer to `ack_id` (or `span_us` from now).
+    fn raise(&mut self, key: &str, ack_id: &str, span_us: i64) {
+        let until = Instant::now() + Duration::from_micros(span_us.max(1_000_000).unsigned_abs());
+        let (ids, lift) = self
+            .keys
+            .entry(key.to_owned())
+            .or_insert_with(|| (HashSet::new(), until));
+        ids.insert(ack_id.to_owned());
+        *lift = (*lift).max(until);
+        self.by_ack.insert(ack_id.to_owned(), key.to_owned());
+    }
+
+    /// The broker answered `ack_id`.
+    fn answered(&mut self, ack_id: &str) {
+        let Some(key) = self.by_ack.remove(ack_id) else {
+            return;
+        };
+        if let Some((ids, _)) = self.keys.get_mut(&key) {
+            ids.remove(ack_id);
+            if ids.is_empty() {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// Whether `key` is fenced (a fence past its time lifts here).
+    fn holds(&mut self, key: &str) -> bool {
+        match self.keys.get(key) {
+            Some((_, lift)) if Instant::now() < *lift => true,
+            Some((ids, _)) => {
+                for id in ids.clone() {
+                    self.by_ack.remove(&id);
+                }
+                self.keys.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 /// A batch's identity while it runs: the address of its [`Taken`].
 fn batch_id(taken: &Taken) -> usize {
     Arc::as_ptr(taken) as usize
@@ -624,6 +674,13 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         let mut workers: JoinSet<Batch> = JoinSet::new();
         let mut tasks: HashMap<tokio::task::Id, Taken> = HashMap::new();
         let mut held: HashMap<String, Held> = HashMap::new();
+        // Keys whose delivery failed, until the broker has answered the
+        // nack (or release) that ended it: deliveries of such a key that
+        // arrive meanwhile were leased before the broker took the failure
+        // in, which ended their leases too; they go back unprocessed, or
+        // their effects would come before the failed one's. Each fence
+        // also lifts after a lease span, should the answer never come.
+        let mut fences = Fences::default();
         let mut unconfirmed: HashMap<String, Instant> = HashMap::new();
         let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
         let mut pruning: Option<JoinHandle<()>> = None;
@@ -693,8 +750,18 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                         let mut failed_keys = HashSet::new();
                         for (ack_id, outcome) in batch.outcomes {
-                            let key = held.remove(&ack_id).and_then(|h| h.key);
-                            if let Some(key) = key.filter(|_| !outcome.keeps()) {
+                            let h = held.remove(&ack_id);
+                            let span = h.as_ref().map_or(0, |h| h.span);
+                            if let Some(key) = h.and_then(|h| h.key).filter(|_| !outcome.keeps()) {
+                                if !matches!(outcome, Outcome::Released) {
+                                    if matches!(outcome, Outcome::Expired) {
+                                        // Answered (stale) once the broker
+                                        // has read it: that answer lifts the
+                                        // fence.
+                                        sub.release(vec![ack_id.clone()]);
+                                    }
+                                    fences.raise(&key, &ack_id, span);
+                                }
                                 failed_keys.insert(key);
                             }
                             self.settle(&sub, ack_id, outcome, &mut acks, &mut unconfirmed);
@@ -745,6 +812,10 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                         counters.add(&counters.received, 1);
                         let ack_id = delivery.ack_id.to_string();
+                        if delivery.message.key.as_ref().is_some_and(|k| fences.holds(k)) {
+                            sub.release(vec![ack_id]);
+                            continue;
+                        }
                         let now = now_micros();
                         let span = (delivery.lease_deadline - now).max(1_000);
                         let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
@@ -777,6 +848,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         sub.nack(ack_id, None, reason);
                     }
                     Some(Ok(Event::Outcome(o))) => {
+                        if matches!(o.operation, AckOperation::Nack | AckOperation::Release) {
+                            fences.answered(&o.ack_id);
+                        }
                         let extend_at = self.outcome(o, &mut held, &mut unconfirmed);
                         next_extension = earliest(next_extension, extend_at);
                     }

@@ -187,6 +187,22 @@ macro_rules! inbox_database {
                 message_id: &str,
                 sequence: i64,
             ) -> Result<Result<Recorded>> {
+                if let Some(sql) =
+                    $sql::record_in_one_query(step, subscription, message_id, sequence)
+                {
+                    // One round trip, unprepared. A failure may come from
+                    // the savepoint step as well as the record, so it gives
+                    // up the transaction. Only the record changes rows.
+                    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(Error::from)?;
+                    return Ok(Ok(if done.rows_affected() == 1 {
+                        Recorded::New
+                    } else {
+                        Recorded::Duplicate
+                    }));
+                }
                 let Some(sql) = $sql::record_in_savepoint(step) else {
                     Self::execute(tx, step.sql()).await?;
                     return Ok(Self::record(tx, subscription, message_id, sequence).await);

@@ -14,9 +14,36 @@ pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, messag
      ON CONFLICT (subscription, message_id) DO NOTHING";
 
 /// PostgreSQL prepares one statement per call: a savepoint step and the
-/// record are two.
+/// record, bound, are two round trips; see [`record_in_one_query`].
 pub(super) fn record_in_savepoint(_step: Savepoint) -> Option<&'static str> {
     None
+}
+
+/// The savepoint step and the record as one simple query (one round trip,
+/// issue 14), the values written as literals: the subscription quoted (its
+/// quotes doubled; the server's standard-conforming strings take
+/// backslashes as they are), the id and the sequence as the broker's
+/// numbers and UUIDs, which are checked here. `None` for anything else,
+/// which then goes the bound way.
+pub(super) fn record_in_one_query(
+    step: Savepoint,
+    subscription: &str,
+    message_id: &str,
+    sequence: i64,
+) -> Option<String> {
+    if matches!(step, Savepoint::Undo)
+        || subscription.contains('\0')
+        || uuid::Uuid::parse_str(message_id).is_err()
+    {
+        return None;
+    }
+    Some(format!(
+        "{}; INSERT INTO tidings_inbox (subscription, message_id, sequence) \
+         VALUES ('{}', '{}', {sequence}) ON CONFLICT (subscription, message_id) DO NOTHING",
+        step.sql(),
+        subscription.replace('\'', "''"),
+        message_id,
+    ))
 }
 
 /// One batch of rows at or below the watermark.
@@ -75,4 +102,31 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
         .await
         .map_err(Error::from)?;
     tx.commit().await.map_err(Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "01939a5e-6d2a-7c4e-9f00-000000000001";
+
+    #[test]
+    fn one_query_quotes_the_subscription_and_takes_only_uuids() {
+        let sql =
+            record_in_one_query(Savepoint::ReleaseAndOpen, "o'brien", ID, 7).expect("a query");
+        assert!(
+            sql.starts_with("RELEASE SAVEPOINT tidings_delivery; SAVEPOINT"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(&format!("VALUES ('o''brien', '{ID}', 7)")),
+            "{sql}"
+        );
+        assert_eq!(
+            record_in_one_query(Savepoint::Open, "s", "1'); DROP TABLE x; --", 1),
+            None,
+            "an id that is not a UUID goes the bound way"
+        );
+        assert_eq!(record_in_one_query(Savepoint::Undo, "s", ID, 1), None);
+    }
 }

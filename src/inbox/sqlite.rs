@@ -22,6 +22,16 @@ pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, messag
 /// statements with arguments, each taking its numbered ones): a returned
 /// row means the id is new. `rows_affected` cannot tell, since SQLite
 /// reports the last data change for a statement that makes none.
+/// SQLite takes the statements with arguments in one call already.
+pub(super) fn record_in_one_query(
+    _step: Savepoint,
+    _subscription: &str,
+    _message_id: &str,
+    _sequence: i64,
+) -> Option<String> {
+    None
+}
+
 pub(super) fn record_in_savepoint(step: Savepoint) -> Option<&'static str> {
     macro_rules! record_returning {
         ($($before:literal),*) => {

@@ -257,13 +257,15 @@ pub(super) trait Backend: Send + 'static {
     -> Result<()>;
 
     /// Of `keys`, those with a waiting or leased row, except those whose
-    /// newest row in progress is leased by `holder` (not 0): that stream
-    /// holds the key's run, which it may extend (issue 14).
+    /// newest row in progress is leased by `holder` (not 0) until after
+    /// `now`: that stream holds the key's run, which it may extend (issue
+    /// 14).
     async fn keys_in_progress(
         c: &mut Conn<Self>,
         sub_id: i64,
         keys: &[String],
         holder: i64,
+        now: Micros,
     ) -> Result<HashSet<String>>;
 
     /// When the earliest waiting or leased row falls due after `now`.
@@ -321,13 +323,14 @@ pub(super) trait Backend: Send + 'static {
     /// key that follow it with no message of the key in progress between
     /// (with their attempts), in order, at most `per_key` of each: the runs
     /// a lease of the heads takes with them (locked). With a `holder` (not
-    /// 0), only behind heads that holder has leased.
+    /// 0), only behind heads that holder has leased until after `now`.
     async fn held_followers(
         c: &mut Conn<Self>,
         sub: &SubRow,
         heads: &[(String, i64)],
         per_key: i64,
         holder: i64,
+        now: Micros,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>>;
 
     /// Makes every held-back message of the subscription due at `now` (it

@@ -701,6 +701,7 @@ impl Backend for Postgres {
         sub_id: i64,
         keys: &[String],
         holder: i64,
+        now: Micros,
     ) -> Result<HashSet<String>> {
         if keys.is_empty() {
             return Ok(HashSet::new());
@@ -717,14 +718,16 @@ impl Backend for Postgres {
         // stream's (issue 14).
         let blocked: Vec<String> = sqlx::query_scalar(
             "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL \
-             (SELECT d.state, d.lease FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key \
+             (SELECT d.state, d.lease, d.available_at FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key \
              AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1) p \
-             WHERE NOT (p.state = 1 AND $3 <> 0 AND (p.lease >> 24) = $3)",
+             WHERE NOT (p.state = 1 AND $3 <> 0 AND (p.lease >> 24) = $3 \
+             AND p.available_at > $4)",
         )
         .persistent(false)
         .bind(sub_id)
         .bind(keys)
         .bind(holder)
+        .bind(now)
         .fetch_all(c)
         .await?;
         Ok(blocked.into_iter().collect())
@@ -869,6 +872,7 @@ impl Backend for Postgres {
         heads: &[(String, i64)],
         per_key: i64,
         holder: i64,
+        now: Micros,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
         if heads.is_empty() {
             return Ok(HashMap::new());
@@ -884,7 +888,8 @@ impl Backend for Postgres {
              CROSS JOIN LATERAL (SELECT d.key, d.seq, d.available_at, d.attempt \
              FROM deliveries d WHERE d.sub_id = $1 AND d.key = h.key AND d.seq > h.seq \
              AND d.state IN (0, 1) AND ($6 = 0 OR EXISTS (SELECT 1 FROM deliveries o \
-             WHERE o.sub_id = $1 AND o.seq = h.seq AND o.state = 1 AND (o.lease >> 24) = $6)) \
+             WHERE o.sub_id = $1 AND o.seq = h.seq AND o.state = 1 AND (o.lease >> 24) = $6 \
+             AND o.available_at > $7)) \
              ORDER BY d.seq LIMIT $5 FOR UPDATE) f \
              JOIN messages m ON m.topic_id = $2 AND m.seq = f.seq ORDER BY f.seq"
         ))
@@ -895,6 +900,7 @@ impl Backend for Postgres {
         .bind(&seqs)
         .bind(per_key)
         .bind(holder)
+        .bind(now)
         .fetch_all(c)
         .await?;
         followers(&rows, heads, &sub.topic)

@@ -703,6 +703,7 @@ impl Backend for Sqlite {
         sub_id: i64,
         keys: &[String],
         holder: i64,
+        now: Micros,
     ) -> Result<HashSet<String>> {
         let mut blocked = HashSet::new();
         for chunk in keys.chunks(CHUNK) {
@@ -710,17 +711,19 @@ impl Backend for Sqlite {
             // so the cost does not grow with the messages a key holds back;
             // no row: the key is free; its newest leased by `holder`: the
             // key is that stream's.
-            let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 3)).collect();
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 4)).collect();
             let sql = format!(
                 "SELECT column1 FROM (VALUES {}) WHERE (SELECT NOT (d.state = 1 AND ?2 <> 0 \
-                 AND (d.lease >> 24) = ?2) FROM deliveries d INDEXED BY deliveries_by_key \
+                 AND (d.lease >> 24) = ?2 AND d.available_at > ?3) \
+                 FROM deliveries d INDEXED BY deliveries_by_key \
                  WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = column1 \
                  AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1)",
                 list.join(",")
             );
             let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
                 .bind(sub_id)
-                .bind(holder);
+                .bind(holder)
+                .bind(now);
             for k in chunk {
                 q = q.bind(k.clone());
             }
@@ -861,6 +864,7 @@ impl Backend for Sqlite {
         heads: &[(String, i64)],
         per_key: i64,
         holder: i64,
+        now: Micros,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
         // One walk of `deliveries_by_key` per head, from the head on, at
         // most `per_key` rows: a key's backlog is never read whole. The
@@ -880,10 +884,11 @@ impl Backend for Sqlite {
                              WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?{k} \
                              AND d.seq > ?{s} AND d.state IN (0, 1) AND (?4 = 0 OR EXISTS \
                              (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 AND h.seq = ?{s} \
-                             AND h.state = 1 AND (h.lease >> 24) = ?4)) ORDER BY d.seq LIMIT ?3)"
+                             AND h.state = 1 AND (h.lease >> 24) = ?4 AND h.available_at > ?5)) \
+                             ORDER BY d.seq LIMIT ?3)"
                         ),
-                        k = 2 * i + 5,
-                        s = 2 * i + 6
+                        k = 2 * i + 6,
+                        s = 2 * i + 7
                     )
                 })
                 .collect();
@@ -893,7 +898,8 @@ impl Backend for Sqlite {
                 .bind(sub.id)
                 .bind(sub.topic_id)
                 .bind(per_key)
-                .bind(holder);
+                .bind(holder)
+                .bind(now);
             for (key, seq) in chunk {
                 q = q.bind(key.clone()).bind(*seq);
             }

@@ -968,7 +968,7 @@ impl<B: Backend> Writer<B> {
                 .filter_map(|(_, m)| m.key.clone().map(|k| (k, m.sequence)))
                 .collect();
             let per_key = share(req.max_messages - heads.len(), keyed.len());
-            runs = B::held_followers(self.c(), &sub, &keyed, per_key, 0).await?;
+            runs = B::held_followers(self.c(), &sub, &keyed, per_key, 0, now).await?;
         }
         for head in heads {
             let run = head.1.key.as_ref().and_then(|k| runs.remove(k));
@@ -977,7 +977,8 @@ impl<B: Backend> Writer<B> {
         }
         if ordered && req.holder != 0 && !req.runs.is_empty() && taken.len() < req.max_messages {
             let per_key = share(req.max_messages - taken.len(), req.runs.len());
-            let held = B::held_followers(self.c(), &sub, &req.runs, per_key, req.holder).await?;
+            let held =
+                B::held_followers(self.c(), &sub, &req.runs, per_key, req.holder, now).await?;
             for run in held.into_values() {
                 take_run(&mut taken, &mut bytes, run, &req);
             }
@@ -1014,7 +1015,7 @@ impl<B: Backend> Writer<B> {
             let blocked = if ordered {
                 let keys: HashSet<String> = messages.iter().filter_map(|m| m.key.clone()).collect();
                 let keys: Vec<String> = keys.into_iter().collect();
-                B::keys_in_progress(self.c(), sub.id, &keys, req.holder).await?
+                B::keys_in_progress(self.c(), sub.id, &keys, req.holder, now).await?
             } else {
                 HashSet::new()
             };
