@@ -24,6 +24,17 @@ async fn spawn_relay(app: &AppDb, broker: &TestBroker, duplicates: Arc<AtomicU64
     spawn_relay_with(app, broker, &fast, duplicates).await
 }
 
+/// Waits (up to 30 s) for the outbox of `app` to be empty.
+async fn wait_drained(app: &AppDb) {
+    for _ in 0..1500 {
+        if app.depth().await == 0 {
+            return;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    panic!("the outbox drains after the kills");
+}
+
 /// [`spawn_relay`] with these flags added.
 async fn spawn_relay_with(
     app: &AppDb,
@@ -129,15 +140,7 @@ backend_test! {
 
         // A last relay drains the outbox.
         let mut relay = spawn_relay(&app, &broker, duplicates.clone()).await;
-        let mut drained = false;
-        for _ in 0..1500 {
-            if app.depth().await == 0 {
-                drained = true;
-                break;
-            }
-            tokio::time::sleep(ms(20)).await;
-        }
-        assert!(drained, "the outbox drains after the kills");
+        wait_drained(&app).await;
         // `tidings stats --outbox` reads the same numbers the relay reports.
         let stats = Command::new(env!("CARGO_BIN_EXE_tidings"))
             .args(["stats", "--outbox", app.url()])
@@ -400,15 +403,7 @@ backend_test! {
 
         // A last relay drains the outbox.
         let mut relay = spawn_relay_with(&app, &broker, &flags, none.clone()).await;
-        let mut drained = false;
-        for _ in 0..1500 {
-            if app.depth().await == 0 {
-                drained = true;
-                break;
-            }
-            tokio::time::sleep(ms(20)).await;
-        }
-        assert!(drained, "the outbox drains after the kills");
+        wait_drained(&app).await;
         relay.start_kill().expect("SIGKILL");
         relay.wait().await.expect("relay exited");
 
