@@ -1066,6 +1066,32 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     };
     jobs.extend(shared.take(shared.max_batch - 1, &taken));
     tracing::debug!(deliveries = jobs.len(), "inbox batch began");
+    // The batch's ids are recorded up front in one statement, in id order
+    // (two batches holding the same ids take their locks in one order), so
+    // that a delivery costs one round trip (its savepoint) besides its
+    // handler. An id the batch holds twice (a redelivery that came while
+    // the first delivery waited) is recorded once here; its later
+    // deliveries record it in their own savepoint, once the earlier one's
+    // fate is known.
+    let mut upfront: Vec<(String, i64)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j.delivery.message.id.to_string(),
+                j.delivery.message.sequence,
+            )
+        })
+        .collect();
+    upfront.sort_unstable();
+    upfront.dedup_by(|a, b| a.0 == b.0);
+    let record = Inbox::<DB>::record_all(&mut tx, &shared.subscription, &upfront);
+    let new_ids = match bounded(bound, "recording the message ids", record).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            rollback(tx, bound).await;
+            return Batch::failed(jobs, &format!("inbox transaction failed: {e}"));
+        }
+    };
     let mut outcomes = Vec::with_capacity(jobs.len());
     // How long each handler that ran took, for the latency histogram.
     let mut ran = Vec::with_capacity(jobs.len());
@@ -1076,12 +1102,28 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     // do not run (an ordered subscription would refuse their acks, and
     // their effects would come before the failed one's).
     let mut failed_keys: HashSet<String> = HashSet::new();
+    // Ids this batch has met, and the rows recorded up front whose
+    // delivery's work is not to stay: deleted before a later delivery of
+    // the same id records it, and before the commit.
+    let mut met: HashSet<String> = HashSet::with_capacity(jobs.len());
+    let mut forget: Vec<String> = Vec::new();
     let mut jobs = jobs.into_iter();
     while let Some(job) = jobs.next() {
+        let id = job.delivery.message.id.to_string();
+        let first = met.insert(id.clone());
+        let recorded = first && new_ids.contains(&id);
         if shared.stopping.load(Ordering::Relaxed)
             || job.key.as_ref().is_some_and(|k| failed_keys.contains(k))
         {
+            if recorded {
+                forget.push(id);
+            }
             outcomes.push((job.ack_id, Outcome::Released));
+            continue;
+        }
+        if first && !recorded {
+            // Processed before: nothing to run, nothing written.
+            outcomes.push((job.ack_id, Outcome::Duplicate));
             continue;
         }
         let step = if open {
@@ -1089,18 +1131,32 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
         } else {
             Savepoint::Open
         };
-        let fatal = match process(&shared, &mut tx, step, &job, &mut ran).await {
+        let processed = async {
+            if !recorded {
+                let pending = std::mem::take(&mut forget);
+                let flush = Inbox::<DB>::forget_all(&mut tx, &shared.subscription, &pending);
+                bounded(bound, "forgetting ids", flush).await?;
+            }
+            process(&shared, &mut tx, step, recorded, &job, &mut ran).await
+        };
+        let fatal = match processed.await {
             Ok((outcome, Keep::Yes)) => {
                 open = true;
                 outcomes.push((job.ack_id, outcome));
                 continue;
             }
-            Ok((outcome, Keep::No)) => {
-                open = false;
+            Ok((outcome, keep)) => {
+                if recorded {
+                    forget.push(id);
+                }
                 if let Some(key) = job.key {
                     failed_keys.insert(key);
                 }
                 outcomes.push((job.ack_id, outcome));
+                if matches!(keep, Keep::Untouched) {
+                    continue;
+                }
+                open = false;
                 let undo = Inbox::<DB>::savepoint(&mut tx, Savepoint::Undo);
                 match bounded(bound, "rollback to savepoint", undo).await {
                     Ok(()) => continue,
@@ -1125,7 +1181,11 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
         .any(|(_, o)| matches!(o, Outcome::Processed | Outcome::Duplicate));
     let started = std::time::Instant::now();
     let committed = if keeps {
-        match bounded(bound, "commit", async { Ok(tx.commit().await?) }).await {
+        let finish = async {
+            Inbox::<DB>::forget_all(&mut tx, &shared.subscription, &forget).await?;
+            Ok(tx.commit().await?)
+        };
+        match bounded(bound, "commit", finish).await {
             Ok(()) => true,
             // Whether it committed is unknown; the redeliveries find out.
             Err(e) => {
@@ -1152,35 +1212,52 @@ enum Keep {
     Yes,
     /// Roll back to its savepoint.
     No,
+    /// No savepoint was opened for it: nothing to keep or undo.
+    Untouched,
 }
 
 /// Processes one delivery of a batch inside its savepoint, which `step`
-/// opens: record, check the lease, handle. An `Err` leaves the transaction
-/// unusable.
+/// opens: record (unless `recorded` up front), check the lease, handle. An
+/// `Err` leaves the transaction unusable.
 async fn process<DB: InboxDatabase, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     tx: &mut Transaction<'static, DB>,
     step: Savepoint,
+    recorded: bool,
     job: &Job,
     ran: &mut Vec<Duration>,
 ) -> Result<(Outcome, Keep)> {
     let message = &job.delivery.message;
-    let record =
-        Inbox::<DB>::open_and_record(tx, step, &shared.subscription, message.id, message.sequence);
-    match bounded(shared.database_timeout, "recording the message id", record).await? {
-        Ok(Recorded::New) => {}
-        // Nothing was written.
-        Ok(Recorded::Duplicate) => return Ok((Outcome::Duplicate, Keep::Yes)),
-        // PostgreSQL aborts the transaction on an error; rolling back to
-        // the savepoint revives it for the batch's other deliveries.
-        Err(e) => return Ok((Outcome::Error(e.to_string()), Keep::No)),
-    }
-    // The id is ours until this transaction ends: a redelivery elsewhere
-    // would wait for it. But if the lease ended before we had it, the
-    // message may have been redelivered, processed, acked and its row
-    // pruned already, so running the handler could repeat its effects.
-    if now_micros() + job.margin >= job.deadline.load(Ordering::Relaxed) {
-        return Ok((Outcome::Expired, Keep::No));
+    // The id is ours (recorded) until this transaction ends: a redelivery
+    // elsewhere would wait for it. But if the lease ended before we had
+    // it, the message may have been redelivered, processed, acked and its
+    // row pruned already, so running the handler could repeat its effects.
+    let expired = || now_micros() + job.margin >= job.deadline.load(Ordering::Relaxed);
+    if recorded {
+        if expired() {
+            return Ok((Outcome::Expired, Keep::Untouched));
+        }
+        let open = Inbox::<DB>::savepoint(tx, step);
+        bounded(shared.database_timeout, "opening a savepoint", open).await?;
+    } else {
+        let record = Inbox::<DB>::open_and_record(
+            tx,
+            step,
+            &shared.subscription,
+            message.id,
+            message.sequence,
+        );
+        match bounded(shared.database_timeout, "recording the message id", record).await? {
+            Ok(Recorded::New) => {}
+            // Nothing was written.
+            Ok(Recorded::Duplicate) => return Ok((Outcome::Duplicate, Keep::Yes)),
+            // PostgreSQL aborts the transaction on an error; rolling back
+            // to the savepoint revives it for the batch's other deliveries.
+            Err(e) => return Ok((Outcome::Error(e.to_string()), Keep::No)),
+        }
+        if expired() {
+            return Ok((Outcome::Expired, Keep::No));
+        }
     }
     job.started.store(true, Ordering::Relaxed);
     let started = std::time::Instant::now();

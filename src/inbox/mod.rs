@@ -16,6 +16,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 #[cfg(feature = "postgres")]
@@ -103,6 +104,18 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
         sequence: i64,
     ) -> impl Future<Output = Result<Result<Recorded>>> + Send;
     #[doc(hidden)]
+    fn record_all(
+        tx: &mut Transaction<'_, Self>,
+        subscription: &str,
+        ids: &[(String, i64)],
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    #[doc(hidden)]
+    fn forget_all(
+        tx: &mut Transaction<'_, Self>,
+        subscription: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<()>> + Send;
+    #[doc(hidden)]
     fn execute(
         tx: &mut Transaction<'_, Self>,
         sql: &'static str,
@@ -145,7 +158,8 @@ mod sealed {
 
 /// Implements [`InboxDatabase`] for `$db` with the statements of module
 /// `$sql` (`RECORD`, `PRUNE_THROUGH`, `PRUNE_OLDER_THAN`, `FORGET_FROM`,
-/// `CONTAINS`, and `record_in_savepoint`) and its `connect` and `migrate`. The statements differ per
+/// `CONTAINS` and `record_in_savepoint`) and its
+/// `connect`, `migrate`, `record_all` and `forget_all`. The statements differ per
 /// backend; how they are bound and read does not.
 macro_rules! inbox_database {
     ($db:ty, $sql:ident) => {
@@ -187,22 +201,6 @@ macro_rules! inbox_database {
                 message_id: &str,
                 sequence: i64,
             ) -> Result<Result<Recorded>> {
-                if let Some(sql) =
-                    $sql::record_in_one_query(step, subscription, message_id, sequence)
-                {
-                    // One round trip, unprepared. A failure may come from
-                    // the savepoint step as well as the record, so it gives
-                    // up the transaction. Only the record changes rows.
-                    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(Error::from)?;
-                    return Ok(Ok(if done.rows_affected() == 1 {
-                        Recorded::New
-                    } else {
-                        Recorded::Duplicate
-                    }));
-                }
                 let Some(sql) = $sql::record_in_savepoint(step) else {
                     Self::execute(tx, step.sql()).await?;
                     return Ok(Self::record(tx, subscription, message_id, sequence).await);
@@ -223,6 +221,22 @@ macro_rules! inbox_database {
                 } else {
                     Recorded::New
                 }))
+            }
+
+            async fn record_all(
+                tx: &mut Transaction<'_, Self>,
+                subscription: &str,
+                ids: &[(String, i64)],
+            ) -> Result<Vec<String>> {
+                $sql::record_all(&mut **tx, subscription, ids).await
+            }
+
+            async fn forget_all(
+                tx: &mut Transaction<'_, Self>,
+                subscription: &str,
+                ids: &[String],
+            ) -> Result<()> {
+                $sql::forget_all(&mut **tx, subscription, ids).await
             }
 
             async fn execute(tx: &mut Transaction<'_, Self>, sql: &'static str) -> Result<()> {
@@ -412,6 +426,37 @@ impl<DB: InboxDatabase> Inbox<DB> {
     ) -> Result<Result<Recorded>> {
         debug_assert!(step != Savepoint::Undo);
         DB::open_and_record(tx, step, subscription, &message_id.to_string(), sequence).await
+    }
+
+    /// Records the ids of a batch's deliveries (`(id, sequence)`, each id
+    /// once) in `tx` in one statement, as [`Inbox::record`] does each;
+    /// returns those that were new. The others were processed before.
+    ///
+    /// Fails on any database error; the transaction should then roll back.
+    pub(crate) async fn record_all(
+        tx: &mut Transaction<'_, DB>,
+        subscription: &str,
+        ids: &[(String, i64)],
+    ) -> Result<HashSet<String>> {
+        Ok(DB::record_all(tx, subscription, ids)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// Deletes the rows of `ids` in `tx`: rows [`Inbox::record_all`] wrote
+    /// for deliveries whose work is not to stay.
+    ///
+    /// Fails on any database error; the transaction should then roll back.
+    pub(crate) async fn forget_all(
+        tx: &mut Transaction<'_, DB>,
+        subscription: &str,
+        ids: &[String],
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        DB::forget_all(tx, subscription, ids).await
     }
 
     /// Deletes the rows of `subscription` with a sequence at or below

@@ -1,7 +1,7 @@
 //! The inbox's SQL for PostgreSQL; the schema is `migrations/inbox/postgres.sql`.
 //! `inbox_database!` in `mod.rs` binds and runs these statements.
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::{POSTGRES_MIGRATION, Savepoint};
 use crate::config::DatabaseTimeouts;
@@ -14,36 +14,53 @@ pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, messag
      ON CONFLICT (subscription, message_id) DO NOTHING";
 
 /// PostgreSQL prepares one statement per call: a savepoint step and the
-/// record, bound, are two round trips; see [`record_in_one_query`].
+/// record, bound, are two round trips (only a delivery whose id its batch
+/// met before records this way; the others are recorded by [`record_all`]).
 pub(super) fn record_in_savepoint(_step: Savepoint) -> Option<&'static str> {
     None
 }
 
-/// The savepoint step and the record as one simple query (one round trip,
-/// issue 14), the values written as literals: the subscription quoted (its
-/// quotes doubled; the server's standard-conforming strings take
-/// backslashes as they are), the id and the sequence as the broker's
-/// numbers and UUIDs, which are checked here. `None` for anything else,
-/// which then goes the bound way.
-pub(super) fn record_in_one_query(
-    step: Savepoint,
+/// Records a batch's ids in one statement (issue 14); returns those that
+/// were not there. Waits, as [`RECORD`] does, for another transaction
+/// holding one of them.
+pub(super) async fn record_all(
+    conn: &mut PgConnection,
     subscription: &str,
-    message_id: &str,
-    sequence: i64,
-) -> Option<String> {
-    if matches!(step, Savepoint::Undo)
-        || subscription.contains('\0')
-        || uuid::Uuid::parse_str(message_id).is_err()
-    {
-        return None;
-    }
-    Some(format!(
-        "{}; INSERT INTO tidings_inbox (subscription, message_id, sequence) \
-         VALUES ('{}', '{}', {sequence}) ON CONFLICT (subscription, message_id) DO NOTHING",
-        step.sql(),
-        subscription.replace('\'', "''"),
-        message_id,
-    ))
+    ids: &[(String, i64)],
+) -> Result<Vec<String>> {
+    let (message_ids, sequences): (Vec<&str>, Vec<i64>) = ids
+        .iter()
+        .map(|(id, sequence)| (id.as_str(), *sequence))
+        .unzip();
+    sqlx::query_scalar(
+        "INSERT INTO tidings_inbox (subscription, message_id, sequence) \
+         SELECT $1, id, seq FROM unnest($2::text[], $3::bigint[]) AS batch(id, seq) \
+         ON CONFLICT (subscription, message_id) DO NOTHING RETURNING message_id",
+    )
+    .bind(subscription)
+    .bind(message_ids)
+    .bind(sequences)
+    .fetch_all(conn)
+    .await
+    .map_err(Error::from)
+}
+
+/// Deletes the rows of `ids`: those [`record_all`] wrote for deliveries
+/// whose work did not stay.
+pub(super) async fn forget_all(
+    conn: &mut PgConnection,
+    subscription: &str,
+    ids: &[String],
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM tidings_inbox WHERE subscription = $1 AND message_id = ANY($2::text[])",
+    )
+    .bind(subscription)
+    .bind(ids)
+    .execute(conn)
+    .await
+    .map_err(Error::from)?;
+    Ok(())
 }
 
 /// One batch of rows at or below the watermark.
@@ -102,31 +119,4 @@ pub(super) async fn migrate(pool: &PgPool) -> Result<()> {
         .await
         .map_err(Error::from)?;
     tx.commit().await.map_err(Error::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ID: &str = "01939a5e-6d2a-7c4e-9f00-000000000001";
-
-    #[test]
-    fn one_query_quotes_the_subscription_and_takes_only_uuids() {
-        let sql =
-            record_in_one_query(Savepoint::ReleaseAndOpen, "o'brien", ID, 7).expect("a query");
-        assert!(
-            sql.starts_with("RELEASE SAVEPOINT tidings_delivery; SAVEPOINT"),
-            "{sql}"
-        );
-        assert!(
-            sql.contains(&format!("VALUES ('o''brien', '{ID}', 7)")),
-            "{sql}"
-        );
-        assert_eq!(
-            record_in_one_query(Savepoint::Open, "s", "1'); DROP TABLE x; --", 1),
-            None,
-            "an id that is not a UUID goes the bound way"
-        );
-        assert_eq!(record_in_one_query(Savepoint::Undo, "s", ID, 1), None);
-    }
 }

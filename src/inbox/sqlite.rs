@@ -5,7 +5,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 
 use super::{SQLITE_MIGRATION, Savepoint};
@@ -22,16 +23,6 @@ pub(super) const RECORD: &str = "INSERT INTO tidings_inbox (subscription, messag
 /// statements with arguments, each taking its numbered ones): a returned
 /// row means the id is new. `rows_affected` cannot tell, since SQLite
 /// reports the last data change for a statement that makes none.
-/// SQLite takes the statements with arguments in one call already.
-pub(super) fn record_in_one_query(
-    _step: Savepoint,
-    _subscription: &str,
-    _message_id: &str,
-    _sequence: i64,
-) -> Option<String> {
-    None
-}
-
 pub(super) fn record_in_savepoint(step: Savepoint) -> Option<&'static str> {
     macro_rules! record_returning {
         ($($before:literal),*) => {
@@ -47,6 +38,48 @@ pub(super) fn record_in_savepoint(step: Savepoint) -> Option<&'static str> {
         )),
         Savepoint::Undo => None,
     }
+}
+
+/// Records a batch's ids in one statement (issue 14), passed as one JSON
+/// array of `[id, sequence]` pairs; returns those that were not there.
+/// (`WHERE true` keeps SQLite from reading `ON CONFLICT` as a join's `ON`.)
+pub(super) async fn record_all(
+    conn: &mut SqliteConnection,
+    subscription: &str,
+    ids: &[(String, i64)],
+) -> Result<Vec<String>> {
+    let batch = serde_json::to_string(ids).map_err(|e| Error::Storage(e.to_string()))?;
+    sqlx::query_scalar(
+        "INSERT INTO tidings_inbox (subscription, message_id, sequence) \
+         SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]') \
+         FROM json_each(?2) WHERE true \
+         ON CONFLICT (subscription, message_id) DO NOTHING RETURNING message_id",
+    )
+    .bind(subscription)
+    .bind(batch)
+    .fetch_all(conn)
+    .await
+    .map_err(Error::from)
+}
+
+/// Deletes the rows of `ids`: those [`record_all`] wrote for deliveries
+/// whose work did not stay.
+pub(super) async fn forget_all(
+    conn: &mut SqliteConnection,
+    subscription: &str,
+    ids: &[String],
+) -> Result<()> {
+    let ids = serde_json::to_string(ids).map_err(|e| Error::Storage(e.to_string()))?;
+    sqlx::query(
+        "DELETE FROM tidings_inbox WHERE subscription = ?1 \
+         AND message_id IN (SELECT value FROM json_each(?2))",
+    )
+    .bind(subscription)
+    .bind(ids)
+    .execute(conn)
+    .await
+    .map_err(Error::from)?;
+    Ok(())
 }
 
 /// One batch of rows at or below the watermark.

@@ -472,6 +472,64 @@ async fn lease_expiry_case<DB: TestDb>(backend: Backend) {
 }
 
 backend_test! {
+    /// A message's lease runs out while it waits behind a busy transaction,
+    /// so the broker delivers it again and both deliveries land in one
+    /// batch, whose ids are recorded up front: the first is expired and
+    /// gives its row back, and the second, recorded in its own savepoint,
+    /// runs the handler. Nothing is acked as a duplicate of a row that does
+    /// not commit.
+    async fn a_redelivery_in_the_batch_of_its_expired_delivery_runs_once(backend) {
+        on_backend!(backend, repeat_in_batch_case)
+    }
+}
+
+async fn repeat_in_batch_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker
+        .topic_and_sub("t", "s", quick(|s| s.ack_deadline = Some(pb(ms(1000)))))
+        .await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.message.payload == b"gate" && d.attempt == 1,
+        ..Plan::default()
+    });
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 1;
+        c.extend_leases = false;
+    });
+    broker.publish("t", &["gate"]).await;
+    handler.started().await;
+    broker.publish("t", &["x"]).await;
+    // The gate, x, and both again once their leases ran out: x's first
+    // delivery has expired, its second is fresh.
+    running
+        .wait_for("two deliveries of each", |s| s.received >= 4)
+        .await;
+    handler.release(1);
+    running.wait_for("x processed", |s| s.processed >= 2).await;
+    eventually("everything acked", || async {
+        let s = broker.stats("s").await;
+        s.backlog == 0 && s.in_flight == 0
+    })
+    .await;
+    let stats = running.stop().await;
+
+    let mut effects: Vec<String> = db.effects().await.into_iter().map(|e| e.payload).collect();
+    effects.sort();
+    assert_eq!(
+        effects,
+        ["gate", "x"],
+        "each message took effect once: {stats:?}"
+    );
+    let x_calls = handler
+        .calls()
+        .into_iter()
+        .filter(|c| c.payload == "x")
+        .count();
+    assert_eq!(x_calls, 1, "x's handler ran once: {stats:?}");
+    teardown(broker, db).await;
+}
+
+backend_test! {
     /// The consumer commits but its ack never reaches the broker (the
     /// broker restarts in between, and the consumer stops before it could
     /// resend); the next consumer gets the message again and skips it.
