@@ -121,9 +121,9 @@ impl RelayConfig {
         RelayConfig {
             broker: broker.into(),
             connect: client::ConnectOptions::default(),
-            batch_size: 500,
+            batch_size: 1000,
             max_batch_bytes: 4 * 1024 * 1024,
-            pipeline: 4,
+            pipeline: 8,
             poll_interval: Duration::from_millis(250),
             listen: true,
             listen_check_interval: Duration::from_secs(10),
@@ -255,6 +255,8 @@ impl Relay {
             publisher: Publisher::new(&connection, config.retry),
             stream: None,
             in_flight: VecDeque::new(),
+            deleting: VecDeque::new(),
+            read_ahead: None,
             cursor: 0,
             stalled: HashSet::new(),
             at_end: false,
@@ -435,6 +437,12 @@ struct Runner {
     stream: Option<(PublishSender, PublishReceiver)>,
     /// Batches sent and not answered yet, oldest first.
     in_flight: VecDeque<InFlight>,
+    /// Answered batches whose rows are being deleted, oldest first: the
+    /// next batches are read and sent while these commit (issue 14).
+    deleting: VecDeque<Deleting>,
+    /// Rows read from the cursor (the first field) while the relay waited
+    /// for an answer, for the next batch to take.
+    read_ahead: Option<(i64, Vec<Row>)>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
     /// Keys with a held row in this sweep: their later rows are skipped
@@ -455,6 +463,11 @@ impl Runner {
     fn stopping(&self) -> bool {
         // A dropped Relay handle also stops the task.
         *self.stop.borrow() || self.stop.has_changed().is_err()
+    }
+
+    /// Rows per batch read.
+    fn batch_limit(&self) -> usize {
+        self.config.batch_size.clamp(1, 1000)
     }
 
     /// Waits up to `d`, or less if the relay is stopped.
@@ -595,9 +608,17 @@ impl Runner {
     /// Reads and sends batches until the pipeline is full, the outbox has
     /// nothing more from the cursor, or the next row waits for the key fence.
     async fn fill(&mut self) -> Result<(), Failure> {
-        let limit = self.config.batch_size.clamp(1, 1000);
+        let limit = self.batch_limit();
         while self.in_flight.len() < self.config.pipeline && !self.at_end && !self.stopping() {
-            let mut rows = self.outbox.fetch(self.cursor, limit).await?;
+            if self.cursor == 0 {
+                // A sweep from the lowest row would find the rows of
+                // answered batches still being deleted, and send them again.
+                self.deleted_all().await?;
+            }
+            let mut rows = match self.read_ahead.take() {
+                Some((from, rows)) if from == self.cursor => rows,
+                _ => self.outbox.fetch(self.cursor, limit).await?,
+            };
             if rows.is_empty() {
                 self.at_end = true;
                 break;
@@ -612,6 +633,7 @@ impl Runner {
             if walked == 0 {
                 // The next row's key has a row in flight: it waits for that
                 // batch's answer.
+                self.read_ahead = Some((self.cursor, rows));
                 break;
             }
             let caught_up = rows.len() < limit && walked == rows.len();
@@ -677,10 +699,29 @@ impl Runner {
     /// rows; on a refusal publishes them row by row. Any failure abandons
     /// the pipeline.
     async fn settle(&mut self) -> Result<(), Failure> {
-        let answer = match &mut self.stream {
-            Some((_, receiver)) => receiver.next().await,
-            None => Err(Error::Unavailable("no publish stream".into())),
+        // Meanwhile, read the rows the next batch will take (issue 14): the
+        // read and the broker's commit overlap instead of taking turns. A
+        // sweep from the lowest row waits for the deletes, so it reads then.
+        let read_from =
+            (self.read_ahead.is_none() && !self.at_end && self.cursor != 0).then_some(self.cursor);
+        let limit = self.batch_limit();
+        let (answer, read) = {
+            let outbox = &self.outbox;
+            let read = async {
+                match read_from {
+                    Some(from) => Some((from, outbox.fetch(from, limit).await)),
+                    None => None,
+                }
+            };
+            match &mut self.stream {
+                Some((_, receiver)) => tokio::join!(receiver.next(), read),
+                None => (Err(Error::Unavailable("no publish stream".into())), None),
+            }
         };
+        // A failed read is left to the next one, which reports it.
+        if let Some((from, Ok(rows))) = read {
+            self.read_ahead = Some((from, rows));
+        }
         let Some(batch) = self.in_flight.pop_front() else {
             return Ok(());
         };
@@ -690,11 +731,8 @@ impl Runner {
                     s.batches += 1;
                     s.last_batch_latency = Some(batch.sent.elapsed());
                 });
-                if let Err(e) = self.done(&batch.rows, &results).await {
-                    self.abandon();
-                    return Err(Failure::Database(e));
-                }
-                Ok(())
+                self.delete_later(batch.rows, results);
+                self.deleted_finished().await
             }
             Ok(Some(results)) => {
                 self.abandon();
@@ -737,6 +775,7 @@ impl Runner {
     /// The next read starts from the lowest pending row, where every held
     /// row is seen again before the rows behind it.
     fn sweep_again(&mut self) {
+        self.read_ahead = None;
         self.cursor = 0;
         self.at_end = false;
         self.stalled.clear();
@@ -751,6 +790,58 @@ impl Runner {
                 break;
             }
         }
+        if let Err(f) = self.deleted_all().await {
+            tracing::info!(error = %f, "stopping with answered rows not deleted; they will be resent");
+        }
+    }
+
+    /// Deletes the rows of an answered batch in a task of its own, so that
+    /// the relay goes on reading and sending meanwhile; [`Runner::reap`]
+    /// counts them once deleted.
+    fn delete_later(&mut self, rows: Vec<Row>, results: Vec<PublishOutcome>) {
+        let outbox = self.outbox.clone();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        // If the delete fails the rows stay and are sent again: the broker
+        // answers them as duplicates.
+        let task = tokio::spawn(async move { outbox.delete(&seqs).await });
+        self.deleting.push_back(Deleting { task, results });
+    }
+
+    /// Counts the deletes that have finished, oldest first, and waits for
+    /// the oldest while more than a pipeline's worth are running.
+    async fn deleted_finished(&mut self) -> Result<(), Failure> {
+        while let Some(front) = self.deleting.front() {
+            if !front.task.is_finished() && self.deleting.len() <= self.config.pipeline {
+                break;
+            }
+            self.reap().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every delete running.
+    async fn deleted_all(&mut self) -> Result<(), Failure> {
+        while !self.deleting.is_empty() {
+            self.reap().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest delete and counts its batch; a failed one
+    /// abandons the pipeline (its rows are sent again).
+    async fn reap(&mut self) -> Result<(), Failure> {
+        let Some(Deleting { task, results }) = self.deleting.pop_front() else {
+            return Ok(());
+        };
+        let deleted = task
+            .await
+            .unwrap_or_else(|e| Err(Error::Storage(format!("outbox delete task failed: {e}"))));
+        if let Err(e) = deleted {
+            self.abandon();
+            return Err(Failure::Database(e));
+        }
+        self.count(&results);
+        Ok(())
     }
 
     /// After the broker refused a batch: publishes its rows one at a time,
@@ -811,6 +902,13 @@ impl Runner {
         // If this fails the rows stay and are sent again: the broker answers
         // them as duplicates.
         self.outbox.delete(&seqs).await?;
+        self.count(results);
+        Ok(())
+    }
+
+    /// Counts published rows (the broker's `results` for them, whose rows
+    /// are deleted) and tells listeners.
+    fn count(&mut self, results: &[PublishOutcome]) {
         let duplicates = results.iter().filter(|r| r.duplicate).count() as u64;
         if duplicates > 0 {
             tracing::info!(
@@ -819,7 +917,7 @@ impl Runner {
             );
         }
         self.status.send_modify(|s| {
-            s.published += rows.len() as u64;
+            s.published += results.len() as u64;
             s.duplicates += duplicates;
             s.last_publish = Some(SystemTime::now());
         });
@@ -827,7 +925,6 @@ impl Runner {
             let ids: Arc<[Uuid]> = results.iter().map(|r| r.id).collect();
             let _ = self.acked.send(ids);
         }
-        Ok(())
     }
 
     fn succeeded(&mut self) {
@@ -912,6 +1009,13 @@ struct InFlight {
     /// The relay spans of its traced messages; each lasts until the broker's
     /// answer (or until the batch is abandoned).
     _spans: Vec<tracing::Span>,
+}
+
+/// An answered batch whose rows are being deleted.
+struct Deleting {
+    task: JoinHandle<Result<()>>,
+    /// The broker's answer, counted once the rows are gone.
+    results: Vec<PublishOutcome>,
 }
 
 /// The (topic, key) pairs with a row in a batch in flight.

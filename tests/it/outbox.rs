@@ -3,7 +3,7 @@
 //! database on the same backend as the broker's).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, SqlitePool};
 use tempfile::TempDir;
@@ -724,4 +724,96 @@ backend_test! {
         drop(sub);
         Scene { broker, app, relay }.finish().await;
     }
+}
+
+/// Deletes wait on a lock the test holds; the relay reads and sends the
+/// next batches meanwhile, up to a pipeline's worth of deletes waiting. Once
+/// they go through, the sweep from the lowest row finds nothing to send
+/// again. PostgreSQL only: SQLite has one write lock for the whole
+/// database, so a test holding it stalls every write of the relay (its
+/// heartbeat too), not only the deletes.
+#[tokio::test]
+async fn issue_14_the_relay_sends_on_while_answered_batches_are_deleted() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    const BATCH: usize = 4;
+    const PIPELINE: usize = 4;
+    let broker = TestBroker::start(backend.clone()).await;
+    broker.topic_and_sub("orders", "s", |_| {}).await;
+    let app = AppDb::create(&backend).await;
+    let config = || {
+        let mut config = relay_config(&broker);
+        config.batch_size = BATCH;
+        config.pipeline = PIPELINE;
+        config
+    };
+    let until_stored = |n: i64, what: &'static str| {
+        let broker = &broker;
+        async move {
+            let patience = Instant::now() + Duration::from_secs(20);
+            loop {
+                let stored = stored(broker, "orders").await;
+                if stored >= n {
+                    return;
+                }
+                assert!(Instant::now() < patience, "{what}: {stored} stored");
+                tokio::time::sleep(ms(20)).await;
+            }
+        }
+    };
+    let published = |relay: &Relay, n: u64| {
+        let mut status = relay.watch();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                status.wait_for(|s| s.published >= n),
+            )
+            .await
+            .expect("the relay publishes in time")
+            .expect("relay running")
+            .clone()
+        }
+    };
+
+    let messages: Vec<Message> = (0..48)
+        .map(|i| Message::new("orders", format!("m{i}")))
+        .collect();
+    app.enqueue(&messages, true).await;
+    let block = app.block_deletes().await;
+    let relay = Relay::start(app.outbox(), config()).await.expect("relay");
+    // A pipeline in flight and a pipeline's worth waiting to be deleted:
+    // twice what a relay that waits for each delete could have sent.
+    until_stored(
+        (2 * PIPELINE * BATCH) as i64,
+        "the relay stopped sending while deletes waited",
+    )
+    .await;
+    assert_eq!(
+        app.depth().await,
+        messages.len() as i64,
+        "nothing was deleted yet"
+    );
+    drop(block);
+    published(&relay, messages.len() as u64).await;
+    relay.stop().await;
+
+    // The outbox's last rows are answered while their deletes wait: the
+    // relay, caught up, sweeps from the lowest row only once they went.
+    // (The lock holds inserts too: they go in first, for a new relay.)
+    let last: Vec<Message> = (0..BATCH)
+        .map(|i| Message::new("orders", format!("last{i}")))
+        .collect();
+    app.enqueue(&last, true).await;
+    let block = app.block_deletes().await;
+    let relay = Relay::start(app.outbox(), config()).await.expect("relay");
+    let all = (messages.len() + last.len()) as i64;
+    until_stored(all, "the last rows were not sent").await;
+    // A few poll intervals for a sweep that would send them again.
+    tokio::time::sleep(ms(300)).await;
+    drop(block);
+    let done = published(&relay, last.len() as u64).await;
+    assert_eq!(done.duplicates, 0, "no row was sent twice: {done:?}");
+    assert_eq!(stored(&broker, "orders").await, all);
+    Scene { broker, app, relay }.finish().await;
 }
