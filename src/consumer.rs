@@ -675,11 +675,15 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         let mut tasks: HashMap<tokio::task::Id, Taken> = HashMap::new();
         let mut held: HashMap<String, Held> = HashMap::new();
         // Keys whose delivery failed, until the broker has answered the
-        // nack (or release) that ended it: deliveries of such a key that
-        // arrive meanwhile were leased before the broker took the failure
-        // in, which ended their leases too; they go back unprocessed, or
-        // their effects would come before the failed one's. Each fence
-        // also lifts after a lease span, should the answer never come.
+        // nack (or release) that ended it and every release of the key's
+        // deliveries sent since: deliveries of such a key that arrive
+        // meanwhile were leased before the broker read one of those, which
+        // ended their leases too; they go back unprocessed, or their
+        // effects would come before the failed one's. (The broker's session
+        // answers a stream's requests in order with its deliveries, so an
+        // answer follows every delivery leased before the request was
+        // read.) Each fence also lifts a lease span after its last id,
+        // should an answer never come.
         let mut fences = Fences::default();
         let mut unconfirmed: HashMap<String, Instant> = HashMap::new();
         let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
@@ -753,15 +757,15 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                             let h = held.remove(&ack_id);
                             let span = h.as_ref().map_or(0, |h| h.span);
                             if let Some(key) = h.and_then(|h| h.key).filter(|_| !outcome.keeps()) {
-                                if !matches!(outcome, Outcome::Released) {
-                                    if matches!(outcome, Outcome::Expired) {
-                                        // Answered (stale) once the broker
-                                        // has read it: that answer lifts the
-                                        // fence.
-                                        sub.release(vec![ack_id.clone()]);
-                                    }
-                                    fences.raise(&key, &ack_id, span);
+                                if matches!(outcome, Outcome::Expired) {
+                                    // Answered (stale) once the broker has
+                                    // read it: that answer lifts the fence.
+                                    sub.release(vec![ack_id.clone()]);
                                 }
+                                // Released ones too: their later messages
+                                // may be leased until the broker reads the
+                                // release.
+                                fences.raise(&key, &ack_id, span);
                                 failed_keys.insert(key);
                             }
                             self.settle(&sub, ack_id, outcome, &mut acks, &mut unconfirmed);
@@ -778,7 +782,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                                 .map(|j| j.ack_id)
                                 .collect();
                             for ack_id in &back {
-                                held.remove(ack_id);
+                                if let Some(Held { key: Some(key), span, .. }) = held.remove(ack_id) {
+                                    fences.raise(&key, ack_id, span);
+                                }
                             }
                             if !back.is_empty() {
                                 sub.release(back);
@@ -812,12 +818,20 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         }
                         counters.add(&counters.received, 1);
                         let ack_id = delivery.ack_id.to_string();
-                        if delivery.message.key.as_ref().is_some_and(|k| fences.holds(k)) {
+                        let now = now_micros();
+                        let span = (delivery.lease_deadline - now).max(1_000);
+                        if let Some(key) = delivery.message.key.as_ref().filter(|k| fences.holds(k)) {
+                            // Leased before the broker read what raised the
+                            // fence, or after (a redelivery of the failed
+                            // one, with its followers): either way back it
+                            // goes, and the fence stays until this release
+                            // is answered too, since the broker may lease
+                            // the key's next messages to this stream
+                            // until it reads it.
+                            fences.raise(key, &ack_id, span);
                             sub.release(vec![ack_id]);
                             continue;
                         }
-                        let now = now_micros();
-                        let span = (delivery.lease_deadline - now).max(1_000);
                         let deadline = Arc::new(AtomicI64::new(delivery.lease_deadline));
                         let started = Arc::new(AtomicBool::new(false));
                         let key = delivery.message.key.clone().filter(|k| !k.is_empty());

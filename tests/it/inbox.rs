@@ -20,7 +20,7 @@ use tidings::inbox::{Inbox, InboxDatabase, Recorded};
 use tidings::model::Delivery;
 use tidings::proto;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -1341,6 +1341,8 @@ struct ShippingLog {
     shared_batches: u64,
     /// Inbox transactions committed.
     committed: u64,
+    /// Deliveries whose lease ran out before their handler could start.
+    expired: u64,
 }
 
 impl ShippingLog {
@@ -1349,6 +1351,7 @@ impl ShippingLog {
         self.batches += other.batches;
         self.shared_batches += other.shared_batches;
         self.committed += other.committed;
+        self.expired += other.expired;
     }
 
     /// Books one stderr line of the consumer runtime's debug log.
@@ -1370,6 +1373,8 @@ impl ShippingLog {
             }
         } else if line.contains("inbox batch committed") {
             self.committed += 1;
+        } else if line.contains("lease ended before the handler could start") {
+            self.expired += 1;
         }
     }
 }
@@ -1378,6 +1383,8 @@ impl ShippingLog {
 struct Shipping {
     child: tokio::process::Child,
     log: JoinHandle<ShippingLog>,
+    /// How many inbox transactions it has logged as committed so far.
+    commits: watch::Receiver<u64>,
 }
 
 async fn spawn_shipping(broker: &str, database_url: &str) -> Shipping {
@@ -1400,15 +1407,21 @@ async fn spawn_shipping(broker: &str, database_url: &str) -> Shipping {
     assert!(line.starts_with("shipping: consuming"), "{line}");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let stderr = child.stderr.take().expect("stderr");
+    let (committed, commits) = watch::channel(0u64);
     let log = tokio::spawn(async move {
         let mut log = ShippingLog::default();
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             log.read(&line);
+            committed.send_replace(log.committed);
         }
         log
     });
-    Shipping { child, log }
+    Shipping {
+        child,
+        log,
+        commits,
+    }
 }
 
 /// A SIGKILL run of the `shipping` example: the orders published meanwhile,
@@ -1420,6 +1433,8 @@ struct KillRun {
     every: Duration,
     kills: usize,
     seed: u64,
+    /// The subscription's ack deadline.
+    lease: Duration,
 }
 
 /// What a [`KillRun`] saw.
@@ -1448,6 +1463,7 @@ async fn sigkill_case<DB: TestDb>(backend: Backend) {
         every: ms(30),
         kills: 12,
         seed: 0x5417,
+        lease: ms(1000),
     };
     let report = kill_shipping::<DB>(&backend, run).await;
     let skipped = report.log.duplicates;
@@ -1484,6 +1500,7 @@ async fn sigkill_batch_case<DB: TestDb>(backend: Backend) {
         every: ms(10),
         kills: 16,
         seed: 0xba7c4,
+        lease: ms(1000),
     };
     let report = kill_shipping::<DB>(&backend, run).await;
     eprintln!("{report:?}");
@@ -1494,6 +1511,36 @@ async fn sigkill_batch_case<DB: TestDb>(backend: Backend) {
     assert!(
         report.kills_in_transaction > 0,
         "some kills came while a transaction was open: {report:?}"
+    );
+}
+
+backend_test! {
+    /// The `shipping` example on leases shorter than its batches take
+    /// (100 ms), killed with SIGKILL eight times: deliveries run out of
+    /// lease before their handler starts, their key is fenced and they go
+    /// back, while the broker still leases the key's next messages to the
+    /// stream until it reads the release. None of those may take effect
+    /// before the one released: every order is shipped exactly once and in
+    /// order per customer.
+    async fn sigkilled_consumer_on_short_leases_ships_each_order_once(backend) {
+        on_backend!(backend, short_lease_case)
+    }
+}
+
+async fn short_lease_case<DB: TestDb>(backend: Backend) {
+    let run = KillRun {
+        customers: 40,
+        rounds: 40,
+        every: ms(10),
+        kills: 8,
+        seed: 0x5e4d,
+        lease: ms(100),
+    };
+    let report = kill_shipping::<DB>(&backend, run).await;
+    eprintln!("{report:?}");
+    assert!(
+        report.log.expired > 0,
+        "some leases ran out before their handler started: {report:?}"
     );
 }
 
@@ -1523,7 +1570,7 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
             name: "shipping".into(),
             topic: "orders".into(),
             ordered: true,
-            ack_deadline: Some(pb(ms(1000))),
+            ack_deadline: Some(pb(run.lease)),
             max_attempts: 1000,
             min_backoff: Some(pb(ms(10))),
             max_backoff: Some(pb(ms(100))),
@@ -1544,6 +1591,7 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
         every,
         kills: planned,
         seed,
+        lease: _,
     } = run;
     let producing = tokio::spawn(async move {
         for n in 1..=rounds {
@@ -1562,9 +1610,16 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
     let mut rng = Rng::new(seed);
     let mut kills = 0;
     let mut kills_in_transaction = 0;
-    for _ in 0..planned {
+    for round in 0..planned {
         let mut shipping = spawn_shipping(&broker.url, &consumer_db.url).await;
         tokio::time::sleep(ms(100 + rng.below(300))).await;
+        if round % 2 == 1 {
+            // Every other kill follows the next commit the consumer logs
+            // at once: its acks wait ACK_DELAY to share a request, so such
+            // a kill mostly falls between a commit and its ack, however
+            // slow the machine is.
+            let _ = tokio::time::timeout(ms(2000), shipping.commits.changed()).await;
+        }
         shipping.child.kill().await.expect("SIGKILL");
         kills += 1;
         let ended = within("the killed process's log", shipping.log)
