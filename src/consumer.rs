@@ -47,7 +47,7 @@ use crate::inbox::{Inbox, InboxDatabase, Recorded, Savepoint};
 use crate::model::{AckOperation, AckOutcome, AckStatus, Delivery, Micros, now_micros};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::Transaction;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -377,6 +377,9 @@ enum Outcome {
     /// Recorded before: ack (once the batch committed: the row found may
     /// be the batch's own).
     Duplicate,
+    /// Recorded by a transaction that had committed before the batch
+    /// began: its ack went out ahead of the batch ([`Shared::early`]).
+    Acked,
     /// The handler failed: nack with this reason.
     Failed(String),
     /// The inbox failed: nack with this reason.
@@ -390,7 +393,10 @@ enum Outcome {
 impl Outcome {
     /// Whether the delivery's work committed (it is acked).
     fn keeps(&self) -> bool {
-        matches!(self, Outcome::Processed | Outcome::Duplicate)
+        matches!(
+            self,
+            Outcome::Processed | Outcome::Duplicate | Outcome::Acked
+        )
     }
 }
 
@@ -448,6 +454,12 @@ struct Shared<DB: InboxDatabase, H> {
     busy: Mutex<HashMap<String, usize>>,
     /// [`ConsumerConfig::max_batch`].
     max_batch: usize,
+    /// Ack ids of duplicates a batch found when it recorded its ids, for
+    /// the main loop to ack at once: their rows were committed before the
+    /// batch began, so their acks need not wait for its handlers and
+    /// commit (a redelivered batch would otherwise see its acks refused
+    /// whenever the batch outlasts the lease).
+    early: mpsc::UnboundedSender<Vec<String>>,
     /// Set at shutdown: batches start no further handler.
     stopping: AtomicBool,
     /// [`ConsumerConfig::database_timeout`].
@@ -651,6 +663,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         };
         let mut sub = Subscriber::new(&self.connection, self.config.reconnect)
             .subscribe(&self.subscription, flow);
+        let (early, mut early_acks) = mpsc::unbounded_channel::<Vec<String>>();
         let shared = Arc::new(Shared {
             inbox: self.inbox.clone(),
             handler: self.handler.clone(),
@@ -658,6 +671,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             waiting: Mutex::new(VecDeque::new()),
             busy: Mutex::new(HashMap::new()),
             max_batch: self.config.max_batch,
+            early,
             stopping: AtomicBool::new(false),
             database_timeout: self.config.database_timeout,
             handler_latency: self.counters.handler_latency.clone(),
@@ -736,7 +750,20 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                     );
                     break Ok(());
                 }
+                Some(ids) = early_acks.recv() => {
+                    self.ack_early(&sub, ids, &mut held, &mut acks, &mut unconfirmed);
+                    if acks.len() >= ACK_BATCH {
+                        flush(&sub, &mut acks, &mut unconfirmed);
+                        flush_at = None;
+                    } else if !acks.is_empty() && flush_at.is_none() {
+                        flush_at = Some(Instant::now() + ACK_DELAY);
+                    }
+                }
                 Some(joined) = workers.join_next_with_id(), if !workers.is_empty() => {
+                    // A batch's early acks go before its others.
+                    while let Ok(ids) = early_acks.try_recv() {
+                        self.ack_early(&sub, ids, &mut held, &mut acks, &mut unconfirmed);
+                    }
                     let mut next = Some(joined);
                     while let Some(joined) = next {
                         let (id, batch) = match joined {
@@ -905,6 +932,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         };
         // Acks not sent yet go now (the stream may take them before it ends;
         // if not, those messages come again and are skipped as duplicates).
+        while let Ok(ids) = early_acks.try_recv() {
+            self.ack_early(&sub, ids, &mut held, &mut acks, &mut unconfirmed);
+        }
         flush(&sub, &mut acks, &mut unconfirmed);
         // Batches still running are cancelled: their transactions roll back.
         workers.shutdown().await;
@@ -977,6 +1007,23 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             // Never handed to the handler: back to the broker without
             // counting an attempt.
             Outcome::Released => sub.release(vec![ack_id]),
+            // Settled by `ack_early`.
+            Outcome::Acked => {}
+        }
+    }
+
+    /// Acks the duplicates a running batch found up front ([`Shared::early`]).
+    fn ack_early(
+        &self,
+        sub: &crate::client::Subscription,
+        ids: Vec<String>,
+        held: &mut HashMap<String, Held>,
+        acks: &mut Vec<String>,
+        unconfirmed: &mut HashMap<String, Instant>,
+    ) {
+        for ack_id in ids {
+            held.remove(&ack_id);
+            self.settle(sub, ack_id, Outcome::Duplicate, acks, unconfirmed);
         }
     }
 
@@ -1106,6 +1153,22 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
             return Batch::failed(jobs, &format!("inbox transaction failed: {e}"));
         }
     };
+    // Each id recorded before the batch began is a duplicate whose row
+    // committed then (the INSERT waits for a transaction still holding
+    // one): its first delivery here is acked at once.
+    let mut seen = HashSet::with_capacity(jobs.len());
+    let early: Vec<String> = jobs
+        .iter()
+        .filter(|j| {
+            let id = j.delivery.message.id.to_string();
+            !new_ids.contains(&id) && seen.insert(id)
+        })
+        .map(|j| j.ack_id.clone())
+        .collect();
+    if !early.is_empty() {
+        // The main loop outlives every batch task it awaits.
+        let _ = shared.early.send(early);
+    }
     let mut outcomes = Vec::with_capacity(jobs.len());
     // How long each handler that ran took, for the latency histogram.
     let mut ran = Vec::with_capacity(jobs.len());
@@ -1126,6 +1189,11 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
         let id = job.delivery.message.id.to_string();
         let first = met.insert(id.clone());
         let recorded = first && new_ids.contains(&id);
+        if first && !recorded {
+            // Processed before, and acked already: nothing to run.
+            outcomes.push((job.ack_id, Outcome::Acked));
+            continue;
+        }
         if shared.stopping.load(Ordering::Relaxed)
             || job.key.as_ref().is_some_and(|k| failed_keys.contains(k))
         {
@@ -1133,11 +1201,6 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
                 forget.push(id);
             }
             outcomes.push((job.ack_id, Outcome::Released));
-            continue;
-        }
-        if first && !recorded {
-            // Processed before: nothing to run, nothing written.
-            outcomes.push((job.ack_id, Outcome::Duplicate));
             continue;
         }
         let step = if open {

@@ -1208,6 +1208,34 @@ async fn pruning_case<DB: TestDb>(backend: Backend) {
     teardown(broker, db).await;
 }
 
+/// Creates `topic` with a retention, so that acked messages stay for a
+/// Seek back.
+async fn kept_topic(broker: &TestBroker, topic: &str) {
+    broker
+        .raw_admin()
+        .create_topic(proto::CreateTopicRequest {
+            topic: Some(proto::Topic {
+                name: topic.into(),
+                retention: Some(pb(Duration::from_secs(3600))),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("topic");
+}
+
+/// Seeks `subscription` back to sequence `to`.
+async fn seek(broker: &TestBroker, subscription: &str, to: i64) {
+    broker
+        .raw_admin()
+        .seek(proto::SeekRequest {
+            subscription: subscription.into(),
+            target: Some(proto::seek_request::Target::Sequence(to)),
+        })
+        .await
+        .expect("seek");
+}
+
 backend_test! {
     /// A Seek back replays: the inbox skips the ids it still holds and runs
     /// the handler for those it pruned; `forget_from` before the Seek makes
@@ -1219,18 +1247,7 @@ backend_test! {
 
 async fn replay_case<DB: TestDb>(backend: Backend) {
     let (broker, db) = setup::<DB>(&backend).await;
-    // Acked messages stay for replay only with a retention.
-    broker
-        .raw_admin()
-        .create_topic(proto::CreateTopicRequest {
-            topic: Some(proto::Topic {
-                name: "t".into(),
-                retention: Some(pb(Duration::from_secs(3600))),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("topic");
+    kept_topic(&broker, "t").await;
     broker.topic_and_sub("t", "s", quick(|_| {})).await;
     let seqs = broker.publish("t", &["1", "2", "3", "4"]).await;
     let handler = Recorder::plain();
@@ -1238,30 +1255,63 @@ async fn replay_case<DB: TestDb>(backend: Backend) {
     running.wait_for("four acks", |s| s.acked >= 4).await;
     // As if the last pruning round had seen a watermark of 2.
     db.inbox.prune_through("s", seqs[1]).await.expect("prune");
-    let seek = |to: i64| {
-        let admin = broker.raw_admin();
-        async move {
-            let mut admin = admin;
-            admin
-                .seek(proto::SeekRequest {
-                    subscription: "s".into(),
-                    target: Some(proto::seek_request::Target::Sequence(to)),
-                })
-                .await
-                .expect("seek");
-        }
-    };
-    seek(seqs[0]).await;
+    seek(&broker, "s", seqs[0]).await;
     running.wait_for("the replay", |s| s.acked >= 8).await;
     let stats = running.monitor.stats();
     assert_eq!((stats.processed, stats.duplicates), (6, 2), "{stats:?}");
 
     db.inbox.forget_from("s", seqs[0]).await.expect("forget");
-    seek(seqs[0]).await;
+    seek(&broker, "s", seqs[0]).await;
     running.wait_for("the full replay", |s| s.acked >= 12).await;
     let stats = running.stop().await;
     assert_eq!((stats.processed, stats.duplicates), (10, 2), "{stats:?}");
     assert_eq!(db.effects().await.len(), 10);
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// A redelivered message whose id the inbox holds is acked as soon as
+    /// its batch has recorded its ids, not after the batch's other
+    /// handlers and commit: a batch that outlasts the lease would
+    /// otherwise see such acks refused and the messages come again.
+    async fn a_duplicate_is_acked_before_its_batch_commits(backend) {
+        on_backend!(backend, early_duplicate_case)
+    }
+}
+
+async fn early_duplicate_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    kept_topic(&broker, "t").await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.message.payload == b"gate",
+        ..Plan::default()
+    });
+    let seqs = broker.publish("t", &["dup"]).await;
+    let first = start(&broker, "s", &db, &handler, |_| {});
+    first.wait_for("dup acked", |s| s.acked >= 1).await;
+    first.stop().await;
+    // dup comes again (a Seek back), the gated message right behind it:
+    // one lease, one batch.
+    broker.publish("t", &["gate"]).await;
+    seek(&broker, "s", seqs[0]).await;
+    let running = start(&broker, "s", &db, &handler, |c| c.concurrency = 1);
+    handler.started().await;
+    let stats = running
+        .wait_for("the duplicate acked while the gate holds", |s| s.acked >= 1)
+        .await;
+    assert_eq!(
+        (stats.duplicates, stats.batches),
+        (1, 0),
+        "acked before any transaction committed: {stats:?}"
+    );
+    handler.release(1);
+    running.wait_for("gate acked", |s| s.acked >= 2).await;
+    let stats = running.stop().await;
+    assert_eq!((stats.processed, stats.duplicates), (1, 1), "{stats:?}");
+    let mut effects: Vec<String> = db.effects().await.into_iter().map(|e| e.payload).collect();
+    effects.sort();
+    assert_eq!(effects, ["dup", "gate"]);
     teardown(broker, db).await;
 }
 
