@@ -17,7 +17,9 @@ use crate::model::{
     SessionEvent, Subscription, SubscriptionStats, Topic, TopicSettings, validate_name,
 };
 use crate::session::{self, Session};
-use crate::store::{Holder, LeaseBatch, NewSubscription, Store, SubscriptionPatch, TopicPatch};
+use crate::store::{
+    Holder, LeaseBatch, Link, NewSubscription, Store, SubscriptionPatch, TopicPatch,
+};
 
 /// Limits on what clients may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,17 +411,22 @@ impl Broker {
     }
 
     /// Validates a batch and queues it behind those queued before; the
-    /// returned future answers after the commit.
+    /// returned future answers after the commit. `link` places it in its
+    /// publish stream's chain: once a request of the stream fails, here or
+    /// in storage, none after it is stored (see [`crate::store::Chain`]).
     ///
     /// Fails as [`Broker::publish`] does.
     pub async fn enqueue_publish(
         &self,
         messages: Vec<NewMessage>,
+        link: Link,
     ) -> Result<impl Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static> {
-        self.check_open()?;
-        self.check_batch(&messages)?;
+        if let Err(e) = self.check_open().and_then(|()| self.check_batch(&messages)) {
+            link.failed();
+            return Err(e);
+        }
         let spans = crate::trace::publish_spans(&messages);
-        let done = self.store.enqueue_publish(messages).await?;
+        let done = self.store.enqueue_publish(messages, Some(link)).await?;
         Ok(async move {
             let outcome = done.await;
             drop(spans);

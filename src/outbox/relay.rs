@@ -16,21 +16,17 @@
 //! on PostgreSQL they still elect one leader so that only one does the work.
 //!
 //! The pipeline. Up to [`RelayConfig::pipeline`] batches are in flight on one
-//! stream; the broker stores a stream's requests in the order sent, so while
-//! every batch succeeds each key keeps its order. A failure is the danger:
-//! when batch n is refused or fails, the broker may still store batches sent
-//! after it (they were already queued behind it, or a refusal of one message
-//! is not a refusal of the next request). So the rule is a **key fence**: a
-//! batch never carries a row whose (topic, key) has a row in a batch still
-//! unanswered; the batch being built ends before such a row (rows without a
-//! key order nothing and never wait). Whatever the broker then does with
-//! the later batches, none holds a later row of a key of the failed batch,
-//! and no order can be broken. On any failure the relay abandons the whole
-//! pipeline (answers still to come are not awaited; their rows stay), deals
-//! with the failed batch (a refused one is retried row by row, refused rows
-//! held with the later rows of their key), and sweeps again from the lowest
-//! pending row: rows of abandoned batches that the broker did store come back
-//! as duplicates with their first sequence numbers. Acked batches are deleted
+//! stream; the broker stores a stream's requests in the order sent, and once
+//! one of them fails (refused, or its commit failed) it stores none sent
+//! after it on that stream (`store::Chain`): what a stream stored is always
+//! a prefix of what it sent. So a key's rows may be in several batches in
+//! flight at once and still go in in order, whatever fails. On any failure
+//! the relay abandons the whole pipeline (answers still to come are not
+//! awaited; their rows stay), deals with the failed batch (a refused one is
+//! retried row by row, refused rows held with the later rows of their key),
+//! and sweeps again from the lowest pending row: rows of abandoned batches
+//! that the broker did store (those before the failure) come back as
+//! duplicates with their first sequence numbers. Acked batches are deleted
 //! in order as their answers come; a crash between an ack and its delete, or
 //! after later batches were stored, only leaves rows that are resent as
 //! duplicates. A relay that loses the leader lock abandons its pipeline too.
@@ -605,8 +601,8 @@ impl Runner {
         Ok(true)
     }
 
-    /// Reads and sends batches until the pipeline is full, the outbox has
-    /// nothing more from the cursor, or the next row waits for the key fence.
+    /// Reads and sends batches until the pipeline is full or the outbox has
+    /// nothing more from the cursor.
     async fn fill(&mut self) -> Result<(), Failure> {
         let limit = self.batch_limit();
         while self.in_flight.len() < self.config.pipeline && !self.at_end && !self.stopping() {
@@ -623,19 +619,7 @@ impl Runner {
                 self.at_end = true;
                 break;
             }
-            let fenced = fenced_keys(&self.in_flight);
-            let (take, walked) = plan(
-                &rows,
-                &fenced,
-                &mut self.stalled,
-                self.config.max_batch_bytes,
-            );
-            if walked == 0 {
-                // The next row's key has a row in flight: it waits for that
-                // batch's answer.
-                self.read_ahead = Some((self.cursor, rows));
-                break;
-            }
+            let (take, walked) = plan(&rows, &mut self.stalled, self.config.max_batch_bytes);
             let caught_up = rows.len() < limit && walked == rows.len();
             self.cursor = rows[walked - 1].seq;
             self.at_end = caught_up;
@@ -749,10 +733,10 @@ impl Runner {
                 )))
             }
             Err(e) if refused(&e) => {
-                // The stream ends with the refusal. Batches sent after this
-                // one hold no row of its keys (the key fence), so whether
-                // the broker stored them or not, publishing this batch row
-                // by row now keeps every key in order.
+                // The stream ends with the refusal, and the broker stored
+                // nothing sent after this batch on it (its chain), so
+                // publishing this batch row by row now, before the sweep
+                // sends the later ones again, keeps every key in order.
                 self.abandon();
                 self.one_by_one(&batch.rows).await
             }
@@ -1018,16 +1002,6 @@ struct Deleting {
     results: Vec<PublishOutcome>,
 }
 
-/// The (topic, key) pairs with a row in a batch in flight.
-fn fenced_keys(in_flight: &VecDeque<InFlight>) -> HashSet<(&str, &str)> {
-    in_flight
-        .iter()
-        .flat_map(|b| &b.rows)
-        .filter(|r| !r.key.is_empty())
-        .map(|r| (r.topic.as_str(), r.key.as_str()))
-        .collect()
-}
-
 /// What the next batch takes of `rows` (pending rows in `seq` order): the
 /// indices of the rows to send, and how many rows were walked (the cursor
 /// moves past them; rows after them are read again).
@@ -1037,12 +1011,9 @@ fn fenced_keys(in_flight: &VecDeque<InFlight>) -> HashSet<(&str, &str)> {
 /// lowest row (which clears `stalled`). Whether the held row's hold ends or
 /// it is published meanwhile, the cursor may be past it, and only that sweep
 /// sends its key again, from its lowest row. Rows up to `max_bytes` are
-/// taken (at least one); the batch ends before the first row whose (topic,
-/// key) is `fenced` (has a row in a batch in flight). Nothing walked when
-/// the first row is fenced: it waits for that batch's answer.
+/// taken (at least one).
 fn plan(
     rows: &[Row],
-    fenced: &HashSet<(&str, &str)>,
     stalled: &mut HashSet<(String, String)>,
     max_bytes: usize,
 ) -> (Vec<usize>, usize) {
@@ -1058,9 +1029,6 @@ fn plan(
                 stalled.insert((r.topic.clone(), r.key.clone()));
             }
             continue;
-        }
-        if keyed && fenced.contains(&(r.topic.as_str(), r.key.as_str())) {
-            return (take, i);
         }
         bytes += r.bytes();
         if !take.is_empty() && bytes > max_bytes {
@@ -1103,47 +1071,15 @@ mod tests {
     }
 
     /// `plan` with nothing stalled before.
-    fn plan_of(
-        rows: &[Row],
-        fenced: &HashSet<(&str, &str)>,
-        max_bytes: usize,
-    ) -> (Vec<usize>, usize) {
-        plan(rows, fenced, &mut HashSet::new(), max_bytes)
-    }
-
-    #[test]
-    fn a_batch_ends_before_a_key_with_a_row_in_flight() {
-        let rows = [
-            row(1, "", 10),
-            row(2, "a", 10),
-            row(3, "b", 10),
-            row(4, "", 10),
-        ];
-        let none = HashSet::new();
-        assert_eq!(plan_of(&rows, &none, 1 << 20), (vec![0, 1, 2, 3], 4));
-        let b: HashSet<(&str, &str)> = [("t", "b")].into();
-        assert_eq!(
-            plan_of(&rows, &b, 1 << 20),
-            (vec![0, 1], 2),
-            "keyless rows after b wait too"
-        );
-        let a: HashSet<(&str, &str)> = [("t", "a")].into();
-        assert_eq!(plan_of(&rows, &a, 1 << 20), (vec![0], 1));
-        assert_eq!(
-            plan_of(&rows[1..], &a, 1 << 20),
-            (vec![], 0),
-            "the first row waits"
-        );
-        let other_topic: HashSet<(&str, &str)> = [("u", "a")].into();
-        assert_eq!(plan_of(&rows, &other_topic, 1 << 20).1, 4);
+    fn plan_of(rows: &[Row], max_bytes: usize) -> (Vec<usize>, usize) {
+        plan(rows, &mut HashSet::new(), max_bytes)
     }
 
     #[test]
     fn a_batch_holds_at_least_one_row_and_at_most_its_bytes() {
         let rows = [row(1, "", 100), row(2, "", 100), row(3, "", 100)];
-        let none = HashSet::new();
-        assert_eq!(plan_of(&rows, &none, 1), (vec![0], 1));
-        assert_eq!(plan_of(&rows, &none, 2 * rows[0].bytes()), (vec![0, 1], 2));
+        assert_eq!(plan_of(&rows, 1), (vec![0], 1));
+        assert_eq!(plan_of(&rows, 2 * rows[0].bytes()), (vec![0, 1], 2));
     }
 
     #[test]
@@ -1158,36 +1094,20 @@ mod tests {
             row(5, "", 10),
         ];
         let mut stalled = HashSet::new();
-        let none = HashSet::new();
-        assert_eq!(
-            plan(&rows, &none, &mut stalled, 1 << 20),
-            (vec![0, 2, 4], 5)
-        );
+        assert_eq!(plan(&rows, &mut stalled, 1 << 20), (vec![0, 2, 4], 5));
         assert!(stalled.contains(&("t".to_owned(), "a".to_owned())));
         // Later in the same sweep, a's rows are still skipped, even once
         // the held row is gone or ready.
         let later = [row(6, "a", 10), row(7, "b", 10)];
-        assert_eq!(plan(&later, &none, &mut stalled, 1 << 20), (vec![1], 2));
+        assert_eq!(plan(&later, &mut stalled, 1 << 20), (vec![1], 2));
         // A held row without a key stalls nothing.
         let mut loose = row(8, "", 10);
         loose.ready = false;
         let mut stalled = HashSet::new();
         assert_eq!(
-            plan(&[loose, row(9, "", 10)], &none, &mut stalled, 1 << 20),
+            plan(&[loose, row(9, "", 10)], &mut stalled, 1 << 20),
             (vec![1], 2)
         );
         assert!(stalled.is_empty());
-    }
-
-    #[test]
-    fn only_keys_in_flight_are_fenced() {
-        let mut in_flight = VecDeque::new();
-        in_flight.push_back(InFlight {
-            rows: vec![row(1, "a", 1), row(2, "", 1)],
-            sent: Instant::now(),
-            _spans: Vec::new(),
-        });
-        let fenced = fenced_keys(&in_flight);
-        assert_eq!(fenced, [("t", "a")].into());
     }
 }

@@ -61,6 +61,9 @@ impl PublisherService for Publisher {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let broker = self.broker.clone();
+        // What the stream stored is a prefix of what it sent: once a
+        // request fails, none after it is read or stored.
+        let chain = crate::store::Chain::new();
         tokio::spawn(
             async move {
             let mut draining = broker.draining();
@@ -111,10 +114,14 @@ impl PublisherService for Publisher {
                                 let queued = match caller.may_publish(&req.messages) {
                                     Err(denied) => Err(denied),
                                     Ok(()) => match wire::new_messages(req.messages) {
-                                        Ok(messages) => broker.enqueue_publish(messages).await.map_err(status),
+                                        Ok(messages) => broker.enqueue_publish(messages, chain.link(at as u64)).await.map_err(status),
                                         Err(e) => Err(status(e)),
                                     },
                                 };
+                                if queued.is_err() {
+                                    chain.link(at as u64).failed();
+                                    reading = false;
+                                }
                                 match queued {
                                     Ok(done) => pending.push_back(Box::pin(async move {
                                         done.await.map_err(|e| in_request(status(e)))

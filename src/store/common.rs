@@ -404,7 +404,10 @@ impl Op {
     pub(super) fn refuse(self, reason: &str) {
         let e = || Error::Unavailable(reason.to_owned());
         match self {
-            Op::Publish(_, r) => r.send(Err(e())),
+            Op::Publish(_, r, link) => {
+                link.inspect(super::Link::failed);
+                r.send(Err(e()))
+            }
             Op::CreateTopic(_, _, r) | Op::UpdateTopic(_, _, r) => r.send(Err(e())),
             Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => r.send(Err(e())),
             Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => r.send(Err(e())),

@@ -276,7 +276,7 @@ impl<T> std::fmt::Debug for Reply<T> {
 enum Op {
     /// Shared, so that the writer's copy of a group for a rerun (see
     /// `Writer::execute`) copies no payload.
-    Publish(Arc<[NewMessage]>, Reply<Vec<PublishOutcome>>),
+    Publish(Arc<[NewMessage]>, Reply<Vec<PublishOutcome>>, Option<Link>),
     CreateTopic(String, TopicSettings, Reply<Topic>),
     UpdateTopic(String, TopicPatch, Reply<Topic>),
     DeleteTopic(String, Reply<()>),
@@ -327,7 +327,7 @@ impl Op {
     /// How much of a batch this operation fills.
     fn weight(&self) -> usize {
         match self {
-            Op::Publish(m, _) => m.len().max(1),
+            Op::Publish(m, _, _) => m.len().max(1),
             Op::Ack(_, a, _) | Op::Release(_, a, _) => a.len().max(1),
             Op::Nack(_, n, _) => n.len().max(1),
             Op::Extend(_, e, _) => e.len().max(1),
@@ -347,6 +347,55 @@ struct LeaseRequest {
     /// The keys whose messages the stream holds, with the sequence of the
     /// latest of each.
     runs: Vec<(String, i64)>,
+}
+
+/// The requests of one publish stream, numbered in the order queued: once
+/// one is answered with an error (or refused before it was queued), none
+/// numbered after it is stored, so a key's messages never go in after an
+/// earlier request of the stream that failed (issue 14: the relay keeps
+/// several batches of one key in flight on that). Requests before the
+/// failed one are not affected.
+#[derive(Debug, Clone)]
+pub struct Chain(Arc<std::sync::atomic::AtomicU64>);
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain(Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)))
+    }
+}
+
+impl Chain {
+    /// A chain nothing has failed in yet.
+    pub fn new() -> Chain {
+        Chain::default()
+    }
+
+    /// Request `index` of the chain.
+    pub fn link(&self, index: u64) -> Link {
+        Link {
+            chain: self.clone(),
+            index,
+        }
+    }
+}
+
+/// One request of a [`Chain`].
+#[derive(Debug, Clone)]
+pub struct Link {
+    chain: Chain,
+    index: u64,
+}
+
+impl Link {
+    /// Marks this request failed: nothing after it is stored.
+    pub fn failed(&self) {
+        (self.chain.0).fetch_min(self.index, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a request before this one failed.
+    pub fn is_cut(&self) -> bool {
+        self.chain.0.load(std::sync::atomic::Ordering::SeqCst) < self.index
+    }
 }
 
 /// The identity of a Subscribe stream in its leases: random, 39 bits, never
@@ -627,7 +676,7 @@ impl Store {
     /// `Unavailable` if the commit failed.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<PublishOutcome>> {
         self.check_disk()?;
-        self.call(|r| Op::Publish(messages.into(), r)).await
+        self.call(|r| Op::Publish(messages.into(), r, None)).await
     }
 
     /// Refuses a publish while the disk is full.
@@ -637,20 +686,29 @@ impl Store {
 
     /// Queues a publish and returns the future of its outcome. Publishes
     /// queued one after another are committed in that order, which is what
-    /// keeps a pipelined stream's keys in order.
+    /// keeps a pipelined stream's keys in order; as a `link` of a
+    /// [`Chain`] (one per publish stream), once a request of the chain
+    /// fails none after it is stored, so what a stream stored is always a
+    /// prefix of what it sent.
     ///
     /// Fails with `Unavailable` if the store is closed, `ResourceExhausted`
     /// while the disk is full; the returned future fails as
-    /// [`Store::publish`] does.
+    /// [`Store::publish`] does, or with `FailedPrecondition` when an
+    /// earlier request of its chain failed.
     pub async fn enqueue_publish(
         &self,
         messages: Vec<NewMessage>,
+        link: Option<Link>,
     ) -> Result<impl std::future::Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static>
     {
-        self.check_disk()?;
+        if let Err(e) = self.check_disk() {
+            link.inspect(Link::failed);
+            return Err(e);
+        }
         let (tx, rx) = oneshot::channel();
+        let op = Op::Publish(messages.into(), Reply::new(tx), link);
         self.ops
-            .send(Queued::now(Op::Publish(messages.into(), Reply::new(tx))))
+            .send(Queued::now(op))
             .await
             .map_err(|_| Error::Unavailable("storage is closed".into()))?;
         Ok(async move {

@@ -23,8 +23,8 @@ use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::routes::Routed;
 use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
 use super::{
-    LeaseBatch, LeaseRequest, MaintenanceReport, NewSubscription, Notifier, Op, Queued, Routes,
-    SubscriptionPatch, TopicPatch,
+    LeaseBatch, LeaseRequest, Link, MaintenanceReport, NewSubscription, Notifier, Op, Queued,
+    Routes, SubscriptionPatch, TopicPatch,
 };
 use crate::error::{Error, Result};
 use crate::model::{
@@ -143,6 +143,28 @@ enum Round {
     /// Storage refused the publishes stored together; nobody was answered
     /// and they run again one request at a time.
     PublishesRefused,
+}
+
+/// Answers a publish as [`finish`] does; if the answer is an error (its
+/// own, or its group's), its stream's chain breaks before the caller hears
+/// of it, so nothing the stream queued after it is stored.
+fn finish_chained<T: Send + 'static>(
+    reply: super::Reply<T>,
+    result: Result<T>,
+    link: Option<Link>,
+) -> (Done, Option<Fatal>) {
+    let failed_itself = result.is_err();
+    let (done, fatal) = finish(reply, result);
+    let Some(link) = link else {
+        return (done, fatal);
+    };
+    let done: Done = Box::new(move |failed| {
+        if failed.is_some() || failed_itself {
+            link.failed();
+        }
+        done(failed);
+    });
+    (done, fatal)
 }
 
 /// Most rounds a group runs to find the operations storage refuses: a
@@ -528,9 +550,9 @@ impl<B: Backend> Writer<B> {
         t: &mut Touched,
     ) -> (Done, Option<Fatal>) {
         match op {
-            Op::Publish(messages, r) => {
+            Op::Publish(messages, r, link) => {
                 let messages: Vec<&NewMessage> = messages.iter().collect();
-                finish(r, self.publish(&messages, now, t).await)
+                finish_chained(r, self.publish(&messages, now, t).await, link)
             }
             Op::CreateTopic(name, settings, r) => {
                 finish(r, self.create_topic(name, settings, now).await)
@@ -611,9 +633,19 @@ impl<B: Backend> Writer<B> {
         let mut accepted = Vec::with_capacity(ops.len());
         let mut known: HashSet<String> = HashSet::new();
         for (index, op) in ops {
-            let Op::Publish(messages, reply) = op else {
+            let Op::Publish(messages, reply, link) = op else {
                 continue;
             };
+            if link.as_ref().is_some_and(Link::is_cut) {
+                let refused = Err(Error::FailedPrecondition(
+                    "an earlier request on this publish stream failed, so this one was not \
+                     stored; send it again on a new stream"
+                        .into(),
+                ));
+                let (done, fatal) = finish(reply, refused);
+                out.push((index, done, fatal));
+                continue;
+            }
             let mut missing = None;
             for m in messages.iter() {
                 if known.contains(&m.topic) {
@@ -631,16 +663,19 @@ impl<B: Backend> Writer<B> {
             }
             match missing {
                 Some(e) => {
+                    // Its stream's later requests, in this group too, are
+                    // not stored.
+                    link.inspect(Link::failed);
                     let (done, fatal) = finish(reply, Err(e));
                     out.push((index, done, fatal));
                 }
-                None => accepted.push((index, messages, reply)),
+                None => accepted.push((index, messages, reply, link)),
             }
         }
-        let all: Vec<&NewMessage> = accepted.iter().flat_map(|(_, m, _)| m.iter()).collect();
+        let all: Vec<&NewMessage> = accepted.iter().flat_map(|(_, m, _, _)| m.iter()).collect();
         let result = self.publish(&all, now, t).await;
         let mut outcomes = result.as_ref().map(|o| o.iter()).ok();
-        for (index, messages, reply) in accepted {
+        for (index, messages, reply, link) in accepted {
             let answer = match (&mut outcomes, &result) {
                 (Some(outcomes), _) => {
                     Ok(outcomes.by_ref().take(messages.len()).copied().collect())
@@ -648,7 +683,7 @@ impl<B: Backend> Writer<B> {
                 (None, Err(e)) => Err(e.clone()),
                 (None, Ok(_)) => unreachable!("outcomes are taken from an Ok result"),
             };
-            let (done, fatal) = finish(reply, answer);
+            let (done, fatal) = finish_chained(reply, answer, link);
             out.push((index, done, fatal));
         }
         out

@@ -503,6 +503,50 @@ backend_test! {
 }
 
 backend_test! {
+    /// Issue 14: what a PublishStream stored is a prefix of what it sent.
+    /// Requests queued behind one that fails (a topic that does not exist,
+    /// found by the writer; a message the broker refuses before queueing)
+    /// are not stored, even when they were read before it failed.
+    async fn a_publish_stream_stores_nothing_after_a_failed_request(backend) {
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |_| {}).await;
+        let request = |topic: &str, payload: &str| proto::PublishStreamRequest {
+            messages: vec![wire(Outgoing::new(topic, payload.as_bytes().to_vec()))],
+        };
+        let mut bad_id = request("t", "bad id");
+        bad_id.messages[0].id = "not a uuid".into();
+        let cases = [("missing topic", request("nope", "x")), ("bad message", bad_id)];
+        let mut stored = 0;
+        for (case, failing) in cases {
+            // All sent at once: the broker reads them before the second
+            // fails.
+            let (tx, rx) = mpsc::unbounded_channel();
+            for r in [request("t", "before"), failing, request("t", "after"), request("t", "after")] {
+                tx.send(r).expect("send");
+            }
+            let mut inbound = PublisherServiceClient::new(b.channel.clone())
+                .publish_stream(UnboundedReceiverStream::new(rx))
+                .await
+                .expect("open")
+                .into_inner();
+            let first = inbound.message().await.expect("answered").expect("open");
+            stored += 1;
+            assert_eq!(first.results[0].sequence, stored, "{case}");
+            let failed = tokio::time::timeout(PATIENCE, inbound.message())
+                .await
+                .expect("in time");
+            assert!(failed.is_err(), "{case}: {failed:?}");
+            drop(tx);
+            // Whatever else it answers, nothing after the failure is stored.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let topic = b.admin().get_topic("t").await.expect("topic");
+            assert_eq!(topic.last_sequence, stored, "{case}: nothing after the failed request");
+        }
+        b.stop().await;
+    }
+}
+
+backend_test! {
     /// Nothing a client sends makes an error grow without bound: refused
     /// acks are listed up to a fixed number, long values are cut, and the
     /// count of items per request is limited.

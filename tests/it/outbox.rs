@@ -817,3 +817,55 @@ async fn issue_14_the_relay_sends_on_while_answered_batches_are_deleted() {
     assert_eq!(stored(&broker, "orders").await, all);
     Scene { broker, app, relay }.finish().await;
 }
+
+/// One key's rows go out in several batches at once (the broker stores
+/// nothing a stream sent after a request that failed, so nothing needs to
+/// wait for an earlier batch of its key): with deletes held, the relay gets
+/// a pipeline in flight and a pipeline's worth waiting to be deleted stored,
+/// all of one key, in order. PostgreSQL only, as above.
+#[tokio::test]
+async fn issue_14_a_keys_rows_are_in_several_batches_in_flight() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    const BATCH: usize = 4;
+    const PIPELINE: usize = 4;
+    let broker = TestBroker::start(backend.clone()).await;
+    broker
+        .topic_and_sub("orders", "s", |s| s.ordered = true)
+        .await;
+    let app = AppDb::create(&backend).await;
+    let mut config = relay_config(&broker);
+    config.batch_size = BATCH;
+    config.pipeline = PIPELINE;
+    let messages: Vec<Message> = (0..48)
+        .map(|i| Message::new("orders", format!("m{i}")).with_key("k"))
+        .collect();
+    app.enqueue(&messages, true).await;
+    let block = app.block_deletes().await;
+    let relay = Relay::start(app.outbox(), config).await.expect("relay");
+    let want = (2 * PIPELINE * BATCH) as i64;
+    let patience = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = stored(&broker, "orders").await;
+        if stored >= want {
+            break;
+        }
+        assert!(
+            Instant::now() < patience,
+            "one key's rows waited for each batch's answer: {stored} stored"
+        );
+        tokio::time::sleep(ms(20)).await;
+    }
+    drop(block);
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, messages.len()).await;
+    let expected: Vec<String> = (0..messages.len()).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        got.iter().map(payload).collect::<Vec<_>>(),
+        expected,
+        "in order"
+    );
+    drop(sub);
+    Scene { broker, app, relay }.finish().await;
+}
