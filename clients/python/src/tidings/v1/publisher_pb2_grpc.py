@@ -62,7 +62,9 @@ class PublisherServiceServicer:
 
     def PublishStream(self, request_iterator, context):
         """Pipelined publishing: each response answers one request, in order, after
-        its commit. Several requests may be in flight at once.
+        its commit. Several requests may be in flight at once. The first request
+        that fails ends the stream, and no request sent after it on the stream is
+        stored: what a stream stored is a prefix of what it sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

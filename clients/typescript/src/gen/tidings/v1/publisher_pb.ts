@@ -154,7 +154,9 @@ export const PublisherService: GenService<{
   },
   /**
    * Pipelined publishing: each response answers one request, in order, after
-   * its commit. Several requests may be in flight at once.
+   * its commit. Several requests may be in flight at once. The first request
+   * that fails ends the stream, and no request sent after it on the stream is
+   * stored: what a stream stored is a prefix of what it sent.
    *
    * @generated from rpc tidings.v1.PublisherService.PublishStream
    */
