@@ -412,8 +412,9 @@ impl Broker {
 
     /// Validates a batch and queues it behind those queued before; the
     /// returned future answers after the commit. `link` places it in its
-    /// publish stream's chain: once a request of the stream fails, here or
-    /// in storage, none after it is stored (see [`crate::store::Chain`]).
+    /// publish stream's chain: once a request of the stream fails in
+    /// storage, none after it is stored (see [`crate::store::Chain`]; a
+    /// request refused here is marked by the stream).
     ///
     /// Fails as [`Broker::publish`] does.
     pub async fn enqueue_publish(
@@ -421,10 +422,8 @@ impl Broker {
         messages: Vec<NewMessage>,
         link: Link,
     ) -> Result<impl Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static> {
-        if let Err(e) = self.check_open().and_then(|()| self.check_batch(&messages)) {
-            link.failed();
-            return Err(e);
-        }
+        self.check_open()?;
+        self.check_batch(&messages)?;
         let spans = crate::trace::publish_spans(&messages);
         let done = self.store.enqueue_publish(messages, Some(link)).await?;
         Ok(async move {

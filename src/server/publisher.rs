@@ -111,15 +111,19 @@ impl PublisherService for Publisher {
                                 let in_request = move |s: Status| {
                                     Status::new(s.code(), format!("request {at}: {}", s.message()))
                                 };
+                                let link = chain.link(at as u64);
                                 let queued = match caller.may_publish(&req.messages) {
                                     Err(denied) => Err(denied),
                                     Ok(()) => match wire::new_messages(req.messages) {
-                                        Ok(messages) => broker.enqueue_publish(messages, chain.link(at as u64)).await.map_err(status),
+                                        Ok(messages) => broker.enqueue_publish(messages, link.clone()).await.map_err(status),
                                         Err(e) => Err(status(e)),
                                     },
                                 };
+                                // Refused before it was queued (here, by the
+                                // broker's checks or a full disk): the one
+                                // place such a refusal marks the chain.
                                 if queued.is_err() {
-                                    chain.link(at as u64).failed();
+                                    link.failed();
                                     reading = false;
                                 }
                                 match queued {

@@ -341,8 +341,9 @@ struct LeaseRequest {
 }
 
 /// The requests of one publish stream, numbered in the order queued: once
-/// one is answered with an error (or refused before it was queued), none
-/// numbered after it is stored, so a key's messages never go in after an
+/// one is answered with an error (the writer marks its own answers; the
+/// stream marks a request refused before it was queued), none numbered
+/// after it is stored, so a key's messages never go in after an
 /// earlier request of the stream that failed (issue 14: the relay keeps
 /// several batches of one key in flight on that). Requests before the
 /// failed one are not affected.
@@ -687,10 +688,7 @@ impl Store {
         link: Option<Link>,
     ) -> Result<impl std::future::Future<Output = Result<Vec<PublishOutcome>>> + Send + 'static>
     {
-        if let Err(e) = self.check_disk() {
-            link.inspect(Link::failed);
-            return Err(e);
-        }
+        self.check_disk()?;
         let (tx, rx) = oneshot::channel();
         let op = Op::Publish(messages.into(), Reply::new(tx), link);
         self.ops
