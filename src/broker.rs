@@ -892,6 +892,11 @@ impl Broker {
             .await
     }
 
+    /// The streams of this process that leases hand a key's messages to.
+    pub(crate) fn routes(&self) -> &crate::store::Routes {
+        self.store.routes()
+    }
+
     /// Moves whenever a topic gets new messages.
     pub(crate) fn watch_topic(&self, topic: &str) -> watch::Receiver<u64> {
         self.store.notifier().watch_topic(topic)

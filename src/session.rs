@@ -23,7 +23,7 @@ use crate::model::{
     AckId, AckOperation, AckOutcome, AckStatus, Delivery, FlowControl, Micros, SessionCommand,
     SessionEvent, Subscription, now_micros,
 };
-use crate::store::Holder;
+use crate::store::{Holder, Route};
 
 /// Default flow control of a Subscribe stream.
 const DEFAULT_MAX_MESSAGES: usize = 1000;
@@ -50,6 +50,15 @@ pub(crate) fn instant_at(at: Micros) -> Instant {
 /// payload, key, attributes and fixed fields, with room for framing.
 pub(crate) fn delivery_bytes(d: &Delivery) -> usize {
     d.message.response_bytes()
+}
+
+/// The next messages other streams' leases leased to this one, if it takes
+/// any.
+async fn handed(route: &mut Option<Route>) -> Vec<Delivery> {
+    match route {
+        Some(route) => route.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What a stream does after its commands were handled.
@@ -111,6 +120,9 @@ pub(crate) struct Session {
     /// No outstanding lease ends before this (a lower bound: acks and
     /// extensions only move it later), so expiry needs no scan until then.
     earliest_deadline: Micros,
+    /// Ordered subscriptions: where other streams' leases send the new
+    /// messages of keys this stream holds (issue 14).
+    route: Option<Route>,
     tx: mpsc::Sender<Result<SessionEvent>>,
 }
 
@@ -121,6 +133,11 @@ impl Session {
         sub: Subscription,
         tx: mpsc::Sender<Result<SessionEvent>>,
     ) -> Self {
+        let holder = Holder::new();
+        let route = sub
+            .settings
+            .ordered
+            .then(|| broker.routes().open(&sub.name, holder));
         Session {
             max_response_bytes: broker.limits().max_response_bytes,
             broker,
@@ -130,9 +147,10 @@ impl Session {
             max_bytes: DEFAULT_MAX_BYTES,
             outstanding: HashMap::new(),
             outstanding_bytes: 0,
-            holder: Holder::new(),
+            holder,
             ordered: sub.settings.ordered,
             earliest_deadline: Micros::MAX,
+            route,
             tx,
         }
     }
@@ -347,6 +365,7 @@ impl Session {
     /// once or dead-lettered after the last one, exactly as if the lease
     /// had expired, only sooner.
     async fn abandon_all(&mut self) {
+        self.close_route().await;
         let ids = self.take_outstanding();
         if ids.is_empty() {
             return;
@@ -361,6 +380,7 @@ impl Session {
     /// the client closed its side of the stream on purpose (a graceful
     /// shutdown), or the broker is draining or failed to lease.
     async fn give_back_all(&mut self) {
+        self.close_route().await;
         let ids = self.take_outstanding();
         if ids.is_empty() {
             return;
@@ -377,6 +397,7 @@ impl Session {
     /// too, so the session waits a moment for that before deciding: a
     /// cancelled stream's leases count as failed attempts.
     async fn client_closed(&mut self) {
+        self.close_route().await;
         if self.outstanding.is_empty() {
             return;
         }
@@ -384,6 +405,64 @@ impl Session {
             Ok(()) => self.abandon_all().await,
             Err(_) => self.give_back_all().await,
         }
+    }
+
+    /// Takes no more messages from other streams' leases; those sent and
+    /// not yet received go back without counting an attempt (the client
+    /// never saw them).
+    async fn close_route(&mut self) {
+        let Some(route) = self.route.as_mut() else {
+            return;
+        };
+        let unsent: Vec<AckId> = route.close().into_iter().map(|d| d.ack_id).collect();
+        if unsent.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.give_back(&self.subscription, unsent).await {
+            tracing::debug!(error = %e, subscription = %self.subscription, "giving back undelivered messages failed; their leases will expire");
+        }
+    }
+
+    /// Counts `deliveries` as this stream's leases.
+    fn hold(&mut self, deliveries: &[Delivery]) {
+        for d in deliveries {
+            let key = d.message.key.clone().filter(|k| !k.is_empty());
+            self.outstanding
+                .insert(d.ack_id, (d.lease_deadline, d.message.payload.len(), key));
+            self.outstanding_bytes += d.message.payload.len();
+            self.earliest_deadline = self.earliest_deadline.min(d.lease_deadline);
+        }
+    }
+
+    /// The messages other streams' leases leased to this one and sent
+    /// since the last look.
+    fn routed_waiting(&mut self) -> Vec<Delivery> {
+        let mut waiting = Vec::new();
+        while let Some(deliveries) = self.route.as_mut().and_then(Route::try_recv) {
+            waiting.extend(deliveries);
+        }
+        waiting
+    }
+
+    /// Counts `deliveries` as this stream's (the last `routed` of them sent
+    /// by other streams' leases) and sends them in sequence order.
+    async fn pass_on(&mut self, mut deliveries: Vec<Delivery>, routed: usize) -> bool {
+        self.hold(&deliveries);
+        if let Some(route) = &self.route {
+            route.set_room(self.room());
+            route.counted(routed);
+        }
+        deliveries.sort_by_key(|d| d.message.sequence);
+        self.deliver(deliveries).await
+    }
+
+    /// What the window has room for, in messages (none once its bytes
+    /// are used).
+    fn room(&self) -> usize {
+        if self.outstanding_bytes >= self.max_bytes {
+            return 0;
+        }
+        self.max_messages.saturating_sub(self.outstanding.len())
     }
 
     fn take_outstanding(&mut self) -> Vec<AckId> {
@@ -439,10 +518,18 @@ impl Session {
         let mut look = true;
         let mut next_due: Option<Micros> = None;
         loop {
+            let waiting = self.routed_waiting();
+            let routed = waiting.len();
+            if routed > 0 && !self.pass_on(waiting, routed).await {
+                return self.abandon_all().await;
+            }
             let now = now_micros();
             let lease_end = self.drop_expired(now);
             let credit = self.max_messages.saturating_sub(self.outstanding.len());
             let byte_credit = self.max_bytes.saturating_sub(self.outstanding_bytes);
+            if let Some(route) = &self.route {
+                route.set_room(self.room());
+            }
             // Lease in sizeable batches: wait until half the window is free
             // (or nothing is outstanding) rather than lease a few at a time.
             let low_water = (self.max_messages / 2).clamp(1, LEASE_CHUNK);
@@ -452,6 +539,11 @@ impl Session {
                 topic_news.borrow_and_update();
                 sub_news.borrow_and_update();
                 let want = credit.min(LEASE_CHUNK);
+                if let Some(route) = &self.route {
+                    // What this lease may take is not for other streams'
+                    // leases to fill (see `pass_on`).
+                    route.set_room(self.room().saturating_sub(want));
+                }
                 match self
                     .broker
                     .lease(
@@ -466,20 +558,15 @@ impl Session {
                     Ok(batch) => {
                         next_due = batch.next_due;
                         look = batch.progressed || batch.deliveries.len() == want;
-                        if !batch.deliveries.is_empty() {
-                            for d in &batch.deliveries {
-                                let key = d.message.key.clone().filter(|k| !k.is_empty());
-                                self.outstanding.insert(
-                                    d.ack_id,
-                                    (d.lease_deadline, d.message.payload.len(), key),
-                                );
-                                self.outstanding_bytes += d.message.payload.len();
-                                self.earliest_deadline =
-                                    self.earliest_deadline.min(d.lease_deadline);
-                            }
-                            if !self.deliver(batch.deliveries).await {
-                                return self.abandon_all().await;
-                            }
+                        // With what other streams' leases handed this one
+                        // meanwhile, in sequence order: those sent before
+                        // this lease was answered may be a key's earlier
+                        // messages, those sent after it its later ones.
+                        let mut deliveries = self.routed_waiting();
+                        let routed = deliveries.len();
+                        deliveries.extend(batch.deliveries);
+                        if !deliveries.is_empty() && !self.pass_on(deliveries, routed).await {
+                            return self.abandon_all().await;
                         }
                     }
                     Err(e) => {
@@ -541,6 +628,14 @@ impl Session {
                     // without counting.
                     None => return self.client_closed().await,
                 },
+                deliveries = handed(&mut self.route) => {
+                    let mut deliveries = deliveries;
+                    deliveries.extend(self.routed_waiting());
+                    let routed = deliveries.len();
+                    if !self.pass_on(deliveries, routed).await {
+                        return self.abandon_all().await;
+                    }
+                }
                 _ = topic_news.changed(), if has_credit => look = true,
                 _ = sub_news.changed(), if has_credit => look = true,
                 _ = tokio::time::sleep_until(instant_at(wake)) => look = true,

@@ -24,7 +24,7 @@
 //! - [`Backend::try_maintenance_lock`]: one instance at a time maintains a
 //!   shared database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
@@ -259,14 +259,15 @@ pub(super) trait Backend: Send + 'static {
     /// Of `keys`, those with a waiting or leased row, except those whose
     /// newest row in progress is leased by `holder` (not 0) until after
     /// `now`: that stream holds the key's run, which it may extend (issue
-    /// 14).
+    /// 14). Each with the stream holding its run likewise (its newest row
+    /// in progress leased until after `now`), or 0.
     async fn keys_in_progress(
         c: &mut Conn<Self>,
         sub_id: i64,
         keys: &[String],
         holder: i64,
         now: Micros,
-    ) -> Result<HashSet<String>>;
+    ) -> Result<HashMap<String, i64>>;
 
     /// When the earliest waiting or leased row falls due after `now`.
     async fn next_due(c: &mut Conn<Self>, sub_id: i64, now: Micros) -> Result<Option<Micros>>;
@@ -318,6 +319,17 @@ pub(super) trait Backend: Send + 'static {
     /// its attempt is taken back; a waiting one keeps its attempt. Returns
     /// the sequences it changed.
     async fn hold_from(c: &mut Conn<Self>, sub_id: i64, key: &str, from: i64) -> Result<Vec<i64>>;
+
+    /// Of `runs` (key, first and last row of a run being acked), the keys
+    /// whose next row in progress after the run is held back, each with
+    /// whether a row out of turn is in progress before the run (a redriven
+    /// dead letter, a row let go when ordering was switched off: it goes
+    /// first). One index probe per key, reading no payload.
+    async fn held_after(
+        c: &mut Conn<Self>,
+        sub_id: i64,
+        runs: &[(String, i64, i64)],
+    ) -> Result<Vec<(String, bool)>>;
 
     /// For each (key, sequence) of `heads`, the held-back messages of the
     /// key that follow it with no message of the key in progress between

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{Op, Reply};
+use super::routes::{Routed, Routes};
+use super::{LeaseBatch, Op, Reply};
 use crate::error::{Error, Result};
 use crate::model::{
     AckId, AckStatus, DeadLetter, MessageState, Micros, PeekedMessage, StoredMessage, Subscription,
@@ -315,17 +316,70 @@ pub(super) struct Fatal {
 
 /// Wraps an operation's result; the second value is set when the error
 /// leaves the transaction unusable, so the whole batch must roll back.
-pub(super) fn finish<T: Send + 'static>(
+/// A result that may carry messages leased to other streams of this
+/// process (see `routes.rs`).
+pub(super) trait Handing {
+    fn handed(&mut self) -> &mut Vec<Routed>;
+}
+
+impl Handing for LeaseBatch {
+    fn handed(&mut self) -> &mut Vec<Routed> {
+        &mut self.routed
+    }
+}
+
+impl Handing for (Vec<AckStatus>, Vec<Routed>) {
+    fn handed(&mut self) -> &mut Vec<Routed> {
+        &mut self.1
+    }
+}
+
+/// As [`finish`], and once committed, first sends the messages the result
+/// leased to other streams to them, before any later group's caller hears
+/// of its own: a stream that drains its mailbox before passing on its own
+/// lease sees a key's messages in order. Those of a stream gone meanwhile
+/// stay in the result, for its caller to give back.
+pub(super) fn finish_handing<T: Handing + Send + 'static>(
     reply: Reply<T>,
     result: Result<T>,
+    routes: &Routes,
 ) -> (Done, Option<Fatal>) {
-    let fatal = match &result {
+    let routes = routes.clone();
+    let fatal = fatal_of(&result);
+    let done: Done = Box::new(move |failed| {
+        let result = match failed {
+            Some(reason) => Err(Error::Unavailable(reason.to_owned())),
+            None => result.map(|mut value| {
+                for (to, deliveries) in std::mem::take(value.handed()) {
+                    if let Err(unsent) = routes.send(to, deliveries) {
+                        value.handed().push((to, unsent));
+                    }
+                }
+                value
+            }),
+        };
+        reply.send(result);
+    });
+    (done, fatal)
+}
+
+/// What a failed operation means for its group: storage refused the
+/// operation itself (`own`), or the group cannot commit.
+fn fatal_of<T>(result: &Result<T>) -> Option<Fatal> {
+    match result {
         Err(e @ (Error::Storage(_) | Error::Unavailable(_))) => Some(Fatal {
             reason: e.to_string(),
             own: matches!(e, Error::Storage(_)),
         }),
         _ => None,
-    };
+    }
+}
+
+pub(super) fn finish<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T>,
+) -> (Done, Option<Fatal>) {
+    let fatal = fatal_of(&result);
     let done: Done = Box::new(move |failed| {
         let result = match failed {
             Some(reason) => Err(Error::Unavailable(reason.to_owned())),
@@ -358,8 +412,8 @@ impl Op {
             Op::DeleteTopic(_, r) | Op::DeleteSubscription(_, r) | Op::Close(r) => r.send(Err(e())),
             Op::CreateSubscription(_, r) | Op::UpdateSubscription(_, _, r) => r.send(Err(e())),
             Op::Lease(_, r) => r.send(Err(e())),
-            Op::Ack(_, _, r) | Op::Release(_, _, r) => r.send(Err(e())),
-            Op::Nack(_, _, r) => r.send(Err(e())),
+            Op::Ack(_, _, r) => r.send(Err(e())),
+            Op::Nack(_, _, r) | Op::Release(_, _, r) => r.send(Err(e())),
             Op::Extend(_, _, r) => r.send(Err(e())),
             Op::Seek(_, _, r) | Op::Redrive(_, _, r) | Op::Purge(_, _, r) => r.send(Err(e())),
             Op::Maintain(r) => r.send(Err(e())),

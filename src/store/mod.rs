@@ -20,6 +20,7 @@ mod plan;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod reader;
+mod routes;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod sweep;
@@ -45,6 +46,7 @@ pub use crate::model::{NewSubscription, SubscriptionPatch, TopicPatch};
 pub use counts::{
     StoreCounters, StoreGauges, SubscriptionCounts, SubscriptionGauges, TopicCounts, TopicGauges,
 };
+pub use routes::{Route, Routes};
 
 /// What a caller hears when the writer dropped its request unanswered: its
 /// group ran past the commit timeout while running it, or the writer
@@ -212,6 +214,9 @@ pub struct LeaseBatch {
     pub next_due: Option<Micros>,
     /// True if the call moved the subscription's cursor; more may be ready.
     pub progressed: bool,
+    /// Messages leased to other streams of this process, which hold their
+    /// keys (ordered subscriptions): sent to them once committed.
+    routed: Vec<routes::Routed>,
 }
 
 /// What one maintenance round removed, and how much it looked at.
@@ -279,7 +284,11 @@ enum Op {
     UpdateSubscription(String, Box<SubscriptionPatch>, Reply<Subscription>),
     DeleteSubscription(String, Reply<()>),
     Lease(LeaseRequest, Reply<LeaseBatch>),
-    Ack(String, Vec<AckId>, Reply<Vec<AckStatus>>),
+    Ack(
+        String,
+        Vec<AckId>,
+        Reply<(Vec<AckStatus>, Vec<routes::Routed>)>,
+    ),
     Nack(String, Vec<NackItem>, Reply<Vec<AckStatus>>),
     Extend(String, Vec<(AckId, Duration)>, Reply<Vec<AckStatus>>),
     Release(String, Vec<AckId>, Reply<Vec<AckStatus>>),
@@ -490,6 +499,7 @@ pub struct Store {
     healthy: watch::Receiver<bool>,
     disk: Option<DiskGate>,
     counters: Arc<StoreCounters>,
+    routes: Routes,
 }
 
 /// Refuses publishes while the disk holding the store counts as full.
@@ -546,6 +556,7 @@ impl Store {
         let (healthy_tx, healthy) = watch::channel(true);
         let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
         let counters = Arc::new(StoreCounters::default());
+        let routes = Routes::default();
         let weak = ops.downgrade();
         let alive = move || weak.upgrade().is_some_and(|ops| !ops.is_closed());
         let (reader, healthy, disk) = match &config.storage {
@@ -557,6 +568,7 @@ impl Store {
                     writer
                         .with_commit_timeout(config.commit_timeout)
                         .with_counters(counters.clone())
+                        .with_routes(routes.clone())
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
@@ -582,6 +594,7 @@ impl Store {
                     writer
                         .with_commit_timeout(config.commit_timeout)
                         .with_counters(counters.clone())
+                        .with_routes(routes.clone())
                         .run(rx, config.max_batch),
                 );
                 tokio::spawn(listener.run(alive));
@@ -602,6 +615,7 @@ impl Store {
             healthy,
             disk,
             counters,
+            routes,
         };
         tokio::spawn(maintain(store.ops.downgrade(), config.maintenance_interval));
         Ok(store)
@@ -798,13 +812,42 @@ impl Store {
             holder,
             runs,
         };
-        self.call(|r| Op::Lease(req, r)).await
+        let mut batch = self.call(|r| Op::Lease(req, r)).await?;
+        self.hand_over(subscription, std::mem::take(&mut batch.routed))
+            .await;
+        Ok(batch)
+    }
+
+    /// Gives back the messages leased to streams of this process that had
+    /// ended before the writer could send them (see `finish_handing`),
+    /// without counting an attempt.
+    async fn hand_over(&self, subscription: &str, unsent: Vec<routes::Routed>) {
+        let ids: Vec<AckId> = unsent
+            .into_iter()
+            .flat_map(|(_, deliveries)| deliveries)
+            .map(|d| d.ack_id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.release(subscription, ids).await {
+            tracing::debug!(error = %e, subscription, "giving back messages of an ended stream failed; their leases will expire");
+        }
+    }
+
+    /// The streams of this process that leases may hand a key's messages
+    /// to (ordered subscriptions).
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// Acks leases; one status per id, in order. Fails with `NotFound`.
     pub async fn ack(&self, subscription: &str, ids: Vec<AckId>) -> Result<Vec<AckStatus>> {
-        self.call(|r| Op::Ack(subscription.to_owned(), ids, r))
-            .await
+        let (statuses, routed) = self
+            .call(|r| Op::Ack(subscription.to_owned(), ids, r))
+            .await?;
+        self.hand_over(subscription, routed).await;
+        Ok(statuses)
     }
 
     /// Nacks leases; one status per item, in order. Fails with `NotFound`.

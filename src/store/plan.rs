@@ -2,7 +2,7 @@
 //! tested without a database or a clock: which new messages a lease takes,
 //! and what becomes of a delivery whose lease ended without an ack.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::model::{Micros, SubscriptionSettings, micros};
 
@@ -14,6 +14,9 @@ pub(super) enum Take {
     /// Record it as waiting: an earlier message of its key is in progress
     /// (ordered subscriptions only).
     Hold,
+    /// Lease it to the stream holding its key's run, which has room for it
+    /// (ordered subscriptions only).
+    Route(i64),
 }
 
 /// How much a lease may still take.
@@ -32,22 +35,37 @@ pub(super) struct Budget {
 /// the cursor, given as (ordering key, payload size). The answer covers a
 /// prefix of them: the cursor moves past exactly those, and the rest stay
 /// for a later lease. `blocked` holds the keys with an earlier message in
-/// progress (waiting, held or leased): their messages are held. A key with
-/// none is the lease's: all its messages here are leased, a run that the
-/// caller processes in order (issue 14); the prefix ends before a message
-/// the budget has no room for, so a run is never cut in its middle by a
-/// later message of its key going elsewhere.
+/// progress (waiting, held or leased), each with the stream whose run it is
+/// (0 if none: its newest message in progress waits, or its lease ran
+/// out). A blocked key's message goes to that stream while `rooms` says it
+/// has room (one less each time), else it is held, and so are the key's
+/// later ones here. A key with none is the lease's: all its messages here
+/// are leased, a run that the caller processes in order (issue 14); the
+/// prefix ends before a message the budget has no room for, so a run is
+/// never cut in its middle by a later message of its key going elsewhere.
 pub(super) fn plan_new<'a>(
     messages: impl IntoIterator<Item = (Option<&'a str>, usize)>,
     ordered: bool,
-    blocked: &HashSet<String>,
+    blocked: &HashMap<String, i64>,
+    rooms: &mut HashMap<i64, isize>,
     mut budget: Budget,
 ) -> Vec<Take> {
     let mut plan = Vec::new();
+    let mut held: HashSet<&str> = HashSet::new();
     for (key, size) in messages {
         let key = if ordered { key } else { None };
-        if key.is_some_and(|k| blocked.contains(k)) {
-            plan.push(Take::Hold);
+        if let Some((key, holder)) = key.and_then(|k| blocked.get_key_value(k)) {
+            let room = rooms.get_mut(holder).filter(|r| **r > 0);
+            match room {
+                Some(room) if !held.contains(key.as_str()) => {
+                    *room -= 1;
+                    plan.push(Take::Route(*holder));
+                }
+                _ => {
+                    held.insert(key);
+                    plan.push(Take::Hold);
+                }
+            }
             continue;
         }
         if budget.taken_any && budget.bytes.saturating_add(size) > budget.max_bytes {
@@ -104,13 +122,25 @@ mod tests {
     #[test]
     fn takes_messages_until_the_byte_budget_is_used() {
         let messages = [(None, 40), (None, 40), (None, 40)];
-        let plan = plan_new(messages, false, &HashSet::new(), budget(100));
+        let plan = plan_new(
+            messages,
+            false,
+            &HashMap::new(),
+            &mut HashMap::new(),
+            budget(100),
+        );
         assert_eq!(plan, vec![Take::Lease, Take::Lease]);
     }
 
     #[test]
     fn always_takes_one_message_even_over_the_budget() {
-        let plan = plan_new([(None, 500), (None, 1)], false, &HashSet::new(), budget(10));
+        let plan = plan_new(
+            [(None, 500), (None, 1)],
+            false,
+            &HashMap::new(),
+            &mut HashMap::new(),
+            budget(10),
+        );
         assert_eq!(plan, vec![Take::Lease]);
         // A lease that already holds a redelivery takes nothing too large.
         let full = Budget {
@@ -118,7 +148,16 @@ mod tests {
             bytes: 5,
             ..budget(10)
         };
-        assert!(plan_new([(None, 6)], false, &HashSet::new(), full).is_empty());
+        assert!(
+            plan_new(
+                [(None, 6)],
+                false,
+                &HashMap::new(),
+                &mut HashMap::new(),
+                full
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -131,8 +170,8 @@ mod tests {
             (Some("c"), 1),
             (Some("c"), 1),
         ];
-        let blocked: HashSet<String> = ["c".to_owned()].into();
-        let plan = plan_new(messages, true, &blocked, budget(100));
+        let blocked: HashMap<String, i64> = [("c".to_owned(), 0)].into();
+        let plan = plan_new(messages, true, &blocked, &mut HashMap::new(), budget(100));
         assert_eq!(
             plan,
             vec![
@@ -149,7 +188,13 @@ mod tests {
     #[test]
     fn a_run_cut_by_the_budget_ends_the_plan() {
         let messages = [(Some("a"), 10), (Some("b"), 10), (Some("a"), 10)];
-        let plan = plan_new(messages, true, &HashSet::new(), budget(25));
+        let plan = plan_new(
+            messages,
+            true,
+            &HashMap::new(),
+            &mut HashMap::new(),
+            budget(25),
+        );
         // The cursor stops before a2: it is not held behind a1 (which would
         // make it wait for a1's ack) but left for the next lease.
         assert_eq!(plan, vec![Take::Lease, Take::Lease]);
@@ -157,19 +202,65 @@ mod tests {
 
     #[test]
     fn held_messages_do_not_use_the_budget_and_do_not_stop_the_cursor() {
-        let blocked: HashSet<String> = ["k".to_owned()].into();
+        let blocked: HashMap<String, i64> = [("k".to_owned(), 0)].into();
         let messages = [(Some("k"), 1000), (Some("j"), 10)];
-        let plan = plan_new(messages, true, &blocked, budget(20));
+        let plan = plan_new(messages, true, &blocked, &mut HashMap::new(), budget(20));
         assert_eq!(plan, vec![Take::Hold, Take::Lease]);
     }
 
     #[test]
+    fn a_held_key_goes_to_its_stream_while_it_has_room() {
+        let blocked: HashMap<String, i64> = [
+            ("a".to_owned(), 7),
+            ("b".to_owned(), 8),
+            ("c".to_owned(), 0),
+        ]
+        .into();
+        let mut rooms: HashMap<i64, isize> = [(7, 2), (8, 1)].into();
+        let messages = [
+            (Some("a"), 1),
+            (Some("b"), 1),
+            (Some("c"), 1),
+            (Some("b"), 1),
+            (Some("a"), 1),
+            (Some("a"), 1),
+            (Some("b"), 1),
+        ];
+        let plan = plan_new(messages, true, &blocked, &mut rooms, budget(1));
+        assert_eq!(
+            plan,
+            vec![
+                Take::Route(7),
+                Take::Route(8),
+                // No stream holds c's run: held.
+                Take::Hold,
+                // 8 is full: b is held, and its later messages too.
+                Take::Hold,
+                Take::Route(7),
+                Take::Hold,
+                Take::Hold,
+            ]
+        );
+        assert_eq!(rooms, [(7, 0), (8, 0)].into());
+        // Routed messages take none of the lease's budget.
+        let plan = plan_new(
+            [(Some("a"), 10), (Some("d"), 10), (Some("e"), 10)],
+            true,
+            &blocked,
+            &mut [(7, 1)].into(),
+            budget(10),
+        );
+        assert_eq!(plan, vec![Take::Route(7), Take::Lease]);
+    }
+
+    #[test]
     fn unordered_lease_ignores_keys() {
-        let blocked: HashSet<String> = ["k".to_owned()].into();
+        let blocked: HashMap<String, i64> = [("k".to_owned(), 0)].into();
         let plan = plan_new(
             [(Some("k"), 1), (Some("k"), 1)],
             false,
             &blocked,
+            &mut HashMap::new(),
             budget(10),
         );
         assert_eq!(plan, vec![Take::Lease, Take::Lease]);

@@ -13,7 +13,7 @@
 //! module holds the text of the statements written once in `statements.rs`;
 //! the statements that pass lists are written here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
@@ -702,9 +702,9 @@ impl Backend for Postgres {
         keys: &[String],
         holder: i64,
         now: Micros,
-    ) -> Result<HashSet<String>> {
+    ) -> Result<HashMap<String, i64>> {
         if keys.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(HashMap::new());
         }
         // One probe per key that stops at its first row in progress, so
         // the cost does not grow with the messages a key holds back. As an
@@ -715,13 +715,14 @@ impl Backend for Postgres {
         // VACUUM), newest first: a key's newest row is the one in progress,
         // and its acked rows' dead index entries are the oldest. A key
         // whose newest row in progress is leased by `holder` is that
-        // stream's (issue 14).
-        let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT u.key FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL \
-             (SELECT d.state, d.lease, d.available_at FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key \
+        // stream's (issue 14); leased by another until after `now`, that
+        // one's.
+        let blocked: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT u.key, p.holder FROM unnest($2::TEXT[]) AS u(key) CROSS JOIN LATERAL \
+             (SELECT CASE WHEN d.state = 1 AND d.available_at > $4 THEN d.lease >> 24 \
+             ELSE 0 END AS holder FROM deliveries d WHERE d.sub_id = $1 AND d.key = u.key \
              AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1) p \
-             WHERE NOT (p.state = 1 AND $3 <> 0 AND (p.lease >> 24) = $3 \
-             AND p.available_at > $4)",
+             WHERE $3 = 0 OR p.holder <> $3",
         )
         .persistent(false)
         .bind(sub_id)
@@ -864,6 +865,36 @@ impl Backend for Postgres {
         .fetch_all(c)
         .await?;
         Ok(held)
+    }
+
+    async fn held_after(
+        c: &mut Conn,
+        sub_id: i64,
+        runs: &[(String, i64, i64)],
+    ) -> Result<Vec<(String, bool)>> {
+        // Forward from the run on the key index (the rows after it are in
+        // progress, not acked ones' dead entries); only rows marked out of
+        // turn are looked for before it, on their own index, as in
+        // `DUE_ORDERED`.
+        let keys: Vec<&str> = runs.iter().map(|(k, _, _)| k.as_str()).collect();
+        let firsts: Vec<i64> = runs.iter().map(|(_, f, _)| *f).collect();
+        let lasts: Vec<i64> = runs.iter().map(|(_, _, l)| *l).collect();
+        let found = sqlx::query_as(
+            "SELECT u.key, EXISTS (SELECT 1 FROM deliveries e WHERE e.sub_id = $1 \
+             AND e.key = u.key AND e.seq < u.first AND e.state IN (0, 1) AND e.out_of_turn) \
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS u(key, first, last) \
+             WHERE (SELECT e.available_at FROM deliveries e WHERE e.sub_id = $1 \
+             AND e.key = u.key AND e.seq > u.last AND e.state IN (0, 1) \
+             ORDER BY e.seq LIMIT 1) = 9223372036854775807",
+        )
+        .persistent(false)
+        .bind(sub_id)
+        .bind(keys)
+        .bind(firsts)
+        .bind(lasts)
+        .fetch_all(c)
+        .await?;
+        Ok(found)
     }
 
     async fn held_followers(

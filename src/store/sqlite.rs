@@ -4,7 +4,7 @@
 //! `migrations/sqlite/`. One writer owns the file (`EXCLUSIVE`), so
 //! "locks" are plain reads here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -704,23 +704,25 @@ impl Backend for Sqlite {
         keys: &[String],
         holder: i64,
         now: Micros,
-    ) -> Result<HashSet<String>> {
-        let mut blocked = HashSet::new();
+    ) -> Result<HashMap<String, i64>> {
+        let mut blocked = HashMap::new();
         for chunk in keys.chunks(CHUNK) {
             // One probe per key that stops at its newest row in progress,
             // so the cost does not grow with the messages a key holds back;
             // no row: the key is free; its newest leased by `holder`: the
-            // key is that stream's.
+            // key is that stream's; leased by another until after `now`:
+            // that one's.
             let list: Vec<String> = (0..chunk.len()).map(|i| format!("(?{})", i + 4)).collect();
             let sql = format!(
-                "SELECT column1 FROM (VALUES {}) WHERE (SELECT NOT (d.state = 1 AND ?2 <> 0 \
-                 AND (d.lease >> 24) = ?2 AND d.available_at > ?3) \
+                "SELECT column1, holder FROM (SELECT column1, (SELECT CASE WHEN d.state = 1 \
+                 AND d.available_at > ?3 THEN d.lease >> 24 ELSE 0 END \
                  FROM deliveries d INDEXED BY deliveries_by_key \
                  WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = column1 \
-                 AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1)",
+                 AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1) AS holder \
+                 FROM (VALUES {})) WHERE holder IS NOT NULL AND (?2 = 0 OR holder <> ?2)",
                 list.join(",")
             );
-            let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+            let mut q = sqlx::query_as::<_, (String, i64)>(AssertSqlSafe(sql))
                 .bind(sub_id)
                 .bind(holder)
                 .bind(now);
@@ -856,6 +858,38 @@ impl Backend for Sqlite {
         .fetch_all(&mut *c)
         .await?;
         Ok(held)
+    }
+
+    async fn held_after(
+        c: &mut Conn,
+        sub_id: i64,
+        runs: &[(String, i64, i64)],
+    ) -> Result<Vec<(String, bool)>> {
+        // SQLite removes an acked row's index entries at once, so any row
+        // of the key in progress before the run counts (those in turn were
+        // acked before it: only rows out of turn are left).
+        let mut found = Vec::new();
+        for chunk in runs.chunks(CHUNK / 3) {
+            let list: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(?{}, ?{}, ?{})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+                .collect();
+            let sql = format!(
+                "SELECT column1, EXISTS (SELECT 1 FROM deliveries e INDEXED BY deliveries_by_key \
+                 WHERE e.sub_id = ?1 AND e.key IS NOT NULL AND e.key = column1 \
+                 AND e.seq < column2 AND e.state IN (0, 1)) FROM (VALUES {}) \
+                 WHERE (SELECT e.available_at FROM deliveries e INDEXED BY deliveries_by_key \
+                 WHERE e.sub_id = ?1 AND e.key IS NOT NULL AND e.key = column1 \
+                 AND e.seq > column3 AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) \
+                 = 9223372036854775807",
+                list.join(",")
+            );
+            let mut q = sqlx::query_as::<_, (String, bool)>(AssertSqlSafe(sql)).bind(sub_id);
+            for (key, first, last) in chunk {
+                q = q.bind(key.clone()).bind(*first).bind(*last);
+            }
+            found.extend(q.fetch_all(&mut *c).await?);
+        }
+        Ok(found)
     }
 
     async fn held_followers(

@@ -16,14 +16,15 @@ use super::backend::{Backend, Conn};
 use super::common::{
     Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, Fatal, HELD, LEASED, LogLimit,
     SubRow, TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish,
-    status_of,
+    finish_handing, status_of,
 };
 use super::counts::{StoreCounters, Tally};
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
+use super::routes::Routed;
 use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
 use super::{
     LeaseBatch, LeaseRequest, Link, MaintenanceReport, NewSubscription, Notifier, Op, Queued,
-    SubscriptionPatch, TopicPatch,
+    Routes, SubscriptionPatch, TopicPatch,
 };
 use crate::error::{Error, Result};
 use crate::model::{
@@ -86,6 +87,10 @@ pub(super) struct Writer<B: Backend> {
     counters: Arc<StoreCounters>,
     /// Bounds the lines about storage working again, likewise.
     recovery_log: LogLimit,
+    /// The streams of this process a lease may hand a key's new messages
+    /// to, and how many this group handed each (sent after the commit).
+    routes: Routes,
+    routed: HashMap<i64, isize>,
 }
 
 /// Failed groups since the last commit.
@@ -195,7 +200,15 @@ impl<B: Backend> Writer<B> {
             recovery_log: LogLimit::new(LOG_AGAIN),
             tally: Tally::default(),
             counters: Arc::default(),
+            routes: Routes::default(),
+            routed: HashMap::new(),
         }
+    }
+
+    /// Hands new messages of a key to the stream of `routes` holding it.
+    pub(super) fn with_routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
     }
 
     /// Counts what it commits into `counters`.
@@ -305,6 +318,7 @@ impl<B: Backend> Writer<B> {
         let now = self.clock.tick();
         let newest = ops.iter().map(|q| q.at).max().unwrap_or(now);
         self.expire_before = newest.min(now);
+        self.routed.clear();
         let mut touched = Touched::default();
         let mut dones: Vec<(usize, Done)> = Vec::with_capacity(ops.len());
         // Operations wait here until their turn, so that those not yet
@@ -550,8 +564,14 @@ impl<B: Backend> Writer<B> {
                 finish(r, self.update_subscription(&name, *patch, now, t).await)
             }
             Op::DeleteSubscription(name, r) => finish(r, self.delete_subscription(&name, t).await),
-            Op::Lease(req, r) => finish(r, self.lease(req, now, t).await),
-            Op::Ack(sub, ids, r) => finish(r, self.ack(&sub, ids, at, t).await),
+            Op::Lease(req, r) => {
+                let leased = self.lease(req, now, t).await;
+                finish_handing(r, leased, &self.routes)
+            }
+            Op::Ack(sub, ids, r) => {
+                let acked = self.ack(&sub, ids, at, now, t).await;
+                finish_handing(r, acked, &self.routes)
+            }
             Op::Nack(sub, items, r) => finish(r, self.nack(&sub, items, at, now, t).await),
             Op::Extend(sub, items, r) => finish(r, self.extend(&sub, items, at, now).await),
             Op::Release(sub, ids, r) => finish(r, self.release(&sub, ids, at, now, t).await),
@@ -1044,6 +1064,7 @@ impl<B: Backend> Writer<B> {
             None
         };
         let mut cursor = locked_cursor.unwrap_or(sub.cursor);
+        let mut handed = 0i64;
         if let Some(from) = locked_cursor {
             let messages =
                 B::messages_after(self.c(), sub.topic_id, &sub.topic, from, room as i64).await?;
@@ -1052,8 +1073,20 @@ impl<B: Backend> Writer<B> {
                 let keys: Vec<String> = keys.into_iter().collect();
                 B::keys_in_progress(self.c(), sub.id, &keys, req.holder, now).await?
             } else {
-                HashSet::new()
+                HashMap::new()
             };
+            // The streams of this process holding blocked keys' runs, with
+            // the room their windows have left after this group's hand-outs.
+            let mut rooms: HashMap<i64, isize> = HashMap::new();
+            for &holder in blocked.values() {
+                if holder != 0
+                    && !rooms.contains_key(&holder)
+                    && let Some(room) = self.routes.room(&sub.name, holder)
+                {
+                    let given = self.routed.get(&holder).copied().unwrap_or(0);
+                    rooms.insert(holder, room - given);
+                }
+            }
             let budget = Budget {
                 max_bytes: req.max_bytes,
                 bytes,
@@ -1063,27 +1096,40 @@ impl<B: Backend> Writer<B> {
                 messages.iter().map(|m| (m.key.as_deref(), m.payload.len())),
                 ordered,
                 &blocked,
+                &mut rooms,
                 budget,
             );
             let mut rows: Vec<DeliveryRow> = Vec::with_capacity(plan.len());
+            let mut routed: HashMap<i64, Vec<Delivery>> = HashMap::new();
             for (message, take) in messages.into_iter().zip(plan) {
                 cursor = message.sequence;
                 let key = if ordered { message.key.clone() } else { None };
-                if take == Take::Hold {
-                    rows.push((message.sequence, WAITING, 0, HELD, 0, None, key));
-                    continue;
-                }
-                let token = self.clock.token(req.holder);
+                let holder = match take {
+                    Take::Hold => {
+                        rows.push((message.sequence, WAITING, 0, HELD, 0, None, key));
+                        continue;
+                    }
+                    Take::Lease => req.holder,
+                    Take::Route(holder) => holder,
+                };
+                let token = self.clock.token(holder);
                 rows.push((message.sequence, LEASED, 1, deadline, token, Some(now), key));
-                batch
-                    .deliveries
-                    .push(leased(sub.id, message, 1, token, deadline));
+                let delivery = leased(sub.id, message, 1, token, deadline);
+                match take {
+                    Take::Route(holder) => routed.entry(holder).or_default().push(delivery),
+                    _ => batch.deliveries.push(delivery),
+                }
+            }
+            for (holder, deliveries) in routed {
+                *self.routed.entry(holder).or_default() += deliveries.len() as isize;
+                handed += deliveries.len() as i64;
+                batch.routed.push((holder, deliveries));
             }
             if !rows.is_empty() {
                 B::insert_deliveries(self.c(), sub.id, &rows).await?;
             }
         }
-        let delivered = batch.deliveries.len() as i64;
+        let delivered = batch.deliveries.len() as i64 + handed;
         if delivered > 0 {
             self.leased_until(&sub.name, deadline);
         }
@@ -1313,16 +1359,19 @@ impl<B: Backend> Writer<B> {
         sub: &str,
         ids: Vec<AckId>,
         at: Micros,
+        now: Micros,
         t: &mut Touched,
-    ) -> Result<Vec<AckStatus>> {
+    ) -> Result<(Vec<AckStatus>, Vec<Routed>)> {
         let (sub, mut checks, mut current) = self.current(sub, &ids, at).await?;
+        let mut keys = HashMap::new();
         if sub.settings.ordered && !current.is_empty() {
-            self.in_key_order(&sub, &mut checks, &mut current).await?;
+            keys = self.in_key_order(&sub, &mut checks, &mut current).await?;
         }
+        let mut routed = Vec::new();
         if !current.is_empty() {
             if sub.settings.ordered {
-                // The next message of each acked key may go.
-                B::promote_next(self.c(), sub.id, &current, at).await?;
+                // The messages held behind each acked key's run go on.
+                routed = self.hand_on(&sub, &ids, &checks, &keys, at, now).await?;
             }
             B::delete_deliveries(self.c(), sub.id, &current).await?;
             B::add_acked(self.c(), sub.id, current.len() as i64).await?;
@@ -1332,7 +1381,118 @@ impl<B: Backend> Writer<B> {
                 t.subs.insert(sub.name.clone());
             }
         }
-        Ok(checks.into_iter().map(status_of).collect())
+        Ok((checks.into_iter().map(status_of).collect(), routed))
+    }
+
+    /// After acks on an ordered subscription (`keys`: the key of each
+    /// accepted one), the messages held behind each acked run go on: to
+    /// the stream whose run it was, leased at once as far as its window has
+    /// room, so a key's backlog follows its stream without waiting to fall
+    /// due and be leased again (issue 14); otherwise the next one falls
+    /// due. Runs before the acked rows are deleted, so the walks start
+    /// from them.
+    async fn hand_on(
+        &mut self,
+        sub: &SubRow,
+        ids: &[AckId],
+        checks: &[Check],
+        keys: &HashMap<i64, String>,
+        at: Micros,
+        now: Micros,
+    ) -> Result<Vec<Routed>> {
+        // Per key, the stream whose run it was, and its first and last
+        // acked row (the rows a request acks of one key are consecutive, or
+        // `in_key_order` refused the later ones); per stream, its acks.
+        let mut runs: HashMap<&str, (i64, i64, i64)> = HashMap::new();
+        let mut acks: HashMap<i64, usize> = HashMap::new();
+        for (id, check) in ids.iter().zip(checks) {
+            let (Check::Current { seq, .. }, Some(key)) = (check, keys.get(&id.sequence)) else {
+                continue;
+            };
+            let holder = id.token >> 24;
+            *acks.entry(holder).or_default() += 1;
+            let (_, first, last) = runs.entry(key).or_insert((holder, *seq, *seq));
+            *first = (*first).min(*seq);
+            *last = (*last).max(*seq);
+        }
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let probes: Vec<(String, i64, i64)> = runs
+            .iter()
+            .map(|(key, (_, first, last))| (key.to_string(), *first, *last))
+            .collect();
+        let held = B::held_after(self.c(), sub.id, &probes).await?;
+        // Per stream, the heads its held messages follow.
+        let mut heads: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
+        let mut promote = Vec::new();
+        for (key, out_of_turn) in held {
+            let Some(&(holder, _, last)) = runs.get(key.as_str()) else {
+                continue;
+            };
+            if holder == 0 || out_of_turn {
+                promote.push(last);
+            } else {
+                heads.entry(holder).or_default().push((key, last));
+            }
+        }
+        let deadline = now.saturating_add(micros(sub.settings.ack_deadline));
+        let mut routed = Vec::new();
+        let mut handed = 0i64;
+        let mut again = 0i64;
+        for (holder, heads) in heads {
+            // The stream's window frees the acked leases once it reads
+            // the answer.
+            let given = self.routed.get(&holder).copied().unwrap_or(0);
+            let acked = acks.get(&holder).copied().unwrap_or(0) as isize;
+            let room = self
+                .routes
+                .room(&sub.name, holder)
+                .map_or(0, |room| usize::try_from(room - given + acked).unwrap_or(0));
+            let mut taken: Vec<(i32, StoredMessage)> = Vec::new();
+            if room > 0 {
+                // An even share each: what the walks read beyond the room
+                // would be payload read for nothing.
+                let per_key = room.div_ceil(heads.len()) as i64;
+                let found = B::held_followers(self.c(), sub, &heads, per_key, 0, now).await?;
+                for run in found.into_values() {
+                    let left = room - taken.len();
+                    taken.extend(run.into_iter().take(left));
+                }
+            }
+            // Where nothing went to the stream, the next message falls due.
+            let took: HashSet<&str> = taken.iter().filter_map(|(_, m)| m.key.as_deref()).collect();
+            promote.extend(
+                heads
+                    .iter()
+                    .filter(|(key, _)| !took.contains(key.as_str()))
+                    .map(|(_, last)| *last),
+            );
+            if taken.is_empty() {
+                continue;
+            }
+            let token = self.clock.token(holder);
+            let seqs: Vec<i64> = taken.iter().map(|(_, m)| m.sequence).collect();
+            B::lease_run(self.c(), sub.id, &seqs, deadline, token, now).await?;
+            let deliveries: Vec<Delivery> = taken
+                .into_iter()
+                .map(|(attempt, message)| {
+                    again += i64::from(attempt > 0);
+                    leased(sub.id, message, attempt + 1, token, deadline)
+                })
+                .collect();
+            handed += deliveries.len() as i64;
+            *self.routed.entry(holder).or_default() += deliveries.len() as isize;
+            routed.push((holder, deliveries));
+        }
+        if !promote.is_empty() {
+            B::promote_next(self.c(), sub.id, &promote, at).await?;
+        }
+        if handed > 0 {
+            self.leased_until(&sub.name, deadline);
+            B::advance(self.c(), sub.id, None, handed, again).await?;
+        }
+        Ok(routed)
     }
 
     /// Ordered subscriptions take a key's acks in order: an ack whose key
@@ -1341,12 +1501,13 @@ impl<B: Backend> Writer<B> {
     /// held back (their leases end without counting an attempt) until the
     /// earlier one is settled. Otherwise a later message could be acked
     /// and the earlier one then nacked or expire (issue 14).
+    /// Returns the key of each accepted ack.
     async fn in_key_order(
         &mut self,
         sub: &SubRow,
         checks: &mut [Check],
         current: &mut Vec<i64>,
-    ) -> Result<()> {
+    ) -> Result<HashMap<i64, String>> {
         let found = B::earlier_in_progress(self.c(), sub.id, current).await?;
         current.sort_unstable();
         let mut accepted = HashSet::new();
@@ -1361,8 +1522,13 @@ impl<B: Backend> Writer<B> {
                 }
             }
         }
+        let keys = found
+            .into_iter()
+            .filter(|(seq, _)| accepted.contains(seq))
+            .map(|(seq, (key, _))| (seq, key))
+            .collect();
         if refused.is_empty() {
-            return Ok(());
+            return Ok(keys);
         }
         current.retain(|seq| accepted.contains(seq));
         let mut held = HashMap::new();
@@ -1382,7 +1548,7 @@ impl<B: Backend> Writer<B> {
                 )));
             }
         }
-        Ok(())
+        Ok(keys)
     }
 
     async fn nack(

@@ -375,3 +375,242 @@ backend_test! {
         b.stop().await;
     }
 }
+
+/// Publishes `(key, payload)` messages straight into `store`'s topic `t`.
+async fn store_publish(store: &tidings::store::Store, items: &[(&str, &str)]) {
+    let messages = items
+        .iter()
+        .map(|(key, payload)| tidings::model::NewMessage {
+            id: uuid::Uuid::new_v4(),
+            topic: "t".into(),
+            key: Some((*key).into()),
+            payload: payload.as_bytes().to_vec(),
+            attributes: Vec::new(),
+            created_at: None,
+        })
+        .collect();
+    store.publish(messages).await.expect("publish");
+}
+
+/// The payloads of `deliveries`, as text.
+fn payloads(deliveries: &[tidings::model::Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.message.payload).into_owned())
+        .collect()
+}
+
+backend_test! {
+    /// Issue 14: on an ordered subscription, the new messages of a key that
+    /// a stream of this process holds go to that stream when another
+    /// stream's lease reads them, as far as its window has room, instead of
+    /// waiting held back until its run is acked; when it acks its run, the
+    /// messages held behind go to it at once. Without that stream they wait
+    /// held back, as before.
+    async fn a_keys_new_messages_are_handed_to_the_stream_holding_it(backend) {
+        use tidings::model::{
+            AckStatus, NewSubscription, StartPosition, SubscriptionSettings, TopicSettings,
+        };
+        use tidings::store::Holder;
+
+        let opened = crate::harness::TestStore::open(backend).await;
+        let store = &opened.store;
+        store.create_topic("t", TopicSettings::default()).await.expect("topic");
+        let settings = SubscriptionSettings { ordered: true, ..SubscriptionSettings::default() };
+        let sub = NewSubscription {
+            name: "s".into(),
+            topic: "t".into(),
+            settings,
+            start: StartPosition::Earliest,
+        };
+        store.create_subscription(sub).await.expect("subscription");
+        let (a, b) = (Holder::new(), Holder::new());
+        let lease = |holder: Holder| store.lease_as("s", 10, 1 << 20, Some((holder, Vec::new())));
+
+        // Stream a holds k's run, with room for one more message.
+        let mut route = store.routes().open("s", a);
+        route.set_room(1);
+        store_publish(store, &[("k", "k1")]).await;
+        let k1 = lease(a).await.expect("lease").deliveries;
+        assert_eq!(payloads(&k1), ["k1"]);
+
+        // b's lease reads k2 and k3: k2 goes to a, k3 waits (a is full).
+        store_publish(store, &[("k", "k2"), ("k", "k3"), ("j", "j1")]).await;
+        let other = lease(b).await.expect("lease").deliveries;
+        assert_eq!(payloads(&other), ["j1"]);
+        let k2 = route.try_recv().expect("k2 handed to the stream holding k");
+        assert_eq!(payloads(&k2), ["k2"]);
+        route.counted(1);
+        assert!(route.try_recv().is_none(), "a had room for one");
+        assert!(lease(b).await.expect("lease").deliveries.is_empty(), "k3 is a's");
+
+        // a acks its run (its window frees the two): k3 is leased to it
+        // at once, on its first attempt.
+        route.set_room(0);
+        let acked = store
+            .ack("s", vec![k1[0].ack_id, k2[0].ack_id])
+            .await
+            .expect("ack");
+        assert_eq!(acked, [AckStatus::Ok(None), AckStatus::Ok(None)]);
+        let k3 = route.try_recv().expect("k3 handed on the ack");
+        assert_eq!(payloads(&k3), ["k3"]);
+        assert_eq!(k3[0].attempt, 1);
+        assert!(lease(b).await.expect("lease").deliveries.is_empty(), "k3 is a's");
+
+        // a's stream is gone: k4 waits held back behind k3, then goes to
+        // whoever leases once k3 is acked.
+        drop(route);
+        store_publish(store, &[("k", "k4")]).await;
+        assert!(lease(b).await.expect("lease").deliveries.is_empty(), "k4 waits behind k3");
+        store.ack("s", vec![k3[0].ack_id]).await.expect("ack");
+        let k4 = lease(b).await.expect("lease").deliveries;
+        assert_eq!(payloads(&k4), ["k4"]);
+        opened.close().await;
+    }
+}
+
+backend_test! {
+    /// Issue 14: with several streams, each taking some keys' messages by
+    /// its own leases and being handed others by the other streams' leases
+    /// and acks, while messages are still being published, every key's
+    /// messages are received in order, each once, and no ack is refused.
+    async fn handed_and_leased_messages_of_a_key_arrive_in_order(backend) {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+        use tidings::client::{Event, FlowControl};
+        use tidings::model::AckStatus;
+
+        const KEYS: usize = 6;
+        const ROUNDS: usize = 400;
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        // Per key, the next message due; a stream records what it got
+        // before acking it, so a key's next message, wherever it goes,
+        // is looked at after its earlier ones.
+        let next: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+        let total = KEYS * ROUNDS;
+        let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let flow = FlowControl { max_messages: 8, ..FlowControl::default() };
+            let mut sub = b.subscribe_with("s", flow);
+            let (next, got) = (next.clone(), got.clone());
+            streams.push(tokio::spawn(async move {
+                // Until every message is in and this stream's acks are
+                // answered (a stream dropped with acks on the way would
+                // end their leases as failed attempts).
+                let mut unanswered = 0usize;
+                while got.load(std::sync::atomic::Ordering::SeqCst) < total || unanswered > 0 {
+                    let event = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+                    let Ok(event) = event else { continue };
+                    match event.expect("the stream goes on").expect("no error") {
+                        Event::Message(m) => {
+                            let p = payload(&m);
+                            let (k, i) = p.split_once(':').expect("key:index");
+                            let (k, i): (usize, usize) =
+                                (k.parse().expect("key"), i.parse().expect("index"));
+                            {
+                                let mut next = next.lock().expect("lock");
+                                let due = next.entry(k).or_default();
+                                assert_eq!((i, m.attempt), (*due, 1), "key {k} in order, once");
+                                *due += 1;
+                            }
+                            got.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            unanswered += 1;
+                            sub.ack(vec![m.ack_id.to_string()]);
+                        }
+                        Event::Outcome(o) => {
+                            assert_eq!(o.status, AckStatus::Ok(None), "no ack refused: {o:?}");
+                            unanswered -= 1;
+                        }
+                        Event::Malformed { reason, .. } => panic!("{reason}"),
+                    }
+                }
+            }));
+        }
+        for round in 0..ROUNDS / 10 {
+            let mut items = Vec::new();
+            for i in round * 10..(round + 1) * 10 {
+                for k in 0..KEYS {
+                    items.push(Outgoing::new("t", format!("{k}:{i}").into_bytes()).with_key(format!("k{k}")));
+                }
+            }
+            b.publisher().publish(&items).await.expect("publish");
+        }
+        for stream in streams {
+            tokio::time::timeout(Duration::from_secs(60), stream)
+                .await
+                .expect("every message in time")
+                .expect("in order");
+        }
+        assert_eq!(got.load(std::sync::atomic::Ordering::SeqCst), total);
+        b.stop().await;
+    }
+}
+
+backend_test! {
+    /// Issue 14: a stream is handed a key's messages only as far as its
+    /// flow-control window has room: never more outstanding than it asked
+    /// for, the rest going to it as it acks, and none to the other stream.
+    async fn a_stream_is_handed_no_more_than_its_window(backend) {
+        use tidings::client::{Event, FlowControl};
+
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        let flow = FlowControl { max_messages: 3, ..FlowControl::default() };
+        let mut holding = b.subscribe_with("s", flow);
+        publish_keyed(&b, &[("k", "k0")]).await;
+        let Event::Message(k0) = next_event(&mut holding).await else {
+            panic!("k0 first");
+        };
+        let mut other = b.subscribe("s");
+        tokio::time::sleep(ms(200)).await;
+        let items: Vec<(String, String)> =
+            (1..10).map(|i| ("k".to_owned(), format!("k{i}"))).collect();
+        let items: Vec<(&str, &str)> = items.iter().map(|(k, p)| (k.as_str(), p.as_str())).collect();
+        publish_keyed(&b, &items).await;
+        publish_keyed(&b, &[("j", "j0")]).await;
+        let j0 = tokio::time::timeout(Duration::from_secs(5), other.next_message())
+            .await
+            .expect("j0 in time")
+            .expect("a message")
+            .expect("no error");
+        assert_eq!(payload(&j0), "j0");
+
+        // The holding stream acks only when nothing more comes: what it
+        // holds unacked never passes its window, and a quiet stream has
+        // its window full (or everything).
+        let mut outstanding = vec![k0];
+        let (mut next, mut unanswered) = (1, 0);
+        loop {
+            match tokio::time::timeout(ms(300), holding.next()).await {
+                Err(_) => {
+                    assert_eq!(unanswered, 0, "acks answered");
+                    if next == 10 && outstanding.is_empty() {
+                        break;
+                    }
+                    assert!(outstanding.len() == 3 || next == 10, "quiet with room: {next}");
+                    unanswered = outstanding.len();
+                    holding.ack(outstanding.drain(..).map(|m| m.ack_id.to_string()).collect());
+                }
+                Ok(event) => match event.expect("goes on").expect("no error") {
+                    Event::Message(m) => {
+                        assert_eq!(payload(&m), format!("k{next}"));
+                        next += 1;
+                        outstanding.push(m);
+                        assert!(outstanding.len() <= 3, "no more than the window");
+                    }
+                    Event::Outcome(o) => {
+                        assert_eq!(o.status, tidings::model::AckStatus::Ok(None));
+                        unanswered -= 1;
+                    }
+                    Event::Malformed { reason, .. } => panic!("{reason}"),
+                },
+            }
+        }
+        let nothing = tokio::time::timeout(ms(300), other.next_message()).await;
+        assert!(nothing.is_err(), "the other stream gets nothing of k: {nothing:?}");
+        drop((holding, other));
+        b.stop().await;
+    }
+}
