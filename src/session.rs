@@ -278,6 +278,18 @@ impl Session {
         if out.is_empty() {
             return true;
         }
+        // An answer follows every delivery leased to this stream before
+        // the broker read the requests it answers. The writer sends those
+        // that other streams' leases handed this one before it answers
+        // anyone, so they are in the mailbox now and go first. A consumer
+        // relies on it: a key's delivery that comes before the answer to
+        // the nack or release of a failed one may have been leased before
+        // the broker read it (which ended its lease too), so it goes back
+        // unprocessed (`consumer.rs`); one that comes after is taken as
+        // leased afresh and processed.
+        if !self.pass_on_handed().await {
+            return false;
+        }
         self.send(Ok(SessionEvent {
             deliveries: Vec::new(),
             outcomes: out,
@@ -444,8 +456,16 @@ impl Session {
         waiting
     }
 
-    /// Counts `deliveries` as this stream's (the last `routed` of them sent
-    /// by other streams' leases) and sends them in sequence order.
+    /// Passes on what other streams' leases handed this one since the last
+    /// look, if anything. Returns false if the receiver is gone.
+    async fn pass_on_handed(&mut self) -> bool {
+        let waiting = self.routed_waiting();
+        let routed = waiting.len();
+        routed == 0 || self.pass_on(waiting, routed).await
+    }
+
+    /// Counts `deliveries` as this stream's (`routed` of them sent by other
+    /// streams' leases) and sends them in sequence order.
     async fn pass_on(&mut self, mut deliveries: Vec<Delivery>, routed: usize) -> bool {
         self.hold(&deliveries);
         if let Some(route) = &self.route {
@@ -518,9 +538,7 @@ impl Session {
         let mut look = true;
         let mut next_due: Option<Micros> = None;
         loop {
-            let waiting = self.routed_waiting();
-            let routed = waiting.len();
-            if routed > 0 && !self.pass_on(waiting, routed).await {
+            if !self.pass_on_handed().await {
                 return self.abandon_all().await;
             }
             let now = now_micros();
@@ -657,14 +675,12 @@ mod tests {
     use crate::model::{Delivery, LeaseExtension, NewMessage, SubscriptionSettings, TopicSettings};
     use crate::store::{NewSubscription, Store, StoreConfig};
 
-    /// A broker over a fresh SQLite store with one topic `t`, one message on
-    /// it, and a subscription `s` from the earliest message whose leases last
-    /// `ack_deadline`.
-    /// The store and the drain signal come back too: the broker drains once
-    /// that sender is dropped.
-    async fn broker(
+    /// A broker over a fresh SQLite store with topic `t` and subscription
+    /// `s` of `settings` from the earliest message; the drain signal comes
+    /// back too (the broker drains once that sender is dropped).
+    async fn topic_and_sub(
         dir: &tempfile::TempDir,
-        ack_deadline: Duration,
+        settings: SubscriptionSettings,
     ) -> (Broker, Store, watch::Sender<bool>) {
         let store = Store::open(StoreConfig::new(dir.path())).await.unwrap();
         let (drain, draining) = watch::channel(false);
@@ -677,12 +693,6 @@ mod tests {
             .create_topic("t", TopicSettings::default())
             .await
             .unwrap();
-        let settings = SubscriptionSettings {
-            ack_deadline,
-            min_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(1),
-            ..SubscriptionSettings::default()
-        };
         broker
             .create_subscription(NewSubscription {
                 name: "s".into(),
@@ -692,6 +702,25 @@ mod tests {
             })
             .await
             .unwrap();
+        (broker, store, drain)
+    }
+
+    /// A broker over a fresh SQLite store with one topic `t`, one message on
+    /// it, and a subscription `s` from the earliest message whose leases last
+    /// `ack_deadline`.
+    /// The store and the drain signal come back too: the broker drains once
+    /// that sender is dropped.
+    async fn broker(
+        dir: &tempfile::TempDir,
+        ack_deadline: Duration,
+    ) -> (Broker, Store, watch::Sender<bool>) {
+        let settings = SubscriptionSettings {
+            ack_deadline,
+            min_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..SubscriptionSettings::default()
+        };
+        let (broker, store, drain) = topic_and_sub(dir, settings).await;
         broker
             .publish(vec![NewMessage {
                 id: uuid::Uuid::now_v7(),
@@ -822,6 +851,89 @@ mod tests {
                 .outcomes
                 .iter()
                 .all(|o| o.status == AckStatus::Ok(None))
+        );
+        drop(commands);
+        store.close().await;
+    }
+
+    fn keyed(key: &str) -> NewMessage {
+        NewMessage {
+            id: uuid::Uuid::now_v7(),
+            topic: "t".into(),
+            key: Some(key.into()),
+            payload: key.as_bytes().to_vec(),
+            attributes: Vec::new(),
+            created_at: None,
+        }
+    }
+
+    /// Waits until `count` messages of subscription `s` are leased.
+    async fn in_flight(store: &Store, count: i64) {
+        for _ in 0..1000 {
+            if store.stats("s").await.unwrap().in_flight == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{count} messages were not leased within 5 s");
+    }
+
+    #[tokio::test]
+    async fn an_answer_comes_after_what_other_streams_leases_handed_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = SubscriptionSettings {
+            ordered: true,
+            ..SubscriptionSettings::default()
+        };
+        let (broker, store, _drain) = topic_and_sub(&dir, settings).await;
+        broker.publish(vec![keyed("k")]).await.unwrap();
+        // A stream whose client reads nothing yet: its first event fills
+        // the channel, so it stops sending its second.
+        let sub = store.get_subscription("s").await.unwrap();
+        let (tx, mut events) = mpsc::channel(1);
+        let (commands, rx) = mpsc::unbounded_channel();
+        let session = Session::new(broker.clone(), sub, tx);
+        tokio::spawn(session.run(SessionCommand::default(), UnboundedReceiverStream::new(rx)));
+        in_flight(&store, 1).await;
+        broker.publish(vec![keyed("j")]).await.unwrap();
+        in_flight(&store, 2).await;
+        // Another stream's lease reads k's next message: it goes to the
+        // stream holding k, which is busy sending.
+        broker.publish(vec![keyed("k")]).await.unwrap();
+        let other = store
+            .lease_as("s", 10, 1 << 20, Some((Holder::new(), Vec::new())))
+            .await
+            .unwrap();
+        assert!(other.deliveries.is_empty(), "{:?}", other.deliveries);
+        in_flight(&store, 3).await;
+        let first = next(&mut events).await.deliveries.remove(0);
+        assert_eq!(first.message.key.as_deref(), Some("k"));
+        // The client nacks k's first message: the broker reads the nack
+        // after it handed k's second, whose lease the nack ended too, so
+        // the stream sends that one before the answer.
+        commands
+            .send(Ok(SessionCommand {
+                nacks: vec![crate::model::Nack {
+                    ack_id: first.ack_id.to_string(),
+                    delay: None,
+                    reason: "failed".into(),
+                }],
+                ..SessionCommand::default()
+            }))
+            .unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let event = next(&mut events).await;
+            seen.extend(event.deliveries.iter().map(|d| d.message.sequence));
+            if !event.outcomes.is_empty() {
+                assert_eq!(event.outcomes[0].status, AckStatus::Ok(None));
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![2, 3],
+            "j's delivery and k's second, then the answer"
         );
         drop(commands);
         store.close().await;
