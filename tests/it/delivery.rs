@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tidings::client::{Event, FlowControl};
+use tidings::model::SubscriptionPatch;
 use tidings::proto;
 use tonic::Code;
 
@@ -58,6 +59,15 @@ backend_test! {
             .expect_err("stale");
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("stale"), "{}", err.message());
+
+        // Long leases from here on: on a slow machine the redelivery's
+        // lease could otherwise run out too, and the stream below would
+        // get a third attempt before the answer it is asked for.
+        let patch = SubscriptionPatch {
+            ack_deadline: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        b.admin().update_subscription("s", patch).await.unwrap();
 
         // Redelivered to someone else: the old lease stays refused, on the
         // stream too, and the new lease works.
