@@ -278,8 +278,15 @@ backend_test! {
 backend_test! {
     async fn extended_lease_is_not_redelivered(backend) {
         let b = TestBroker::start(backend).await;
-        b.topic_and_sub("t", "s", |s| s.ack_deadline = Some(pb(ms(200))))
-            .await;
+        // A lease long enough that the extension reaches the broker before
+        // it ends, however busy the machine; a backoff short enough that,
+        // unextended, it would come again within the pull below.
+        b.topic_and_sub("t", "s", |s| {
+            s.ack_deadline = Some(pb(ms(1000)));
+            s.min_backoff = Some(pb(ms(10)));
+            s.max_backoff = Some(pb(ms(10)));
+        })
+        .await;
         b.publish("t", &["x"]).await;
         let m = b.pull("s", 1, Duration::from_secs(5)).await.remove(0);
         let r = b
@@ -296,7 +303,7 @@ backend_test! {
             .into_inner();
         assert!(r.outcomes[0].lease_deadline.is_some());
         assert!(
-            b.pull("s", 1, ms(500)).await.is_empty(),
+            b.pull("s", 1, ms(1500)).await.is_empty(),
             "still leased after the first deadline"
         );
         b.ack("s", vec![m.ack_id.to_string()])
