@@ -314,8 +314,6 @@ pub(super) struct Fatal {
     pub(super) own: bool,
 }
 
-/// Wraps an operation's result; the second value is set when the error
-/// leaves the transaction unusable, so the whole batch must roll back.
 /// A result that may carry messages leased to other streams of this
 /// process (see `routes.rs`).
 pub(super) trait Handing {
@@ -345,22 +343,14 @@ pub(super) fn finish_handing<T: Handing + Send + 'static>(
     routes: &Routes,
 ) -> (Done, Option<Fatal>) {
     let routes = routes.clone();
-    let fatal = fatal_of(&result);
-    let done: Done = Box::new(move |failed| {
-        let result = match failed {
-            Some(reason) => Err(Error::Unavailable(reason.to_owned())),
-            None => result.map(|mut value| {
-                for (to, deliveries) in std::mem::take(value.handed()) {
-                    if let Err(unsent) = routes.send(to, deliveries) {
-                        value.handed().push((to, unsent));
-                    }
-                }
-                value
-            }),
-        };
-        reply.send(result);
-    });
-    (done, fatal)
+    finish_with(reply, result, move |mut value| {
+        for (to, deliveries) in std::mem::take(value.handed()) {
+            if let Err(unsent) = routes.send(to, deliveries) {
+                value.handed().push((to, unsent));
+            }
+        }
+        value
+    })
 }
 
 /// What a failed operation means for its group: storage refused the
@@ -375,15 +365,27 @@ fn fatal_of<T>(result: &Result<T>) -> Option<Fatal> {
     }
 }
 
+/// Wraps an operation's result; the second value is set when the error
+/// leaves the transaction unusable, so the whole batch must roll back.
 pub(super) fn finish<T: Send + 'static>(
     reply: Reply<T>,
     result: Result<T>,
+) -> (Done, Option<Fatal>) {
+    finish_with(reply, result, |value| value)
+}
+
+/// As [`finish`], with `committed` applied to a successful result once its
+/// group committed, before its caller hears of it.
+fn finish_with<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T>,
+    committed: impl FnOnce(T) -> T + Send + 'static,
 ) -> (Done, Option<Fatal>) {
     let fatal = fatal_of(&result);
     let done: Done = Box::new(move |failed| {
         let result = match failed {
             Some(reason) => Err(Error::Unavailable(reason.to_owned())),
-            None => result,
+            None => result.map(committed),
         };
         reply.send(result);
     });

@@ -119,28 +119,31 @@ mod tests {
         }
     }
 
+    /// The plan when no key is blocked.
+    fn plan_free<'a>(
+        messages: impl IntoIterator<Item = (Option<&'a str>, usize)>,
+        ordered: bool,
+        budget: Budget,
+    ) -> Vec<Take> {
+        plan_new(
+            messages,
+            ordered,
+            &HashMap::new(),
+            &mut HashMap::new(),
+            budget,
+        )
+    }
+
     #[test]
     fn takes_messages_until_the_byte_budget_is_used() {
         let messages = [(None, 40), (None, 40), (None, 40)];
-        let plan = plan_new(
-            messages,
-            false,
-            &HashMap::new(),
-            &mut HashMap::new(),
-            budget(100),
-        );
+        let plan = plan_free(messages, false, budget(100));
         assert_eq!(plan, vec![Take::Lease, Take::Lease]);
     }
 
     #[test]
     fn always_takes_one_message_even_over_the_budget() {
-        let plan = plan_new(
-            [(None, 500), (None, 1)],
-            false,
-            &HashMap::new(),
-            &mut HashMap::new(),
-            budget(10),
-        );
+        let plan = plan_free([(None, 500), (None, 1)], false, budget(10));
         assert_eq!(plan, vec![Take::Lease]);
         // A lease that already holds a redelivery takes nothing too large.
         let full = Budget {
@@ -148,16 +151,7 @@ mod tests {
             bytes: 5,
             ..budget(10)
         };
-        assert!(
-            plan_new(
-                [(None, 6)],
-                false,
-                &HashMap::new(),
-                &mut HashMap::new(),
-                full
-            )
-            .is_empty()
-        );
+        assert!(plan_free([(None, 6)], false, full).is_empty());
     }
 
     #[test]
@@ -188,13 +182,7 @@ mod tests {
     #[test]
     fn a_run_cut_by_the_budget_ends_the_plan() {
         let messages = [(Some("a"), 10), (Some("b"), 10), (Some("a"), 10)];
-        let plan = plan_new(
-            messages,
-            true,
-            &HashMap::new(),
-            &mut HashMap::new(),
-            budget(25),
-        );
+        let plan = plan_free(messages, true, budget(25));
         // The cursor stops before a2: it is not held behind a1 (which would
         // make it wait for a1's ack) but left for the next lease.
         assert_eq!(plan, vec![Take::Lease, Take::Lease]);
