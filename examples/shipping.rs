@@ -64,6 +64,10 @@ struct Args {
     /// milliseconds.
     #[arg(long, default_value_t = 60_000)]
     prune_interval_ms: u64,
+    /// Longest a processed order's ack waits for others to share its
+    /// request, in milliseconds.
+    #[arg(long, default_value_t = 2)]
+    ack_delay_ms: u64,
     /// Export spans (each handler's `tidings.handle`, a child of the trace
     /// context the message carries) to this OpenTelemetry collector, OTLP
     /// over gRPC, such as http://127.0.0.1:4317.
@@ -173,6 +177,7 @@ where
     let config = ConsumerConfig {
         concurrency: args.concurrency,
         prune_interval: Some(Duration::from_millis(args.prune_interval_ms.max(1))),
+        ack_delay: Duration::from_millis(args.ack_delay_ms),
         ..ConsumerConfig::default()
     };
     let consumer = Consumer::new(&connection, &args.subscription, inbox, Shipping, config);

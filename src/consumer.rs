@@ -151,6 +151,11 @@ pub struct ConsumerConfig {
     /// and comes back) instead of holding it for good. The handler's own
     /// work is not bounded here: its lease is extended while it runs.
     pub database_timeout: Duration,
+    /// Longest a settled delivery's ack waits for others to share its
+    /// request (default 2 ms). The broker commits a stream's requests one
+    /// after the other, so fewer, larger requests ack faster under load; a
+    /// longer wait only delays the acks (and the end of their leases).
+    pub ack_delay: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -166,6 +171,7 @@ impl Default for ConsumerConfig {
             fallback_retention: None,
             reconnect: Backoff::default(),
             database_timeout: Duration::from_secs(10),
+            ack_delay: Duration::from_millis(2),
         }
     }
 }
@@ -198,6 +204,7 @@ impl ConsumerConfig {
         }
         config::check_duration("consumer shutdown_timeout", self.shutdown_timeout)?;
         config::check_interval("consumer database_timeout", self.database_timeout)?;
+        config::check_duration("consumer ack_delay", self.ack_delay)?;
         self.reconnect.check("consumer reconnect")
     }
 
@@ -592,8 +599,6 @@ fn batch_id(taken: &Taken) -> usize {
 /// Most acks sent in one request.
 const ACK_BATCH: usize = 500;
 
-/// Longest an ack waits for others to share its request.
-const ACK_DELAY: Duration = Duration::from_millis(2);
 /// How long a stopping consumer waits for the broker to answer its last
 /// acks and releases before it drops the stream.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -703,7 +708,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
         let mut prune_timer = self.config.prune_interval.map(tokio::time::interval);
         let mut pruning: Option<JoinHandle<()>> = None;
         let mut drain_until: Option<Instant> = None;
-        // Acks wait up to ACK_DELAY to go as one request: the broker's
+        // Acks wait up to `ack_delay` to go as one request: the broker's
         // session commits a stream's requests one after the other.
         let mut acks: Vec<String> = Vec::new();
         let mut flush_at: Option<Instant> = None;
@@ -756,7 +761,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         flush(&sub, &mut acks, &mut unconfirmed);
                         flush_at = None;
                     } else if !acks.is_empty() && flush_at.is_none() {
-                        flush_at = Some(Instant::now() + ACK_DELAY);
+                        flush_at = Some(Instant::now() + self.config.ack_delay);
                     }
                 }
                 Some(joined) = workers.join_next_with_id(), if !workers.is_empty() => {
@@ -826,7 +831,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         flush(&sub, &mut acks, &mut unconfirmed);
                         flush_at = None;
                     } else if !acks.is_empty() && flush_at.is_none() {
-                        flush_at = Some(Instant::now() + ACK_DELAY);
+                        flush_at = Some(Instant::now() + self.config.ack_delay);
                     }
                     if unconfirmed.len() > 4 * window {
                         unconfirmed.retain(|_, sent| sent.elapsed() < UNCONFIRMED_TTL);

@@ -1437,10 +1437,11 @@ struct Shipping {
     commits: watch::Receiver<u64>,
 }
 
-async fn spawn_shipping(broker: &str, database_url: &str) -> Shipping {
+async fn spawn_shipping(broker: &str, database_url: &str, ack_delay: Duration) -> Shipping {
     let mut child = tokio::process::Command::new(shipping_binary())
         .args(["--broker", broker, "--database-url", database_url])
         .args(["--concurrency", "4", "--prune-interval-ms", "100"])
+        .args(["--ack-delay-ms", &ack_delay.as_millis().to_string()])
         .env("RUST_LOG", "warn,tidings::consumer=debug")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -1463,7 +1464,11 @@ async fn spawn_shipping(broker: &str, database_url: &str) -> Shipping {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             log.read(&line);
-            committed.send_replace(log.committed);
+            committed.send_if_modified(|seen| {
+                let changed = *seen != log.committed;
+                *seen = log.committed;
+                changed
+            });
         }
         log
     });
@@ -1485,6 +1490,8 @@ struct KillRun {
     seed: u64,
     /// The subscription's ack deadline.
     lease: Duration,
+    /// How long the consumer's acks wait to share a request.
+    ack_delay: Duration,
 }
 
 /// What a [`KillRun`] saw.
@@ -1514,6 +1521,10 @@ async fn sigkill_case<DB: TestDb>(backend: Backend) {
         kills: 12,
         seed: 0x5417,
         lease: ms(1000),
+        // Long enough that a kill the test sends on seeing a commit
+        // reaches the consumer before that commit's acks leave, however
+        // loaded the machine.
+        ack_delay: ms(300),
     };
     let report = kill_shipping::<DB>(&backend, run).await;
     let skipped = report.log.duplicates;
@@ -1551,6 +1562,7 @@ async fn sigkill_batch_case<DB: TestDb>(backend: Backend) {
         kills: 16,
         seed: 0xba7c4,
         lease: ms(1000),
+        ack_delay: ms(2),
     };
     let report = kill_shipping::<DB>(&backend, run).await;
     eprintln!("{report:?}");
@@ -1585,6 +1597,7 @@ async fn short_lease_case<DB: TestDb>(backend: Backend) {
         kills: 8,
         seed: 0x5e4d,
         lease: ms(100),
+        ack_delay: ms(2),
     };
     let report = kill_shipping::<DB>(&backend, run).await;
     eprintln!("{report:?}");
@@ -1642,6 +1655,7 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
         kills: planned,
         seed,
         lease: _,
+        ack_delay,
     } = run;
     let producing = tokio::spawn(async move {
         for n in 1..=rounds {
@@ -1661,13 +1675,14 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
     let mut kills = 0;
     let mut kills_in_transaction = 0;
     for round in 0..planned {
-        let mut shipping = spawn_shipping(&broker.url, &consumer_db.url).await;
+        let mut shipping = spawn_shipping(&broker.url, &consumer_db.url, ack_delay).await;
         tokio::time::sleep(ms(100 + rng.below(300))).await;
         if round % 2 == 1 {
             // Every other kill follows the next commit the consumer logs
-            // at once: its acks wait ACK_DELAY to share a request, so such
-            // a kill mostly falls between a commit and its ack, however
-            // slow the machine is.
+            // at once: its acks wait `ack_delay` to share a request, so
+            // with a delay longer than the test takes to react such a kill
+            // falls between a commit and its ack.
+            shipping.commits.borrow_and_update();
             let _ = tokio::time::timeout(ms(2000), shipping.commits.changed()).await;
         }
         shipping.child.kill().await.expect("SIGKILL");
@@ -1693,7 +1708,7 @@ async fn kill_shipping<DB: TestDb>(backend: &Backend, run: KillRun) -> KillRepor
         .update_subscription("shipping", patch)
         .await
         .expect("longer leases");
-    let mut shipping = spawn_shipping(&broker.url, &consumer_db.url).await;
+    let mut shipping = spawn_shipping(&broker.url, &consumer_db.url, ack_delay).await;
     eventually("the subscription to drain", || async {
         let s = admin.stats("shipping").await.expect("stats");
         s.backlog == 0 && s.in_flight == 0
