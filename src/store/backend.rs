@@ -41,6 +41,28 @@ pub(super) type Conn<B> = <<B as Backend>::Db as sqlx::Database>::Connection;
 /// available_at (the lease deadline while leased), attempt.
 pub(super) type LeaseState = (i64, i64, Micros, i32);
 
+/// Per keyed row, its key and the nearest earlier message of that key in
+/// progress, as [`Backend::earlier_in_progress`] finds it.
+pub(super) type Earlier = HashMap<i64, (String, Option<i64>)>;
+
+/// A row of [`Backend::deliveries_in_key_order`]'s statement: seq, the
+/// [`LeaseState`], the key, the nearest earlier message of it in progress.
+pub(super) type KeyOrderRow = (i64, i64, i64, Micros, i32, Option<String>, Option<i64>);
+
+/// Files the rows of [`Backend::deliveries_in_key_order`]'s statement.
+pub(super) fn split_key_order(
+    found: Vec<KeyOrderRow>,
+    rows: &mut HashMap<i64, LeaseState>,
+    earlier: &mut Earlier,
+) {
+    for (seq, state, lease, available_at, attempt, key, before) in found {
+        rows.insert(seq, (state, lease, available_at, attempt));
+        if let Some(key) = key {
+            earlier.insert(seq, (key, before));
+        }
+    }
+}
+
 /// One database's statements and its few real differences; see the module
 /// documentation. Every statement runs on the connection it is given: the
 /// writer's (inside its group's transaction) or a pooled read connection.
@@ -308,11 +330,17 @@ pub(super) trait Backend: Send + 'static {
     /// last delivered no later than it (a dead letter redriven after it was
     /// delivered does not count: it is out of turn), if any. Rows without a
     /// key are left out.
-    async fn earlier_in_progress(
+    async fn earlier_in_progress(c: &mut Conn<Self>, sub_id: i64, seqs: &[i64]) -> Result<Earlier>;
+
+    /// [`deliveries`](Backend::deliveries) and
+    /// [`earlier_in_progress`](Backend::earlier_in_progress) of the same
+    /// rows in one statement: the check of an ack on an ordered
+    /// subscription reads both.
+    async fn deliveries_in_key_order(
         c: &mut Conn<Self>,
         sub_id: i64,
         seqs: &[i64],
-    ) -> Result<HashMap<i64, (String, Option<i64>)>>;
+    ) -> Result<(HashMap<i64, LeaseState>, Earlier)>;
 
     /// Holds back (`HELD`) every message of `key` from sequence `from` on
     /// that is in progress and not held yet: a leased one's lease ends and

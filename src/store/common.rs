@@ -542,6 +542,15 @@ impl SubRow {
     }
 }
 
+/// The sequences of `ids` that name a delivery of `sub`, whose rows a
+/// lease check reads.
+pub(super) fn ours(sub: &SubRow, ids: &[AckId]) -> Vec<i64> {
+    ids.iter()
+        .filter(|id| id.subscription == sub.id)
+        .map(|id| id.sequence)
+        .collect()
+}
+
 /// The sequences whose lease check found the lease current.
 pub(super) fn current_seqs(checks: &[Check]) -> Vec<i64> {
     checks

@@ -21,7 +21,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::backend::{Backend, LeaseState};
+use super::backend::{Backend, Earlier, KeyOrderRow, LeaseState, split_key_order};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
     encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
@@ -797,11 +797,7 @@ impl Backend for Postgres {
         Ok(())
     }
 
-    async fn earlier_in_progress(
-        c: &mut Conn,
-        sub_id: i64,
-        seqs: &[i64],
-    ) -> Result<HashMap<i64, (String, Option<i64>)>> {
+    async fn earlier_in_progress(c: &mut Conn, sub_id: i64, seqs: &[i64]) -> Result<Earlier> {
         // Keyed lookups per element, as `promote_next`; newest first down
         // `deliveries_by_key` from each row, as `keys_in_progress`.
         let found: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
@@ -822,6 +818,37 @@ impl Backend for Postgres {
             .into_iter()
             .map(|(seq, key, earlier)| (seq, (key, earlier)))
             .collect())
+    }
+
+    async fn deliveries_in_key_order(
+        c: &mut Conn,
+        sub_id: i64,
+        seqs: &[i64],
+    ) -> Result<(HashMap<i64, LeaseState>, Earlier)> {
+        let mut rows = HashMap::new();
+        let mut earlier = HashMap::new();
+        for chunk in seqs.chunks(CHUNK) {
+            // `deliveries` (its rows locked) and `earlier_in_progress` in
+            // one statement.
+            let found: Vec<KeyOrderRow> = sqlx::query_as(
+                "SELECT d.seq, d.state, d.lease, d.available_at, d.attempt, d.key, p.seq \
+                 FROM unnest($2::BIGINT[]) AS u(seq) CROSS JOIN LATERAL \
+                 (SELECT seq, state, lease, available_at, attempt, key, last_delivery_at \
+                 FROM deliveries WHERE sub_id = $1 AND seq = u.seq FOR UPDATE) d \
+                 LEFT JOIN LATERAL (SELECT e.seq FROM deliveries e WHERE e.sub_id = $1 \
+                 AND d.key IS NOT NULL AND e.key = d.key AND e.seq < d.seq \
+                 AND e.state IN (0, 1) \
+                 AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
+                 ORDER BY e.seq DESC LIMIT 1) p ON true",
+            )
+            .persistent(false)
+            .bind(sub_id)
+            .bind(chunk)
+            .fetch_all(&mut *c)
+            .await?;
+            split_key_order(found, &mut rows, &mut earlier);
+        }
+        Ok((rows, earlier))
     }
 
     async fn lease_run(

@@ -16,7 +16,7 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::backend::{Backend, LeaseState};
+use super::backend::{Backend, Earlier, KeyOrderRow, LeaseState, split_key_order};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
     encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
@@ -783,17 +783,25 @@ impl Backend for Sqlite {
         Ok(())
     }
 
-    async fn earlier_in_progress(
+    async fn earlier_in_progress(c: &mut Conn, sub_id: i64, seqs: &[i64]) -> Result<Earlier> {
+        // SQLite takes no row locks: the ack check's statement, less the
+        // leases.
+        Ok(Self::deliveries_in_key_order(c, sub_id, seqs).await?.1)
+    }
+
+    async fn deliveries_in_key_order(
         c: &mut Conn,
         sub_id: i64,
         seqs: &[i64],
-    ) -> Result<HashMap<i64, (String, Option<i64>)>> {
-        let mut out = HashMap::new();
+    ) -> Result<(HashMap<i64, LeaseState>, Earlier)> {
+        let mut rows = HashMap::new();
+        let mut earlier = HashMap::new();
         for chunk in seqs.chunks(CHUNK) {
-            // As `promote_next`: no `d.key IS NOT NULL` on the outer rows.
+            // `deliveries` and `earlier_in_progress` in one statement.
             let list: Vec<String> = (0..chunk.len()).map(|i| format!("?{}", i + 2)).collect();
             let sql = format!(
-                "SELECT d.seq, d.key, (SELECT e.seq FROM deliveries e INDEXED BY deliveries_by_key \
+                "SELECT d.seq, d.state, d.lease, d.available_at, d.attempt, d.key, \
+                 (SELECT e.seq FROM deliveries e INDEXED BY deliveries_by_key \
                  WHERE e.sub_id = d.sub_id AND e.key IS NOT NULL AND e.key = d.key \
                  AND e.seq < d.seq AND e.state IN (0, 1) \
                  AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
@@ -801,18 +809,13 @@ impl Backend for Sqlite {
                  FROM deliveries d WHERE d.sub_id = ?1 AND d.seq IN ({})",
                 list.join(",")
             );
-            let mut q = sqlx::query_as::<_, (i64, Option<String>, Option<i64>)>(AssertSqlSafe(sql))
-                .bind(sub_id);
+            let mut q = sqlx::query_as::<_, KeyOrderRow>(AssertSqlSafe(sql)).bind(sub_id);
             for seq in chunk {
                 q = q.bind(*seq);
             }
-            for (seq, key, earlier) in q.fetch_all(&mut *c).await? {
-                if let Some(key) = key {
-                    out.insert(seq, (key, earlier));
-                }
-            }
+            split_key_order(q.fetch_all(&mut *c).await?, &mut rows, &mut earlier);
         }
-        Ok(out)
+        Ok((rows, earlier))
     }
 
     async fn lease_run(

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use super::backend::{Backend, Conn};
+use super::backend::{Backend, Conn, Earlier};
 use super::common::{
     Check, Clock, DELETE_LIMIT, DeliveryRow, Done, EXPIRE_LIMIT, Fatal, HELD, LEASED, LogLimit,
     SubRow, TopicRow, Touched, WAITING, classify, current_seqs, dead_letter_attributes, finish,
-    finish_handing, status_of,
+    finish_handing, ours, status_of,
 };
 use super::counts::{StoreCounters, Tally};
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
@@ -1331,12 +1331,7 @@ impl<B: Backend> Writer<B> {
     /// Checks leases against the stored deliveries (locking their rows on a
     /// shared database); [`classify`] is the one judge.
     async fn check(&mut self, sub: &SubRow, ids: &[AckId], at: Micros) -> Result<Vec<Check>> {
-        let ours: Vec<i64> = ids
-            .iter()
-            .filter(|id| id.subscription == sub.id)
-            .map(|id| id.sequence)
-            .collect();
-        let rows = B::deliveries(self.c(), sub.id, &ours).await?;
+        let rows = B::deliveries(self.c(), sub.id, &ours(sub, ids)).await?;
         Ok(classify(sub, ids, &rows, at))
     }
 
@@ -1362,10 +1357,22 @@ impl<B: Backend> Writer<B> {
         now: Micros,
         t: &mut Touched,
     ) -> Result<(Vec<AckStatus>, Vec<Routed>)> {
-        let (sub, mut checks, mut current) = self.current(sub, &ids, at).await?;
+        let sub = self.sub(sub).await?;
+        // On an ordered subscription the rows' keys and the earlier
+        // messages of their keys in progress are read with their leases.
+        let (mut checks, earlier) = if sub.settings.ordered {
+            let (rows, earlier) =
+                B::deliveries_in_key_order(self.c(), sub.id, &ours(&sub, &ids)).await?;
+            (classify(&sub, &ids, &rows, at), earlier)
+        } else {
+            (self.check(&sub, &ids, at).await?, Earlier::new())
+        };
+        let mut current = current_seqs(&checks);
         let mut keys = HashMap::new();
         if sub.settings.ordered && !current.is_empty() {
-            keys = self.in_key_order(&sub, &mut checks, &mut current).await?;
+            keys = self
+                .in_key_order(&sub, &mut checks, &mut current, earlier)
+                .await?;
         }
         let mut routed = Vec::new();
         if !current.is_empty() {
@@ -1501,14 +1508,15 @@ impl<B: Backend> Writer<B> {
     /// held back (their leases end without counting an attempt) until the
     /// earlier one is settled. Otherwise a later message could be acked
     /// and the earlier one then nacked or expire (issue 14).
+    /// `found`: [`Backend::earlier_in_progress`] of (at least) `current`.
     /// Returns the key of each accepted ack.
     async fn in_key_order(
         &mut self,
         sub: &SubRow,
         checks: &mut [Check],
         current: &mut Vec<i64>,
+        found: Earlier,
     ) -> Result<HashMap<i64, String>> {
-        let found = B::earlier_in_progress(self.c(), sub.id, current).await?;
         current.sort_unstable();
         let mut accepted = HashSet::new();
         let mut refused: HashMap<String, (i64, i64)> = HashMap::new();
