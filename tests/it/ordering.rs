@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidings::client::Outgoing;
+use tidings::client::{FlowControl, Outgoing};
 use tidings::model::SubscriptionPatch;
 use tidings::proto;
 use tonic_types::StatusExt;
@@ -121,6 +121,79 @@ backend_test! {
             sub.ack(vec![m.ack_id.to_string()]);
         }
         drop(sub);
+        b.stop().await;
+    }
+}
+
+backend_test! {
+    /// Keys that a list of them written as text must escape (quotes,
+    /// backslashes, control characters, brackets, characters outside the
+    /// BMP) are told apart and kept in order while two streams with small
+    /// windows pass them back and forth, so that messages are held back,
+    /// handed on and probed by key: every message comes once, each key's
+    /// in order, and nothing is left behind.
+    async fn keys_that_need_escaping_keep_their_order(backend) {
+        let keys = [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "back\\\"both",
+            "tab\tand\nnewline",
+            "\u{1}control",
+            "],[\"x\",1],[\"",
+            "crab \u{1f980} and é",
+            "\\u0041 \u{2028}",
+        ];
+        const EACH: usize = 12;
+        let b = TestBroker::start(backend).await;
+        b.topic_and_sub("t", "s", |s| s.ordered = true).await;
+        let flow = FlowControl {
+            max_messages: 3,
+            ..FlowControl::default()
+        };
+        let (mut one, mut two) = (b.subscribe_with("s", flow), b.subscribe_with("s", flow));
+        let mut messages = Vec::new();
+        for i in 0..EACH {
+            for (k, key) in keys.iter().enumerate() {
+                messages.push(Outgoing::new("t", format!("{k}:{i}").as_bytes()).with_key(*key));
+            }
+        }
+        b.publisher().publish(&messages).await.unwrap();
+        let mut next = [0usize; 9];
+        for _ in 0..keys.len() * EACH {
+            let next_one = async {
+                tokio::select! {
+                    m = one.next_message() => (m, true),
+                    m = two.next_message() => (m, false),
+                }
+            };
+            let (m, first) = tokio::time::timeout(Duration::from_secs(10), next_one)
+                .await
+                .expect("progress: no key is left held back");
+            let m = m.expect("stream open").expect("a message");
+            let text = payload(&m);
+            let (k, i) = text.split_once(':').unwrap();
+            let (k, i): (usize, usize) = (k.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(m.message.key.as_deref(), Some(keys[k]), "{text}");
+            assert_eq!(i, next[k], "key {:?} in order, once each", keys[k]);
+            next[k] += 1;
+            let on = if first { &mut one } else { &mut two };
+            on.ack(vec![m.ack_id.to_string()]);
+        }
+        assert_eq!(next, [EACH; 9]);
+        for _ in 0..100 {
+            if b.stats("s").await.acked == (keys.len() * EACH) as i64 {
+                break;
+            }
+            tokio::time::sleep(ms(50)).await;
+        }
+        let stats = b.stats("s").await;
+        assert_eq!(
+            (stats.acked, stats.backlog, stats.in_flight, stats.redelivered),
+            ((keys.len() * EACH) as i64, 0, 0, 0),
+            "{stats:?}"
+        );
+        drop((one, two));
         b.stop().await;
     }
 }
