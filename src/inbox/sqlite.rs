@@ -85,14 +85,14 @@ pub(super) async fn forget_all(
 /// One batch of rows at or below the watermark.
 pub(super) const PRUNE_THROUGH: &str = "DELETE FROM tidings_inbox WHERE subscription = ?1 \
      AND message_id IN (SELECT message_id FROM tidings_inbox \
-     WHERE subscription = ?1 AND sequence <= ?2 LIMIT ?3)";
+     WHERE subscription = ?1 AND sequence <= ?2 LIMIT ?3 + 0)";
 
 /// One batch of rows older than ?2 seconds. `processed_at` is UTC text that
 /// sorts in time order, and the cutoff is written the same way.
 pub(super) const PRUNE_OLDER_THAN: &str = "DELETE FROM tidings_inbox WHERE subscription = ?1 \
      AND message_id IN (SELECT message_id FROM tidings_inbox WHERE subscription = ?1 \
      AND processed_at < strftime('%Y-%m-%d %H:%M:%f', 'now', printf('-%.3f seconds', ?2)) \
-     LIMIT ?3)";
+     LIMIT ?3 + 0)";
 
 pub(super) const FORGET_FROM: &str =
     "DELETE FROM tidings_inbox WHERE subscription = ?1 AND sequence >= ?2";

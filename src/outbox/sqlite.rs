@@ -77,7 +77,7 @@ pub(super) async fn fetch(pool: &SqlitePool, after: i64, limit: usize) -> Result
     let rows = sqlx::query(
         "SELECT o.seq, o.id, o.topic, coalesce(o.key, ''), CAST(o.payload AS BLOB), o.attributes, \
                 o.attempts, (o.not_before IS NULL OR o.not_before <= ?2) \
-         FROM tidings_outbox o WHERE o.seq > ?1 ORDER BY o.seq LIMIT ?3",
+         FROM tidings_outbox o WHERE o.seq > ?1 ORDER BY o.seq LIMIT ?3 + 0",
     )
     .bind(after)
     .bind(now)
