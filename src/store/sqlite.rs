@@ -1,8 +1,8 @@
 //! The SQLite backend: opening the database file, the checkpointer, and
 //! SQLite's SQL for each statement of [`Backend`] (the `sql` module, and the
-//! statements that pass lists, as placeholder lists or as one JSON array). The schema is in
-//! `migrations/sqlite/`. One writer owns the file (`EXCLUSIVE`), so
-//! "locks" are plain reads here.
+//! statements that pass lists, as placeholder lists or as one JSON array).
+//! The schema is in `migrations/sqlite/`. One writer owns the file
+//! (`EXCLUSIVE`), so "locks" are plain reads here.
 
 use std::collections::HashMap;
 use std::path::Path;
