@@ -119,6 +119,14 @@ backend_test! {
                 // Once the relay has written its first heartbeat: the lock
                 // is to hold its delete, not its start.
                 reported(&app, &relay).await;
+                // The lock holds the writers too, and the rows already in
+                // the outbox may all have been published by the relay just
+                // killed (a republished message is a duplicate, which
+                // delivers nothing): one message committed now is surely
+                // new to the broker.
+                let fresh = Message::new("orders", format!("fresh-{cycle}"));
+                app.enqueue(std::slice::from_ref(&fresh), true).await;
+                enqueued.lock().expect("ids").push(fresh.id);
                 Some(app.block_deletes().await)
             } else {
                 None
