@@ -65,6 +65,12 @@ fn json_list(encoded: serde_json::Result<String>) -> Result<String> {
     encoded.map_err(|e| Error::Storage(format!("encoding a list: {e}")))
 }
 
+/// Rows a statement returned as one JSON array of arrays (built with
+/// `json_group_array`), decoded.
+fn json_rows<T: serde::de::DeserializeOwned>(text: String) -> Result<Vec<T>> {
+    serde_json::from_str(&text).map_err(|e| Error::Storage(format!("decoding rows: {e}")))
+}
+
 fn values(columns: usize, rows: usize) -> String {
     let row = format!("({})", placeholders(columns));
     vec![row; rows].join(",")
@@ -730,24 +736,28 @@ impl Backend for Sqlite {
         // that stream's; leased by another until after `now`: that one's.
         // The rows are sifted here: a filter on the probe's result in SQL
         // would run the probe again for each term.
-        let probes = sqlx::query_as::<_, (String, Option<i64>)>(
-            "SELECT j.value, (SELECT CASE WHEN d.state = 1 AND d.available_at > ?2 \
-             THEN d.lease >> 24 ELSE 0 END \
-             FROM deliveries d INDEXED BY deliveries_by_key \
-             WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = j.value \
-             AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1) FROM json_each(?3) j",
-        )
-        .bind(sub_id)
-        .bind(now)
-        .bind(json_list(serde_json::to_string(keys))?)
-        .fetch_all(&mut *c)
-        .await?;
+        // Each probe's answer comes with its key's place in `keys`.
+        let probes: Vec<(usize, Option<i64>)> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(j.key, (SELECT CASE WHEN d.state = 1 \
+                 AND d.available_at > ?2 THEN d.lease >> 24 ELSE 0 END \
+                 FROM deliveries d INDEXED BY deliveries_by_key \
+                 WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = j.value \
+                 AND d.state IN (0, 1) ORDER BY d.seq DESC LIMIT 1))) FROM json_each(?3) j",
+            )
+            .bind(sub_id)
+            .bind(now)
+            .bind(json_list(serde_json::to_string(keys))?)
+            .fetch_one(&mut *c)
+            .await?,
+        )?;
         Ok(probes
             .into_iter()
-            .filter_map(|(key, found)| {
+            .filter_map(|(i, found)| {
+                let key = keys.get(i)?;
                 found
                     .filter(|&h| holder == 0 || h != holder)
-                    .map(|h| (key, h))
+                    .map(|h| (key.clone(), h))
             })
             .collect())
     }
@@ -757,23 +767,25 @@ impl Backend for Sqlite {
         sub_id: i64,
         seqs: &[i64],
     ) -> Result<HashMap<i64, LeaseState>> {
-        let mut rows = HashMap::new();
-        for chunk in seqs.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT seq, state, lease, available_at, attempt FROM deliveries \
-                 WHERE sub_id = ? AND seq IN ({})",
-                placeholders(chunk.len())
-            );
-            let mut q =
-                sqlx::query_as::<_, (i64, i64, i64, i64, i32)>(AssertSqlSafe(sql)).bind(sub_id);
-            for seq in chunk {
-                q = q.bind(*seq);
-            }
-            for (seq, state, lease, available_at, attempt) in q.fetch_all(&mut *c).await? {
-                rows.insert(seq, (state, lease, available_at, attempt));
-            }
+        if seqs.is_empty() {
+            return Ok(HashMap::new());
         }
-        Ok(rows)
+        let found: Vec<(i64, i64, i64, i64, i32)> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(seq, state, lease, available_at, attempt)) \
+                 FROM deliveries WHERE sub_id = ?1 AND seq IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(sub_id)
+            .bind(json_list(serde_json::to_string(seqs))?)
+            .fetch_one(&mut *c)
+            .await?,
+        )?;
+        Ok(found
+            .into_iter()
+            .map(|(seq, state, lease, available_at, attempt)| {
+                (seq, (state, lease, available_at, attempt))
+            })
+            .collect())
     }
 
     async fn promote_next(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
@@ -813,19 +825,21 @@ impl Backend for Sqlite {
             return Ok((HashMap::new(), HashMap::new()));
         }
         // `deliveries` and `earlier_in_progress` in one statement.
-        let found = sqlx::query_as::<_, KeyOrderRow>(
-            "SELECT d.seq, d.state, d.lease, d.available_at, d.attempt, d.key, \
-             (SELECT e.seq FROM deliveries e INDEXED BY deliveries_by_key \
-             WHERE e.sub_id = d.sub_id AND e.key IS NOT NULL AND e.key = d.key \
-             AND e.seq < d.seq AND e.state IN (0, 1) \
-             AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
-             ORDER BY e.seq DESC LIMIT 1) \
-             FROM deliveries d WHERE d.sub_id = ?1 AND d.seq IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(sub_id)
-        .bind(json_list(serde_json::to_string(seqs))?)
-        .fetch_all(&mut *c)
-        .await?;
+        let found: Vec<KeyOrderRow> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(d.seq, d.state, d.lease, d.available_at, \
+                 d.attempt, d.key, (SELECT e.seq FROM deliveries e INDEXED BY deliveries_by_key \
+                 WHERE e.sub_id = d.sub_id AND e.key IS NOT NULL AND e.key = d.key \
+                 AND e.seq < d.seq AND e.state IN (0, 1) \
+                 AND coalesce(e.last_delivery_at, 0) <= coalesce(d.last_delivery_at, 0) \
+                 ORDER BY e.seq DESC LIMIT 1))) \
+                 FROM deliveries d WHERE d.sub_id = ?1 AND d.seq IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(sub_id)
+            .bind(json_list(serde_json::to_string(seqs))?)
+            .fetch_one(&mut *c)
+            .await?,
+        )?;
         let mut rows = HashMap::new();
         let mut earlier = HashMap::new();
         split_key_order(found, &mut rows, &mut earlier);
@@ -886,22 +900,28 @@ impl Backend for Sqlite {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let found = sqlx::query_as::<_, (String, bool)>(
-            "SELECT r.key, EXISTS (SELECT 1 FROM deliveries e INDEXED BY deliveries_by_key \
-             WHERE e.sub_id = ?1 AND e.key IS NOT NULL AND e.key = r.key \
-             AND e.seq < r.first AND e.state IN (0, 1)) \
-             FROM (SELECT value ->> 0 AS key, value ->> 1 AS first, value ->> 2 AS last \
-             FROM json_each(?2)) r \
-             WHERE (SELECT e.available_at FROM deliveries e INDEXED BY deliveries_by_key \
-             WHERE e.sub_id = ?1 AND e.key IS NOT NULL AND e.key = r.key \
-             AND e.seq > r.last AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) \
-             = 9223372036854775807",
-        )
-        .bind(sub_id)
-        .bind(json_list(serde_json::to_string(runs))?)
-        .fetch_all(&mut *c)
-        .await?;
-        Ok(found)
+        // Each run found comes back as its place in `runs`.
+        let found: Vec<(usize, i64)> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(r.i, EXISTS (SELECT 1 FROM deliveries e \
+                 INDEXED BY deliveries_by_key WHERE e.sub_id = ?1 AND e.key IS NOT NULL \
+                 AND e.key = r.k AND e.seq < r.first AND e.state IN (0, 1)))) \
+                 FROM (SELECT key AS i, value ->> 0 AS k, value ->> 1 AS first, \
+                 value ->> 2 AS last FROM json_each(?2)) r \
+                 WHERE (SELECT e.available_at FROM deliveries e INDEXED BY deliveries_by_key \
+                 WHERE e.sub_id = ?1 AND e.key IS NOT NULL AND e.key = r.k \
+                 AND e.seq > r.last AND e.state IN (0, 1) ORDER BY e.seq LIMIT 1) \
+                 = 9223372036854775807",
+            )
+            .bind(sub_id)
+            .bind(json_list(serde_json::to_string(runs))?)
+            .fetch_one(&mut *c)
+            .await?,
+        )?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(i, out_of_turn)| Some((runs.get(i)?.0.clone(), out_of_turn != 0)))
+            .collect())
     }
 
     async fn held_followers(
