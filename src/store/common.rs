@@ -105,50 +105,33 @@ where
     })
 }
 
-/// Reads the rows in progress of the keys of `heads` (key, `available_at`,
-/// attempt, then the message's columns; in sequence order) and keeps, for
-/// each head, those held back right after it, up to the first that is not
-/// held: the run that goes with the head. A row in progress that is not
-/// held (a redriven dead letter, say) ends its key's run, since it must go
-/// first.
-pub(super) fn followers<'r, R>(
-    rows: &'r [R],
+/// Keeps, for each head of `heads` (key, sequence), the rows in progress of
+/// its key held back right after it, up to the first that is not held: the
+/// run that goes with the head. A row in progress that is not held (a
+/// redriven dead letter, say) ends its key's run, since it must go first.
+/// `rows`: (key, sequence, `available_at`, what to keep of the row), each
+/// key's in sequence order.
+pub(super) fn runs_behind<T>(
+    rows: impl IntoIterator<Item = (String, i64, i64, T)>,
     heads: &[(String, i64)],
-    topic: &str,
-) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
+) -> HashMap<String, Vec<T>> {
     let heads: HashMap<&str, i64> = heads.iter().map(|(k, seq)| (k.as_str(), *seq)).collect();
-    let mut runs: HashMap<String, Vec<(i32, StoredMessage)>> = HashMap::new();
+    let mut runs: HashMap<String, Vec<T>> = HashMap::new();
     let mut ended = HashSet::new();
-    for row in rows {
-        let key: String = row.try_get(0).map_err(decode_err)?;
-        let seq: i64 = row.try_get(3).map_err(decode_err)?;
+    for (key, seq, available_at, item) in rows {
         let Some(&head) = heads.get(key.as_str()) else {
             continue;
         };
         if seq <= head || ended.contains(&key) {
             continue;
         }
-        let available_at: i64 = row.try_get(1).map_err(decode_err)?;
         if available_at != HELD {
             ended.insert(key);
             continue;
         }
-        let attempt: i32 = row.try_get(2).map_err(decode_err)?;
-        let message = message_from_row(row, 3, topic)?;
-        runs.entry(key).or_default().push((attempt, message));
+        runs.entry(key).or_default().push(item);
     }
-    Ok(runs)
+    runs
 }
 
 /// Reads a dead letter from a row of either backend: attempt, first and
@@ -436,7 +419,7 @@ pub(super) fn status_of(check: Check) -> AckStatus {
     }
 }
 
-fn decode_err(e: sqlx::Error) -> Error {
+pub(super) fn decode_err(e: sqlx::Error) -> Error {
     Error::Storage(format!("reading a row: {e}"))
 }
 

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::backend::{Backend, Earlier, KeyOrderRow, LeaseState, split_key_order};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
+    decode_err, encode_attributes, message_from_row, peeked_from_row, runs_behind, uuid_from,
 };
 use super::listener::{Heard, ListenCheck, WatchedListener};
 use super::reader::Reader;
@@ -1023,4 +1023,30 @@ impl Backend for Postgres {
         .await?;
         Ok(done.rows_affected() as i64)
     }
+}
+
+/// [`runs_behind`] of rows that read (key, `available_at`, attempt, then
+/// the message's columns), in sequence order.
+fn followers(
+    rows: &[PgRow],
+    heads: &[(String, i64)],
+    topic: &str,
+) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
+    let mut walked = Vec::with_capacity(rows.len());
+    for row in rows {
+        let key: String = row.try_get(0).map_err(decode_err)?;
+        let seq: i64 = row.try_get(3).map_err(decode_err)?;
+        let available_at: i64 = row.try_get(1).map_err(decode_err)?;
+        walked.push((key, seq, available_at, row));
+    }
+    let mut runs = HashMap::new();
+    for (key, run) in runs_behind(walked, heads) {
+        let mut messages = Vec::with_capacity(run.len());
+        for row in run {
+            let attempt: i32 = row.try_get(2).map_err(decode_err)?;
+            messages.push((attempt, message_from_row(row, 3, topic)?));
+        }
+        runs.insert(key, messages);
+    }
+    Ok(runs)
 }

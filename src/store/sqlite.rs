@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::backend::{Backend, Earlier, KeyOrderRow, LeaseState, split_key_order};
 use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, LogLimit, SubRow, TopicRow, Touched, dead_letter_from_row,
-    encode_attributes, followers, message_from_row, peeked_from_row, uuid_from,
+    encode_attributes, message_from_row, peeked_from_row, runs_behind, uuid_from,
 };
 use super::datadir::{DirLock, LOCK_WAIT, LOW_SPACE, Space};
 use super::reader::Reader;
@@ -935,34 +935,34 @@ impl Backend for Sqlite {
         // One walk of `deliveries_by_key` per head, from the head on, at
         // most `per_key` rows: a key's backlog is never read whole. The
         // heads go in chunks of one size, padded with heads that match
-        // nothing, so that the statement is prepared once.
+        // nothing, so that the statement is prepared once. The walks read
+        // no message: each row is the head's place in the chunk, its
+        // sequence, `available_at` and attempt, all in one JSON row; the
+        // messages of the runs kept are read afterwards, in one statement.
         const HEADS: usize = 32;
-        let mut rows = Vec::new();
-        for chunk in heads.chunks(HEADS) {
+        let mut walked = Vec::new();
+        for (n, chunk) in heads.chunks(HEADS).enumerate() {
             let walks: Vec<String> = (0..HEADS)
                 .map(|i| {
                     format!(
-                        concat!(
-                            "SELECT * FROM (SELECT d.key, d.available_at, d.attempt, ",
-                            message_columns!(),
-                            " FROM deliveries d INDEXED BY deliveries_by_key \
-                             JOIN messages m ON m.topic_id = ?2 AND m.seq = d.seq \
-                             WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?{k} \
-                             AND d.seq > ?{s} AND d.state IN (0, 1) AND (?4 = 0 OR EXISTS \
-                             (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 AND h.seq = ?{s} \
-                             AND h.state = 1 AND (h.lease >> 24) = ?4 AND h.available_at > ?5)) \
-                             ORDER BY d.seq LIMIT ?3 + 0)"
-                        ),
-                        k = 2 * i + 6,
-                        s = 2 * i + 7
+                        "SELECT * FROM (SELECT {i} AS w, d.seq, d.available_at, d.attempt \
+                         FROM deliveries d INDEXED BY deliveries_by_key \
+                         WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?{k} \
+                         AND d.seq > ?{s} AND d.state IN (0, 1) AND (?3 = 0 OR EXISTS \
+                         (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 AND h.seq = ?{s} \
+                         AND h.state = 1 AND (h.lease >> 24) = ?3 AND h.available_at > ?4)) \
+                         ORDER BY d.seq LIMIT ?2 + 0)",
+                        k = 2 * i + 5,
+                        s = 2 * i + 6
                     )
                 })
                 .collect();
-            // In sequence order (the fourth column), each key's run in order.
-            let sql = walks.join(" UNION ALL ") + " ORDER BY 4";
-            let mut q = sqlx::query(AssertSqlSafe(sql))
+            let sql = format!(
+                "SELECT json_group_array(json_array(w, seq, available_at, attempt)) FROM ({})",
+                walks.join(" UNION ALL ")
+            );
+            let mut q = sqlx::query_scalar(AssertSqlSafe(sql))
                 .bind(sub.id)
-                .bind(sub.topic_id)
                 .bind(per_key)
                 .bind(holder)
                 .bind(now);
@@ -972,9 +972,49 @@ impl Backend for Sqlite {
             for _ in chunk.len()..HEADS {
                 q = q.bind("").bind(i64::MAX);
             }
-            rows.extend(q.fetch_all(&mut *c).await?);
+            let rows: Vec<(usize, i64, i64, i32)> = json_rows(q.fetch_one(&mut *c).await?)?;
+            walked.extend(
+                rows.into_iter()
+                    .filter_map(|(i, seq, available_at, attempt)| {
+                        let (key, _) = heads.get(n * HEADS + i)?;
+                        Some((key.clone(), seq, available_at, (seq, attempt)))
+                    }),
+            );
         }
-        followers(&rows, heads, &sub.topic)
+        // Each key's rows in sequence order.
+        walked.sort_unstable_by_key(|&(_, seq, _, _)| seq);
+        let runs = runs_behind(walked, heads);
+        let seqs: Vec<i64> = runs.values().flatten().map(|&(seq, _)| seq).collect();
+        if seqs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages m WHERE m.topic_id = ?1 \
+             AND m.seq IN (SELECT value FROM json_each(?2))"
+        ))
+        .bind(sub.topic_id)
+        .bind(json_list(serde_json::to_string(&seqs))?)
+        .fetch_all(&mut *c)
+        .await?;
+        let mut messages = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let message = message_from_row(row, 0, &sub.topic)?;
+            messages.insert(message.sequence, message);
+        }
+        // A run stops before a message that is gone (it cannot be handed
+        // on, and nothing after it may go first).
+        Ok(runs
+            .into_iter()
+            .filter_map(|(key, run)| {
+                let run: Vec<(i32, StoredMessage)> = run
+                    .into_iter()
+                    .map_while(|(seq, attempt)| Some((attempt, messages.remove(&seq)?)))
+                    .collect();
+                (!run.is_empty()).then_some((key, run))
+            })
+            .collect())
     }
 
     async fn release(c: &mut Conn, sub_id: i64, seqs: &[i64], now: Micros) -> Result<()> {
