@@ -109,17 +109,20 @@ where
 /// its key held back right after it, up to the first that is not held: the
 /// run that goes with the head. A row in progress that is not held (a
 /// redriven dead letter, say) ends its key's run, since it must go first.
-/// `rows`: (key, sequence, `available_at`, what to keep of the row), each
-/// key's in sequence order.
-pub(super) fn runs_behind<T>(
-    rows: impl IntoIterator<Item = (String, i64, i64, T)>,
+/// `rows`: (key, owned or borrowed, sequence, `available_at`, what to keep
+/// of the row), each key's in sequence order.
+pub(super) fn runs_behind<K, T>(
+    rows: impl IntoIterator<Item = (K, i64, i64, T)>,
     heads: &[(String, i64)],
-) -> HashMap<String, Vec<T>> {
+) -> HashMap<K, Vec<T>>
+where
+    K: std::borrow::Borrow<str> + Eq + std::hash::Hash,
+{
     let heads: HashMap<&str, i64> = heads.iter().map(|(k, seq)| (k.as_str(), *seq)).collect();
-    let mut runs: HashMap<String, Vec<T>> = HashMap::new();
+    let mut runs: HashMap<K, Vec<T>> = HashMap::new();
     let mut ended = HashSet::new();
     for (key, seq, available_at, item) in rows {
-        let Some(&head) = heads.get(key.as_str()) else {
+        let Some(&head) = heads.get(key.borrow()) else {
             continue;
         };
         if seq <= head || ended.contains(&key) {

@@ -977,7 +977,7 @@ impl Backend for Sqlite {
                 rows.into_iter()
                     .filter_map(|(i, seq, available_at, attempt)| {
                         let (key, _) = heads.get(n * HEADS + i)?;
-                        Some((key.clone(), seq, available_at, (seq, attempt)))
+                        Some((key.as_str(), seq, available_at, (seq, attempt)))
                     }),
             );
         }
@@ -1012,7 +1012,7 @@ impl Backend for Sqlite {
                     .into_iter()
                     .map_while(|(seq, attempt)| Some((attempt, messages.remove(&seq)?)))
                     .collect();
-                (!run.is_empty()).then_some((key, run))
+                (!run.is_empty()).then(|| (key.to_owned(), run))
             })
             .collect())
     }
