@@ -156,6 +156,45 @@ pub struct ConsumerConfig {
     /// after the other, so fewer, larger requests ack faster under load; a
     /// longer wait only delays the acks (and the end of their leases).
     pub ack_delay: Duration,
+    /// How the handlers of one inbox transaction are kept apart (default
+    /// [`BatchIsolation::Optimistic`] with `careful_for` 60 s).
+    pub isolation: BatchIsolation,
+}
+
+/// How the handlers of one inbox transaction (a batch) are kept apart, so
+/// that a failing one rolls back its own writes and not the others'.
+/// Either way each handler's database effects happen once per message
+/// (DESIGN G5) and only the failed delivery is nacked; the modes differ in
+/// cost and in whether a handler can run twice for one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchIsolation {
+    /// Every delivery runs in its own savepoint: one more round trip to
+    /// the database per delivery. A failing handler rolls back to its
+    /// savepoint; no handler runs twice for one delivery.
+    Savepoints,
+    /// Deliveries run without savepoints while handlers succeed. When one
+    /// fails, the transaction rolls back whole and the batch runs again
+    /// at once in a new one, every delivery in its own savepoint, the
+    /// failed one left out and nacked. So the handlers that ran before it
+    /// in the batch run a second time for the same delivery; the writes of
+    /// their first run were rolled back, but whatever they did outside
+    /// the transaction happens twice (as after a crash). For `careful_for`
+    /// after a failure, batches run as with `Savepoints`, so that a
+    /// message failing on every redelivery costs its batch one extra run
+    /// at most per `careful_for`. A batch holding two deliveries of one
+    /// message id always uses savepoints.
+    Optimistic {
+        /// How long batches keep their savepoints after a handler failed.
+        careful_for: Duration,
+    },
+}
+
+impl Default for BatchIsolation {
+    fn default() -> Self {
+        BatchIsolation::Optimistic {
+            careful_for: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -172,6 +211,7 @@ impl Default for ConsumerConfig {
             reconnect: Backoff::default(),
             database_timeout: Duration::from_secs(10),
             ack_delay: Duration::from_millis(2),
+            isolation: BatchIsolation::default(),
         }
     }
 }
@@ -205,6 +245,9 @@ impl ConsumerConfig {
         config::check_duration("consumer shutdown_timeout", self.shutdown_timeout)?;
         config::check_interval("consumer database_timeout", self.database_timeout)?;
         config::check_duration("consumer ack_delay", self.ack_delay)?;
+        if let BatchIsolation::Optimistic { careful_for } = self.isolation {
+            config::check_duration("consumer isolation careful_for", careful_for)?;
+        }
         self.reconnect.check("consumer reconnect")
     }
 
@@ -240,6 +283,9 @@ pub struct ConsumerStats {
     /// deliveries: `(processed + duplicates) / batches` is roughly the
     /// mean batch size.
     pub batches: u64,
+    /// Batches that ran a second time, with savepoints, after a handler
+    /// failed in them without ([`BatchIsolation::Optimistic`]).
+    pub reruns: u64,
     /// Deliveries whose lease ended before their handler could start:
     /// dropped, the broker redelivers them.
     pub expired: u64,
@@ -264,6 +310,7 @@ struct Counters {
     failed: AtomicU64,
     errors: AtomicU64,
     batches: AtomicU64,
+    reruns: AtomicU64,
     expired: AtomicU64,
     acked: AtomicU64,
     ack_refused: AtomicU64,
@@ -289,6 +336,7 @@ impl Counters {
             failed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            reruns: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             ack_refused: AtomicU64::new(0),
@@ -314,6 +362,7 @@ impl Counters {
             failed: get(&self.failed),
             errors: get(&self.errors),
             batches: get(&self.batches),
+            reruns: get(&self.reruns),
             expired: get(&self.expired),
             acked: get(&self.acked),
             ack_refused: get(&self.ack_refused),
@@ -378,6 +427,7 @@ impl<DB: InboxDatabase, H: Handler<DB>> std::fmt::Debug for Consumer<DB, H> {
 }
 
 /// What became of one delivery's processing.
+#[derive(Clone)]
 enum Outcome {
     /// Committed: ack.
     Processed,
@@ -447,6 +497,9 @@ type Taken = Arc<Mutex<Vec<String>>>;
 struct Batch {
     outcomes: Vec<(String, Outcome)>,
     committed: bool,
+    /// It ran a second time, with savepoints, after a handler failed in
+    /// its first run without them.
+    reran: bool,
 }
 
 struct Shared<DB: InboxDatabase, H> {
@@ -471,6 +524,11 @@ struct Shared<DB: InboxDatabase, H> {
     stopping: AtomicBool,
     /// [`ConsumerConfig::database_timeout`].
     database_timeout: Duration,
+    /// [`ConsumerConfig::isolation`].
+    isolation: BatchIsolation,
+    /// With [`BatchIsolation::Optimistic`]: until when (µs since the
+    /// epoch) batches keep their savepoints after a handler failed.
+    careful_until: AtomicI64,
     handler_latency: Histogram,
 }
 
@@ -478,6 +536,22 @@ impl<DB: InboxDatabase, H> Shared<DB, H> {
     fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
         // The lock is only held to push or drain, which cannot panic.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a batch may run its handlers without savepoints.
+    fn optimistic(&self) -> bool {
+        matches!(self.isolation, BatchIsolation::Optimistic { .. })
+            && now_micros() >= self.careful_until.load(Ordering::Relaxed)
+    }
+
+    /// A handler failed in a batch without savepoints: the next batches
+    /// keep them for the configured while.
+    fn fail_optimism(&self) {
+        if let BatchIsolation::Optimistic { careful_for } = self.isolation {
+            let span = i64::try_from(careful_for.as_micros()).unwrap_or(i64::MAX);
+            self.careful_until
+                .store(now_micros().saturating_add(span), Ordering::Relaxed);
+        }
     }
 
     fn busy(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
@@ -679,6 +753,8 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
             early,
             stopping: AtomicBool::new(false),
             database_timeout: self.config.database_timeout,
+            isolation: self.config.isolation,
+            careful_until: AtomicI64::new(0),
             handler_latency: self.counters.handler_latency.clone(),
         });
         let admin = Admin::new(&self.connection);
@@ -783,6 +859,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                         };
                         if batch.committed {
                             counters.add(&counters.batches, 1);
+                        }
+                        if batch.reran {
+                            counters.add(&counters.reruns, 1);
                         }
                         let mut failed_keys = HashSet::new();
                         for (ack_id, outcome) in batch.outcomes {
@@ -1114,8 +1193,14 @@ fn take_all(taken: &Taken) -> Vec<String> {
 }
 
 /// Runs one batch: takes the first waiting delivery, begins, takes what
-/// else waits then (up to `max_batch` in all), processes each within its
-/// savepoint, and commits once.
+/// else waits then (up to `max_batch` in all), records their ids, runs
+/// their handlers and commits once.
+///
+/// How the handlers are kept apart is [`BatchIsolation`]: each in its own
+/// savepoint, or, while handlers succeed, none. A handler that fails in a
+/// batch without savepoints rolls the whole transaction back; the batch
+/// then runs again in a new one, each delivery in its savepoint, the
+/// failed one left out (nacked with its first failure).
 async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     shared: Arc<Shared<DB, H>>,
     taken: Taken,
@@ -1132,27 +1217,13 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     };
     jobs.extend(shared.take(shared.max_batch - 1, &taken));
     tracing::debug!(deliveries = jobs.len(), "inbox batch began");
-    // The batch's ids are recorded up front in one statement, in id order
-    // (two batches holding the same ids take their locks in one order), so
-    // that a delivery costs one round trip (its savepoint) besides its
-    // handler. An id the batch holds twice (a redelivery that came while
-    // the first delivery waited) is recorded once here; its later
-    // deliveries record it in their own savepoint, once the earlier one's
-    // fate is known.
-    let mut upfront: Vec<(String, i64)> = jobs
+    let ids: Vec<String> = jobs
         .iter()
-        .map(|j| {
-            (
-                j.delivery.message.id.to_string(),
-                j.delivery.message.sequence,
-            )
-        })
+        .map(|j| j.delivery.message.id.to_string())
         .collect();
-    upfront.sort_unstable();
-    upfront.dedup_by(|a, b| a.0 == b.0);
-    let record = Inbox::<DB>::record_all(&mut tx, &shared.subscription, &upfront);
-    let new_ids = match bounded(bound, "recording the message ids", record).await {
-        Ok(ids) => ids,
+    let mut settled: Vec<Option<Outcome>> = vec![None; jobs.len()];
+    let new_ids = match record_batch(&shared, &mut tx, &jobs, &ids, &settled).await {
+        Ok(new_ids) => new_ids,
         Err(e) => {
             rollback(tx, bound).await;
             return Batch::failed(jobs, &format!("inbox transaction failed: {e}"));
@@ -1161,19 +1232,104 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     // Each id recorded before the batch began is a duplicate whose row
     // committed then (the INSERT waits for a transaction still holding
     // one): its first delivery here is acked at once.
-    let mut seen = HashSet::with_capacity(jobs.len());
-    let early: Vec<String> = jobs
-        .iter()
-        .filter(|j| {
-            let id = j.delivery.message.id.to_string();
-            !new_ids.contains(&id) && seen.insert(id)
-        })
-        .map(|j| j.ack_id.clone())
-        .collect();
+    let mut distinct = HashSet::with_capacity(jobs.len());
+    let mut early = Vec::new();
+    for ((job, id), settled) in jobs.iter().zip(&ids).zip(&mut settled) {
+        if distinct.insert(id.as_str()) && !new_ids.contains(id) {
+            *settled = Some(Outcome::Acked);
+            early.push(job.ack_id.clone());
+        }
+    }
     if !early.is_empty() {
         // The main loop outlives every batch task it awaits.
         let _ = shared.early.send(early);
     }
+    // A batch that holds an id twice (a redelivery that came while the
+    // first delivery waited) needs a savepoint around the first: whether
+    // the second runs depends on whether the first's work stays.
+    let savepoints = distinct.len() < jobs.len() || !shared.optimistic();
+    let batch = run_batch(&shared, tx, &jobs, &ids, &new_ids, &settled, savepoints).await;
+    let (index, outcome) = match batch {
+        Ok(batch) => return batch,
+        Err(failed) => failed,
+    };
+    shared.fail_optimism();
+    tracing::debug!(
+        deliveries = jobs.len(),
+        "a handler failed in an inbox batch without savepoints; the batch runs again with them"
+    );
+    settled[index] = Some(outcome);
+    let again = async {
+        if settled.iter().all(Option::is_some) {
+            return Ok(Batch::settled(&jobs, settled.clone(), "nothing to run"));
+        }
+        let mut tx = bounded(bound, "begin", shared.inbox.begin()).await?;
+        let new_ids = match record_batch(&shared, &mut tx, &jobs, &ids, &settled).await {
+            Ok(new_ids) => new_ids,
+            Err(e) => {
+                rollback(tx, bound).await;
+                return Err(e);
+            }
+        };
+        Ok(
+            match run_batch(&shared, tx, &jobs, &ids, &new_ids, &settled, true).await {
+                Ok(batch) => batch,
+                // With savepoints a failure rolls back to its own; this is
+                // never reached, and would leave the batch to redelivery.
+                Err(_) => Batch::settled(&jobs, settled.clone(), "inbox batch failed twice"),
+            },
+        )
+    };
+    let mut batch = match again.await {
+        Ok(batch) => batch,
+        Err(e) => Batch::settled(&jobs, settled, &format!("inbox transaction failed: {e}")),
+    };
+    batch.reran = true;
+    batch
+}
+
+/// Records the ids of a batch's deliveries that are not `settled` in one
+/// statement, in id order (two batches holding the same ids take their
+/// locks in one order); returns those that were new. The others were
+/// processed before. An id the batch holds twice is recorded once here;
+/// its later deliveries record it in their own savepoint, once the
+/// earlier one's fate is known.
+async fn record_batch<DB: InboxDatabase, H>(
+    shared: &Shared<DB, H>,
+    tx: &mut Transaction<'static, DB>,
+    jobs: &[Job],
+    ids: &[String],
+    settled: &[Option<Outcome>],
+) -> Result<HashSet<String>> {
+    let mut upfront: Vec<(String, i64)> = jobs
+        .iter()
+        .zip(ids)
+        .zip(settled)
+        .filter(|(_, s)| s.is_none())
+        .map(|((j, id), _)| (id.clone(), j.delivery.message.sequence))
+        .collect();
+    upfront.sort_unstable();
+    upfront.dedup_by(|a, b| a.0 == b.0);
+    let record = Inbox::<DB>::record_all(tx, &shared.subscription, &upfront);
+    bounded(shared.database_timeout, "recording the message ids", record).await
+}
+
+/// Runs a batch's handlers in `tx`, where `new_ids` are the ids recorded
+/// up front, and commits. Deliveries with a `settled` outcome do not run.
+/// With `savepoints` each delivery runs in its own, and a failing one
+/// rolls back alone. Without, the first whose work is not to stay rolls
+/// the transaction back and comes back as `Err` (its index and outcome),
+/// for the batch to run again.
+async fn run_batch<DB: InboxDatabase, H: Handler<DB>>(
+    shared: &Shared<DB, H>,
+    mut tx: Transaction<'static, DB>,
+    jobs: &[Job],
+    ids: &[String],
+    new_ids: &HashSet<String>,
+    settled: &[Option<Outcome>],
+    savepoints: bool,
+) -> std::result::Result<Batch, (usize, Outcome)> {
+    let bound = shared.database_timeout;
     let mut outcomes = Vec::with_capacity(jobs.len());
     // How long each handler that ran took, for the latency histogram.
     let mut ran = Vec::with_capacity(jobs.len());
@@ -1183,35 +1339,42 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     // Keys whose delivery failed here: their later deliveries in the batch
     // do not run (an ordered subscription would refuse their acks, and
     // their effects would come before the failed one's).
-    let mut failed_keys: HashSet<String> = HashSet::new();
+    let mut failed_keys: HashSet<&str> = HashSet::new();
     // Ids this batch has met, and the rows recorded up front whose
     // delivery's work is not to stay: deleted before a later delivery of
     // the same id records it, and before the commit.
-    let mut met: HashSet<String> = HashSet::with_capacity(jobs.len());
+    let mut met: HashSet<&str> = HashSet::with_capacity(jobs.len());
     let mut forget: Vec<String> = Vec::new();
-    let mut jobs = jobs.into_iter();
-    while let Some(job) = jobs.next() {
-        let id = job.delivery.message.id.to_string();
-        let first = met.insert(id.clone());
-        let recorded = first && new_ids.contains(&id);
+    for (index, (job, id)) in jobs.iter().zip(ids).enumerate() {
+        let first = met.insert(id);
+        if let Some(outcome) = &settled[index] {
+            if let Some(key) = job.key.as_deref().filter(|_| !outcome.keeps()) {
+                failed_keys.insert(key);
+            }
+            outcomes.push((job.ack_id.clone(), outcome.clone()));
+            continue;
+        }
+        let recorded = first && new_ids.contains(id);
         if first && !recorded {
-            // Processed before, and acked already: nothing to run.
-            outcomes.push((job.ack_id, Outcome::Acked));
+            // Recorded by a transaction that committed after this batch
+            // first recorded its ids (the batch is running again): acked
+            // once this one commits.
+            outcomes.push((job.ack_id.clone(), Outcome::Duplicate));
             continue;
         }
         if shared.stopping.load(Ordering::Relaxed)
-            || job.key.as_ref().is_some_and(|k| failed_keys.contains(k))
+            || job.key.as_deref().is_some_and(|k| failed_keys.contains(k))
         {
             if recorded {
-                forget.push(id);
+                forget.push(id.clone());
             }
-            outcomes.push((job.ack_id, Outcome::Released));
+            outcomes.push((job.ack_id.clone(), Outcome::Released));
             continue;
         }
-        let step = if open {
-            Savepoint::ReleaseAndOpen
-        } else {
-            Savepoint::Open
+        let step = match (savepoints, open) {
+            (false, _) => None,
+            (true, true) => Some(Savepoint::ReleaseAndOpen),
+            (true, false) => Some(Savepoint::Open),
         };
         let processed = async {
             if !recorded {
@@ -1219,22 +1382,29 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
                 let flush = Inbox::<DB>::forget_all(&mut tx, &shared.subscription, &pending);
                 bounded(bound, "forgetting ids", flush).await?;
             }
-            process(&shared, &mut tx, step, recorded, &job, &mut ran).await
+            process(shared, &mut tx, step, recorded, job, &mut ran).await
         };
         let fatal = match processed.await {
             Ok((outcome, Keep::Yes)) => {
-                open = true;
-                outcomes.push((job.ack_id, outcome));
+                open = savepoints;
+                outcomes.push((job.ack_id.clone(), outcome));
                 continue;
+            }
+            Ok((outcome, Keep::No)) if !savepoints => {
+                // The batch's other work is in the same transaction: all
+                // of it goes, and the batch runs again.
+                rollback(tx, bound).await;
+                observe(&shared.handler_latency, &ran, Duration::ZERO);
+                return Err((index, outcome));
             }
             Ok((outcome, keep)) => {
                 if recorded {
-                    forget.push(id);
+                    forget.push(id.clone());
                 }
-                if let Some(key) = job.key {
+                if let Some(key) = &job.key {
                     failed_keys.insert(key);
                 }
-                outcomes.push((job.ack_id, outcome));
+                outcomes.push((job.ack_id.clone(), outcome));
                 if matches!(keep, Keep::Untouched) {
                     continue;
                 }
@@ -1246,17 +1416,21 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
                 }
             }
             Err(e) => {
-                outcomes.push((job.ack_id, Outcome::Error(e.to_string())));
+                outcomes.push((job.ack_id.clone(), Outcome::Error(e.to_string())));
                 e
             }
         };
         // The transaction is unusable: nothing of it will commit.
         rollback(tx, bound).await;
         let reason = format!("inbox transaction failed: {fatal}");
-        let mut batch = Batch::failed(jobs, &reason);
-        batch.outcomes.splice(0..0, fail_kept(outcomes, &reason));
+        let rest = Batch::settled(&jobs[index + 1..], settled[index + 1..].to_vec(), &reason);
+        let mut outcomes = fail_kept(outcomes, &reason);
+        outcomes.extend(rest.outcomes);
         observe(&shared.handler_latency, &ran, Duration::ZERO);
-        return batch;
+        return Ok(Batch {
+            outcomes,
+            ..Batch::default()
+        });
     }
     let keeps = outcomes
         .iter()
@@ -1283,10 +1457,11 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
     if committed {
         tracing::debug!(deliveries = outcomes.len(), "inbox batch committed");
     }
-    Batch {
+    Ok(Batch {
         outcomes,
         committed,
-    }
+        reran: false,
+    })
 }
 
 /// Whether a delivery's work stays in the batch's transaction.
@@ -1299,12 +1474,12 @@ enum Keep {
 }
 
 /// Processes one delivery of a batch inside its savepoint, which `step`
-/// opens: record (unless `recorded` up front), check the lease, handle. An
-/// `Err` leaves the transaction unusable.
+/// opens (`None`: no savepoint): record (unless `recorded` up front),
+/// check the lease, handle. An `Err` leaves the transaction unusable.
 async fn process<DB: InboxDatabase, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     tx: &mut Transaction<'static, DB>,
-    step: Savepoint,
+    step: Option<Savepoint>,
     recorded: bool,
     job: &Job,
     ran: &mut Vec<Duration>,
@@ -1319,16 +1494,27 @@ async fn process<DB: InboxDatabase, H: Handler<DB>>(
         if expired() {
             return Ok((Outcome::Expired, Keep::Untouched));
         }
-        let open = Inbox::<DB>::savepoint(tx, step);
-        bounded(shared.database_timeout, "opening a savepoint", open).await?;
+        if let Some(step) = step {
+            let open = Inbox::<DB>::savepoint(tx, step);
+            bounded(shared.database_timeout, "opening a savepoint", open).await?;
+        }
     } else {
-        let record = Inbox::<DB>::open_and_record(
-            tx,
-            step,
-            &shared.subscription,
-            message.id,
-            message.sequence,
-        );
+        let subscription = &shared.subscription;
+        let record = async {
+            match step {
+                Some(step) => {
+                    Inbox::<DB>::open_and_record(
+                        tx,
+                        step,
+                        subscription,
+                        message.id,
+                        message.sequence,
+                    )
+                    .await
+                }
+                None => Ok(Inbox::record(tx, subscription, message.id, message.sequence).await),
+            }
+        };
         match bounded(shared.database_timeout, "recording the message id", record).await? {
             Ok(Recorded::New) => {}
             // Nothing was written.
@@ -1370,6 +1556,23 @@ impl Batch {
                 .map(|a| (a, Outcome::Error(reason.to_owned())))
                 .collect(),
             committed: false,
+            reran: false,
+        }
+    }
+
+    /// The outcomes `settled` gave `jobs`; those without one failed in the
+    /// inbox with `reason`.
+    fn settled(jobs: &[Job], settled: Vec<Option<Outcome>>, reason: &str) -> Batch {
+        Batch {
+            outcomes: jobs
+                .iter()
+                .zip(settled)
+                .map(|(j, s)| {
+                    let outcome = s.unwrap_or_else(|| Outcome::Error(reason.to_owned()));
+                    (j.ack_id.clone(), outcome)
+                })
+                .collect(),
+            ..Batch::default()
         }
     }
 }

@@ -30,7 +30,7 @@ impl Collector for ConsumerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let stats = self.monitor.stats();
         let labels = [("subscription", self.subscription.as_str())];
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "consumer_received_messages",
                 "Deliveries received",
@@ -65,6 +65,11 @@ impl Collector for ConsumerCollector {
                 "consumer_batches",
                 "Inbox transactions committed, each a batch of one or more deliveries",
                 stats.batches,
+            ),
+            (
+                "consumer_batch_reruns",
+                "Batches run again with savepoints after a handler failed in them without",
+                stats.reruns,
             ),
             ("consumer_acks", "Acks the broker confirmed", stats.acked),
             (

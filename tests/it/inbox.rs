@@ -15,7 +15,9 @@ use std::time::Duration;
 use sqlx::{Pool, Postgres, Sqlite, Transaction};
 use tempfile::TempDir;
 use tidings::client::{self, Backoff};
-use tidings::consumer::{Consumer, ConsumerConfig, ConsumerStats, Handler, Monitor};
+use tidings::consumer::{
+    BatchIsolation, Consumer, ConsumerConfig, ConsumerStats, Handler, Monitor,
+};
 use tidings::inbox::{Inbox, InboxDatabase, Recorded};
 use tidings::model::Delivery;
 use tidings::proto;
@@ -1009,9 +1011,10 @@ async fn shutdown_timeout_case<DB: TestDb>(backend: Backend) {
 // ---- group commit (issue 14) ----
 
 backend_test! {
-    /// Deliveries waiting when a transaction begins share it; a handler
-    /// that fails rolls back to its own savepoint, so the batch's other
-    /// deliveries commit together and only the failed one comes again.
+    /// Deliveries waiting when a transaction begins share it; with
+    /// savepoints, a handler that fails rolls back to its own, so the
+    /// batch's other deliveries commit together, each handler having run
+    /// once, and only the failed one comes again.
     async fn a_failing_handler_in_a_batch_rolls_back_alone(backend) {
         on_backend!(backend, batch_failure_case)
     }
@@ -1025,7 +1028,10 @@ async fn batch_failure_case<DB: TestDb>(backend: Backend) {
         fail: d.message.payload == b"bad" && d.attempt == 1,
         ..Plan::default()
     });
-    let running = start(&broker, "s", &db, &handler, |c| c.concurrency = 1);
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 1;
+        c.isolation = BatchIsolation::Savepoints;
+    });
     broker.publish("t", &["gate"]).await;
     handler.started().await;
     // The gate's transaction is the only one, and its batch was taken
@@ -1083,6 +1089,107 @@ async fn batch_failure_case<DB: TestDb>(backend: Backend) {
         "only the failed message came again: {calls:?}"
     );
     assert_eq!(calls.len(), 7, "{calls:?}");
+    assert_eq!(stats.reruns, 0, "{stats:?}");
+    teardown(broker, db).await;
+}
+
+backend_test! {
+    /// Without savepoints (the default), a handler that fails rolls its
+    /// whole batch back; the batch runs again at once with savepoints and
+    /// without the failed delivery, so the others commit with one effect
+    /// each (those before the failed one ran twice) and only the failed
+    /// one comes again. Batches keep their savepoints for `careful_for`
+    /// after a failure: a second failure then costs no second run.
+    async fn an_optimistic_batch_runs_again_without_its_failed_delivery(backend) {
+        on_backend!(backend, optimistic_failure_case)
+    }
+}
+
+async fn optimistic_failure_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let handler = Recorder::new(|d| Plan {
+        gate: d.message.payload.starts_with(b"gate"),
+        fail: d.message.payload.starts_with(b"bad") && d.attempt == 1,
+        ..Plan::default()
+    });
+    let running = start(&broker, "s", &db, &handler, |c| {
+        c.concurrency = 1;
+        c.isolation = BatchIsolation::Optimistic {
+            careful_for: Duration::from_secs(600),
+        };
+    });
+    // Two rounds: each a gate alone, then five deliveries waiting for the
+    // one transaction, the third of them failing once.
+    for (round, names) in [
+        ["gate1", "a", "b", "bad1", "c", "d"],
+        ["gate2", "e", "f", "bad2", "g", "h"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        broker.publish("t", &names[..1]).await;
+        handler.started().await;
+        broker.publish("t", &names[1..]).await;
+        let want = 6 * (round as u64 + 1);
+        running
+            .wait_for("the round received", |s| s.received >= want)
+            .await;
+        handler.release(1);
+        running
+            .wait_for("the round acked", |s| s.acked >= want)
+            .await;
+    }
+    let stats = running.stop().await;
+    assert_eq!(
+        (stats.processed, stats.failed, stats.errors, stats.reruns),
+        (12, 2, 0, 1),
+        "only the first failure ran its batch again: {stats:?}"
+    );
+    let mut effects: Vec<(String, i64)> = db
+        .effects()
+        .await
+        .into_iter()
+        .map(|e| (e.payload, e.attempt))
+        .collect();
+    effects.sort();
+    let mut expected: Vec<(String, i64)> =
+        ["a", "b", "c", "d", "e", "f", "g", "h", "gate1", "gate2"]
+            .into_iter()
+            .map(|p| (p.to_owned(), 1))
+            .collect();
+    expected.extend([("bad1".to_owned(), 2), ("bad2".to_owned(), 2)]);
+    expected.sort();
+    assert_eq!(effects, expected, "one effect per message");
+    let calls = handler.calls();
+    let count = |name: &str| calls.iter().filter(|c| c.payload == name).count();
+    let counts: Vec<(&str, usize)> = [
+        "gate1", "a", "b", "bad1", "c", "d", "gate2", "e", "f", "bad2", "g", "h",
+    ]
+    .into_iter()
+    .map(|n| (n, count(n)))
+    .collect();
+    assert_eq!(
+        counts,
+        [
+            ("gate1", 1),
+            // Before the failure in a batch without savepoints: again.
+            ("a", 2),
+            ("b", 2),
+            // Failed, then redelivered.
+            ("bad1", 2),
+            ("c", 1),
+            ("d", 1),
+            // Within careful_for: savepoints, nothing runs twice.
+            ("gate2", 1),
+            ("e", 1),
+            ("f", 1),
+            ("bad2", 2),
+            ("g", 1),
+            ("h", 1),
+        ],
+        "{calls:?}"
+    );
     teardown(broker, db).await;
 }
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use tidings::client::{
     self, Admin, Backoff, Connection, Event, FlowControl, Outgoing, Publisher, Subscriber,
 };
-use tidings::consumer::{Consumer, ConsumerConfig, Handler, Monitor};
+use tidings::consumer::{BatchIsolation, Consumer, ConsumerConfig, Handler, Monitor};
 use tidings::inbox::{Inbox, InboxDatabase};
 use tidings::model::{AckStatus, Delivery, StartPosition, SubscriptionSettings};
 use tidings::server::{self, ServerConfig};
@@ -57,6 +57,9 @@ pub(crate) struct BenchConfig {
     pub(crate) inbox_max_batch: usize,
     /// Deliveries each inbox consumer holds beyond those full batches take.
     pub(crate) inbox_prefetch: usize,
+    /// Every delivery of an inbox batch in its own savepoint
+    /// ([`BatchIsolation::Savepoints`]) instead of optimistic batches.
+    pub(crate) inbox_savepoints: bool,
     /// Ordering keys the messages cycle through (0: no keys).
     pub(crate) keys: usize,
     /// Make the subscription ordered (a key in flight on one stream at a time).
@@ -86,6 +89,7 @@ impl Default for BenchConfig {
             inbox_concurrency: ConsumerConfig::default().concurrency,
             inbox_max_batch: ConsumerConfig::default().max_batch,
             inbox_prefetch: ConsumerConfig::default().prefetch,
+            inbox_savepoints: false,
             keys: 0,
             ordered: false,
             window: 2000,
@@ -628,6 +632,11 @@ async fn inbox_consumers<DB: InboxDatabase>(
                 concurrency: config.inbox_concurrency.max(1),
                 max_batch: config.inbox_max_batch.max(1),
                 prefetch: config.inbox_prefetch,
+                isolation: if config.inbox_savepoints {
+                    BatchIsolation::Savepoints
+                } else {
+                    BatchIsolation::default()
+                },
                 ..ConsumerConfig::default()
             },
         );

@@ -351,6 +351,11 @@ pub(crate) struct BenchArgs {
     /// Deliveries each inbox consumer holds beyond those full batches take.
     #[arg(long, default_value_t = benched().inbox_prefetch)]
     inbox_prefetch: usize,
+    /// Run every delivery of an inbox batch in its own savepoint
+    /// (`BatchIsolation::Savepoints`) instead of the default optimistic
+    /// batches, which take savepoints only after a handler failed.
+    #[arg(long)]
+    inbox_savepoints: bool,
     /// Ordering keys the published messages cycle through (0: none).
     #[arg(long, default_value_t = benched().keys)]
     keys: usize,
@@ -632,6 +637,7 @@ async fn run_bench(
                 subscribers: args.subscribers.max(1),
                 concurrency: args.inbox_concurrency,
                 prefetch: args.inbox_prefetch,
+                savepoints: args.inbox_savepoints,
                 ordered: args.ordered,
             });
             // The whole pipeline commits one message per transaction unless
@@ -676,6 +682,7 @@ async fn run_bench(
                 inbox_concurrency: args.inbox_concurrency,
                 inbox_max_batch: args.inbox_max_batch,
                 inbox_prefetch: args.inbox_prefetch,
+                inbox_savepoints: args.inbox_savepoints,
                 keys: args.keys,
                 ordered: args.ordered,
                 window: args.window,

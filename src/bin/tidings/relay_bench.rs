@@ -73,6 +73,8 @@ pub(crate) struct InboxSide {
     pub(crate) concurrency: usize,
     /// Deliveries each holds beyond those being handled.
     pub(crate) prefetch: usize,
+    /// Every delivery of a batch in its own savepoint.
+    pub(crate) savepoints: bool,
     /// Make the subscription ordered.
     pub(crate) ordered: bool,
 }
@@ -357,6 +359,7 @@ async fn pipeline<DB: OutboxDatabase>(
         subscribers: inbox.subscribers,
         inbox_concurrency: inbox.concurrency,
         inbox_prefetch: inbox.prefetch,
+        inbox_savepoints: inbox.savepoints,
         ..BenchConfig::default()
     };
     let consumers = bench::start_inbox(
