@@ -164,8 +164,10 @@ pub struct ConsumerConfig {
 /// How the handlers of one inbox transaction (a batch) are kept apart, so
 /// that a failing one rolls back its own writes and not the others'.
 /// Either way each handler's database effects happen once per message
-/// (DESIGN G5) and only the failed delivery is nacked; the modes differ in
-/// cost and in whether a handler can run twice for one delivery.
+/// (DESIGN G5), and a failing handler has its delivery nacked while the
+/// batch's others commit (unless they fail in turn, or the transaction
+/// itself fails); the modes differ in cost and in whether a handler can
+/// run twice for one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchIsolation {
     /// Every delivery runs in its own savepoint: one more round trip to
@@ -853,7 +855,9 @@ impl<DB: InboxDatabase, H: Handler<DB>> Consumer<DB, H> {
                                 // The transaction was dropped, so it
                                 // rolled back: every delivery it took fails.
                                 let reason = if e.is_panic() { "handler panicked" } else { "handler cancelled" };
+                                // Less the duplicates it had acked early.
                                 let taken = tasks.get(&e.id()).map(take_all).unwrap_or_default();
+                                let taken = taken.into_iter().filter(|a| held.contains_key(a));
                                 (e.id(), Batch::failed_ids(taken, reason))
                             }
                         };
@@ -1254,15 +1258,16 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
         Err(failed) => failed,
     };
     shared.fail_optimism();
+    settled[index] = Some(outcome);
+    if settled.iter().all(Option::is_some) {
+        // The failed delivery was the only one to run.
+        return Batch::settled(&jobs, settled, "nothing to run");
+    }
     tracing::debug!(
         deliveries = jobs.len(),
         "a handler failed in an inbox batch without savepoints; the batch runs again with them"
     );
-    settled[index] = Some(outcome);
     let again = async {
-        if settled.iter().all(Option::is_some) {
-            return Ok(Batch::settled(&jobs, settled.clone(), "nothing to run"));
-        }
         let mut tx = bounded(bound, "begin", shared.inbox.begin()).await?;
         let new_ids = match record_batch(&shared, &mut tx, &jobs, &ids, &settled).await {
             Ok(new_ids) => new_ids,
@@ -1271,21 +1276,19 @@ async fn process_batch<DB: InboxDatabase, H: Handler<DB>>(
                 return Err(e);
             }
         };
-        Ok(
-            match run_batch(&shared, tx, &jobs, &ids, &new_ids, &settled, true).await {
-                Ok(batch) => batch,
-                // With savepoints a failure rolls back to its own; this is
-                // never reached, and would leave the batch to redelivery.
-                Err(_) => Batch::settled(&jobs, settled.clone(), "inbox batch failed twice"),
-            },
-        )
+        let mut batch = match run_batch(&shared, tx, &jobs, &ids, &new_ids, &settled, true).await {
+            Ok(batch) => batch,
+            // With savepoints a failure rolls back to its own; this is
+            // never reached, and would leave the batch to redelivery.
+            Err(_) => Batch::settled(&jobs, settled.clone(), "inbox batch failed twice"),
+        };
+        batch.reran = true;
+        Ok(batch)
     };
-    let mut batch = match again.await {
+    match again.await {
         Ok(batch) => batch,
         Err(e) => Batch::settled(&jobs, settled, &format!("inbox transaction failed: {e}")),
-    };
-    batch.reran = true;
-    batch
+    }
 }
 
 /// Records the ids of a batch's deliveries that are not `settled` in one
@@ -1317,9 +1320,9 @@ async fn record_batch<DB: InboxDatabase, H>(
 /// Runs a batch's handlers in `tx`, where `new_ids` are the ids recorded
 /// up front, and commits. Deliveries with a `settled` outcome do not run.
 /// With `savepoints` each delivery runs in its own, and a failing one
-/// rolls back alone. Without, the first whose work is not to stay rolls
-/// the transaction back and comes back as `Err` (its index and outcome),
-/// for the batch to run again.
+/// rolls back alone. Without, the first whose handler fails (or whose id
+/// could not be recorded) rolls the transaction back and comes back as
+/// `Err` (its index and outcome), for the batch to run again.
 async fn run_batch<DB: InboxDatabase, H: Handler<DB>>(
     shared: &Shared<DB, H>,
     mut tx: Transaction<'static, DB>,
@@ -1376,6 +1379,7 @@ async fn run_batch<DB: InboxDatabase, H: Handler<DB>>(
             (true, true) => Some(Savepoint::ReleaseAndOpen),
             (true, false) => Some(Savepoint::Open),
         };
+        let runs_before = ran.len();
         let processed = async {
             if !recorded {
                 let pending = std::mem::take(&mut forget);
@@ -1394,7 +1398,9 @@ async fn run_batch<DB: InboxDatabase, H: Handler<DB>>(
                 // The batch's other work is in the same transaction: all
                 // of it goes, and the batch runs again.
                 rollback(tx, bound).await;
-                observe(&shared.handler_latency, &ran, Duration::ZERO);
+                // The failed handler's run is booked; the others run again
+                // and are booked then.
+                observe(&shared.handler_latency, &ran[runs_before..], Duration::ZERO);
                 return Err((index, outcome));
             }
             Ok((outcome, keep)) => {
@@ -1439,6 +1445,10 @@ async fn run_batch<DB: InboxDatabase, H: Handler<DB>>(
     let committed = if keeps {
         let finish = async {
             Inbox::<DB>::forget_all(&mut tx, &shared.subscription, &forget).await?;
+            // A handler that caught a failed statement and returned Ok
+            // leaves a PostgreSQL transaction aborted, and COMMIT then
+            // rolls back without an error: any statement fails instead.
+            Inbox::<DB>::check_alive(&mut tx).await?;
             Ok(tx.commit().await?)
         };
         match bounded(bound, "commit", finish).await {

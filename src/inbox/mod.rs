@@ -401,6 +401,13 @@ impl<DB: InboxDatabase> Inbox<DB> {
         DB::record(tx, subscription, &message_id.to_string(), sequence).await
     }
 
+    /// Fails if `tx` can no longer commit: on PostgreSQL a transaction in
+    /// which a statement failed is aborted, and its COMMIT would roll back
+    /// without an error. The consumer runtime checks before each commit.
+    pub(crate) async fn check_alive(tx: &mut Transaction<'_, DB>) -> Result<()> {
+        DB::execute(tx, "SELECT 1").await
+    }
+
     /// Runs one savepoint step of the consumer runtime in `tx`.
     ///
     /// Fails on any database error; the transaction should then roll back.

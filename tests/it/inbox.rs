@@ -121,6 +121,10 @@ trait TestDb: InboxDatabase {
         subscription: &str,
     ) -> impl Future<Output = Vec<i64>> + Send;
     fn count(pool: &Pool<Self>, sql: &'static str) -> impl Future<Output = i64> + Send;
+    /// A statement that fails (on PostgreSQL it aborts the transaction).
+    fn failing_statement(
+        tx: &mut Transaction<'static, Self>,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +160,15 @@ macro_rules! test_db {
                 .execute(pool)
                 .await
                 .expect("create effects");
+            }
+
+            async fn failing_statement(
+                tx: &mut Transaction<'static, Self>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query("SELECT missing FROM no_such_table")
+                    .execute(&mut **tx)
+                    .await
+                    .map(|_| ())
             }
 
             async fn insert_effect(
@@ -261,6 +274,9 @@ struct Plan {
     sleep: Option<Duration>,
     /// Fail (after writing its effect, which must then roll back).
     fail: bool,
+    /// Run a failing statement after writing its effect, ignore the error
+    /// and return Ok.
+    swallow: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -342,6 +358,9 @@ impl<DB: TestDb> Handler<DB> for Recorder {
             }
             if plan.fail {
                 return Err(format!("boom on attempt {}", d.attempt));
+            }
+            if plan.swallow {
+                let _ = DB::failing_statement(tx).await;
             }
             Ok(())
         }
@@ -1009,6 +1028,45 @@ async fn shutdown_timeout_case<DB: TestDb>(backend: Backend) {
 }
 
 // ---- group commit (issue 14) ----
+
+backend_test! {
+    /// A handler that catches a failed statement and returns Ok: on
+    /// PostgreSQL its transaction is aborted and a COMMIT would roll it
+    /// back without an error. With either isolation, no delivery is acked
+    /// without its effect: the batch fails, comes again and commits.
+    async fn a_swallowed_database_error_never_acks_a_batch_without_its_effects(backend) {
+        on_backend!(backend, swallowed_error_case)
+    }
+}
+
+async fn swallowed_error_case<DB: TestDb>(backend: Backend) {
+    let (broker, db) = setup::<DB>(&backend).await;
+    broker.topic_and_sub("t", "s", quick(|_| {})).await;
+    let handler = Recorder::new(|d| Plan {
+        swallow: d.message.payload.starts_with(b"swallow") && d.attempt == 1,
+        ..Plan::default()
+    });
+    for (isolation, payload) in [
+        (BatchIsolation::Savepoints, "swallow-1"),
+        (BatchIsolation::default(), "swallow-2"),
+    ] {
+        let running = start(&broker, "s", &db, &handler, |c| c.isolation = isolation);
+        broker.publish("t", &[payload]).await;
+        running.wait_for("the ack", |s| s.acked >= 1).await;
+        running.stop().await;
+    }
+    let effects: Vec<String> = db.effects().await.into_iter().map(|e| e.payload).collect();
+    assert_eq!(
+        effects,
+        ["swallow-1", "swallow-2"],
+        "every acked message has its effect"
+    );
+    assert_eq!(
+        DB::count(db.inbox.pool(), "SELECT COUNT(*) FROM tidings_inbox").await,
+        2
+    );
+    teardown(broker, db).await;
+}
 
 backend_test! {
     /// Deliveries waiting when a transaction begins share it; with
