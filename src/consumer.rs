@@ -1304,12 +1304,12 @@ async fn record_batch<DB: InboxDatabase, H>(
     ids: &[String],
     settled: &[Option<Outcome>],
 ) -> Result<HashSet<String>> {
-    let mut upfront: Vec<(String, i64)> = jobs
+    let mut upfront: Vec<(&str, i64)> = jobs
         .iter()
         .zip(ids)
         .zip(settled)
         .filter(|(_, s)| s.is_none())
-        .map(|((j, id), _)| (id.clone(), j.delivery.message.sequence))
+        .map(|((j, id), _)| (id.as_str(), j.delivery.message.sequence))
         .collect();
     upfront.sort_unstable();
     upfront.dedup_by(|a, b| a.0 == b.0);

@@ -85,6 +85,8 @@ impl Savepoint {
 /// Databases that hold an inbox: PostgreSQL and SQLite.
 pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
+    const ALIVE_CHECK: Option<&'static str>;
+    #[doc(hidden)]
     fn connect(url: &str) -> impl Future<Output = Result<Pool<Self>>> + Send;
     #[doc(hidden)]
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<()>> + Send;
@@ -107,7 +109,7 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
     fn record_all(
         tx: &mut Transaction<'_, Self>,
         subscription: &str,
-        ids: &[(String, i64)],
+        ids: &[(&str, i64)],
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
     #[doc(hidden)]
     fn forget_all(
@@ -157,13 +159,15 @@ mod sealed {
 }
 
 /// Implements [`InboxDatabase`] for `$db` with the statements of module
-/// `$sql` (`RECORD`, `PRUNE_THROUGH`, `PRUNE_OLDER_THAN`, `FORGET_FROM`,
+/// `$sql` (`ALIVE_CHECK`, `RECORD`, `PRUNE_THROUGH`, `PRUNE_OLDER_THAN`, `FORGET_FROM`,
 /// `CONTAINS` and `record_in_savepoint`) and its
 /// `connect`, `migrate`, `record_all` and `forget_all`. The statements differ per
 /// backend; how they are bound and read does not.
 macro_rules! inbox_database {
     ($db:ty, $sql:ident) => {
         impl InboxDatabase for $db {
+            const ALIVE_CHECK: Option<&'static str> = $sql::ALIVE_CHECK;
+
             fn connect(url: &str) -> impl Future<Output = Result<Pool<Self>>> + Send {
                 $sql::connect(url)
             }
@@ -226,7 +230,7 @@ macro_rules! inbox_database {
             async fn record_all(
                 tx: &mut Transaction<'_, Self>,
                 subscription: &str,
-                ids: &[(String, i64)],
+                ids: &[(&str, i64)],
             ) -> Result<Vec<String>> {
                 $sql::record_all(&mut **tx, subscription, ids).await
             }
@@ -405,7 +409,10 @@ impl<DB: InboxDatabase> Inbox<DB> {
     /// which a statement failed is aborted, and its COMMIT would roll back
     /// without an error. The consumer runtime checks before each commit.
     pub(crate) async fn check_alive(tx: &mut Transaction<'_, DB>) -> Result<()> {
-        DB::execute(tx, "SELECT 1").await
+        match DB::ALIVE_CHECK {
+            Some(sql) => DB::execute(tx, sql).await,
+            None => Ok(()),
+        }
     }
 
     /// Runs one savepoint step of the consumer runtime in `tx`.
@@ -443,7 +450,7 @@ impl<DB: InboxDatabase> Inbox<DB> {
     pub(crate) async fn record_all(
         tx: &mut Transaction<'_, DB>,
         subscription: &str,
-        ids: &[(String, i64)],
+        ids: &[(&str, i64)],
     ) -> Result<HashSet<String>> {
         Ok(DB::record_all(tx, subscription, ids)
             .await?

@@ -7,6 +7,10 @@ use super::{POSTGRES_MIGRATION, Savepoint};
 use crate::config::DatabaseTimeouts;
 use crate::error::{Error, Result};
 
+/// A statement that fails in a transaction a failed statement aborted,
+/// whose COMMIT would roll back without an error.
+pub(super) const ALIVE_CHECK: Option<&str> = Some("SELECT 1");
+
 /// Records an id; the conflict target names the primary key, so only a
 /// duplicate id does nothing and any other failure stays an error. If
 /// another transaction recorded the id and has not ended, this waits for it.
@@ -26,12 +30,9 @@ pub(super) fn record_in_savepoint(_step: Savepoint) -> Option<&'static str> {
 pub(super) async fn record_all(
     conn: &mut PgConnection,
     subscription: &str,
-    ids: &[(String, i64)],
+    ids: &[(&str, i64)],
 ) -> Result<Vec<String>> {
-    let (message_ids, sequences): (Vec<&str>, Vec<i64>) = ids
-        .iter()
-        .map(|(id, sequence)| (id.as_str(), *sequence))
-        .unzip();
+    let (message_ids, sequences): (Vec<&str>, Vec<i64>) = ids.iter().copied().unzip();
     sqlx::query_scalar(
         "INSERT INTO tidings_inbox (subscription, message_id, sequence) \
          SELECT $1, id, seq FROM unnest($2::text[], $3::bigint[]) AS batch(id, seq) \

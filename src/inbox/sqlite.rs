@@ -12,6 +12,10 @@ use sqlx::sqlite::{
 use super::{SQLITE_MIGRATION, Savepoint};
 use crate::error::{Error, Result};
 
+/// None: a failed statement leaves a SQLite transaction usable, and one
+/// that SQLite rolled back itself (a full disk, say) fails its COMMIT.
+pub(super) const ALIVE_CHECK: Option<&str> = None;
+
 /// Records an id; the conflict target names the primary key, so only a
 /// duplicate id does nothing and any other failure stays an error. As the
 /// transaction's first write, it takes SQLite's write lock until the
@@ -46,7 +50,7 @@ pub(super) fn record_in_savepoint(step: Savepoint) -> Option<&'static str> {
 pub(super) async fn record_all(
     conn: &mut SqliteConnection,
     subscription: &str,
-    ids: &[(String, i64)],
+    ids: &[(&str, i64)],
 ) -> Result<Vec<String>> {
     let batch = serde_json::to_string(ids).map_err(|e| Error::Storage(e.to_string()))?;
     sqlx::query_scalar(
