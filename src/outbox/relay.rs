@@ -251,7 +251,8 @@ impl Relay {
             publisher: Publisher::new(&connection, config.retry),
             stream: None,
             in_flight: VecDeque::new(),
-            deleting: VecDeque::new(),
+            deleting: None,
+            answered: Vec::new(),
             read_ahead: None,
             cursor: 0,
             stalled: HashSet::new(),
@@ -433,12 +434,20 @@ struct Runner {
     stream: Option<(PublishSender, PublishReceiver)>,
     /// Batches sent and not answered yet, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// Answered batches whose rows are being deleted, oldest first: the
-    /// next batches are read and sent while these commit (issue 14).
-    deleting: VecDeque<Deleting>,
-    /// Rows read from the cursor (the first field) while the relay waited
-    /// for an answer, for the next batch to take.
-    read_ahead: Option<(i64, Vec<Row>)>,
+    /// The delete running, in a task of its own: the next batches are read
+    /// and sent while it commits (issue 14).
+    deleting: Option<Deleting>,
+    /// Answered batches waiting for the next delete. One delete runs at a
+    /// time and takes every batch answered meanwhile, so the reads never
+    /// wait for a connection behind deletes, and a broker that answers
+    /// faster than the outbox deletes costs fewer, larger deletes (fewer
+    /// commits) instead of a queue of them.
+    answered: Vec<Answered>,
+    /// The read of the rows after the cursor (the first field), started
+    /// as soon as the cursor moved, for the next batch to take: reads,
+    /// sends and the broker's commits overlap instead of taking turns
+    /// (issue 14).
+    read_ahead: Option<(i64, JoinHandle<Result<Vec<Row>>>)>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
     /// Keys with a held row in this sweep: their later rows are skipped
@@ -612,7 +621,9 @@ impl Runner {
                 self.deleted_all().await?;
             }
             let mut rows = match self.read_ahead.take() {
-                Some((from, rows)) if from == self.cursor => rows,
+                Some((from, read)) if from == self.cursor => read.await.unwrap_or_else(|e| {
+                    Err(Error::Storage(format!("outbox read task failed: {e}")))
+                })?,
                 _ => self.outbox.fetch(self.cursor, limit).await?,
             };
             if rows.is_empty() {
@@ -623,6 +634,11 @@ impl Runner {
             let caught_up = rows.len() < limit && walked == rows.len();
             self.cursor = rows[walked - 1].seq;
             self.at_end = caught_up;
+            if !caught_up {
+                let (outbox, from) = (self.outbox.clone(), self.cursor);
+                let read = tokio::spawn(async move { outbox.fetch(from, limit).await });
+                self.read_ahead = Some((from, read));
+            }
             if take.is_empty() {
                 // Every row read was held or behind a held row.
                 continue;
@@ -683,29 +699,10 @@ impl Runner {
     /// rows; on a refusal publishes them row by row. Any failure abandons
     /// the pipeline.
     async fn settle(&mut self) -> Result<(), Failure> {
-        // Meanwhile, read the rows the next batch will take (issue 14): the
-        // read and the broker's commit overlap instead of taking turns. A
-        // sweep from the lowest row waits for the deletes, so it reads then.
-        let read_from =
-            (self.read_ahead.is_none() && !self.at_end && self.cursor != 0).then_some(self.cursor);
-        let limit = self.batch_limit();
-        let (answer, read) = {
-            let outbox = &self.outbox;
-            let read = async {
-                match read_from {
-                    Some(from) => Some((from, outbox.fetch(from, limit).await)),
-                    None => None,
-                }
-            };
-            match &mut self.stream {
-                Some((_, receiver)) => tokio::join!(receiver.next(), read),
-                None => (Err(Error::Unavailable("no publish stream".into())), None),
-            }
+        let answer = match &mut self.stream {
+            Some((_, receiver)) => receiver.next().await,
+            None => Err(Error::Unavailable("no publish stream".into())),
         };
-        // A failed read is left to the next one, which reports it.
-        if let Some((from, Ok(rows))) = read {
-            self.read_ahead = Some((from, rows));
-        }
         let Some(batch) = self.in_flight.pop_front() else {
             return Ok(());
         };
@@ -759,6 +756,7 @@ impl Runner {
     /// The next read starts from the lowest pending row, where every held
     /// row is seen again before the rows behind it.
     fn sweep_again(&mut self) {
+        // A read under way finishes on its own; its rows are not used.
         self.read_ahead = None;
         self.cursor = 0;
         self.at_end = false;
@@ -779,42 +777,59 @@ impl Runner {
         }
     }
 
-    /// Deletes the rows of an answered batch in a task of its own, so that
-    /// the relay goes on reading and sending meanwhile; [`Runner::reap`]
-    /// counts them once deleted.
+    /// Queues the rows of an answered batch for deletion, so that the
+    /// relay goes on reading and sending meanwhile; [`Runner::reap`] counts
+    /// them once deleted.
     fn delete_later(&mut self, rows: Vec<Row>, results: Vec<PublishOutcome>) {
+        let seqs = rows.iter().map(|r| r.seq).collect();
+        self.answered.push(Answered { seqs, results });
+    }
+
+    /// Starts a delete of every answered batch waiting, unless one runs.
+    fn start_delete(&mut self) {
+        if self.deleting.is_some() || self.answered.is_empty() {
+            return;
+        }
+        let batches = std::mem::take(&mut self.answered);
+        let seqs: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.seqs.iter().copied())
+            .collect();
         let outbox = self.outbox.clone();
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         // If the delete fails the rows stay and are sent again: the broker
         // answers them as duplicates.
         let task = tokio::spawn(async move { outbox.delete(&seqs).await });
-        self.deleting.push_back(Deleting { task, results });
+        let results = batches.into_iter().map(|b| b.results).collect();
+        self.deleting = Some(Deleting { task, results });
     }
 
-    /// Counts the deletes that have finished, oldest first, and waits for
-    /// the oldest while more than a pipeline's worth are running.
+    /// Counts a delete that has finished and starts the next; waits for
+    /// the running one while more than a pipeline's worth of answered
+    /// batches wait behind it.
     async fn deleted_finished(&mut self) -> Result<(), Failure> {
-        while let Some(front) = self.deleting.front() {
-            if !front.task.is_finished() && self.deleting.len() <= self.config.pipeline {
-                break;
+        let finished = self.deleting.as_ref().is_some_and(|d| d.task.is_finished());
+        if finished || self.answered.len() > self.config.pipeline {
+            self.reap().await?;
+        }
+        self.start_delete();
+        Ok(())
+    }
+
+    /// Waits until every answered batch is deleted.
+    async fn deleted_all(&mut self) -> Result<(), Failure> {
+        loop {
+            self.start_delete();
+            if self.deleting.is_none() {
+                return Ok(());
             }
             self.reap().await?;
         }
-        Ok(())
     }
 
-    /// Waits for every delete running.
-    async fn deleted_all(&mut self) -> Result<(), Failure> {
-        while !self.deleting.is_empty() {
-            self.reap().await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the oldest delete and counts its batch; a failed one
+    /// Waits for the running delete and counts its batches; a failed one
     /// abandons the pipeline (its rows are sent again).
     async fn reap(&mut self) -> Result<(), Failure> {
-        let Some(Deleting { task, results }) = self.deleting.pop_front() else {
+        let Some(Deleting { task, results }) = self.deleting.take() else {
             return Ok(());
         };
         let deleted = task
@@ -824,7 +839,9 @@ impl Runner {
             self.abandon();
             return Err(Failure::Database(e));
         }
-        self.count(&results);
+        for results in &results {
+            self.count(results);
+        }
         Ok(())
     }
 
@@ -995,10 +1012,16 @@ struct InFlight {
     _spans: Vec<tracing::Span>,
 }
 
-/// An answered batch whose rows are being deleted.
+/// A delete running: the rows of one or more answered batches.
 struct Deleting {
     task: JoinHandle<Result<()>>,
-    /// The broker's answer, counted once the rows are gone.
+    /// The broker's answer to each batch, counted once the rows are gone.
+    results: Vec<Vec<PublishOutcome>>,
+}
+
+/// An answered batch waiting for the next delete.
+struct Answered {
+    seqs: Vec<i64>,
     results: Vec<PublishOutcome>,
 }
 
