@@ -519,6 +519,24 @@ impl DiskGate {
     }
 }
 
+/// Runs the SQLite writer on a thread of its own, in a runtime of its own:
+/// every statement is a hand-off to SQLite's worker thread and back, and
+/// on the shared runtime each return waited behind whatever else was
+/// ready (gRPC, an embedded relay), which stretched every group commit.
+/// The thread ends with the writer (when every `Store` is gone or closed).
+#[cfg(feature = "sqlite")]
+fn own_thread(writer: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Unavailable(format!("cannot start the writer's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("tidings-writer".into())
+        .spawn(move || runtime.block_on(writer))
+        .map_err(|e| Error::Unavailable(format!("cannot start the writer's thread: {e}")))?;
+    Ok(())
+}
+
 /// A health signal that reads `true` while `commits` does and `full` does
 /// not; it follows both until either's sender or every receiver is gone.
 #[cfg(feature = "sqlite")]
@@ -564,13 +582,13 @@ impl Store {
             Storage::Sqlite(dir) => {
                 let (writer, reader, checkpointer, space) =
                     sqlite::open(dir, &config, notifier.clone(), healthy_tx).await?;
-                tokio::spawn(
+                own_thread(
                     writer
                         .with_commit_timeout(config.commit_timeout)
                         .with_counters(counters.clone())
                         .with_routes(routes.clone())
                         .run(rx, config.max_batch),
-                );
+                )?;
                 tokio::spawn(checkpointer.run(alive, Duration::from_millis(250)));
                 let disk = DiskGate {
                     full: space.watch(),
