@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::common::{DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched};
+use super::held::HeldMessages;
 use crate::error::Result;
 use crate::model::{
     DeadLetter, Micros, NewMessage, PeekedMessage, StoredMessage, SubscriptionSettings,
@@ -364,6 +365,10 @@ pub(super) trait Backend: Send + 'static {
     /// (with their attempts), in order, at most `per_key` of each: the runs
     /// a lease of the heads takes with them (locked). With a `holder` (not
     /// 0), only behind heads that holder has leased until after `now`.
+    /// Messages found in `known` are taken from it instead of read (an
+    /// exclusive backend's writer keeps those it held back; a shared one's
+    /// keeps none).
+    #[allow(clippy::too_many_arguments)]
     async fn held_followers(
         c: &mut Conn<Self>,
         sub: &SubRow,
@@ -371,6 +376,7 @@ pub(super) trait Backend: Send + 'static {
         per_key: i64,
         holder: i64,
         now: Micros,
+        known: &mut HeldMessages,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>>;
 
     /// Makes every held-back message of the subscription due at `now` (it

@@ -14,6 +14,7 @@ mod common;
 mod counts;
 #[cfg(feature = "sqlite")]
 mod datadir;
+mod held;
 #[cfg(feature = "postgres")]
 pub(crate) mod listener;
 mod plan;

@@ -26,6 +26,7 @@ use super::common::{
     CHUNK, DeliveryCounts, DeliveryRow, SubRow, TopicRow, Touched, dead_letter_from_row,
     decode_err, encode_attributes, message_from_row, peeked_from_row, runs_behind, uuid_from,
 };
+use super::held::HeldMessages;
 use super::listener::{Heard, ListenCheck, WatchedListener};
 use super::reader::Reader;
 use super::writer::Writer;
@@ -931,7 +932,9 @@ impl Backend for Postgres {
         per_key: i64,
         holder: i64,
         now: Micros,
+        _known: &mut HeldMessages,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
+        // The writer of a shared database keeps no messages (`known`).
         if heads.is_empty() {
             return Ok(HashMap::new());
         }

@@ -22,6 +22,7 @@ use super::common::{
     encode_attributes, message_from_row, peeked_from_row, runs_behind, uuid_from,
 };
 use super::datadir::{DirLock, LOCK_WAIT, LOW_SPACE, Space};
+use super::held::HeldMessages;
 use super::reader::Reader;
 use super::writer::Writer;
 use super::{Notifier, StoreConfig};
@@ -931,6 +932,7 @@ impl Backend for Sqlite {
         per_key: i64,
         holder: i64,
         now: Micros,
+        known: &mut HeldMessages,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
         // One walk of `deliveries_by_key` per head, from the head on, at
         // most `per_key` rows: a key's backlog is never read whole. The
@@ -984,24 +986,32 @@ impl Backend for Sqlite {
         // Each key's rows in sequence order.
         walked.sort_unstable_by_key(|&(_, seq, _, _)| seq);
         let runs = runs_behind(walked, heads);
-        let seqs: Vec<i64> = runs.values().flatten().map(|&(seq, _)| seq).collect();
-        if seqs.is_empty() {
-            return Ok(HashMap::new());
+        // The messages the writer kept when it held them back need no read.
+        let mut messages = HashMap::new();
+        let mut unknown = Vec::new();
+        for &(seq, _) in runs.values().flatten() {
+            match known.take(sub.topic_id, seq) {
+                Some(message) => {
+                    messages.insert(seq, message);
+                }
+                None => unknown.push(seq),
+            }
         }
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM messages m WHERE m.topic_id = ?1 \
-             AND m.seq IN (SELECT value FROM json_each(?2))"
-        ))
-        .bind(sub.topic_id)
-        .bind(json_list(serde_json::to_string(&seqs))?)
-        .fetch_all(&mut *c)
-        .await?;
-        let mut messages = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let message = message_from_row(row, 0, &sub.topic)?;
-            messages.insert(message.sequence, message);
+        if !unknown.is_empty() {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages m WHERE m.topic_id = ?1 \
+                 AND m.seq IN (SELECT value FROM json_each(?2))"
+            ))
+            .bind(sub.topic_id)
+            .bind(json_list(serde_json::to_string(&unknown))?)
+            .fetch_all(&mut *c)
+            .await?;
+            for row in &rows {
+                let message = message_from_row(row, 0, &sub.topic)?;
+                messages.insert(message.sequence, message);
+            }
         }
         // A run stops before a message that is gone (it cannot be handed
         // on, and nothing after it may go first).

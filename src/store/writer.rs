@@ -19,6 +19,7 @@ use super::common::{
     finish_handing, ours, status_of,
 };
 use super::counts::{StoreCounters, Tally};
+use super::held::HeldMessages;
 use super::plan::{AfterAttempt, Budget, Take, after_attempt, plan_new};
 use super::routes::Routed;
 use super::sweep::{BEHIND, FULL_PASS_EVERY, Kind, ROUND_LIMIT, Sweep};
@@ -91,6 +92,9 @@ pub(super) struct Writer<B: Backend> {
     /// to, and how many this group handed each (sent after the commit).
     routes: Routes,
     routed: HashMap<i64, isize>,
+    /// Exclusive backends only: messages held back on ordered
+    /// subscriptions, so that handing them on does not read them again.
+    held: HeldMessages,
 }
 
 /// Failed groups since the last commit.
@@ -202,6 +206,7 @@ impl<B: Backend> Writer<B> {
             counters: Arc::default(),
             routes: Routes::default(),
             routed: HashMap::new(),
+            held: HeldMessages::default(),
         }
     }
 
@@ -368,6 +373,7 @@ impl<B: Backend> Writer<B> {
         self.tally = Tally::default();
         self.topics.clear();
         self.subs.clear();
+        self.held.clear();
         self.maintenance_rolled_back();
         if may_retry && !timed_out {
             let retry = match &failure {
@@ -846,6 +852,7 @@ impl<B: Backend> Writer<B> {
         self.topics.remove(name);
         // SQLite may give a later topic this id again.
         self.deleted_below.remove(&row.id);
+        self.held.forget_topic(row.id);
         tracing::info!(topic = name, "topic deleted");
         Ok(())
     }
@@ -1023,7 +1030,16 @@ impl<B: Backend> Writer<B> {
                 .filter_map(|(_, m)| m.key.clone().map(|k| (k, m.sequence)))
                 .collect();
             let per_key = share(req.max_messages - heads.len(), keyed.len());
-            runs = B::held_followers(self.c(), &sub, &keyed, per_key, 0, now).await?;
+            runs = B::held_followers(
+                self.db.conn(),
+                &sub,
+                &keyed,
+                per_key,
+                0,
+                now,
+                &mut self.held,
+            )
+            .await?;
         }
         for head in heads {
             let run = head.1.key.as_ref().and_then(|k| runs.remove(k));
@@ -1032,8 +1048,16 @@ impl<B: Backend> Writer<B> {
         }
         if ordered && req.holder != 0 && !req.runs.is_empty() && taken.len() < req.max_messages {
             let per_key = share(req.max_messages - taken.len(), req.runs.len());
-            let held =
-                B::held_followers(self.c(), &sub, &req.runs, per_key, req.holder, now).await?;
+            let held = B::held_followers(
+                self.db.conn(),
+                &sub,
+                &req.runs,
+                per_key,
+                req.holder,
+                now,
+                &mut self.held,
+            )
+            .await?;
             for run in held.into_values() {
                 take_run(&mut taken, &mut bytes, run, &req);
             }
@@ -1107,6 +1131,9 @@ impl<B: Backend> Writer<B> {
                 let holder = match take {
                     Take::Hold => {
                         rows.push((message.sequence, WAITING, 0, HELD, 0, None, key));
+                        if B::EXCLUSIVE {
+                            self.held.keep(sub.topic_id, message);
+                        }
                         continue;
                     }
                     Take::Lease => req.holder,
@@ -1461,7 +1488,9 @@ impl<B: Backend> Writer<B> {
                 // An even share each: what the walks read beyond the room
                 // would be payload read for nothing.
                 let per_key = room.div_ceil(heads.len()) as i64;
-                let found = B::held_followers(self.c(), sub, &heads, per_key, 0, now).await?;
+                let found =
+                    B::held_followers(self.db.conn(), sub, &heads, per_key, 0, now, &mut self.held)
+                        .await?;
                 for run in found.into_values() {
                     let left = room - taken.len();
                     taken.extend(run.into_iter().take(left));
@@ -2007,6 +2036,7 @@ impl<B: Backend> Writer<B> {
             return Ok((0, false));
         }
         let deleted = B::delete_messages(self.c(), topic.id, from, to, cutoff).await?;
+        self.held.forget(topic.id, from, to - 1);
         // Messages are published in time order: what stayed in the range is
         // younger than the retention, and so is what follows.
         let whole_range =
@@ -2042,6 +2072,7 @@ impl<B: Backend> Writer<B> {
         }
         let Some(last) = last else { return Ok(0) };
         let affected = B::expire_through(self.c(), topic.id, last, unacked as i64).await?;
+        self.held.forget(topic.id, i64::MIN, last);
         // Keys whose message in progress expired let their next one go.
         B::heal_held(self.c(), topic.id, now).await?;
         self.topics.remove(&topic.name);
