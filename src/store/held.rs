@@ -15,8 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::model::StoredMessage;
 
-/// The most message bytes kept; beyond it, later held messages are read
-/// again when handed on, as before.
+/// The most message bytes kept. Beyond it the topic's oldest go first: a
+/// message held and then let fall due instead of handed on (its stream had
+/// no room) is read with its lease, so its entry stays until its range is
+/// deleted, which with a long retention may be days.
 pub(super) const HELD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Held-back messages by topic and sequence, within a byte budget.
@@ -43,17 +45,26 @@ impl HeldMessages {
         }
     }
 
-    /// Keeps `message` of topic `topic_id`, if there is room.
+    /// Keeps `message` of topic `topic_id`, making room by forgetting the
+    /// topic's oldest; not at all if that is not enough.
     pub(super) fn keep(&mut self, topic_id: i64, message: StoredMessage) {
         let size = message.response_bytes();
-        if self.bytes + size > self.limit {
-            return;
-        }
         let kept = self.topics.entry(topic_id).or_default();
-        if let Some(old) = kept.insert(message.sequence, message) {
-            self.bytes -= old.response_bytes();
+        while self.bytes + size > self.limit {
+            let Some((_, oldest)) = kept.pop_first() else {
+                break;
+            };
+            self.bytes -= oldest.response_bytes();
         }
-        self.bytes += size;
+        if self.bytes + size <= self.limit {
+            if let Some(old) = kept.insert(message.sequence, message) {
+                self.bytes -= old.response_bytes();
+            }
+            self.bytes += size;
+        }
+        if kept.is_empty() {
+            self.topics.remove(&topic_id);
+        }
     }
 
     /// Takes out the message `seq` of topic `topic_id`, if it is kept.
@@ -141,17 +152,25 @@ mod tests {
     }
 
     #[test]
-    fn keeps_nothing_beyond_its_budget() {
+    fn the_oldest_make_room_within_the_budget() {
         let one = message(1, 100).response_bytes();
         let mut held = HeldMessages::new(2 * one);
         for seq in 1..=3 {
             held.keep(1, message(seq, 100));
         }
         assert_eq!(held.bytes(), 2 * one);
-        assert!(held.take(1, 3).is_none(), "the third did not fit");
-        assert!(held.take(1, 1).is_some());
-        held.keep(1, message(4, 100));
-        assert!(held.take(1, 4).is_some(), "room was made by the take");
+        assert!(held.take(1, 1).is_none(), "the oldest went for the third");
+        assert!(held.take(1, 3).is_some());
+        // Another topic's messages push out their own oldest only.
+        held.keep(2, message(1, 100));
+        held.keep(2, message(2, 100));
+        assert!(held.take(1, 2).is_some(), "topic 1 keeps its own");
+        assert!(held.take(2, 1).is_none());
+        assert!(held.take(2, 2).is_some());
+        // One larger than the whole budget is not kept.
+        held.keep(3, message(1, 500));
+        assert!(held.take(3, 1).is_none());
+        assert_eq!(held.bytes(), 0);
     }
 
     #[test]

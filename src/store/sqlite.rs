@@ -66,6 +66,9 @@ fn json_list(encoded: serde_json::Result<String>) -> Result<String> {
     encoded.map_err(|e| Error::Storage(format!("encoding a list: {e}")))
 }
 
+/// A row a held-run walk found: sequence, `available_at`, attempt.
+type WalkRow = (i64, i64, i32);
+
 /// Rows a statement returned as one JSON array of arrays (built with
 /// `json_group_array`), decoded.
 fn json_rows<T: serde::de::DeserializeOwned>(text: String) -> Result<Vec<T>> {
@@ -934,54 +937,44 @@ impl Backend for Sqlite {
         now: Micros,
         known: &mut HeldMessages,
     ) -> Result<HashMap<String, Vec<(i32, StoredMessage)>>> {
+        if heads.is_empty() {
+            return Ok(HashMap::new());
+        }
         // One walk of `deliveries_by_key` per head, from the head on, at
-        // most `per_key` rows: a key's backlog is never read whole. The
-        // heads go in chunks of one size, padded with heads that match
-        // nothing, so that the statement is prepared once. The walks read
-        // no message: each row is the head's place in the chunk, its
-        // sequence, `available_at` and attempt, all in one JSON row; the
+        // most `per_key` rows: a key's backlog is never read whole. All the
+        // heads go in one statement, as one JSON array; each walk answers
+        // its rows (sequence, `available_at`, attempt) as one JSON array,
+        // with the head's place in `heads`. The walks read no message: the
         // messages of the runs kept are read afterwards, in one statement.
-        const HEADS: usize = 32;
+        let list: Vec<(&str, i64)> = heads.iter().map(|(k, seq)| (k.as_str(), *seq)).collect();
+        let found: Vec<(usize, Vec<WalkRow>)> = json_rows(
+            sqlx::query_scalar(
+                "SELECT json_group_array(json_array(j.key, json((SELECT \
+                 json_group_array(json_array(w.seq, w.available_at, w.attempt)) FROM \
+                 (SELECT d.seq, d.available_at, d.attempt FROM deliveries d \
+                 INDEXED BY deliveries_by_key WHERE d.sub_id = ?1 AND d.key IS NOT NULL \
+                 AND d.key = j.value ->> 0 AND d.seq > j.value ->> 1 AND d.state IN (0, 1) \
+                 ORDER BY d.seq LIMIT ?2 + 0) w)))) FROM json_each(?5) j \
+                 WHERE ?3 = 0 OR EXISTS (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 \
+                 AND h.seq = j.value ->> 1 AND h.state = 1 AND (h.lease >> 24) = ?3 \
+                 AND h.available_at > ?4)",
+            )
+            .bind(sub.id)
+            .bind(per_key)
+            .bind(holder)
+            .bind(now)
+            .bind(json_list(serde_json::to_string(&list))?)
+            .fetch_one(&mut *c)
+            .await?,
+        )?;
         let mut walked = Vec::new();
-        for (n, chunk) in heads.chunks(HEADS).enumerate() {
-            let walks: Vec<String> = (0..HEADS)
-                .map(|i| {
-                    format!(
-                        "SELECT * FROM (SELECT {i} AS w, d.seq, d.available_at, d.attempt \
-                         FROM deliveries d INDEXED BY deliveries_by_key \
-                         WHERE d.sub_id = ?1 AND d.key IS NOT NULL AND d.key = ?{k} \
-                         AND d.seq > ?{s} AND d.state IN (0, 1) AND (?3 = 0 OR EXISTS \
-                         (SELECT 1 FROM deliveries h WHERE h.sub_id = ?1 AND h.seq = ?{s} \
-                         AND h.state = 1 AND (h.lease >> 24) = ?3 AND h.available_at > ?4)) \
-                         ORDER BY d.seq LIMIT ?2 + 0)",
-                        k = 2 * i + 5,
-                        s = 2 * i + 6
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "SELECT json_group_array(json_array(w, seq, available_at, attempt)) FROM ({})",
-                walks.join(" UNION ALL ")
-            );
-            let mut q = sqlx::query_scalar(AssertSqlSafe(sql))
-                .bind(sub.id)
-                .bind(per_key)
-                .bind(holder)
-                .bind(now);
-            for (key, seq) in chunk {
-                q = q.bind(key.clone()).bind(*seq);
-            }
-            for _ in chunk.len()..HEADS {
-                q = q.bind("").bind(i64::MAX);
-            }
-            let rows: Vec<(usize, i64, i64, i32)> = json_rows(q.fetch_one(&mut *c).await?)?;
-            walked.extend(
-                rows.into_iter()
-                    .filter_map(|(i, seq, available_at, attempt)| {
-                        let (key, _) = heads.get(n * HEADS + i)?;
-                        Some((key.as_str(), seq, available_at, (seq, attempt)))
-                    }),
-            );
+        for (i, rows) in found {
+            let Some((key, _)) = heads.get(i) else {
+                continue;
+            };
+            walked.extend(rows.into_iter().map(|(seq, available_at, attempt)| {
+                (key.as_str(), seq, available_at, (seq, attempt))
+            }));
         }
         // Each key's rows in sequence order.
         walked.sort_unstable_by_key(|&(_, seq, _, _)| seq);
