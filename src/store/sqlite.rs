@@ -946,7 +946,6 @@ impl Backend for Sqlite {
         // its rows (sequence, `available_at`, attempt) as one JSON array,
         // with the head's place in `heads`. The walks read no message: the
         // messages of the runs kept are read afterwards, in one statement.
-        let list: Vec<(&str, i64)> = heads.iter().map(|(k, seq)| (k.as_str(), *seq)).collect();
         let found: Vec<(usize, Vec<WalkRow>)> = json_rows(
             sqlx::query_scalar(
                 "SELECT json_group_array(json_array(j.key, json((SELECT \
@@ -963,7 +962,7 @@ impl Backend for Sqlite {
             .bind(per_key)
             .bind(holder)
             .bind(now)
-            .bind(json_list(serde_json::to_string(&list))?)
+            .bind(json_list(serde_json::to_string(heads))?)
             .fetch_one(&mut *c)
             .await?,
         )?;
