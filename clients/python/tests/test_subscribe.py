@@ -89,12 +89,13 @@ def test_a_nacked_message_is_redelivered_with_the_next_attempt(client: tidings.C
 def test_an_ack_after_the_lease_expired_is_refused_as_stale(client: tidings.Client) -> None:
     client.create_topic("orders")
     # Redelivery waits out a 500 ms backoff, so the second lease is fresh
-    # when it arrives.
+    # when it arrives; a lease of a second leaves its ack time on a loaded
+    # machine.
     client.create_subscription(
         "billing",
         "orders",
         start="earliest",
-        ack_deadline=timedelta(milliseconds=200),
+        ack_deadline=timedelta(seconds=1),
         min_backoff=timedelta(milliseconds=500),
         max_backoff=timedelta(milliseconds=500),
     )
@@ -102,7 +103,7 @@ def test_an_ack_after_the_lease_expired_is_refused_as_stale(client: tidings.Clie
 
     with client.subscribe("billing") as stream:
         first = receive(stream)
-        time.sleep(0.4)  # the 200 ms lease runs out
+        time.sleep(1.5)  # the 1 s lease runs out
         with pytest.raises(tidings.AckRefused) as caught:
             first.ack().result(timeout=WAIT)
         assert caught.value.result == "STALE"

@@ -83,10 +83,10 @@ test("an ack after the lease expired is refused as stale", { timeout: TEST_TIMEO
   withBroker(async (client) => {
     await client.createTopic("orders");
     // Redelivery waits out a 500 ms backoff, so the second lease is fresh when
-    // it arrives.
+    // it arrives; a lease of a second leaves its ack time on a loaded machine.
     await client.createSubscription("billing", "orders", {
       start: "earliest",
-      ackDeadlineMs: 200,
+      ackDeadlineMs: 1000,
       minBackoffMs: 500,
       maxBackoffMs: 500,
     });
@@ -94,7 +94,7 @@ test("an ack after the lease expired is refused as stale", { timeout: TEST_TIMEO
 
     const stream = client.subscribe("billing");
     const first = await receive(stream);
-    await sleep(400); // the 200 ms lease runs out
+    await sleep(1500); // the 1 s lease runs out
     await assert.rejects(first.ack(), (e: unknown) => {
       assert.ok(e instanceof AckRefused);
       assert.equal(e.result, "STALE");
