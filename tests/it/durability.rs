@@ -8,7 +8,10 @@ use crate::harness::{TestBroker, backend_test, ms, payload, pb};
 backend_test! {
     async fn server_restarted_on_the_same_data_dir_loses_nothing(backend) {
         let b = TestBroker::start(backend).await;
-        b.topic_and_sub("t", "s", |s| s.ack_deadline = Some(pb(ms(300))))
+        // The abandoned leases must run out soon after the restart, but
+        // every later lease must outlast a pull and its ack on a loaded
+        // machine (at 300 ms, an ack on a busy CI machine came too late).
+        b.topic_and_sub("t", "s", |s| s.ack_deadline = Some(pb(ms(2000))))
             .await;
         let payloads: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
         let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
