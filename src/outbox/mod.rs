@@ -302,6 +302,31 @@ where
     })
 }
 
+/// The numbers a relay's sweep passed without a committed row, which a read
+/// from its cursor takes again (the rows after the cursor come after them).
+///
+/// On PostgreSQL a transaction may take its number, then commit after a
+/// later number was read: the cursor has passed it. The next row of its key
+/// commits only after it (the insert trigger's key lock), so a read that
+/// finds that next row finds the late one too, if it looks below the
+/// cursor; these are the places to look. SQLite runs one write transaction
+/// at a time: its numbers follow commits, and its reads ignore this.
+#[derive(Debug, Clone, Default)]
+struct Passed {
+    /// At the sweep's first read, no row below this number was committed
+    /// and pending: one found there now committed late. 0 before the first
+    /// read of a sweep.
+    below: i64,
+    /// Rows below `below` read already in this sweep (not to be read again).
+    read_below: Vec<i64>,
+    /// Numbers from `below` to the cursor that had no committed row when
+    /// the sweep passed them.
+    gaps: Vec<i64>,
+    /// The sweep passed more numbers without a row than it keeps: it must
+    /// end, and the next one start from the lowest row.
+    overflowed: bool,
+}
+
 /// A pending outbox row, as the relay reads it.
 #[derive(Debug, Clone)]
 struct Row {
@@ -541,8 +566,8 @@ impl Outbox {
         bounded!(self, stats())
     }
 
-    async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>> {
-        bounded!(self, fetch(after, limit))
+    async fn fetch(&self, after: i64, limit: usize, passed: &Passed) -> Result<Vec<Row>> {
+        bounded!(self, fetch(after, limit, passed))
     }
 
     async fn delete(&self, seqs: &[i64]) -> Result<()> {

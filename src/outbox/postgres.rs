@@ -87,17 +87,42 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Postgres>, rows: &[NewRow]) 
     Ok(())
 }
 
-pub(super) async fn fetch(pool: &PgPool, after: i64, limit: usize) -> Result<Vec<Row>> {
+pub(super) async fn fetch(
+    pool: &PgPool,
+    after: i64,
+    limit: usize,
+    passed: &super::Passed,
+) -> Result<Vec<Row>> {
     // Every pending row, held ones too (flagged not ready): the relay skips
     // a held row and, for the rest of its sweep, the later rows of its key
-    // (see relay.rs).
-    let rows = sqlx::query(
-        "SELECT o.seq, o.id::text, o.topic, coalesce(o.key, ''), o.payload, o.attributes::text, \
-                o.attempts, (o.not_before IS NULL OR o.not_before <= now()) \
-         FROM tidings_outbox o WHERE o.seq > $1 ORDER BY o.seq LIMIT $2",
-    )
+    // (see relay.rs). With the rows after the cursor come, in one snapshot
+    // and in number order, those that committed after the sweep passed
+    // their numbers (`Passed`): a key's next row is committed only after
+    // them, so no read finds it without them. Each part walks the primary
+    // key: below the sweep's first row only rows that committed late are
+    // left (what else is there was deleted before), and the gaps are few.
+    macro_rules! columns {
+        () => {
+            "SELECT o.seq, o.id::text, o.topic, coalesce(o.key, ''), o.payload, \
+             o.attributes::text, o.attempts, (o.not_before IS NULL OR o.not_before <= now()) \
+             FROM tidings_outbox o"
+        };
+    }
+    let rows = sqlx::query(concat!(
+        "SELECT * FROM ((",
+        columns!(),
+        " WHERE o.seq < $3 AND o.seq <> ALL($4::BIGINT[]) ORDER BY o.seq LIMIT $2) \
+         UNION ALL (",
+        columns!(),
+        " WHERE o.seq = ANY($5::BIGINT[])) UNION ALL (",
+        columns!(),
+        " WHERE o.seq > $1 ORDER BY o.seq LIMIT $2)) r ORDER BY 1 LIMIT $2"
+    ))
     .bind(after)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .bind(passed.below)
+    .bind(&passed.read_below)
+    .bind(&passed.gaps)
     .fetch_all(pool)
     .await?;
     rows.iter()

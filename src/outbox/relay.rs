@@ -50,7 +50,7 @@ use uuid::Uuid;
 use super::Backend;
 #[cfg(feature = "postgres")]
 use super::postgres::{LeaderTiming, Leadership};
-use super::{Outbox, Row};
+use super::{Outbox, Passed, Row};
 use crate::client::{self, Backoff, Outgoing, PublishReceiver, PublishSender, Publisher};
 use crate::config;
 use crate::error::{Error, Result};
@@ -255,6 +255,7 @@ impl Relay {
             answered: Vec::new(),
             read_ahead: None,
             cursor: 0,
+            passed: Passed::default(),
             stalled: HashSet::new(),
             at_end: false,
             config,
@@ -450,6 +451,10 @@ struct Runner {
     read_ahead: Option<(i64, JoinHandle<Result<Vec<Row>>>)>,
     /// Where the current sweep continues; 0 starts from the lowest row.
     cursor: i64,
+    /// The numbers this sweep passed without a committed row, read again
+    /// with each read from the cursor (a row committed late goes first in
+    /// its key).
+    passed: Passed,
     /// Keys with a held row in this sweep: their later rows are skipped
     /// until the next sweep from the lowest row (see [`plan`]).
     stalled: HashSet<(String, String)>,
@@ -619,12 +624,13 @@ impl Runner {
                 // A sweep from the lowest row would find the rows of
                 // answered batches still being deleted, and send them again.
                 self.deleted_all().await?;
+                self.passed = Passed::default();
             }
             let mut rows = match self.read_ahead.take() {
                 Some((from, read)) if from == self.cursor => read.await.unwrap_or_else(|e| {
                     Err(Error::Storage(format!("outbox read task failed: {e}")))
                 })?,
-                _ => self.outbox.fetch(self.cursor, limit).await?,
+                _ => self.outbox.fetch(self.cursor, limit, &self.passed).await?,
             };
             if rows.is_empty() {
                 self.at_end = true;
@@ -632,11 +638,15 @@ impl Runner {
             }
             let (take, walked) = plan(&rows, &mut self.stalled, self.config.max_batch_bytes);
             let caught_up = rows.len() < limit && walked == rows.len();
-            self.cursor = rows[walked - 1].seq;
-            self.at_end = caught_up;
-            if !caught_up {
-                let (outbox, from) = (self.outbox.clone(), self.cursor);
-                let read = tokio::spawn(async move { outbox.fetch(from, limit).await });
+            let seqs: Vec<i64> = rows[..walked].iter().map(|r| r.seq).collect();
+            self.cursor = pass_over(&mut self.passed, self.cursor, &seqs);
+            // Too many numbers to look at again: the sweep ends here, and
+            // the next one, from the lowest row, finds every late row.
+            self.at_end = caught_up || self.passed.overflowed;
+            if !self.at_end {
+                let (outbox, from, passed) =
+                    (self.outbox.clone(), self.cursor, self.passed.clone());
+                let read = tokio::spawn(async move { outbox.fetch(from, limit, &passed).await });
                 self.read_ahead = Some((from, read));
             }
             if take.is_empty() {
@@ -1025,6 +1035,42 @@ struct Answered {
     results: Vec<PublishOutcome>,
 }
 
+/// Most numbers a sweep keeps to look at again before it ends early.
+const MAX_GAPS: usize = 10_000;
+
+/// Notes in `passed` what a read from `cursor` walked (`seqs`, in order:
+/// rows below the cursor that committed late first, then those after it)
+/// and returns the new cursor. The first read of a sweep sets the number
+/// below which only late rows can appear; a number after the cursor the
+/// read skipped had no committed row, and is a gap until a read finds it.
+fn pass_over(passed: &mut Passed, cursor: i64, seqs: &[i64]) -> i64 {
+    let Some(&first) = seqs.first() else {
+        return cursor;
+    };
+    let mut last = cursor;
+    if cursor == 0 {
+        passed.below = first;
+        last = first;
+    }
+    for &seq in seqs {
+        if seq < passed.below {
+            passed.read_below.push(seq);
+        } else if seq <= last {
+            passed.gaps.retain(|&g| g != seq);
+        } else {
+            let missing = usize::try_from(seq - last - 1).unwrap_or(usize::MAX);
+            if passed.gaps.len().saturating_add(missing) <= MAX_GAPS {
+                passed.gaps.extend(last + 1..seq);
+            } else {
+                // More than a sweep keeps: it ends (see `fill`).
+                passed.overflowed = true;
+            }
+            last = seq;
+        }
+    }
+    last
+}
+
 /// What the next batch takes of `rows` (pending rows in `seq` order): the
 /// indices of the rows to send, and how many rows were walked (the cursor
 /// moves past them; rows after them are read again).
@@ -1103,6 +1149,26 @@ mod tests {
         let rows = [row(1, "", 100), row(2, "", 100), row(3, "", 100)];
         assert_eq!(plan_of(&rows, 1), (vec![0], 1));
         assert_eq!(plan_of(&rows, 2 * rows[0].bytes()), (vec![0, 1], 2));
+    }
+
+    #[test]
+    fn a_sweep_notes_the_numbers_it_passed_without_a_row() {
+        let mut passed = Passed::default();
+        // The first read of a sweep: nothing below 5 was committed then.
+        assert_eq!(pass_over(&mut passed, 0, &[5, 6, 9]), 9);
+        assert_eq!((passed.below, passed.gaps.clone()), (5, vec![7, 8]));
+        // A row below the sweep's first committed late, gap 8 filled, and
+        // the rows after the cursor with a gap of their own.
+        assert_eq!(pass_over(&mut passed, 9, &[2, 8, 10, 12]), 12);
+        assert_eq!(passed.read_below, vec![2]);
+        assert_eq!(passed.gaps, vec![7, 11]);
+        assert!(!passed.overflowed);
+        // Late rows alone leave the cursor where it was.
+        assert_eq!(pass_over(&mut passed, 12, &[7]), 12);
+        assert_eq!(passed.gaps, vec![11]);
+        // More gaps than a sweep keeps end it.
+        pass_over(&mut passed, 12, &[12 + MAX_GAPS as i64 + 2]);
+        assert!(passed.overflowed);
     }
 
     #[test]

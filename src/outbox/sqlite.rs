@@ -69,10 +69,16 @@ pub(super) async fn insert(tx: &mut Transaction<'_, Sqlite>, rows: &[NewRow]) ->
     Ok(())
 }
 
-pub(super) async fn fetch(pool: &SqlitePool, after: i64, limit: usize) -> Result<Vec<Row>> {
+pub(super) async fn fetch(
+    pool: &SqlitePool,
+    after: i64,
+    limit: usize,
+    _passed: &super::Passed,
+) -> Result<Vec<Row>> {
     // Every pending row, held ones too (flagged not ready): the relay skips
     // a held row and, for the rest of its sweep, the later rows of its key
-    // (see relay.rs).
+    // (see relay.rs). Nothing below `after` is read again: SQLite's write
+    // transactions take turns, so no row commits after a later number.
     let now = now_micros();
     let rows = sqlx::query(
         "SELECT o.seq, o.id, o.topic, coalesce(o.key, ''), CAST(o.payload AS BLOB), o.attributes, \

@@ -911,3 +911,75 @@ async fn issue_14_a_keys_rows_are_in_several_batches_in_flight() {
     drop(sub);
     Scene { broker, app, relay }.finish().await;
 }
+
+/// A relay busy with a backlog reads on from its cursor without sweeping
+/// from the lowest row. A transaction that took a lower number than the
+/// backlog's commits after the cursor passed its number, and the next row
+/// of its key commits right after, numbered past the backlog: the late row
+/// still goes first in its key. PostgreSQL only: SQLite runs one write
+/// transaction at a time, so its numbers follow commits.
+#[tokio::test]
+async fn a_busy_relay_keeps_a_key_in_order_across_a_late_commit() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let broker = TestBroker::start(backend.clone()).await;
+    broker
+        .topic_and_sub("orders", "s", |s| s.ordered = true)
+        .await;
+    let app = AppDb::create(&backend).await;
+    let AppDb::Postgres { pool, .. } = &app else {
+        unreachable!("a PostgreSQL backend makes a PostgreSQL application database");
+    };
+    // Started first: its start migrates the outbox, which would wait for
+    // an open transaction that wrote to it.
+    let mut config = relay_config(&broker);
+    config.batch_size = 10;
+    let relay = Relay::start(app.outbox(), config).await.expect("relay");
+    // T1 takes the lower number for key "k" and stays open.
+    let mut t1 = pool.begin().await.expect("begin");
+    let early = Message::new("orders", "k-first").with_key("k");
+    outbox::enqueue(&mut t1, &early).await.expect("enqueue");
+    // A backlog of other keys, committed: numbered after T1's row.
+    const BACKLOG: usize = 3000;
+    let backlog: Vec<Message> = (0..BACKLOG)
+        .map(|i| Message::new("orders", format!("b{i}")).with_key(format!("b{}", i % 50)))
+        .collect();
+    for chunk in backlog.chunks(500) {
+        app.enqueue(chunk, true).await;
+    }
+    // Small batches: the relay works through the backlog from its cursor,
+    // which passes T1's number (not yet visible) at its first read.
+    let mut status = relay.watch();
+    while status.borrow().published == 0 {
+        status.changed().await.expect("relay running");
+    }
+    // While the relay is still in the backlog, T1 commits and the next
+    // row of "k" right after it, numbered past the backlog.
+    t1.commit().await.expect("commit");
+    let second = Message::new("orders", "k-second").with_key("k");
+    app.enqueue(std::slice::from_ref(&second), true).await;
+    assert!(
+        relay.status().published < BACKLOG as u64,
+        "the relay was still busy with the backlog when both rows committed"
+    );
+
+    let mut sub = broker.subscribe("s");
+    let got = receive(&mut sub, BACKLOG + 2).await;
+    let of_k: Vec<Uuid> = got
+        .iter()
+        .filter(|m| m.message.key.as_deref() == Some("k"))
+        .map(id_of)
+        .collect();
+    assert_eq!(
+        of_k,
+        vec![early.id, second.id],
+        "the late commit goes first in its key"
+    );
+    assert_eq!(
+        stored(&broker, "orders").await,
+        BACKLOG as i64 + 2,
+        "each message stored once"
+    );
+    Scene { broker, app, relay }.finish().await;
+}
