@@ -599,20 +599,38 @@ impl Runner {
             return Err(f);
         }
         if self.in_flight.is_empty() {
-            // Nothing ready from the cursor: sweep again from the lowest
-            // pending row, which finds rows that committed late with lower
-            // numbers; after a sweep from there, wait.
+            if self.reads_on() {
+                // Caught up: wait at the cursor. The next read takes what
+                // committed meanwhile, late rows included (`Passed`).
+                self.deleted_all().await?;
+                self.at_end = false;
+                return Ok(false);
+            }
+            // Nothing ready from the cursor, and held rows were skipped:
+            // sweep again from the lowest pending row; after a sweep from
+            // there, wait.
             let swept = self.cursor == 0;
             self.sweep_again();
             return Ok(!swept);
         }
         self.settle().await?;
-        if self.in_flight.is_empty() && self.at_end {
+        if self.at_end && self.reads_on() {
+            // A row committed while the batches were in flight goes at once,
+            // without waiting for the rest to be answered and deleted.
+            self.at_end = false;
+        } else if self.in_flight.is_empty() && self.at_end {
             // Caught up, and nothing is in flight any more (a sweep from the
             // lowest row now would resend what is still unanswered).
             self.sweep_again();
         }
         Ok(true)
+    }
+
+    /// Whether the sweep may go on reading from its cursor once it has
+    /// caught up: it skipped no held row (only a sweep from the lowest row
+    /// finds those again) and keeps every number it passed without a row.
+    fn reads_on(&self) -> bool {
+        self.cursor != 0 && self.stalled.is_empty() && !self.passed.overflowed
     }
 
     /// Reads and sends batches until the pipeline is full or the outbox has
